@@ -1,0 +1,225 @@
+//! The compiled policy: what the daemon loads into the kernel maps, as deterministic JSON.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use enforcer_common::{AddrInfo, PORT_KEY_FIXED_BITS, PairKey, PairValue, PortKey, PortValue, SegmentInfo};
+use serde::{Deserialize, Serialize};
+
+use crate::model::Mode;
+
+/// Bumped whenever the artifact's meaning or layout changes.
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(thiserror::Error, Debug)]
+pub enum ArtifactError {
+    #[error("artifact is not valid JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("artifact format version {found} is not supported (expected {FORMAT_VERSION})")]
+    UnsupportedVersion { found: u32 },
+    #[error("artifact is inconsistent: {0}")]
+    Inconsistent(String),
+}
+
+/// Everything the kernel needs, sorted so the same policy always gives the same bytes.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Artifact {
+    pub format_version: u32,
+    /// The policy's revision (see [`crate::Policy::revision`]).
+    pub revision: String,
+    /// Indexed by segment id; `world` is id 0.
+    pub segments: Vec<SegmentEntry>,
+    /// Indexed by global rule index.
+    pub rules: Vec<RuleEntry>,
+    pub maps: Maps,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct SegmentEntry {
+    pub id: u32,
+    pub name: String,
+    pub mode: Mode,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct RuleEntry {
+    pub index: u32,
+    pub id: String,
+    /// The destination segment whose allow-list holds the rule.
+    pub segment: String,
+    pub reason: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct Maps {
+    pub addr_v4: Vec<AddrV4Entry>,
+    pub addr_v6: Vec<AddrV6Entry>,
+    pub pairs: Vec<PairEntry>,
+    pub ports: Vec<PortEntry>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct AddrV4Entry {
+    pub addr: Ipv4Addr,
+    pub prefix_len: u32,
+    pub segment: u32,
+    pub class: u32,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct AddrV6Entry {
+    pub addr: Ipv6Addr,
+    pub prefix_len: u32,
+    pub segment: u32,
+    pub class: u32,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PairEntry {
+    pub dst_segment: u32,
+    pub src_class: u32,
+    pub port_table: u32,
+}
+
+/// One PORTS trie entry: `prefix_len` is `PORT_KEY_FIXED_BITS` plus the fixed leading port bits.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PortEntry {
+    pub table: u32,
+    pub proto: u8,
+    pub port: u16,
+    pub prefix_len: u32,
+    pub rule: u32,
+}
+
+/// Number of entries per map, for sizing the kernel maps.
+#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EntryCounts {
+    pub addr_v4: usize,
+    pub addr_v6: usize,
+    pub segments: usize,
+    pub pairs: usize,
+    pub ports: usize,
+    pub rules: usize,
+}
+
+impl Artifact {
+    /// Parses and sanity-checks an artifact written by [`Artifact::to_json`].
+    pub fn from_json(bytes: &[u8]) -> Result<Artifact, ArtifactError> {
+        let artifact: Artifact = serde_json::from_slice(bytes)?;
+        artifact.check()?;
+        Ok(artifact)
+    }
+
+    /// Compact JSON followed by a newline; identical input gives identical bytes.
+    pub fn to_json(&self) -> Vec<u8> {
+        // Only plain structs with string keys: serializing into memory cannot fail.
+        let mut bytes = serde_json::to_vec(self).unwrap_or_default();
+        bytes.push(b'\n');
+        bytes
+    }
+
+    fn check(&self) -> Result<(), ArtifactError> {
+        let inconsistent = |what: String| Err(ArtifactError::Inconsistent(what));
+        if self.format_version != FORMAT_VERSION {
+            return Err(ArtifactError::UnsupportedVersion {
+                found: self.format_version,
+            });
+        }
+        if self.segments.is_empty() {
+            return inconsistent("no segments (world is missing)".into());
+        }
+        if let Some(segment) = (0u32..).zip(&self.segments).find(|(id, s)| s.id != *id) {
+            return inconsistent(format!("segment '{}' is not at its id", segment.1.name));
+        }
+        if let Some(rule) = (0u32..).zip(&self.rules).find(|(index, r)| r.index != *index) {
+            return inconsistent(format!("rule '{}' is not at its index", rule.1.id));
+        }
+        let segment_count = self.segments.len() as u64;
+        let rule_count = self.rules.len() as u64;
+        let addr_ok = |prefix_len: u32, max: u32, segment: u32| {
+            prefix_len <= max && u64::from(segment) < segment_count
+        };
+        if !self.maps.addr_v4.iter().all(|e| addr_ok(e.prefix_len, 32, e.segment))
+            || !self.maps.addr_v6.iter().all(|e| addr_ok(e.prefix_len, 128, e.segment))
+        {
+            return inconsistent("address entry with a bad prefix length or segment".into());
+        }
+        if !self.maps.pairs.iter().all(|e| u64::from(e.dst_segment) < segment_count) {
+            return inconsistent("pair entry with an unknown segment".into());
+        }
+        let port_ok = |e: &PortEntry| {
+            (PORT_KEY_FIXED_BITS..=PORT_KEY_FIXED_BITS + 16).contains(&e.prefix_len)
+                && u64::from(e.rule) < rule_count
+        };
+        if !self.maps.ports.iter().all(port_ok) {
+            return inconsistent("port entry with a bad prefix length or rule".into());
+        }
+        Ok(())
+    }
+
+    /// ADDR_V4 entries: (LPM prefix length, address in network byte order, value).
+    pub fn addr_v4_entries(&self) -> impl Iterator<Item = (u32, [u8; 4], AddrInfo)> + '_ {
+        self.maps.addr_v4.iter().map(|e| {
+            let info = AddrInfo {
+                segment: e.segment,
+                class: e.class,
+            };
+            (e.prefix_len, e.addr.octets(), info)
+        })
+    }
+
+    /// ADDR_V6 entries: (LPM prefix length, address in network byte order, value).
+    pub fn addr_v6_entries(&self) -> impl Iterator<Item = (u32, [u8; 16], AddrInfo)> + '_ {
+        self.maps.addr_v6.iter().map(|e| {
+            let info = AddrInfo {
+                segment: e.segment,
+                class: e.class,
+            };
+            (e.prefix_len, e.addr.octets(), info)
+        })
+    }
+
+    pub fn pair_entries(&self) -> impl Iterator<Item = (PairKey, PairValue)> + '_ {
+        self.maps.pairs.iter().map(|e| {
+            let key = PairKey {
+                dst_segment: e.dst_segment,
+                src_class: e.src_class,
+            };
+            (key, PairValue { port_table: e.port_table })
+        })
+    }
+
+    /// PORTS entries: (LPM prefix length, key, value).
+    pub fn port_entries(&self) -> impl Iterator<Item = (u32, PortKey, PortValue)> + '_ {
+        self.maps.ports.iter().map(|e| {
+            let key = PortKey::new(e.table, e.proto, e.port);
+            (e.prefix_len, key, PortValue { rule: e.rule })
+        })
+    }
+
+    /// SEGMENTS array contents, indexed by segment id.
+    pub fn segment_infos(&self) -> Vec<SegmentInfo> {
+        self.segments
+            .iter()
+            .map(|segment| SegmentInfo {
+                mode: segment.mode.kernel_value(),
+                _pad: [0; 3],
+            })
+            .collect()
+    }
+
+    /// Rule ids, indexed by global rule index.
+    pub fn rule_ids(&self) -> Vec<String> {
+        self.rules.iter().map(|rule| rule.id.clone()).collect()
+    }
+
+    pub fn entry_counts(&self) -> EntryCounts {
+        EntryCounts {
+            addr_v4: self.maps.addr_v4.len(),
+            addr_v6: self.maps.addr_v6.len(),
+            segments: self.segments.len(),
+            pairs: self.maps.pairs.len(),
+            ports: self.maps.ports.len(),
+            rules: self.rules.len(),
+        }
+    }
+}

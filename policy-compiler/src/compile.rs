@@ -1,0 +1,517 @@
+//! Compiles a validated [`Policy`] into the kernel map contents described in `docs/design.md`.
+//!
+//! - Segment ids: 0 = `world`, then segments sorted by name.
+//! - Global rule index: segments sorted by name with their rules in file order, then the `world`
+//!   rules, then one `SEGMENT/intra` pseudo-rule per segment with `intra: allow`.
+//! - Address tries hold every member prefix and every rule CIDR; each entry's value is its
+//!   segment and its source class, the interned (segment, set of rule CIDRs containing it).
+//! - PAIRS maps (destination segment, source class) to a port table, the interned ordered list
+//!   of the destination's rules that the class matches; PORTS maps (table, protocol, port) to the
+//!   first rule of that list allowing it, as aligned power-of-two port blocks.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use enforcer_common::{CLASS_WORLD, PORT_KEY_FIXED_BITS, SEGMENT_WORLD, proto_key};
+
+use crate::artifact::{
+    AddrV4Entry, AddrV6Entry, Artifact, FORMAT_VERSION, Maps, PairEntry, PortEntry, RuleEntry,
+    SegmentEntry,
+};
+use crate::model::{Capacities, Mode, Policy, PortMatch, RuleKind, Source, WORLD};
+use crate::prefix::{Family, Prefix};
+
+/// One map that the compiled policy does not fit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Overflow {
+    pub map: &'static str,
+    pub needed: u64,
+    pub capacity: u64,
+}
+
+#[derive(thiserror::Error, Clone, Debug, PartialEq, Eq)]
+pub enum CompileError {
+    #[error("the compiled policy does not fit the kernel maps: {}", describe_overflows(.0))]
+    OverCapacity(Vec<Overflow>),
+    #[error("the policy needs more than 2^32 {0}")]
+    IdSpaceExhausted(&'static str),
+}
+
+fn describe_overflows(overflows: &[Overflow]) -> String {
+    overflows
+        .iter()
+        .map(|o| {
+            format!(
+                "{} needs {} entries, {} more than its capacity of {}",
+                o.map,
+                o.needed,
+                o.needed.saturating_sub(o.capacity),
+                o.capacity
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Compiles against the kernel's map capacities ([`Capacities::KERNEL`]).
+pub fn compile(policy: &Policy) -> Result<Artifact, CompileError> {
+    compile_with_capacities(policy, &Capacities::KERNEL)
+}
+
+pub fn compile_with_capacities(
+    policy: &Policy,
+    capacities: &Capacities,
+) -> Result<Artifact, CompileError> {
+    let mut segment_ids: HashMap<&str, u32> = HashMap::new();
+    segment_ids.insert(WORLD, SEGMENT_WORLD);
+    for (segment, id) in policy.segments().iter().zip(1u32..) {
+        segment_ids.insert(&segment.name, id);
+    }
+    let addresses = AddressPlan::new(policy, &segment_ids)?;
+    let (pairs, tables) = plan_pairs(policy, &segment_ids, &addresses)?;
+    let ports = plan_ports(policy, &tables)?;
+
+    let mut segments = vec![SegmentEntry {
+        id: SEGMENT_WORLD,
+        name: WORLD.to_string(),
+        mode: policy.world_mode(),
+    }];
+    segments.extend(policy.segments().iter().zip(1u32..).map(|(segment, id)| SegmentEntry {
+        id,
+        name: segment.name.clone(),
+        mode: segment.mode,
+    }));
+    let rules = policy
+        .rules()
+        .iter()
+        .map(|rule| RuleEntry {
+            index: rule.index,
+            id: rule.id.clone(),
+            segment: rule.segment.clone(),
+            reason: rule.reason.clone(),
+        })
+        .collect();
+    let artifact = Artifact {
+        format_version: FORMAT_VERSION,
+        revision: policy.revision().to_string(),
+        segments,
+        rules,
+        maps: Maps {
+            addr_v4: addresses.v4,
+            addr_v6: addresses.v6,
+            pairs,
+            ports,
+        },
+    };
+    check_capacities(&artifact, capacities)?;
+    tracing::debug!(counts = ?artifact.entry_counts(), "compiled policy");
+    Ok(artifact)
+}
+
+fn check_capacities(artifact: &Artifact, capacities: &Capacities) -> Result<(), CompileError> {
+    let counts = artifact.entry_counts();
+    let overflows: Vec<Overflow> = [
+        ("ADDR_V4", counts.addr_v4, capacities.addr_v4),
+        ("ADDR_V6", counts.addr_v6, capacities.addr_v6),
+        ("SEGMENTS", counts.segments, capacities.segments),
+        ("PAIRS", counts.pairs, capacities.pairs),
+        ("PORTS", counts.ports, capacities.ports),
+        ("RULE_HITS", counts.rules, capacities.rules),
+    ]
+    .into_iter()
+    .filter(|(_, needed, capacity)| *needed as u64 > *capacity)
+    .map(|(map, needed, capacity)| Overflow {
+        map,
+        needed: needed as u64,
+        capacity,
+    })
+    .collect();
+    if overflows.is_empty() {
+        Ok(())
+    } else {
+        Err(CompileError::OverCapacity(overflows))
+    }
+}
+
+fn to_u32(value: usize, what: &'static str) -> Result<u32, CompileError> {
+    u32::try_from(value).map_err(|_| CompileError::IdSpaceExhausted(what))
+}
+
+/// A source class: the source's segment id and the sorted ids of the rule CIDRs containing it.
+type Class = (u32, Vec<u32>);
+
+struct AddressPlan {
+    v4: Vec<AddrV4Entry>,
+    v6: Vec<AddrV6Entry>,
+    /// Indexed by class id.
+    classes: Vec<Class>,
+    /// Sorted distinct rule CIDRs; a CIDR's id is its position.
+    cidr_ids: HashMap<Prefix, u32>,
+}
+
+impl AddressPlan {
+    fn new(policy: &Policy, segment_ids: &HashMap<&str, u32>) -> Result<Self, CompileError> {
+        let mut members: HashMap<Prefix, u32> = HashMap::new();
+        for (prefix, segment) in policy.members() {
+            members.insert(prefix, segment_ids.get(segment).copied().unwrap_or(SEGMENT_WORLD));
+        }
+        let mut cidrs = BTreeSet::new();
+        for rule in policy.rules() {
+            if let RuleKind::Allow { from, .. } = &rule.kind {
+                for source in from {
+                    if let Source::Cidr(prefix) = source {
+                        cidrs.insert(*prefix);
+                    }
+                }
+            }
+        }
+        let cidr_ids: HashMap<Prefix, u32> = cidrs.iter().copied().zip(0u32..).collect();
+        // Only the prefix lengths in use need probing when walking up from an entry.
+        let lengths = |family: Family, set: &mut dyn Iterator<Item = &Prefix>| -> Vec<u8> {
+            let lengths: BTreeSet<u8> =
+                set.filter(|p| p.family() == family).map(|p| p.len()).collect();
+            lengths.into_iter().collect()
+        };
+        let member_lengths = [
+            lengths(Family::V4, &mut members.keys()),
+            lengths(Family::V6, &mut members.keys()),
+        ];
+        let cidr_lengths = [
+            lengths(Family::V4, &mut cidrs.iter()),
+            lengths(Family::V6, &mut cidrs.iter()),
+        ];
+
+        let entries: BTreeSet<Prefix> = members.keys().copied().chain(cidrs.iter().copied()).collect();
+        let mut class_ids: HashMap<Class, u32> = HashMap::new();
+        let mut classes: Vec<Class> = vec![(SEGMENT_WORLD, Vec::new())];
+        class_ids.insert((SEGMENT_WORLD, Vec::new()), CLASS_WORLD);
+        let mut plan = AddressPlan {
+            v4: Vec::new(),
+            v6: Vec::new(),
+            classes: Vec::new(),
+            cidr_ids,
+        };
+        for entry in entries {
+            let family_index = usize::from(entry.family() == Family::V6);
+            let segment = member_lengths[family_index]
+                .iter()
+                .rev()
+                .filter(|len| **len <= entry.len())
+                .find_map(|len| members.get(&entry.truncate(*len)))
+                .copied()
+                .unwrap_or(SEGMENT_WORLD);
+            let cidr_set: Vec<u32> = cidr_lengths[family_index]
+                .iter()
+                .filter(|len| **len <= entry.len())
+                .filter_map(|len| plan.cidr_ids.get(&entry.truncate(*len)).copied())
+                .collect();
+            let class_key = (segment, cidr_set);
+            let class = match class_ids.get(&class_key) {
+                Some(class) => *class,
+                None => {
+                    let class = to_u32(classes.len(), "source classes")?;
+                    classes.push(class_key.clone());
+                    class_ids.insert(class_key, class);
+                    class
+                }
+            };
+            let prefix_len = u32::from(entry.len());
+            match entry.addr() {
+                std::net::IpAddr::V4(addr) => plan.v4.push(AddrV4Entry {
+                    addr,
+                    prefix_len,
+                    segment,
+                    class,
+                }),
+                std::net::IpAddr::V6(addr) => plan.v6.push(AddrV6Entry {
+                    addr,
+                    prefix_len,
+                    segment,
+                    class,
+                }),
+            }
+        }
+        plan.classes = classes;
+        plan.v4.sort();
+        plan.v6.sort();
+        Ok(plan)
+    }
+}
+
+/// PAIRS entries and the interned port tables (ordered rule index lists), indexed by table id.
+fn plan_pairs(
+    policy: &Policy,
+    segment_ids: &HashMap<&str, u32>,
+    addresses: &AddressPlan,
+) -> Result<(Vec<PairEntry>, Vec<Vec<u32>>), CompileError> {
+    let segment_count = policy.segments().len() + 1;
+    let mut classes_by_segment: Vec<Vec<u32>> = vec![Vec::new(); segment_count];
+    let mut classes_by_cidr: Vec<Vec<u32>> = vec![Vec::new(); addresses.cidr_ids.len()];
+    for (class_id, (segment, cidrs)) in (0u32..).zip(&addresses.classes) {
+        if let Some(list) = classes_by_segment.get_mut(*segment as usize) {
+            list.push(class_id);
+        }
+        for cidr in cidrs {
+            if let Some(list) = classes_by_cidr.get_mut(*cidr as usize) {
+                list.push(class_id);
+            }
+        }
+    }
+
+    // Destinations in segment id order: world first (only when judged), then by name.
+    let mut destinations: Vec<(u32, &[u32], Option<u32>)> = Vec::new();
+    if policy.world_mode() != Mode::Unenforced {
+        destinations.push((SEGMENT_WORLD, policy.world_rules.as_slice(), None));
+    }
+    for (segment, id) in policy.segments().iter().zip(1u32..) {
+        destinations.push((id, segment.rules.as_slice(), segment.intra_rule));
+    }
+
+    let mut pairs = Vec::new();
+    let mut table_ids: HashMap<Vec<u32>, u32> = HashMap::new();
+    let mut tables: Vec<Vec<u32>> = Vec::new();
+    for (destination, rule_indexes, intra_rule) in destinations {
+        // Index the destination's rules by the kind of source they name, so only classes that
+        // some rule can match are visited (except with `any`, which matches every class).
+        let mut any_rules = Vec::new();
+        let mut by_segment: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+        let mut by_cidr: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+        for rule in rule_indexes.iter().filter_map(|&index| policy.rule(index)) {
+            let RuleKind::Allow { from, .. } = &rule.kind else {
+                continue;
+            };
+            for source in from {
+                match source {
+                    Source::Any => any_rules.push(rule.index),
+                    Source::Segment(name) => {
+                        if let Some(id) = segment_ids.get(name.as_str()) {
+                            by_segment.entry(*id).or_default().push(rule.index);
+                        }
+                    }
+                    Source::Cidr(prefix) => {
+                        if let Some(id) = addresses.cidr_ids.get(prefix) {
+                            by_cidr.entry(*id).or_default().push(rule.index);
+                        }
+                    }
+                }
+            }
+        }
+        let candidate_classes: BTreeSet<u32> = if any_rules.is_empty() {
+            let mut candidates = BTreeSet::new();
+            let mut add = |list: Option<&Vec<u32>>| candidates.extend(list.into_iter().flatten());
+            for segment in by_segment.keys() {
+                add(classes_by_segment.get(*segment as usize));
+            }
+            if intra_rule.is_some() {
+                add(classes_by_segment.get(destination as usize));
+            }
+            for cidr in by_cidr.keys() {
+                add(classes_by_cidr.get(*cidr as usize));
+            }
+            candidates
+        } else {
+            (0..to_u32(addresses.classes.len(), "source classes")?).collect()
+        };
+
+        for class_id in candidate_classes {
+            let Some((class_segment, class_cidrs)) = addresses.classes.get(class_id as usize)
+            else {
+                continue;
+            };
+            let mut matching: Vec<u32> = any_rules.clone();
+            if let Some(rules) = by_segment.get(class_segment) {
+                matching.extend(rules);
+            }
+            for cidr in class_cidrs {
+                if let Some(rules) = by_cidr.get(cidr) {
+                    matching.extend(rules);
+                }
+            }
+            matching.sort_unstable();
+            matching.dedup();
+            let mut table = Vec::with_capacity(matching.len() + 1);
+            if let Some(intra) = intra_rule
+                && *class_segment == destination
+                && destination != SEGMENT_WORLD
+            {
+                table.push(intra);
+            }
+            table.extend(matching);
+            if table.is_empty() {
+                continue;
+            }
+            let port_table = match table_ids.get(&table) {
+                Some(id) => *id,
+                None => {
+                    let id = to_u32(tables.len(), "port tables")?;
+                    tables.push(table.clone());
+                    table_ids.insert(table, id);
+                    id
+                }
+            };
+            pairs.push(PairEntry {
+                dst_segment: destination,
+                src_class: class_id,
+                port_table,
+            });
+        }
+    }
+    pairs.sort();
+    Ok((pairs, tables))
+}
+
+/// The port matches of a rule; the intra pseudo-rule allows everything.
+fn rule_ports(policy: &Policy, index: u32) -> &[PortMatch] {
+    match policy.rule(index).map(|rule| &rule.kind) {
+        Some(RuleKind::Allow { ports, .. }) => ports,
+        Some(RuleKind::Intra) => &[PortMatch::Any],
+        None => &[],
+    }
+}
+
+fn plan_ports(policy: &Policy, tables: &[Vec<u32>]) -> Result<Vec<PortEntry>, CompileError> {
+    const KEYS: [(u8, u32); 4] = [
+        (proto_key::TCP, 65_535),
+        (proto_key::UDP, 65_535),
+        (proto_key::ICMP, 255),
+        (proto_key::ICMPV6, 255),
+    ];
+    let mut entries = Vec::new();
+    for (table, rules) in (0u32..).zip(tables) {
+        for (proto, max_port) in KEYS {
+            // (first, last, position in the table): the lowest position wins where they overlap.
+            let mut intervals = Vec::new();
+            for (position, &rule) in rules.iter().enumerate() {
+                for port in rule_ports(policy, rule) {
+                    match *port {
+                        PortMatch::Any => intervals.push((0, max_port, position)),
+                        PortMatch::Range {
+                            proto: range_proto,
+                            first,
+                            last,
+                        } if range_proto == proto && u32::from(first) <= max_port => {
+                            intervals.push((u32::from(first), u32::from(last).min(max_port), position));
+                        }
+                        PortMatch::Range { .. } => {}
+                    }
+                }
+            }
+            for (first, last, position) in first_match_intervals(&intervals) {
+                let Some(&rule) = rules.get(position) else {
+                    continue;
+                };
+                for (start, size_log2) in aligned_blocks(first, last) {
+                    entries.push(PortEntry {
+                        table,
+                        proto,
+                        port: u16::try_from(start).unwrap_or(u16::MAX),
+                        prefix_len: PORT_KEY_FIXED_BITS + 16 - size_log2,
+                        rule,
+                    });
+                }
+            }
+        }
+        let any_rule = rules
+            .iter()
+            .find(|&&rule| rule_ports(policy, rule).contains(&PortMatch::Any));
+        if let Some(&rule) = any_rule {
+            entries.push(PortEntry {
+                table,
+                proto: proto_key::NO_PORT,
+                port: 0,
+                prefix_len: PORT_KEY_FIXED_BITS + 16,
+                rule,
+            });
+        }
+    }
+    entries.sort();
+    Ok(entries)
+}
+
+/// Cuts the covered space into maximal intervals with the same winner (lowest position).
+/// Returns (first, last, position) sorted by `first`; uncovered ports are left out.
+fn first_match_intervals(intervals: &[(u32, u32, usize)]) -> Vec<(u32, u32, usize)> {
+    // Events at `first` (start) and `last + 1` (end); `true` sorts ends after starts at a
+    // position, which does not matter since all events at one position apply together.
+    let mut events: Vec<(u32, bool, usize)> = Vec::with_capacity(intervals.len() * 2);
+    for &(first, last, position) in intervals {
+        events.push((first, true, position));
+        events.push((last + 1, false, position));
+    }
+    events.sort_unstable();
+    let mut active: BTreeMap<usize, usize> = BTreeMap::new();
+    let mut result = Vec::new();
+    let mut open: Option<(u32, usize)> = None;
+    let mut next = 0;
+    while let Some(&(at, _, _)) = events.get(next) {
+        while let Some(&(event_at, is_start, position)) = events.get(next) {
+            if event_at != at {
+                break;
+            }
+            if is_start {
+                *active.entry(position).or_default() += 1;
+            } else if let Some(count) = active.get_mut(&position) {
+                *count -= 1;
+                if *count == 0 {
+                    active.remove(&position);
+                }
+            }
+            next += 1;
+        }
+        let winner = active.keys().next().copied();
+        if open.map(|(_, position)| position) != winner {
+            if let Some((start, position)) = open {
+                result.push((start, at - 1, position));
+            }
+            open = winner.map(|position| (at, position));
+        }
+    }
+    result
+}
+
+/// Splits `first..=last` into aligned power-of-two blocks: (start, log2 of size), size <= 2^16.
+fn aligned_blocks(first: u32, last: u32) -> Vec<(u32, u32)> {
+    let mut blocks = Vec::new();
+    let mut start = first;
+    while start <= last {
+        let mut size_log2 = start.trailing_zeros().min(16);
+        while start + (1 << size_log2) - 1 > last {
+            size_log2 -= 1;
+        }
+        blocks.push((start, size_log2));
+        start += 1 << size_log2;
+    }
+    blocks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_are_aligned_and_cover_exactly() {
+        assert_eq!(aligned_blocks(0, 65_535), vec![(0, 16)]);
+        assert_eq!(aligned_blocks(0, 255), vec![(0, 8)]);
+        assert_eq!(aligned_blocks(104, 104), vec![(104, 0)]);
+        assert_eq!(aligned_blocks(8080, 8090), vec![(8080, 3), (8088, 1), (8090, 0)]);
+        for (first, last) in [(1, 65_535), (3, 1000), (65_535, 65_535), (7, 8)] {
+            let mut next = first;
+            for (start, size_log2) in aligned_blocks(first, last) {
+                assert_eq!(start, next);
+                assert_eq!(start % (1 << size_log2), 0);
+                next = start + (1 << size_log2);
+            }
+            assert_eq!(next, last + 1);
+        }
+    }
+
+    #[test]
+    fn first_match_keeps_policy_order() {
+        // Rule at position 1 covers 0..=100; position 0 covers 50..=60 and wins there.
+        let cut = first_match_intervals(&[(50, 60, 0), (0, 100, 1), (200, 300, 2), (250, 260, 1)]);
+        assert_eq!(
+            cut,
+            vec![(0, 49, 1), (50, 60, 0), (61, 100, 1), (200, 249, 2), (250, 260, 1), (261, 300, 2)]
+        );
+        assert_eq!(first_match_intervals(&[(0, 65_535, 0), (80, 80, 0)]), vec![(0, 65_535, 0)]);
+    }
+}

@@ -1,0 +1,50 @@
+//! Validates the segment policy (one YAML file per segment) and compiles it into the contents
+//! of the enforcer's kernel maps (`enforcer-common` defines their layout).
+//!
+//! - [`Policy::load_dir`] / [`Policy::from_sources`] read and validate a policy; see
+//!   [`model`] for the language and its semantics.
+//! - [`Policy::evaluate`] is the reference evaluator the kernel is tested against.
+//! - [`compile()`] produces the deterministic [`Artifact`] that the daemon loads.
+//!
+//! This crate never depends on aya and makes no Linux-specific calls, so it runs in plain CI.
+
+pub mod artifact;
+pub mod compile;
+pub mod error;
+pub mod evaluate;
+mod load;
+pub mod model;
+pub mod packet;
+pub mod prefix;
+mod yaml;
+
+use std::path::Path;
+
+pub use artifact::{Artifact, ArtifactError, EntryCounts};
+pub use compile::{CompileError, compile, compile_with_capacities};
+pub use error::{PolicyError, PolicyErrorKind, PolicyErrors};
+pub use evaluate::{Decision, Flow, Verdict};
+pub use model::{Capacities, Intra, Mode, Policy, PortMatch, Rule, RuleKind, Segment, Source};
+pub use prefix::Prefix;
+
+impl Policy {
+    /// Reads and validates every top-level `*.yaml` / `*.yml` file of `dir` (hidden files and
+    /// subdirectories such as `tests/` are ignored).
+    pub fn load_dir(dir: &Path) -> Result<Policy, PolicyErrors> {
+        load::load_dir(dir, &Capacities::KERNEL)
+    }
+
+    /// Validates policy files given as (file name as it should appear in errors, e.g.
+    /// `segments/pacs.yaml`, content).
+    pub fn from_sources(sources: &[(String, String)]) -> Result<Policy, PolicyErrors> {
+        load::load_sources(sources, &Capacities::KERNEL)
+    }
+
+    /// Like [`Policy::from_sources`], with other map capacities (used to test the check).
+    pub fn from_sources_with_capacities(
+        sources: &[(String, String)],
+        capacities: &Capacities,
+    ) -> Result<Policy, PolicyErrors> {
+        load::load_sources(sources, capacities)
+    }
+}

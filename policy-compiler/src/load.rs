@@ -1,0 +1,1016 @@
+//! Reading the policy files and validating them into a [`Policy`].
+//!
+//! Validation never stops at the first problem: every file is checked and every error collected,
+//! so one run of `policy-compiler check` shows everything to fix.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{PolicyError, PolicyErrorKind, PolicyErrors, closest};
+use crate::model::{
+    Capacities, ICMP_TYPE_NAMES, ICMPV6_TYPE_NAMES, Intra, Mode, PROTO_ICMP, PROTO_ICMPV6,
+    PROTO_TCP, PROTO_UDP, Policy, PortMatch, RESERVED_SEGMENT_NAMES, Rule, RuleKind, Segment,
+    Source, WORLD, icmp_type_by_name,
+};
+use crate::prefix::{Family, Prefix, PrefixParseError};
+use crate::yaml::{self, Node, Pos, Value};
+
+const SEGMENT_FIELDS: &[&str] = &["segment", "description", "members", "mode", "intra", "allow"];
+const RULE_FIELDS: &[&str] = &["name", "from", "ports", "reason"];
+const DEFAULTS_FIELDS: &[&str] = &["world"];
+const WORLD_FIELDS: &[&str] = &["mode", "allow"];
+const DEFAULTS_STEM: &str = "defaults";
+
+/// Reads every top-level `*.yaml` / `*.yml` file of `dir` (hidden files and subdirectories
+/// are ignored) and validates them.
+pub(crate) fn load_dir(dir: &Path, capacities: &Capacities) -> Result<Policy, PolicyErrors> {
+    let dir_shown = dir.display().to_string();
+    let io_error = |file: String, message: String| PolicyError {
+        file,
+        line: None,
+        column: None,
+        kind: PolicyErrorKind::Io(message),
+        hint: None,
+    };
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| PolicyErrors(vec![io_error(dir_shown.clone(), e.to_string())]))?;
+    let mut sources = Vec::new();
+    let mut errors = Vec::new();
+    for entry in entries {
+        let entry = match entry {
+            Ok(entry) => entry,
+            Err(e) => {
+                errors.push(io_error(dir_shown.clone(), e.to_string()));
+                continue;
+            }
+        };
+        let file_name = entry.file_name();
+        let Some(name) = file_name.to_str() else {
+            tracing::warn!(file = ?file_name, "ignoring a file whose name is not UTF-8");
+            continue;
+        };
+        let path = entry.path();
+        if name.starts_with('.') || !is_policy_file_name(name) || !path.is_file() {
+            continue;
+        }
+        let shown = path.display().to_string();
+        match std::fs::read(&path) {
+            Ok(bytes) => match String::from_utf8(bytes) {
+                Ok(text) => sources.push((shown, text)),
+                Err(_) => errors.push(io_error(shown, "the file is not valid UTF-8".into())),
+            },
+            Err(e) => errors.push(io_error(shown, e.to_string())),
+        }
+    }
+    sources.sort();
+    tracing::debug!(dir = %dir_shown, files = sources.len(), "read policy files");
+    match load_sources(&sources, capacities) {
+        Ok(policy) if errors.is_empty() => Ok(policy),
+        Ok(_) => Err(PolicyErrors(errors)),
+        Err(PolicyErrors(more)) => {
+            errors.extend(more);
+            Err(PolicyErrors(errors))
+        }
+    }
+}
+
+fn is_policy_file_name(name: &str) -> bool {
+    name.ends_with(".yaml") || name.ends_with(".yml")
+}
+
+/// The last path component of a file name as shown in errors.
+fn base_name(file: &str) -> &str {
+    file.rsplit(['/', '\\']).next().unwrap_or(file)
+}
+
+fn file_stem(file: &str) -> &str {
+    let base = base_name(file);
+    base.strip_suffix(".yaml")
+        .or_else(|| base.strip_suffix(".yml"))
+        .unwrap_or(base)
+}
+
+/// Hashes base names rather than paths, so the revision does not depend on where the policy
+/// directory is or how it was named on the command line.
+fn revision(sources: &[(String, String)]) -> String {
+    let mut files: Vec<(&str, &str)> = sources
+        .iter()
+        .map(|(file, text)| (base_name(file), text.as_str()))
+        .collect();
+    files.sort();
+    let mut hasher = Sha256::new();
+    for (name, text) in files {
+        hasher.update(name.as_bytes());
+        hasher.update([0]);
+        hasher.update(text.as_bytes());
+        hasher.update([0]);
+    }
+    hasher
+        .finalize()
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
+/// Validates policy files given as (file name as shown in errors, content).
+pub(crate) fn load_sources(
+    sources: &[(String, String)],
+    capacities: &Capacities,
+) -> Result<Policy, PolicyErrors> {
+    let mut loader = Loader::default();
+    let mut segments = Vec::new();
+    let mut world: Option<RawWorld> = None;
+    for (file, text) in sources {
+        if file_stem(file) == DEFAULTS_STEM {
+            if let Some(first) = &world {
+                let hint = format!("keep only one of {} and {file}", first.file);
+                loader.error(file, None, PolicyErrorKind::DuplicateDefaults, Some(hint));
+                continue;
+            }
+            world = loader.defaults_file(file, text);
+        } else if let Some(segment) = loader.segment_file(file, text) {
+            segments.push(segment);
+        }
+    }
+    let world = world.unwrap_or(RawWorld {
+        file: String::new(),
+        mode: Mode::Unenforced,
+        rules: Vec::new(),
+    });
+    let policy_label = policy_label(sources);
+    let policy = loader.build(segments, world, revision(sources), &policy_label, capacities);
+    if loader.errors.is_empty() {
+        Ok(policy)
+    } else {
+        let mut errors = loader.errors;
+        errors.sort_by(|a, b| (&a.file, a.line, a.column).cmp(&(&b.file, b.line, b.column)));
+        Err(PolicyErrors(errors))
+    }
+}
+
+/// What to name in errors about the policy as a whole: its directory if the files share one.
+fn policy_label(sources: &[(String, String)]) -> String {
+    sources
+        .first()
+        .and_then(|(file, _)| {
+            let base = base_name(file);
+            file.strip_suffix(base)
+                .map(|dir| dir.trim_end_matches(['/', '\\']))
+        })
+        .filter(|dir| !dir.is_empty())
+        .unwrap_or("policy")
+        .to_string()
+}
+
+enum RawSource {
+    Any,
+    Name(String),
+    Cidr(Prefix),
+}
+
+struct RawRule {
+    /// 1-based position in the allow-list, for the default id.
+    number: usize,
+    name: Option<String>,
+    from: Vec<(RawSource, Pos)>,
+    ports: Vec<PortMatch>,
+    reason: Option<String>,
+    pos: Pos,
+}
+
+struct RawSegment {
+    file: String,
+    name: String,
+    name_pos: Pos,
+    description: Option<String>,
+    members: Vec<(Prefix, Pos)>,
+    mode: Mode,
+    intra: Intra,
+    rules: Vec<RawRule>,
+}
+
+struct RawWorld {
+    file: String,
+    mode: Mode,
+    rules: Vec<RawRule>,
+}
+
+#[derive(Default)]
+struct Loader {
+    errors: Vec<PolicyError>,
+}
+
+impl Loader {
+    fn error(
+        &mut self,
+        file: &str,
+        pos: Option<Pos>,
+        kind: PolicyErrorKind,
+        hint: Option<String>,
+    ) {
+        self.errors.push(PolicyError {
+            file: file.to_string(),
+            line: pos.map(|pos| pos.line),
+            column: pos.map(|pos| pos.column),
+            kind,
+            hint,
+        });
+    }
+
+    fn wrong_type(&mut self, file: &str, field: &str, expected: &'static str, node: &Node) {
+        self.error(
+            file,
+            Some(node.pos),
+            PolicyErrorKind::WrongType {
+                field: field.to_string(),
+                expected,
+                found: node.kind_name(),
+            },
+            None,
+        );
+    }
+
+    /// The root node of a file, or `None` (with the error recorded) when it cannot be parsed.
+    fn parse_yaml(&mut self, file: &str, text: &str, empty_hint: &str) -> Option<Node> {
+        match yaml::parse(text) {
+            Ok(Some(root)) => Some(root),
+            Ok(None) => {
+                let hint = Some(empty_hint.to_string());
+                self.error(file, Some(Pos { line: 1, column: 1 }), PolicyErrorKind::EmptyFile, hint);
+                None
+            }
+            Err(e) => {
+                self.error(file, Some(e.pos), PolicyErrorKind::Syntax(e.message), e.hint);
+                None
+            }
+        }
+    }
+
+    /// The (key, value) pairs of a mapping whose keys are all in `allowed`; unknown keys and a
+    /// node that is no mapping are reported.
+    fn fields<'n>(
+        &mut self,
+        file: &str,
+        node: &'n Node,
+        context: &'static str,
+        allowed: &[&'static str],
+    ) -> Option<Vec<(&'static str, &'n Node)>> {
+        let Value::Map(entries) = &node.value else {
+            self.wrong_type(file, context, "a mapping", node);
+            return None;
+        };
+        let mut fields = Vec::new();
+        for (key, value) in entries {
+            let key_text = match &key.value {
+                Value::Scalar(text) => text.as_str(),
+                _ => "",
+            };
+            if let Some(known) = allowed.iter().find(|known| **known == key_text) {
+                fields.push((*known, value));
+                continue;
+            }
+            let hint = match closest(key_text, allowed.iter().copied()) {
+                Some(close) => format!("did you mean `{close}`?"),
+                None => format!("known fields: {}", allowed.join(", ")),
+            };
+            let kind = PolicyErrorKind::UnknownField {
+                field: key_text.to_string(),
+                context,
+            };
+            self.error(file, Some(key.pos), kind, Some(hint));
+        }
+        Some(fields)
+    }
+
+    fn string(&mut self, file: &str, field: &str, node: &Node) -> Option<String> {
+        match &node.value {
+            Value::Scalar(text) => Some(text.clone()),
+            _ => {
+                self.wrong_type(file, field, "a string", node);
+                None
+            }
+        }
+    }
+
+    /// A list (or a single scalar) of scalars; an empty one is reported.
+    fn scalar_items<'n>(
+        &mut self,
+        file: &str,
+        field: &'static str,
+        node: &'n Node,
+        empty_hint: &str,
+    ) -> Vec<(&'n str, Pos)> {
+        let items: Vec<&Node> = match &node.value {
+            Value::Scalar(_) => vec![node],
+            Value::Seq(items) => items.iter().collect(),
+            Value::Null => Vec::new(),
+            Value::Map(_) => {
+                self.wrong_type(file, field, "a list", node);
+                return Vec::new();
+            }
+        };
+        if items.is_empty() {
+            let hint = Some(empty_hint.to_string());
+            self.error(file, Some(node.pos), PolicyErrorKind::EmptyList(field), hint);
+        }
+        let mut scalars = Vec::new();
+        for item in items {
+            match &item.value {
+                Value::Scalar(text) => scalars.push((text.as_str(), item.pos)),
+                _ => self.wrong_type(file, &format!("an entry of `{field}`"), "a string", item),
+            }
+        }
+        scalars
+    }
+
+    fn segment_file(&mut self, file: &str, text: &str) -> Option<RawSegment> {
+        let stem = file_stem(file);
+        let example = format!("segment: {stem}\nmembers: [10.30.0.0/24]");
+        let root = self.parse_yaml(file, text, &format!("a segment file looks like:\n{example}"))?;
+        let fields = self.fields(file, &root, "a segment file", SEGMENT_FIELDS)?;
+        let mut name = None;
+        let mut description = None;
+        let mut members = None;
+        let mut mode = Mode::Enforce;
+        let mut intra = Intra::Allow;
+        let mut rules = Vec::new();
+        for (field, value) in fields {
+            match field {
+                "segment" => name = self.string(file, field, value).map(|name| (name, value.pos)),
+                "description" => {
+                    if value.value != Value::Null {
+                        description = self.string(file, field, value);
+                    }
+                }
+                "members" => members = Some(self.members(file, value)),
+                "mode" => {
+                    mode = self
+                        .keyword(file, "mode", value, &[("enforce", Mode::Enforce), ("monitor", Mode::Monitor)])
+                        .unwrap_or(mode);
+                }
+                "intra" => {
+                    intra = self
+                        .keyword(file, "intra", value, &[("allow", Intra::Allow), ("deny", Intra::Deny)])
+                        .unwrap_or(intra);
+                }
+                "allow" => rules = self.rules(file, value),
+                _ => {}
+            }
+        }
+        if members.is_none() {
+            let hint = Some("list the segment's addresses, e.g. `members: [10.30.0.0/24]`".into());
+            let kind = PolicyErrorKind::MissingField {
+                field: "members",
+                context: "a segment file",
+            };
+            self.error(file, Some(root.pos), kind, hint);
+        }
+        let Some((name, name_pos)) = name else {
+            let hint = Some(format!("add `segment: {stem}`"));
+            let kind = PolicyErrorKind::MissingField {
+                field: "segment",
+                context: "a segment file",
+            };
+            self.error(file, Some(root.pos), kind, hint);
+            return None;
+        };
+        self.check_segment_name(file, &name, name_pos);
+        if name != stem {
+            let hint = format!(
+                "each segment lives in NAME.yaml: rename the file to {name}.yaml or set `segment: {stem}`"
+            );
+            let kind = PolicyErrorKind::FileNameMismatch {
+                file_stem: stem.to_string(),
+                segment: name.clone(),
+            };
+            self.error(file, Some(name_pos), kind, Some(hint));
+        }
+        Some(RawSegment {
+            file: file.to_string(),
+            name,
+            name_pos,
+            description,
+            members: members.unwrap_or_default(),
+            mode,
+            intra,
+            rules,
+        })
+    }
+
+    fn check_segment_name(&mut self, file: &str, name: &str, pos: Pos) {
+        if RESERVED_SEGMENT_NAMES.contains(&name) {
+            let hint = Some(format!(
+                "{} are reserved; choose another name",
+                RESERVED_SEGMENT_NAMES.join(", ")
+            ));
+            let kind = PolicyErrorKind::ReservedSegmentName(name.to_string());
+            self.error(file, Some(pos), kind, hint);
+        } else if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        {
+            let hint = Some("use lowercase letters, digits and `-`, e.g. `ehr-core`".into());
+            let kind = PolicyErrorKind::InvalidSegmentName(name.to_string());
+            self.error(file, Some(pos), kind, hint);
+        }
+    }
+
+    fn keyword<T: Copy>(
+        &mut self,
+        file: &str,
+        field: &'static str,
+        node: &Node,
+        choices: &[(&str, T)],
+    ) -> Option<T> {
+        let text = self.string(file, field, node)?;
+        if let Some((_, value)) = choices.iter().find(|(word, _)| *word == text) {
+            return Some(*value);
+        }
+        let words: Vec<&str> = choices.iter().map(|(word, _)| *word).collect();
+        let hint = Some(format!("use one of: {}", words.join(", ")));
+        let kind = PolicyErrorKind::InvalidValue { field, value: text };
+        self.error(file, Some(node.pos), kind, hint);
+        None
+    }
+
+    fn prefix(&mut self, file: &str, text: &str, pos: Pos, usage_hint: &str) -> Option<Prefix> {
+        match Prefix::parse(text) {
+            Ok(prefix) => Some(prefix),
+            Err(PrefixParseError::HostBitsSet { network }) => {
+                let hint = Some(format!("did you mean {network}?"));
+                let kind = PolicyErrorKind::HostBitsSet(text.to_string());
+                self.error(file, Some(pos), kind, hint);
+                None
+            }
+            Err(PrefixParseError::BadLength { max }) => {
+                let hint = Some(format!("the prefix length must be 0 to {max}"));
+                let kind = PolicyErrorKind::BadPrefix(text.to_string());
+                self.error(file, Some(pos), kind, hint);
+                None
+            }
+            Err(PrefixParseError::BadAddress) => {
+                let kind = PolicyErrorKind::BadPrefix(text.to_string());
+                self.error(file, Some(pos), kind, Some(usage_hint.to_string()));
+                None
+            }
+        }
+    }
+
+    fn members(&mut self, file: &str, node: &Node) -> Vec<(Prefix, Pos)> {
+        let hint = "members are addresses or prefixes, e.g. 10.30.0.0/24 or \"fd00:30::/64\"";
+        let items = self.scalar_items(file, "members", node, hint);
+        items
+            .into_iter()
+            .filter_map(|(text, pos)| Some((self.prefix(file, text, pos, hint)?, pos)))
+            .collect()
+    }
+
+    fn rules(&mut self, file: &str, node: &Node) -> Vec<RawRule> {
+        let items = match &node.value {
+            Value::Null => return Vec::new(),
+            Value::Seq(items) => items,
+            _ => {
+                self.wrong_type(file, "allow", "a list of rules", node);
+                return Vec::new();
+            }
+        };
+        items
+            .iter()
+            .enumerate()
+            .filter_map(|(position, item)| self.rule(file, item, position + 1))
+            .collect()
+    }
+
+    fn rule(&mut self, file: &str, node: &Node, number: usize) -> Option<RawRule> {
+        let fields = self.fields(file, node, "a rule", RULE_FIELDS)?;
+        let mut name = None;
+        let mut from = None;
+        let mut ports = None;
+        let mut reason = None;
+        for (field, value) in fields {
+            match field {
+                "name" => {
+                    name = self.string(file, field, value);
+                    if let Some(text) = &name {
+                        self.check_rule_name(file, text, value.pos);
+                    }
+                }
+                "from" => from = Some(self.sources(file, value)),
+                "ports" => ports = Some(self.ports(file, value)),
+                "reason" => {
+                    if value.value != Value::Null {
+                        reason = self.string(file, field, value);
+                    }
+                }
+                _ => {}
+            }
+        }
+        for (field, present, hint) in [
+            ("from", from.is_some(), "say who may connect: `from: [radiology]`, a CIDR, or `any`"),
+            ("ports", ports.is_some(), "say what is allowed: `ports: [tcp/443]`, or `any`"),
+        ] {
+            if !present {
+                let kind = PolicyErrorKind::MissingField {
+                    field,
+                    context: "a rule",
+                };
+                self.error(file, Some(node.pos), kind, Some(hint.into()));
+            }
+        }
+        Some(RawRule {
+            number,
+            name,
+            from: from?,
+            ports: ports?,
+            reason,
+            pos: node.pos,
+        })
+    }
+
+    fn check_rule_name(&mut self, file: &str, name: &str, pos: Pos) {
+        let valid = !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'));
+        if !valid {
+            let hint = Some("use letters, digits and `-`, `_`, `.`, `/`".into());
+            self.error(file, Some(pos), PolicyErrorKind::InvalidRuleName(name.into()), hint);
+        }
+    }
+
+    fn sources(&mut self, file: &str, node: &Node) -> Vec<(RawSource, Pos)> {
+        let empty_hint = "list at least one source: a segment name, a CIDR, or `any`";
+        let usage_hint = "a source is a segment name, an address or prefix, or `any`";
+        let items = self.scalar_items(file, "from", node, empty_hint);
+        let mut sources = Vec::new();
+        for (text, pos) in items {
+            let source = if text == "any" {
+                RawSource::Any
+            } else if text.contains(['.', ':', '/']) {
+                match self.prefix(file, text, pos, usage_hint) {
+                    Some(prefix) => RawSource::Cidr(prefix),
+                    None => continue,
+                }
+            } else {
+                RawSource::Name(text.to_string())
+            };
+            sources.push((source, pos));
+        }
+        sources
+    }
+
+    fn ports(&mut self, file: &str, node: &Node) -> Vec<PortMatch> {
+        let empty_hint = "list at least one entry such as tcp/443, or `any`";
+        let items = self.scalar_items(file, "ports", node, empty_hint);
+        let mut ports = Vec::new();
+        for (text, pos) in items {
+            match parse_port(text) {
+                Ok(port) => ports.push(port),
+                Err((problem, hint)) => {
+                    let kind = PolicyErrorKind::BadPort {
+                        entry: text.to_string(),
+                        problem,
+                    };
+                    self.error(file, Some(pos), kind, hint);
+                }
+            }
+        }
+        ports
+    }
+
+    fn defaults_file(&mut self, file: &str, text: &str) -> Option<RawWorld> {
+        let mut world = RawWorld {
+            file: file.to_string(),
+            mode: Mode::Unenforced,
+            rules: Vec::new(),
+        };
+        let root = match yaml::parse(text) {
+            Ok(Some(root)) => root,
+            // Every setting is optional: an empty defaults file is fine.
+            Ok(None) => return Some(world),
+            Err(e) => {
+                self.error(file, Some(e.pos), PolicyErrorKind::Syntax(e.message), e.hint);
+                return None;
+            }
+        };
+        if root.value == Value::Null {
+            return Some(world);
+        }
+        for (_, world_node) in self.fields(file, &root, "defaults.yaml", DEFAULTS_FIELDS)? {
+            if world_node.value == Value::Null {
+                continue;
+            }
+            for (field, value) in self.fields(file, world_node, "`world`", WORLD_FIELDS)? {
+                match field {
+                    "mode" => {
+                        let choices = [
+                            ("unenforced", Mode::Unenforced),
+                            ("enforce", Mode::Enforce),
+                            ("monitor", Mode::Monitor),
+                        ];
+                        world.mode = self.keyword(file, "mode", value, &choices).unwrap_or(world.mode);
+                    }
+                    "allow" => world.rules = self.rules(file, value),
+                    _ => {}
+                }
+            }
+        }
+        Some(world)
+    }
+
+    /// Cross-file checks, rule ids and global rule order.
+    fn build(
+        &mut self,
+        raw_segments: Vec<RawSegment>,
+        world: RawWorld,
+        revision: String,
+        policy_label: &str,
+        capacities: &Capacities,
+    ) -> Policy {
+        let mut by_name: BTreeMap<String, RawSegment> = BTreeMap::new();
+        for segment in raw_segments {
+            if let Some(first) = by_name.get(&segment.name) {
+                let hint = Some(format!("'{}' is already defined in {}", segment.name, first.file));
+                let kind = PolicyErrorKind::DuplicateSegment(segment.name.clone());
+                self.error(&segment.file, Some(segment.name_pos), kind, hint);
+                continue;
+            }
+            by_name.insert(segment.name.clone(), segment);
+        }
+
+        self.check_member_prefixes(&by_name);
+
+        let known: Vec<&str> = std::iter::once(WORLD)
+            .chain(by_name.keys().map(String::as_str))
+            .collect();
+        let known_set: HashSet<&str> = known.iter().copied().collect();
+
+        let mut rules: Vec<Rule> = Vec::new();
+        let mut segments = Vec::new();
+        let mut rule_places: HashMap<String, (String, usize)> = HashMap::new();
+        for segment in by_name.values() {
+            let indexes = self.add_rules(
+                &mut rules,
+                &segment.name,
+                &segment.file,
+                &segment.rules,
+                &known,
+                &known_set,
+            );
+            segments.push(Segment {
+                name: segment.name.clone(),
+                description: segment.description.clone(),
+                members: segment.members.iter().map(|(prefix, _)| *prefix).collect(),
+                mode: segment.mode,
+                intra: segment.intra,
+                rules: indexes,
+                intra_rule: None,
+                file: segment.file.clone(),
+            });
+        }
+        let world_rules =
+            self.add_rules(&mut rules, WORLD, &world.file, &world.rules, &known, &known_set);
+        for (segment, raw) in segments.iter_mut().zip(by_name.values()) {
+            if segment.intra == Intra::Allow {
+                let index = index_u32(rules.len());
+                segment.intra_rule = Some(index);
+                rules.push(Rule {
+                    index,
+                    id: format!("{}/intra", segment.name),
+                    segment: segment.name.clone(),
+                    kind: RuleKind::Intra,
+                    reason: Some(format!(
+                        "traffic between members of {} (intra: allow)",
+                        segment.name
+                    )),
+                    file: segment.file.clone(),
+                    line: raw.name_pos.line,
+                });
+            }
+        }
+        for rule in &rules {
+            match rule_places.get(&rule.id) {
+                Some((file, line)) => {
+                    let hint = Some(format!(
+                        "'{}' is already the id of a rule at {file}:{line}; give one of them another `name:`",
+                        rule.id
+                    ));
+                    let pos = Pos {
+                        line: rule.line,
+                        column: 1,
+                    };
+                    let kind = PolicyErrorKind::DuplicateRuleId(rule.id.clone());
+                    let (file, line) = (rule.file.clone(), Some(pos));
+                    self.error(&file, line, kind, hint);
+                }
+                None => {
+                    rule_places.insert(rule.id.clone(), (rule.file.clone(), rule.line));
+                }
+            }
+        }
+
+        let policy = Policy {
+            segments,
+            world_mode: world.mode,
+            world_rules,
+            rules,
+            revision,
+        };
+        self.check_capacities(&policy, policy_label, capacities);
+        policy
+    }
+
+    fn check_member_prefixes(&mut self, by_name: &BTreeMap<String, RawSegment>) {
+        let mut owners: HashMap<Prefix, (&str, &str, Pos)> = HashMap::new();
+        for segment in by_name.values() {
+            for (prefix, pos) in &segment.members {
+                match owners.get(prefix) {
+                    Some((owner, file, first_pos)) if *owner == segment.name => {
+                        let hint = Some(format!("first listed on line {}; remove one", first_pos.line));
+                        let kind = PolicyErrorKind::DuplicateMember(prefix.to_string());
+                        let file = file.to_string();
+                        self.error(&file, Some(*pos), kind, hint);
+                    }
+                    Some((owner, file, first_pos)) => {
+                        let hint = Some(format!(
+                            "an address belongs to one segment; {prefix} is also in {file}:{}. Use a more specific prefix in one of them",
+                            first_pos.line
+                        ));
+                        let kind = PolicyErrorKind::DuplicatePrefix {
+                            prefix: prefix.to_string(),
+                            first: owner.to_string(),
+                            second: segment.name.clone(),
+                        };
+                        self.error(&segment.file, Some(*pos), kind, hint);
+                    }
+                    None => {
+                        owners.insert(*prefix, (&segment.name, &segment.file, *pos));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Resolves a segment's rules, appends them to `rules` and returns their global indexes.
+    fn add_rules(
+        &mut self,
+        rules: &mut Vec<Rule>,
+        segment: &str,
+        file: &str,
+        raw_rules: &[RawRule],
+        known: &[&str],
+        known_set: &HashSet<&str>,
+    ) -> Vec<u32> {
+        let mut indexes = Vec::new();
+        for raw in raw_rules {
+            let mut from = Vec::new();
+            for (source, pos) in &raw.from {
+                from.push(match source {
+                    RawSource::Any => Source::Any,
+                    RawSource::Cidr(prefix) => Source::Cidr(*prefix),
+                    RawSource::Name(name) => {
+                        if !known_set.contains(name.as_str()) {
+                            let hint = match closest(name, known.iter().copied()) {
+                                Some(close) => format!("did you mean '{close}'?"),
+                                None => format!("known segments: {}", shorten_list(known)),
+                            };
+                            let kind = PolicyErrorKind::UnknownSegment(name.clone());
+                            self.error(file, Some(*pos), kind, Some(hint));
+                        }
+                        Source::Segment(name.clone())
+                    }
+                });
+            }
+            let index = index_u32(rules.len());
+            indexes.push(index);
+            rules.push(Rule {
+                index,
+                id: raw
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| format!("{segment}/{}", raw.number)),
+                segment: segment.to_string(),
+                kind: RuleKind::Allow {
+                    from,
+                    ports: raw.ports.clone(),
+                },
+                reason: raw.reason.clone(),
+                file: file.to_string(),
+                line: raw.pos.line,
+            });
+        }
+        indexes
+    }
+
+    fn check_capacities(&mut self, policy: &Policy, label: &str, capacities: &Capacities) {
+        let mut prefixes: HashSet<Prefix> = policy.members().map(|(prefix, _)| prefix).collect();
+        for rule in &policy.rules {
+            if let RuleKind::Allow { from, .. } = &rule.kind {
+                prefixes.extend(from.iter().filter_map(|source| match source {
+                    Source::Cidr(prefix) => Some(*prefix),
+                    _ => None,
+                }));
+            }
+        }
+        let v4 = prefixes.iter().filter(|p| p.family() == Family::V4).count();
+        let v6 = prefixes.len() - v4;
+        let checks = [
+            ("SEGMENTS", policy.segments.len() + 1, capacities.segments),
+            ("rules (RULE_HITS)", policy.rules.len(), capacities.rules),
+            ("ADDR_V4", v4, capacities.addr_v4),
+            ("ADDR_V6", v6, capacities.addr_v6),
+        ];
+        for (map, needed, capacity) in checks {
+            let needed = needed as u64;
+            if needed > capacity {
+                let hint = Some("split the policy, or merge prefixes and rules".into());
+                let kind = PolicyErrorKind::OverCapacity {
+                    map,
+                    needed,
+                    capacity,
+                };
+                self.error(label, None, kind, hint);
+            }
+        }
+    }
+}
+
+/// Rule counts are bounded by the capacity check long before `u32` overflows; saturate rather
+/// than panic if a caller bypasses it.
+fn index_u32(index: usize) -> u32 {
+    u32::try_from(index).unwrap_or(u32::MAX)
+}
+
+fn shorten_list(names: &[&str]) -> String {
+    const SHOWN: usize = 12;
+    let mut text = names.iter().take(SHOWN).copied().collect::<Vec<_>>().join(", ");
+    if names.len() > SHOWN {
+        text.push_str(&format!(" and {} more", names.len() - SHOWN));
+    }
+    text
+}
+
+const PORT_USAGE: &str = "use tcp/N, tcp/A-B, tcp/any, the same for udp, icmp/TYPE, icmpv6/TYPE, or any";
+
+/// Parses one `ports` entry; the error is (problem, hint).
+pub(crate) fn parse_port(text: &str) -> Result<PortMatch, (String, Option<String>)> {
+    if text == "any" {
+        return Ok(PortMatch::Any);
+    }
+    let Some((proto_text, spec)) = text.split_once('/') else {
+        let hint = if text.parse::<u32>().is_ok() {
+            format!("write tcp/{text} or udp/{text}")
+        } else {
+            PORT_USAGE.to_string()
+        };
+        return Err(("missing protocol".into(), Some(hint)));
+    };
+    match proto_text {
+        "tcp" | "udp" => {
+            let proto = if proto_text == "tcp" { PROTO_TCP } else { PROTO_UDP };
+            let (first, last) = if spec == "any" {
+                (0, u16::MAX)
+            } else if let Some((first, last)) = spec.split_once('-') {
+                let (first, last) = (parse_port_number(first)?, parse_port_number(last)?);
+                if first > last {
+                    return Err((
+                        format!("range start {first} is above its end {last}"),
+                        Some(format!("write {proto_text}/{last}-{first}")),
+                    ));
+                }
+                (first, last)
+            } else {
+                let port = parse_port_number(spec)?;
+                (port, port)
+            };
+            Ok(PortMatch::Range { proto, first, last })
+        }
+        "icmp" | "icmpv6" => {
+            let (proto, names) = if proto_text == "icmp" {
+                (PROTO_ICMP, &ICMP_TYPE_NAMES)
+            } else {
+                (PROTO_ICMPV6, &ICMPV6_TYPE_NAMES)
+            };
+            if spec == "any" {
+                return Ok(PortMatch::Range {
+                    proto,
+                    first: 0,
+                    last: 255,
+                });
+            }
+            let icmp_type = if spec.bytes().all(|b| b.is_ascii_digit()) && !spec.is_empty() {
+                match spec.parse::<u16>() {
+                    Ok(value) if value <= 255 => value,
+                    _ => {
+                        return Err((
+                            format!("{proto_text} type {spec} is above 255"),
+                            Some("ICMP types are 0 to 255".into()),
+                        ));
+                    }
+                }
+            } else if let Some(value) = icmp_type_by_name(proto, spec) {
+                u16::from(value)
+            } else {
+                let known = names.iter().map(|(name, _)| *name);
+                let hint = match closest(spec, known) {
+                    Some(close) => format!("did you mean {proto_text}/{close}?"),
+                    None => format!(
+                        "known {proto_text} types: {} (or a number 0-255)",
+                        names.iter().map(|(name, _)| *name).collect::<Vec<_>>().join(", ")
+                    ),
+                };
+                return Err((format!("unknown {proto_text} type '{spec}'"), Some(hint)));
+            };
+            Ok(PortMatch::Range {
+                proto,
+                first: icmp_type,
+                last: icmp_type,
+            })
+        }
+        _ => {
+            // Only swapped letters get a suggestion: other short names are too close to all.
+            let mut letters: Vec<char> = proto_text.chars().collect();
+            letters.sort_unstable();
+            let anagram = ["tcp", "udp", "icmp", "icmpv6"].into_iter().find(|known| {
+                let mut known_letters: Vec<char> = known.chars().collect();
+                known_letters.sort_unstable();
+                known_letters == letters
+            });
+            let hint = match anagram {
+                Some(known) => format!("did you mean {known}/{spec}?"),
+                None => PORT_USAGE.to_string(),
+            };
+            Err((format!("unknown protocol '{proto_text}'"), Some(hint)))
+        }
+    }
+}
+
+fn parse_port_number(text: &str) -> Result<u16, (String, Option<String>)> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err((
+            format!("'{text}' is not a port number"),
+            Some(PORT_USAGE.to_string()),
+        ));
+    }
+    text.parse::<u16>().map_err(|_| {
+        (
+            format!("port {text} is above 65535"),
+            Some("ports are 0 to 65535".into()),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_port_entries() {
+        assert_eq!(parse_port("any"), Ok(PortMatch::Any));
+        assert_eq!(
+            parse_port("tcp/104"),
+            Ok(PortMatch::Range {
+                proto: 6,
+                first: 104,
+                last: 104
+            })
+        );
+        assert_eq!(
+            parse_port("udp/any"),
+            Ok(PortMatch::Range {
+                proto: 17,
+                first: 0,
+                last: 65535
+            })
+        );
+        assert_eq!(
+            parse_port("icmpv6/echo-request"),
+            Ok(PortMatch::Range {
+                proto: 58,
+                first: 128,
+                last: 128
+            })
+        );
+        assert!(parse_port("tcp/90-80").is_err());
+        assert!(parse_port("tcp/65536").is_err());
+        assert!(parse_port("icmp/256").is_err());
+        assert!(parse_port("icmp/echo").is_err());
+        assert!(parse_port("sctp/80").is_err());
+        assert!(parse_port("80").is_err());
+        assert!(parse_port("tcp/").is_err());
+        assert!(parse_port("tcp/-5").is_err());
+    }
+
+    #[test]
+    fn revision_ignores_directory() {
+        let a = revision(&[("segments/a.yaml".into(), "x".into())]);
+        let b = revision(&[("/elsewhere/a.yaml".into(), "x".into())]);
+        let c = revision(&[("segments/a.yaml".into(), "y".into())]);
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(a.len(), 64);
+    }
+}

@@ -1,0 +1,248 @@
+//! The `enforcer run` daemon inside a lab host: start, wait for readiness, stop, read counters.
+
+use std::{
+    env,
+    io::{BufRead as _, BufReader, Read as _},
+    marker::PhantomData,
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex, mpsc},
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
+};
+
+use serde::Deserialize;
+
+use super::{Host, Lab, LabError, Result, io_error, netns};
+
+/// The line the daemon logs once it is attached to every interface.
+const READY_MARKER: &str = "enforcer ready";
+
+/// Packet counters the daemon prints on exit (`{"event":"shutdown","counters":{…}}`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+pub struct Counters {
+    pub allowed: u64,
+    pub audit: u64,
+    pub unenforced: u64,
+    pub non_ip: u64,
+    pub policy_denied: u64,
+    pub malformed: u64,
+    pub unsupported_encap: u64,
+}
+
+#[derive(Deserialize)]
+struct Shutdown {
+    event: String,
+    counters: Counters,
+}
+
+/// The daemon binary: `$ENFORCER_BIN`, else `enforcer` in the cargo target directory this
+/// executable was built into (`target/debug/deps/e2e-…` or `target/debug/demo`).
+pub fn enforcer_bin() -> Result<PathBuf> {
+    let not_found = |message: String| LabError::Enforcer {
+        host: "-".into(),
+        message,
+    };
+    if let Some(bin) = env::var_os("ENFORCER_BIN") {
+        let bin = PathBuf::from(bin);
+        return if bin.is_file() {
+            Ok(bin)
+        } else {
+            Err(not_found(format!(
+                "ENFORCER_BIN={} does not exist",
+                bin.display()
+            )))
+        };
+    }
+    let exe = env::current_exe().map_err(io_error("locating the current executable"))?;
+    let mut dir = exe.parent().unwrap_or(Path::new(".")).to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let bin = dir.join("enforcer");
+    if bin.is_file() {
+        Ok(bin)
+    } else {
+        Err(not_found(format!(
+            "daemon binary not found at {}: run `cargo build -p enforcer`, or use \
+             `cargo xtask test`, or set ENFORCER_BIN",
+            bin.display()
+        )))
+    }
+}
+
+/// A running daemon. Dropping it kills the daemon (SIGTERM, then SIGKILL); [`Enforcer::stop`]
+/// also collects its counters. It borrows the [`Lab`], so it cannot outlive the namespace.
+pub struct Enforcer<'lab> {
+    host: String,
+    lab_id: String,
+    child: Option<Child>,
+    stderr: Arc<Mutex<Vec<String>>>,
+    ready: mpsc::Receiver<()>,
+    stdout: Option<JoinHandle<String>>,
+    _lab: PhantomData<&'lab Lab>,
+}
+
+impl Enforcer<'_> {
+    pub(super) fn spawn(host: &Host, bin: &Path, policy_dir: &Path) -> Result<Self> {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &host.netns])
+            .arg(bin)
+            .args(["run", "--policy"])
+            .arg(policy_dir)
+            .args(["--iface", "eth0"])
+            // Readiness is read from the info-level log, whatever the caller's RUST_LOG says.
+            .env(
+                "RUST_LOG",
+                env::var("ENFORCER_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // Own process group: Ctrl-C in a terminal reaches us, and we stop the daemon in
+            // order, rather than it racing our cleanup.
+            .process_group(0);
+        // SAFETY: prctl is async-signal-safe. If the test process dies without unwinding, the
+        // daemon gets SIGTERM and detaches instead of holding XDP on an orphaned namespace.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(io_error(format!(
+            "starting {} in {}",
+            bin.display(),
+            host.name
+        )))?;
+        let lab_id = host
+            .netns
+            .strip_suffix(&format!("-{}", host.name))
+            .unwrap_or(&host.netns)
+            .to_owned();
+        netns::register_daemon(&lab_id, child.id() as i32);
+
+        let stderr_lines = Arc::new(Mutex::new(Vec::new()));
+        let (ready_tx, ready) = mpsc::channel();
+        if let Some(stderr) = child.stderr.take() {
+            let lines = Arc::clone(&stderr_lines);
+            let name = host.name.clone();
+            thread::spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    tracing::debug!(host = %name, "enforcer: {line}");
+                    if line.contains(READY_MARKER) {
+                        let _ = ready_tx.send(());
+                    }
+                    lines.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+                }
+            });
+        }
+        let stdout = child.stdout.take().map(|mut out| {
+            thread::spawn(move || {
+                let mut text = String::new();
+                let _ = out.read_to_string(&mut text);
+                text
+            })
+        });
+        tracing::info!(host = %host.name, pid = child.id(), "enforcer started");
+        Ok(Self {
+            host: host.name.clone(),
+            lab_id,
+            child: Some(child),
+            stderr: stderr_lines,
+            ready,
+            stdout,
+            _lab: PhantomData,
+        })
+    }
+
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// Everything the daemon wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .join("\n")
+    }
+
+    fn error(&self, message: String) -> LabError {
+        LabError::Enforcer {
+            host: self.host.clone(),
+            message: format!("{message}\n--- daemon stderr ---\n{}", self.stderr()),
+        }
+    }
+
+    pub(super) fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self
+                .ready
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                Ok(()) => return Ok(()),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    return Err(self.error(format!("no `{READY_MARKER}` line within {timeout:?}")));
+                }
+                // stderr closed: the daemon exited (or closed stderr) before it was ready.
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = self.child.take().and_then(|mut child| {
+                        netns::unregister_daemon(&self.lab_id, child.id() as i32);
+                        child.wait().ok()
+                    });
+                    return Err(self.error(format!(
+                        "exited before `{READY_MARKER}` ({})",
+                        status.map_or("unknown status".into(), |s| s.to_string())
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Stops the daemon with SIGTERM (SIGKILL after 10 s) and returns its shutdown counters.
+    pub fn stop(mut self) -> Result<Counters> {
+        let Some(child) = self.child.take() else {
+            return Err(self.error("already stopped".into()));
+        };
+        let pid = child.id() as i32;
+        // Wait through `terminate_pids`; drop the Child without waiting again.
+        netns::terminate_pids(&[pid], Duration::from_secs(10));
+        netns::unregister_daemon(&self.lab_id, pid);
+        drop(child);
+        let stdout = self
+            .stdout
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default();
+        let shutdown = stdout
+            .lines()
+            .filter_map(|line| serde_json::from_str::<Shutdown>(line.trim()).ok())
+            .find(|s| s.event == "shutdown");
+        match shutdown {
+            Some(Shutdown { counters, .. }) => {
+                tracing::info!(host = %self.host, ?counters, "enforcer stopped");
+                Ok(counters)
+            }
+            None => Err(self.error(format!(
+                "no shutdown summary on stdout; stdout was:\n{stdout}"
+            ))),
+        }
+    }
+}
+
+impl Drop for Enforcer<'_> {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.take() {
+            let pid = child.id() as i32;
+            netns::terminate_pids(&[pid], Duration::from_secs(5));
+            netns::unregister_daemon(&self.lab_id, pid);
+        }
+    }
+}

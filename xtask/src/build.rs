@@ -1,0 +1,10 @@
+use anyhow::Result;
+
+use crate::{setup, util::Workspace, util::exec};
+
+pub(crate) fn run(ws: &Workspace) -> Result<()> {
+    // enforcer's build.rs compiles the eBPF program with aya-build, which needs bpf-linker and
+    // nightly rust-src.
+    setup::run(ws)?;
+    exec(&mut ws.cargo(["build", "--workspace", "--all-targets"]))
+}

@@ -1,0 +1,43 @@
+//! `cargo xtask`: the one entry point for developers and CI.
+//!
+//! Every command that builds or runs something calls [`setup`] first, so a fresh Debian machine
+//! needs nothing but `cargo xtask test`.
+
+mod build;
+mod demo;
+mod setup;
+mod test;
+mod util;
+
+use anyhow::Result;
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(about = "Developer tasks for the micro-segmentation enforcer")]
+struct XtaskOptions {
+    #[command(subcommand)]
+    command: Subcommand,
+}
+
+#[derive(Parser)]
+enum Subcommand {
+    /// Installs the toolchain pieces and Debian packages the build and tests need.
+    Setup,
+    /// Sets up, then builds every crate and target of the workspace.
+    Build,
+    /// Sets up, then runs fmt, clippy and every test (needs root and a real kernel).
+    Test(test::Options),
+    /// Sets up, then runs the clinical-flows demo in network namespaces.
+    Demo(demo::Options),
+}
+
+fn main() -> Result<()> {
+    let XtaskOptions { command } = Parser::parse();
+    let ws = util::Workspace::discover()?;
+    match command {
+        Subcommand::Setup => setup::run(&ws),
+        Subcommand::Build => build::run(&ws),
+        Subcommand::Test(opts) => test::run(&ws, opts),
+        Subcommand::Demo(opts) => demo::run(&ws, opts),
+    }
+}
