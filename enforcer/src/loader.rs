@@ -166,14 +166,20 @@ impl Enforcer {
     }
 }
 
-/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; later ones to the memory cgroup.
 fn raise_memlock_limit() {
+    let charged_to_memlock = aya::util::KernelVersion::current()
+        .map(|version| version < aya::util::KernelVersion::new(5, 11, 0))
+        .unwrap_or(true);
+    if !charged_to_memlock {
+        return;
+    }
     let unlimited = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,
         rlim_max: libc::RLIM_INFINITY,
     };
     // SAFETY: plain syscall with a valid pointer.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
-        warn!("could not raise RLIMIT_MEMLOCK; loading may fail on kernels before 5.11");
+        warn!("could not raise RLIMIT_MEMLOCK; loading large policies may fail on this kernel");
     }
 }
