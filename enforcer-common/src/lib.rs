@@ -28,11 +28,15 @@ pub mod map_names {
     pub const PORTS: &str = "PORTS";
     pub const COUNTERS: &str = "COUNTERS";
     pub const RULE_HITS: &str = "RULE_HITS";
+    pub const CONFIG: &str = "CONFIG";
+    pub const CONNTRACK: &str = "CONNTRACK";
+    pub const FRAGMENTS: &str = "FRAGMENTS";
 }
 
 /// Program names, as declared in the eBPF object.
 pub mod program_names {
     pub const XDP_INGRESS: &str = "enforcer_xdp";
+    pub const TC_EGRESS: &str = "enforcer_tc_egress";
 }
 
 /// Segment id of `world`: every address that is in no segment.
@@ -135,37 +139,190 @@ pub struct PortValue {
     pub rule: u32,
 }
 
-/// Indexes of the per-CPU [`COUNTERS`] array. Every packet the program sees increments exactly
-/// one of them.
-pub mod counter {
-    /// Allowed by a rule (or by `intra: allow`).
-    pub const ALLOWED: u32 = 0;
-    /// No rule allowed it, destination segment in monitor mode: passed.
-    pub const AUDIT: u32 = 1;
-    /// Destination not enforced (`world` by default): passed without judgement.
-    pub const UNENFORCED: u32 = 2;
-    /// Not IPv4 or IPv6 (ARP, LLDP, ...): passed.
-    pub const NON_IP: u32 = 3;
-    /// Dropped: no rule allowed it (`policy_denied`).
-    pub const DROP_POLICY_DENIED: u32 = 4;
-    /// Dropped: too short for its headers, or inconsistent lengths (`malformed`).
-    pub const DROP_MALFORMED: u32 = 5;
-    /// Dropped: encapsulation the parser does not look into, such as stacked VLAN tags
-    /// (`unsupported_encap`).
-    pub const DROP_UNSUPPORTED_ENCAP: u32 = 6;
-    /// Number of counters.
-    pub const COUNT: u32 = 7;
+/// Where a packet was judged. The per-CPU [`map_names::COUNTERS`] array holds one block of
+/// [`counter::COUNT`] counters per direction, at `direction * counter::COUNT + counter`.
+pub mod direction {
+    /// XDP, on packets arriving at an interface.
+    pub const INGRESS: u32 = 0;
+    /// TC, on packets leaving an interface.
+    pub const EGRESS: u32 = 1;
+    pub const COUNT: u32 = 2;
+    pub const NAMES: [&str; COUNT as usize] = ["ingress", "egress"];
+}
 
-    /// Stable names, used for metrics and logs.
+/// Outcome counters. Every packet a program sees increments exactly one of them. The names are
+/// stable: metrics and logs use them.
+pub mod counter {
+    /// Passed: a new flow allowed by a rule (or `intra: allow`).
+    pub const ALLOWED: u32 = 0;
+    /// Passed: no rule allowed it, the destination segment is monitored.
+    pub const AUDIT: u32 = 1;
+    /// Passed: not judged (destination in `world` while world is unenforced; egress while
+    /// egress is not enforced).
+    pub const UNENFORCED: u32 = 2;
+    /// Passed: not IPv4 or IPv6 (ARP, LLDP, ...).
+    pub const NON_IP: u32 = 3;
+    /// Passed: a packet of a tracked flow, in either direction.
+    pub const ESTABLISHED: u32 = 4;
+    /// Passed: an ICMP error about a tracked flow.
+    pub const RELATED: u32 = 5;
+    /// Passed: a later fragment whose first fragment passed.
+    pub const FRAGMENT: u32 = 6;
+    /// Dropped: no rule allowed it.
+    pub const DROP_POLICY_DENIED: u32 = 7;
+    /// Dropped: too short for its headers, or lengths that contradict each other.
+    pub const DROP_MALFORMED: u32 = 8;
+    /// Dropped: stacked VLAN tags.
+    pub const DROP_UNSUPPORTED_ENCAP: u32 = 9;
+    /// Dropped: a later fragment with no known first fragment.
+    pub const DROP_FRAGMENT_NO_STATE: u32 = 10;
+    /// Dropped: a later fragment that overlaps the transport header of its first fragment.
+    pub const DROP_FRAGMENT_OVERLAP: u32 = 11;
+    /// Dropped: a first fragment too small to hold its transport header.
+    pub const DROP_FRAGMENT_TOO_SMALL: u32 = 12;
+    /// Dropped: more IPv6 extension headers than the parser walks.
+    pub const DROP_TOO_MANY_EXT_HEADERS: u32 = 13;
+    /// Dropped: a new flow needed connection state and the table was full.
+    pub const DROP_CONNTRACK_FULL: u32 = 14;
+    /// Dropped: a tracked flow whose rule a policy change removed (`on_policy_change: recheck`).
+    pub const DROP_FLOW_REVOKED: u32 = 15;
+    /// Number of counters per direction.
+    pub const COUNT: u32 = 16;
+
     pub const NAMES: [&str; COUNT as usize] = [
         "allowed",
         "audit",
         "unenforced",
         "non_ip",
+        "established",
+        "related",
+        "fragment",
         "policy_denied",
         "malformed",
         "unsupported_encap",
+        "fragment_no_state",
+        "fragment_overlap",
+        "fragment_too_small",
+        "too_many_ext_headers",
+        "conntrack_full",
+        "flow_revoked",
     ];
+
+    /// Whether packets counted under `counter` are dropped.
+    pub const fn is_drop(counter: u32) -> bool {
+        counter >= DROP_POLICY_DENIED
+    }
+}
+
+/// What to do with tracked flows when the policy changes.
+pub mod policy_change {
+    /// A flow whose rule was removed is cut at its next packet.
+    pub const RECHECK: u8 = 0;
+    /// Running flows finish under the rules that admitted them.
+    pub const KEEP: u8 = 1;
+}
+
+/// Indexes of [`Config::timeouts_ns`].
+pub mod timeout {
+    pub const TCP_SYN: usize = 0;
+    pub const TCP_ESTABLISHED: usize = 1;
+    pub const TCP_CLOSING: usize = 2;
+    pub const UDP: usize = 3;
+    pub const ICMP: usize = 4;
+    pub const OTHER: usize = 5;
+    pub const FRAGMENT: usize = 6;
+    pub const COUNT: usize = 7;
+}
+
+/// The single entry of the [`map_names::CONFIG`] array: settings of the loaded policy.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Bumped on every policy load; flows remember the generation that last judged them.
+    pub generation: u32,
+    /// One of [`policy_change`].
+    pub on_policy_change: u8,
+    /// How packets leaving through an interface are judged: one of [`segment_mode`].
+    pub egress_mode: u8,
+    pub _pad: [u8; 2],
+    /// Idle timeouts by [`timeout`] index, in nanoseconds.
+    pub timeouts_ns: [u64; timeout::COUNT],
+}
+
+/// Key of the connection-tracking hash. The two endpoints are stored in canonical order
+/// (`(addr_a, port_a) <= (addr_b, port_b)`), so a packet and its reply find the same entry with
+/// one lookup. IPv4 addresses fill the first 4 bytes. ICMP echo uses its identifier as both
+/// ports; protocols without ports use 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    pub addr_a: [u8; 16],
+    pub addr_b: [u8; 16],
+    pub port_a: u16,
+    pub port_b: u16,
+    pub proto: u8,
+    /// 4 or 6.
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// TCP progress of a tracked flow, as far as state expiry needs it.
+pub mod tcp_state {
+    /// The initiator's SYN was seen, no reply yet.
+    pub const SYN_SENT: u8 = 0;
+    pub const ESTABLISHED: u8 = 1;
+    /// Both sides sent FIN: the entry expires after the closing timeout.
+    pub const CLOSING: u8 = 2;
+    /// Bits of [`super::FlowState::fin_seen`].
+    pub const FIN_FROM_INITIATOR: u8 = 1;
+    pub const FIN_FROM_RESPONDER: u8 = 2;
+}
+
+/// Value of the connection-tracking hash.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowState {
+    pub last_seen_ns: u64,
+    /// Policy generation that last judged the flow.
+    pub generation: u32,
+    /// The rule that admitted the flow, or [`NO_RULE`].
+    pub rule: u32,
+    /// Port (or ICMP type) the policy judged, in the initiator-to-responder direction.
+    pub policy_port: u16,
+    /// The counter that admitted the flow ([`counter::ALLOWED`], `AUDIT` or `UNENFORCED`).
+    pub admitted: u8,
+    /// 0 when the endpoint `a` of the key started the flow, 1 when `b` did.
+    pub initiator: u8,
+    /// One of [`tcp_state`] (TCP only).
+    pub tcp: u8,
+    /// [`tcp_state::FIN_FROM_INITIATOR`] | [`tcp_state::FIN_FROM_RESPONDER`].
+    pub fin_seen: u8,
+    /// The policy protocol key of the admitting packet.
+    pub policy_proto: u8,
+    /// The [`direction`] in which the flow was admitted (and is rechecked).
+    pub direction: u8,
+}
+
+/// [`FlowState::rule`] of a flow no rule admitted.
+pub const NO_RULE: u32 = u32::MAX;
+
+/// Key of the fragment-tracking hash: one IP datagram.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FragmentKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub id: u32,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Value of the fragment-tracking hash: the first fragment passed at `first_seen_ns`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragmentState {
+    pub first_seen_ns: u64,
 }
 
 #[cfg(feature = "user")]
@@ -179,4 +336,9 @@ mod pod {
     unsafe impl aya::Pod for PairValue {}
     unsafe impl aya::Pod for PortKey {}
     unsafe impl aya::Pod for PortValue {}
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowState {}
+    unsafe impl aya::Pod for FragmentKey {}
+    unsafe impl aya::Pod for FragmentState {}
 }

@@ -1,9 +1,13 @@
 //! Per-CPU counters: plain increments, no atomics needed.
+use enforcer_common::counter;
+
 use crate::maps::{COUNTERS, RULE_HITS};
 
 #[inline(always)]
-pub fn count(index: u32) -> Result<(), ()> {
-    let slot = COUNTERS.get_ptr_mut(index).ok_or(())?;
+pub fn count(dir: u32, index: u32) -> Result<(), ()> {
+    let slot = COUNTERS
+        .get_ptr_mut(dir * counter::COUNT + index)
+        .ok_or(())?;
     // SAFETY: the pointer is this CPU's slot of a per-CPU array element.
     unsafe { *slot += 1 };
     Ok(())

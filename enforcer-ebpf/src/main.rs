@@ -1,26 +1,35 @@
-//! Kernel side of the enforcer. Entry points are thin: parsing lives in one module per protocol,
-//! the policy lookup in `policy`, and the counters in `counters`.
+//! Kernel side of the enforcer: XDP on ingress, TC on egress, one decision pipeline
+//! (`verdict`). Entry points are thin; parsing lives in one module per protocol.
 #![no_std]
 #![no_main]
 
+mod conntrack;
 mod counters;
 mod eth;
+mod fragments;
+mod icmp;
 mod ipv4;
 mod ipv6;
 mod maps;
 mod packet;
 mod policy;
 mod transport;
+mod verdict;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use enforcer_common::counter;
-
-use crate::{
-    packet::{Frame, Parsed},
-    policy::Judgement,
+use aya_ebpf::{
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
 };
+use enforcer_common::{counter, direction};
 
-/// Ingress enforcement: judges every frame that arrives on the interface.
+use crate::packet::Frame;
+
+/// Bytes of an skb that egress makes readable before parsing: enough for Ethernet, VLAN, IPv6
+/// with extension headers and the transport header of ordinary packets.
+const TC_PULL_LEN: u32 = 512;
+
+/// Ingress: judges every frame that arrives on the interface.
 #[xdp]
 pub fn enforcer_xdp(ctx: XdpContext) -> u32 {
     match try_enforcer_xdp(&ctx) {
@@ -30,23 +39,42 @@ pub fn enforcer_xdp(ctx: XdpContext) -> u32 {
 }
 
 fn try_enforcer_xdp(ctx: &XdpContext) -> Result<u32, ()> {
-    let frame = Frame::new(ctx);
-    let (counter_index, action) = match eth::parse(&frame) {
-        Parsed::Flow(flow) => match policy::judge(&flow) {
-            Judgement::Allowed { rule } => {
-                counters::rule_hit(rule);
-                (counter::ALLOWED, xdp_action::XDP_PASS)
-            }
-            Judgement::Audit => (counter::AUDIT, xdp_action::XDP_PASS),
-            Judgement::Unenforced => (counter::UNENFORCED, xdp_action::XDP_PASS),
-            Judgement::Denied => (counter::DROP_POLICY_DENIED, xdp_action::XDP_DROP),
-        },
-        Parsed::NonIp => (counter::NON_IP, xdp_action::XDP_PASS),
-        Parsed::Malformed => (counter::DROP_MALFORMED, xdp_action::XDP_DROP),
-        Parsed::UnsupportedEncap => (counter::DROP_UNSUPPORTED_ENCAP, xdp_action::XDP_DROP),
-    };
-    counters::count(counter_index)?;
-    Ok(action)
+    let frame = Frame::new(ctx.data(), ctx.data_end(), ctx.data_end() - ctx.data());
+    let outcome = verdict::decide(&frame, direction::INGRESS)?;
+    counters::count(direction::INGRESS, outcome)?;
+    Ok(if counter::is_drop(outcome) {
+        xdp_action::XDP_DROP
+    } else {
+        xdp_action::XDP_PASS
+    })
+}
+
+/// Egress: tracks the flows this host (or gateway) sends, and judges them when
+/// `egress` enforcement is on. Passing returns "next" so that other TC programs still run.
+#[classifier]
+pub fn enforcer_tc_egress(ctx: TcContext) -> i32 {
+    match try_enforcer_tc_egress(&ctx) {
+        Ok(action) => action,
+        Err(()) => TC_ACT_SHOT as i32,
+    }
+}
+
+fn try_enforcer_tc_egress(ctx: &TcContext) -> Result<i32, ()> {
+    let len = ctx.len();
+    let readable = len.min(TC_PULL_LEN) as usize;
+    if ctx.data_end() - ctx.data() < readable {
+        // Headers in paged data: make them readable. A failure leaves them unreadable, which
+        // the parser reports as malformed.
+        let _ = ctx.pull_data(readable as u32);
+    }
+    let frame = Frame::new(ctx.data(), ctx.data_end(), len as usize);
+    let outcome = verdict::decide(&frame, direction::EGRESS)?;
+    counters::count(direction::EGRESS, outcome)?;
+    Ok(if counter::is_drop(outcome) {
+        TC_ACT_SHOT as i32
+    } else {
+        TC_ACT_UNSPEC
+    })
 }
 
 #[cfg(not(test))]

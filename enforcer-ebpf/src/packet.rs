@@ -1,30 +1,33 @@
-//! Bounds-checked access to the frame and the parse result shared by the protocol modules.
+//! Bounds-checked access to the packet, and the parse result shared by the protocol modules.
+//!
+//! The parsed packet lives in a per-CPU scratch map ([`crate::maps::SCRATCH`]) and parsers fill
+//! it in place: passed by value, it and the keys derived from it would not fit the 512-byte BPF
+//! stack together.
 use core::mem::size_of;
 
-use aya_ebpf::programs::XdpContext;
+use enforcer_common::{FlowKey, FragmentKey};
 
-/// The frame as the program sees it: `[start, end)` in kernel memory.
+/// The packet as a program sees it: readable bytes `[start, end)`, and `len`, the length of the
+/// whole packet (for TC, the part past `end` is in the skb's paged data).
 pub struct Frame {
     start: usize,
     end: usize,
+    len: usize,
 }
 
 impl Frame {
     #[inline(always)]
-    pub fn new(ctx: &XdpContext) -> Self {
-        Self {
-            start: ctx.data(),
-            end: ctx.data_end(),
-        }
+    pub fn new(start: usize, end: usize, len: usize) -> Self {
+        Self { start, end, len }
     }
 
-    /// Length of the frame in bytes.
+    /// Length of the whole packet in bytes.
     #[inline(always)]
     pub fn len(&self) -> usize {
-        self.end - self.start
+        self.len
     }
 
-    /// A pointer to a `T` at `offset`, or `None` when the frame is too short for it.
+    /// A pointer to a `T` at `offset`, or `None` when the readable bytes are too short for it.
     #[inline(always)]
     pub fn ptr_at<T>(&self, offset: usize) -> Option<*const T> {
         if self.start + offset + size_of::<T>() > self.end {
@@ -35,9 +38,7 @@ impl Frame {
 
     #[inline(always)]
     pub fn be16_at(&self, offset: usize) -> Option<u16> {
-        // SAFETY: ptr_at checked the bounds; the read is unaligned-safe.
-        self.ptr_at::<[u8; 2]>(offset)
-            .map(|p| u16::from_be_bytes(unsafe { p.read_unaligned() }))
+        self.bytes_at::<2>(offset).map(u16::from_be_bytes)
     }
 
     #[inline(always)]
@@ -48,27 +49,56 @@ impl Frame {
     }
 }
 
-/// Source and destination address of an IP packet.
-#[derive(Clone, Copy)]
-pub enum Addrs {
-    V4 { src: [u8; 4], dst: [u8; 4] },
-    V6 { src: [u8; 16], dst: [u8; 16] },
+/// What the programs need to know about an IP packet. Every field is written for every packet.
+#[repr(C)]
+pub struct Flow {
+    /// Addresses, IPv4 in the first 4 bytes.
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// For an ICMP error whose `has_quoted` is set: the connection-tracking key of the packet
+    /// it quotes.
+    pub quoted: FlowKey,
+    /// Datagram id of a first fragment.
+    pub frag_id: u32,
+    /// Destination port (TCP/UDP) or message type (ICMP/ICMPv6) for the policy; 0 for `NO_PORT`.
+    pub port: u16,
+    /// Ports for connection tracking: TCP/UDP ports, the ICMP echo identifier twice, else 0.
+    pub sport: u16,
+    pub dport: u16,
+    /// 4 or 6.
+    pub family: u8,
+    /// IP protocol number.
+    pub proto: u8,
+    /// One of `enforcer_common::proto_key`: what the policy matches on.
+    pub proto_key: u8,
+    /// TCP flags (0 for other protocols).
+    pub tcp_flags: u8,
+    /// ICMP echo request (ICMP 8 / ICMPv6 128): the only ICMP that starts a flow.
+    pub is_echo_request: bool,
+    pub has_quoted: bool,
+    /// The first fragment of a datagram (`frag_id`, with `frag_proto` as later fragments will
+    /// name the protocol).
+    pub first_fragment: bool,
+    pub frag_proto: u8,
 }
 
-/// What the policy needs to know about an IP packet.
-#[derive(Clone, Copy)]
-pub struct Flow {
-    pub addrs: Addrs,
-    /// One of `enforcer_common::proto_key`.
-    pub proto_key: u8,
-    /// Destination port (TCP/UDP), message type (ICMP/ICMPv6), 0 for `NO_PORT`.
-    pub port: u16,
+/// Per-CPU working memory of one packet's decision.
+#[repr(C)]
+pub struct Scratch {
+    pub flow: Flow,
+    /// The fragment key of a later fragment, or of a first fragment being remembered.
+    pub fragment: FragmentKey,
+    /// The connection-tracking key of the packet.
+    pub flow_key: FlowKey,
 }
 
 /// The outcome of parsing a frame. Mirrors `policy_compiler::packet`, the reference parser.
 pub enum Parsed {
-    Flow(Flow),
+    /// An IP packet, described in `Scratch::flow`.
+    Flow,
+    /// A fragment other than the first, described in `Scratch::fragment`.
+    LaterFragment,
     NonIp,
-    Malformed,
-    UnsupportedEncap,
+    /// Dropped while parsing, counted under this counter.
+    Drop(u32),
 }

@@ -1,50 +1,74 @@
-//! TCP, UDP, ICMP and ICMPv6: the part of the transport header the policy matches on.
-use enforcer_common::proto_key;
+//! The transport header: TCP and UDP here, ICMP and ICMPv6 in `icmp`. Only what the policy and
+//! connection tracking need is read.
+use enforcer_common::{counter, proto_key};
 
-use crate::packet::{Addrs, Flow, Frame, Parsed};
+use crate::{
+    icmp,
+    packet::{Flow, Frame, Parsed, Scratch},
+};
 
 const TCP_HDR_LEN: usize = 20;
 const UDP_HDR_LEN: usize = 8;
-const ICMP_HDR_LEN: usize = 8;
-/// Every transport header the policy reads is at least this long, and its ports or type lie in
-/// it: one bounds check reads them all. (An 8-byte read also keeps the bounds check in a form
-/// the verifier understands at a variable offset; a 1-byte one does not.)
-const HEAD_LEN: usize = 8;
+/// Every transport header the policy reads is at least this long and holds its ports or type:
+/// one bounds check reads them all. (An 8-byte read also keeps the check in a form the verifier
+/// understands at a variable offset; a 1-byte one does not.)
+pub const HEAD_LEN: usize = 8;
 
 /// `l4..l4_end` is the IP payload as the IP header declares it (already checked to lie inside
-/// the frame). A transport header that does not fit in it is malformed, which also drops a
-/// first fragment too small to carry the header it claims.
+/// the packet). A transport header that does not fit in it is malformed; in a first fragment it
+/// is the tiny-fragment attack.
 #[inline(always)]
-pub fn parse(frame: &Frame, addrs: Addrs, proto: u8, l4: usize, l4_end: usize) -> Parsed {
+pub fn parse(frame: &Frame, flow: &mut Flow, proto: u8, l4: usize, l4_end: usize) -> Parsed {
+    flow.proto = proto;
     let needed = match proto {
         proto_key::TCP => TCP_HDR_LEN,
         proto_key::UDP => UDP_HDR_LEN,
-        proto_key::ICMP | proto_key::ICMPV6 => ICMP_HDR_LEN,
-        _ => return Parsed::Flow(without_ports(addrs)),
+        proto_key::ICMP | proto_key::ICMPV6 => icmp::HDR_LEN,
+        // No ports: only `ports: [any]` matches (proto_key and ports stay 0).
+        _ => return Parsed::Flow,
+    };
+    let too_small = if flow.first_fragment {
+        counter::DROP_FRAGMENT_TOO_SMALL
+    } else {
+        counter::DROP_MALFORMED
     };
     let Some(head) = frame.bytes_at::<HEAD_LEN>(l4) else {
-        return Parsed::Malformed;
+        return Parsed::Drop(too_small);
     };
     if l4 + needed > l4_end {
-        return Parsed::Malformed;
+        return Parsed::Drop(too_small);
     }
-    let port = match proto {
-        proto_key::TCP | proto_key::UDP => u16::from_be_bytes([head[2], head[3]]),
-        _ => u16::from(head[0]),
-    };
-    Parsed::Flow(Flow {
-        addrs,
-        proto_key: proto,
-        port,
-    })
+    flow.proto_key = proto;
+    match proto {
+        proto_key::TCP | proto_key::UDP => {
+            flow.sport = u16::from_be_bytes([head[0], head[1]]);
+            flow.dport = u16::from_be_bytes([head[2], head[3]]);
+            flow.port = flow.dport;
+            if proto == proto_key::TCP {
+                let Some(rest) = frame.bytes_at::<HEAD_LEN>(l4 + HEAD_LEN) else {
+                    return Parsed::Drop(too_small);
+                };
+                flow.tcp_flags = rest[13 - HEAD_LEN];
+            }
+        }
+        _ => icmp::fill(frame, flow, &head, l4, l4_end),
+    }
+    Parsed::Flow
 }
 
-/// A packet whose transport header is absent or not understood.
+/// A fragment other than the first, `offset` bytes into its datagram's payload. One that would
+/// overwrite part of a TCP header is the overlapping-fragment attack.
 #[inline(always)]
-pub fn without_ports(addrs: Addrs) -> Flow {
-    Flow {
-        addrs,
-        proto_key: proto_key::NO_PORT,
-        port: 0,
+pub fn later_fragment(scratch: &mut Scratch, id: u32, proto: u8, offset: usize) -> Parsed {
+    if proto == proto_key::TCP && offset < TCP_HDR_LEN {
+        return Parsed::Drop(counter::DROP_FRAGMENT_OVERLAP);
     }
+    let key = &mut scratch.fragment;
+    key.src = scratch.flow.src;
+    key.dst = scratch.flow.dst;
+    key.id = id;
+    key.proto = proto;
+    key.family = scratch.flow.family;
+    key._pad = [0; 2];
+    Parsed::LaterFragment
 }

@@ -1,0 +1,245 @@
+//! Connection tracking, shared by the ingress and egress programs: a packet of a flow that an
+//! admitted first packet created state for passes in either direction without a rule.
+//!
+//! The table is a preallocated hash, not an LRU: LRU eviction would silently forget flows
+//! that were allowed, and drop their replies. When the table is full, a new flow that needs
+//! state is dropped and counted (`conntrack_full`); tracked flows are unaffected.
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use enforcer_common::{
+    Config, FlowKey, FlowState, NO_RULE, counter, policy_change, proto_key, tcp_state, timeout,
+};
+
+use crate::{
+    maps::CONNTRACK,
+    packet::Flow,
+    policy::{self, Judgement},
+};
+
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+const BPF_NOEXIST: u64 = 1;
+const EEXIST: i32 = 17;
+
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    // SAFETY: no preconditions.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// Orders two endpoints: address (as big-endian numbers), then port.
+#[inline(always)]
+fn endpoint_le(a: &[u8; 16], a_port: u16, b: &[u8; 16], b_port: u16) -> bool {
+    let half = |addr: &[u8; 16], i: usize| {
+        u64::from_be_bytes([
+            addr[i],
+            addr[i + 1],
+            addr[i + 2],
+            addr[i + 3],
+            addr[i + 4],
+            addr[i + 5],
+            addr[i + 6],
+            addr[i + 7],
+        ])
+    };
+    (half(a, 0), half(a, 8), a_port) <= (half(b, 0), half(b, 8), b_port)
+}
+
+/// Writes into `key` the canonical key of a packet from (`src`, `sport`) to (`dst`, `dport`),
+/// and returns which side of the key the source is (0 = `a`, 1 = `b`).
+#[inline(always)]
+pub fn fill_key(
+    key: &mut FlowKey,
+    src: &[u8; 16],
+    sport: u16,
+    dst: &[u8; 16],
+    dport: u16,
+    proto: u8,
+    family: u8,
+) -> u8 {
+    let src_is_a = endpoint_le(src, sport, dst, dport);
+    if src_is_a {
+        key.addr_a = *src;
+        key.port_a = sport;
+        key.addr_b = *dst;
+        key.port_b = dport;
+    } else {
+        key.addr_a = *dst;
+        key.port_a = dport;
+        key.addr_b = *src;
+        key.port_b = sport;
+    }
+    key.proto = proto;
+    key.family = family;
+    key._pad = [0; 2];
+    if src_is_a { 0 } else { 1 }
+}
+
+#[inline(always)]
+fn idle_timeout(state: &FlowState, proto: u8, config: &Config) -> u64 {
+    let index = match proto {
+        proto_key::TCP => match state.tcp {
+            tcp_state::SYN_SENT => timeout::TCP_SYN,
+            tcp_state::CLOSING => timeout::TCP_CLOSING,
+            _ => timeout::TCP_ESTABLISHED,
+        },
+        proto_key::UDP => timeout::UDP,
+        proto_key::ICMP | proto_key::ICMPV6 => timeout::ICMP,
+        _ => timeout::OTHER,
+    };
+    config.timeouts_ns[index]
+}
+
+#[inline(always)]
+fn expired(state: &FlowState, proto: u8, now: u64, config: &Config) -> bool {
+    now.saturating_sub(state.last_seen_ns) > idle_timeout(state, proto, config)
+}
+
+/// Whether `key` is a live tracked flow (for ICMP errors that quote it).
+#[inline(always)]
+pub fn is_tracked(key: &FlowKey, now: u64, config: &Config) -> bool {
+    // SAFETY: the value is only read.
+    match unsafe { CONNTRACK.get(key) } {
+        Some(state) => !expired(state, key.proto, now, config),
+        None => false,
+    }
+}
+
+pub enum Tracked {
+    /// A packet of a live tracked flow: pass.
+    Pass,
+    /// The flow's rule is gone and the policy says recheck: drop, and the state is removed.
+    Revoked,
+    /// No live state: judge the packet as a new flow.
+    Untracked,
+}
+
+/// Looks up the flow of a packet whose source is side `src_side` of `key`, and updates its
+/// state (TCP progress, idle time, policy generation).
+#[inline(always)]
+pub fn track(key: &FlowKey, src_side: u8, flow: &Flow, now: u64, config: &Config) -> Tracked {
+    let Some(state) = CONNTRACK.get_ptr_mut(key) else {
+        return Tracked::Untracked;
+    };
+    // SAFETY: a valid map value; concurrent updates from other CPUs only race on
+    // bookkeeping fields, never on the decision to pass.
+    let state = unsafe { &mut *state };
+    if expired(state, key.proto, now, config) {
+        let _ = CONNTRACK.remove(key);
+        return Tracked::Untracked;
+    }
+    if state.generation != config.generation {
+        if config.on_policy_change == policy_change::RECHECK {
+            match recheck(key, state, config) {
+                Judgement::Denied => {
+                    let _ = CONNTRACK.remove(key);
+                    return Tracked::Revoked;
+                }
+                Judgement::Allowed { rule } => {
+                    state.rule = rule;
+                    state.admitted = counter::ALLOWED as u8;
+                }
+                Judgement::Audit => {
+                    state.rule = NO_RULE;
+                    state.admitted = counter::AUDIT as u8;
+                }
+                Judgement::Unenforced => {
+                    state.rule = NO_RULE;
+                    state.admitted = counter::UNENFORCED as u8;
+                }
+            }
+        }
+        state.generation = config.generation;
+    }
+    if key.proto == proto_key::TCP {
+        let flags = flow.tcp_flags;
+        if flags & TCP_RST != 0 {
+            let _ = CONNTRACK.remove(key);
+            return Tracked::Pass;
+        }
+        let from_initiator = src_side == state.initiator;
+        if !from_initiator && state.tcp == tcp_state::SYN_SENT {
+            state.tcp = tcp_state::ESTABLISHED;
+        }
+        if flags & TCP_FIN != 0 {
+            state.fin_seen |= if from_initiator {
+                tcp_state::FIN_FROM_INITIATOR
+            } else {
+                tcp_state::FIN_FROM_RESPONDER
+            };
+            if state.fin_seen == tcp_state::FIN_FROM_INITIATOR | tcp_state::FIN_FROM_RESPONDER {
+                state.tcp = tcp_state::CLOSING;
+            }
+        }
+    }
+    state.last_seen_ns = now;
+    Tracked::Pass
+}
+
+/// Judges a tracked flow again, as its first packet, under the current policy.
+#[inline(always)]
+fn recheck(key: &FlowKey, state: &FlowState, config: &Config) -> Judgement {
+    let (initiator, responder) = if state.initiator == 0 {
+        (&key.addr_a, &key.addr_b)
+    } else {
+        (&key.addr_b, &key.addr_a)
+    };
+    policy::judge(
+        initiator,
+        responder,
+        key.family,
+        state.policy_proto,
+        state.policy_port,
+        u32::from(state.direction),
+        config,
+    )
+}
+
+/// Whether a packet admitted as a new flow starts tracked state: not a TCP RST or FIN, and for
+/// ICMP only an echo request.
+#[inline(always)]
+pub fn starts_flow(flow: &Flow) -> bool {
+    match flow.proto {
+        proto_key::TCP => flow.tcp_flags & (TCP_RST | TCP_FIN) == 0,
+        proto_key::ICMP | proto_key::ICMPV6 => flow.is_echo_request,
+        _ => true,
+    }
+}
+
+/// Creates state for a flow admitted under `admitted` (a pass counter). `false` when the table
+/// is full.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub fn create(
+    key: &FlowKey,
+    src_side: u8,
+    flow: &Flow,
+    admitted: u32,
+    rule: u32,
+    direction: u32,
+    now: u64,
+    config: &Config,
+) -> bool {
+    let syn_only = flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let state = FlowState {
+        last_seen_ns: now,
+        generation: config.generation,
+        rule,
+        policy_port: flow.port,
+        admitted: admitted as u8,
+        initiator: src_side,
+        tcp: if syn_only {
+            tcp_state::SYN_SENT
+        } else {
+            tcp_state::ESTABLISHED
+        },
+        fin_seen: 0,
+        policy_proto: flow.proto_key,
+        direction: direction as u8,
+    };
+    match CONNTRACK.insert(key, &state, BPF_NOEXIST) {
+        Ok(()) => true,
+        Err(error) => error as i32 == -EEXIST,
+    }
+}
