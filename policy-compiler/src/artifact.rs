@@ -2,7 +2,9 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use enforcer_common::{AddrInfo, PORT_KEY_FIXED_BITS, PairKey, PairValue, PortKey, PortValue, SegmentInfo};
+use enforcer_common::{
+    AddrInfo, PORT_KEY_FIXED_BITS, PairKey, PairValue, PortKey, PortValue, SegmentInfo,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::model::Mode;
@@ -130,7 +132,10 @@ impl Artifact {
         if let Some(segment) = (0u32..).zip(&self.segments).find(|(id, s)| s.id != *id) {
             return inconsistent(format!("segment '{}' is not at its id", segment.1.name));
         }
-        if let Some(rule) = (0u32..).zip(&self.rules).find(|(index, r)| r.index != *index) {
+        if let Some(rule) = (0u32..)
+            .zip(&self.rules)
+            .find(|(index, r)| r.index != *index)
+        {
             return inconsistent(format!("rule '{}' is not at its index", rule.1.id));
         }
         let segment_count = self.segments.len() as u64;
@@ -138,12 +143,25 @@ impl Artifact {
         let addr_ok = |prefix_len: u32, max: u32, segment: u32| {
             prefix_len <= max && u64::from(segment) < segment_count
         };
-        if !self.maps.addr_v4.iter().all(|e| addr_ok(e.prefix_len, 32, e.segment))
-            || !self.maps.addr_v6.iter().all(|e| addr_ok(e.prefix_len, 128, e.segment))
+        if !self
+            .maps
+            .addr_v4
+            .iter()
+            .all(|e| addr_ok(e.prefix_len, 32, e.segment))
+            || !self
+                .maps
+                .addr_v6
+                .iter()
+                .all(|e| addr_ok(e.prefix_len, 128, e.segment))
         {
             return inconsistent("address entry with a bad prefix length or segment".into());
         }
-        if !self.maps.pairs.iter().all(|e| u64::from(e.dst_segment) < segment_count) {
+        if !self
+            .maps
+            .pairs
+            .iter()
+            .all(|e| u64::from(e.dst_segment) < segment_count)
+        {
             return inconsistent("pair entry with an unknown segment".into());
         }
         let port_ok = |e: &PortEntry| {
@@ -184,7 +202,12 @@ impl Artifact {
                 dst_segment: e.dst_segment,
                 src_class: e.src_class,
             };
-            (key, PairValue { port_table: e.port_table })
+            (
+                key,
+                PairValue {
+                    port_table: e.port_table,
+                },
+            )
         })
     }
 

@@ -75,11 +75,17 @@ pub fn compile_with_capacities(
         name: WORLD.to_string(),
         mode: policy.world_mode(),
     }];
-    segments.extend(policy.segments().iter().zip(1u32..).map(|(segment, id)| SegmentEntry {
-        id,
-        name: segment.name.clone(),
-        mode: segment.mode,
-    }));
+    segments.extend(
+        policy
+            .segments()
+            .iter()
+            .zip(1u32..)
+            .map(|(segment, id)| SegmentEntry {
+                id,
+                name: segment.name.clone(),
+                mode: segment.mode,
+            }),
+    );
     let rules = policy
         .rules()
         .iter()
@@ -152,7 +158,10 @@ impl AddressPlan {
     fn new(policy: &Policy, segment_ids: &HashMap<&str, u32>) -> Result<Self, CompileError> {
         let mut members: HashMap<Prefix, u32> = HashMap::new();
         for (prefix, segment) in policy.members() {
-            members.insert(prefix, segment_ids.get(segment).copied().unwrap_or(SEGMENT_WORLD));
+            members.insert(
+                prefix,
+                segment_ids.get(segment).copied().unwrap_or(SEGMENT_WORLD),
+            );
         }
         let mut cidrs = BTreeSet::new();
         for rule in policy.rules() {
@@ -167,8 +176,10 @@ impl AddressPlan {
         let cidr_ids: HashMap<Prefix, u32> = cidrs.iter().copied().zip(0u32..).collect();
         // Only the prefix lengths in use need probing when walking up from an entry.
         let lengths = |family: Family, set: &mut dyn Iterator<Item = &Prefix>| -> Vec<u8> {
-            let lengths: BTreeSet<u8> =
-                set.filter(|p| p.family() == family).map(|p| p.len()).collect();
+            let lengths: BTreeSet<u8> = set
+                .filter(|p| p.family() == family)
+                .map(|p| p.prefix_len())
+                .collect();
             lengths.into_iter().collect()
         };
         let member_lengths = [
@@ -180,7 +191,11 @@ impl AddressPlan {
             lengths(Family::V6, &mut cidrs.iter()),
         ];
 
-        let entries: BTreeSet<Prefix> = members.keys().copied().chain(cidrs.iter().copied()).collect();
+        let entries: BTreeSet<Prefix> = members
+            .keys()
+            .copied()
+            .chain(cidrs.iter().copied())
+            .collect();
         let mut class_ids: HashMap<Class, u32> = HashMap::new();
         let mut classes: Vec<Class> = vec![(SEGMENT_WORLD, Vec::new())];
         class_ids.insert((SEGMENT_WORLD, Vec::new()), CLASS_WORLD);
@@ -195,13 +210,13 @@ impl AddressPlan {
             let segment = member_lengths[family_index]
                 .iter()
                 .rev()
-                .filter(|len| **len <= entry.len())
+                .filter(|len| **len <= entry.prefix_len())
                 .find_map(|len| members.get(&entry.truncate(*len)))
                 .copied()
                 .unwrap_or(SEGMENT_WORLD);
             let cidr_set: Vec<u32> = cidr_lengths[family_index]
                 .iter()
-                .filter(|len| **len <= entry.len())
+                .filter(|len| **len <= entry.prefix_len())
                 .filter_map(|len| plan.cidr_ids.get(&entry.truncate(*len)).copied())
                 .collect();
             let class_key = (segment, cidr_set);
@@ -214,7 +229,7 @@ impl AddressPlan {
                     class
                 }
             };
-            let prefix_len = u32::from(entry.len());
+            let prefix_len = u32::from(entry.prefix_len());
             match entry.addr() {
                 std::net::IpAddr::V4(addr) => plan.v4.push(AddrV4Entry {
                     addr,
@@ -389,7 +404,11 @@ fn plan_ports(policy: &Policy, tables: &[Vec<u32>]) -> Result<Vec<PortEntry>, Co
                             first,
                             last,
                         } if range_proto == proto && u32::from(first) <= max_port => {
-                            intervals.push((u32::from(first), u32::from(last).min(max_port), position));
+                            intervals.push((
+                                u32::from(first),
+                                u32::from(last).min(max_port),
+                                position,
+                            ));
                         }
                         PortMatch::Range { .. } => {}
                     }
@@ -492,7 +511,10 @@ mod tests {
         assert_eq!(aligned_blocks(0, 65_535), vec![(0, 16)]);
         assert_eq!(aligned_blocks(0, 255), vec![(0, 8)]);
         assert_eq!(aligned_blocks(104, 104), vec![(104, 0)]);
-        assert_eq!(aligned_blocks(8080, 8090), vec![(8080, 3), (8088, 1), (8090, 0)]);
+        assert_eq!(
+            aligned_blocks(8080, 8090),
+            vec![(8080, 3), (8088, 1), (8090, 0)]
+        );
         for (first, last) in [(1, 65_535), (3, 1000), (65_535, 65_535), (7, 8)] {
             let mut next = first;
             for (start, size_log2) in aligned_blocks(first, last) {
@@ -510,8 +532,18 @@ mod tests {
         let cut = first_match_intervals(&[(50, 60, 0), (0, 100, 1), (200, 300, 2), (250, 260, 1)]);
         assert_eq!(
             cut,
-            vec![(0, 49, 1), (50, 60, 0), (61, 100, 1), (200, 249, 2), (250, 260, 1), (261, 300, 2)]
+            vec![
+                (0, 49, 1),
+                (50, 60, 0),
+                (61, 100, 1),
+                (200, 249, 2),
+                (250, 260, 1),
+                (261, 300, 2)
+            ]
         );
-        assert_eq!(first_match_intervals(&[(0, 65_535, 0), (80, 80, 0)]), vec![(0, 65_535, 0)]);
+        assert_eq!(
+            first_match_intervals(&[(0, 65_535, 0), (80, 80, 0)]),
+            vec![(0, 65_535, 0)]
+        );
     }
 }

@@ -14,7 +14,10 @@ pub enum PolicyErrorKind {
     #[error("more than one defaults file")]
     DuplicateDefaults,
     #[error("unknown field `{field}` in {context}")]
-    UnknownField { field: String, context: &'static str },
+    UnknownField {
+        field: String,
+        context: &'static str,
+    },
     #[error("missing required field `{field}` in {context}")]
     MissingField {
         field: &'static str,

@@ -51,7 +51,8 @@ impl Policy {
         let mut best: Option<(Prefix, &Segment)> = None;
         for segment in &self.segments {
             for prefix in &segment.members {
-                let longer = best.is_none_or(|(best_prefix, _)| prefix.len() > best_prefix.len());
+                let longer = best
+                    .is_none_or(|(best_prefix, _)| prefix.prefix_len() > best_prefix.prefix_len());
                 if prefix.contains_addr(addr) && longer {
                     best = Some((*prefix, segment));
                 }

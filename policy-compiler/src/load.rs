@@ -17,7 +17,14 @@ use crate::model::{
 use crate::prefix::{Family, Prefix, PrefixParseError};
 use crate::yaml::{self, Node, Pos, Value};
 
-const SEGMENT_FIELDS: &[&str] = &["segment", "description", "members", "mode", "intra", "allow"];
+const SEGMENT_FIELDS: &[&str] = &[
+    "segment",
+    "description",
+    "members",
+    "mode",
+    "intra",
+    "allow",
+];
 const RULE_FIELDS: &[&str] = &["name", "from", "ports", "reason"];
 const DEFAULTS_FIELDS: &[&str] = &["world"];
 const WORLD_FIELDS: &[&str] = &["mode", "allow"];
@@ -140,7 +147,13 @@ pub(crate) fn load_sources(
         rules: Vec::new(),
     });
     let policy_label = policy_label(sources);
-    let policy = loader.build(segments, world, revision(sources), &policy_label, capacities);
+    let policy = loader.build(
+        segments,
+        world,
+        revision(sources),
+        &policy_label,
+        capacities,
+    );
     if loader.errors.is_empty() {
         Ok(policy)
     } else {
@@ -203,13 +216,7 @@ struct Loader {
 }
 
 impl Loader {
-    fn error(
-        &mut self,
-        file: &str,
-        pos: Option<Pos>,
-        kind: PolicyErrorKind,
-        hint: Option<String>,
-    ) {
+    fn error(&mut self, file: &str, pos: Option<Pos>, kind: PolicyErrorKind, hint: Option<String>) {
         self.errors.push(PolicyError {
             file: file.to_string(),
             line: pos.map(|pos| pos.line),
@@ -238,11 +245,21 @@ impl Loader {
             Ok(Some(root)) => Some(root),
             Ok(None) => {
                 let hint = Some(empty_hint.to_string());
-                self.error(file, Some(Pos { line: 1, column: 1 }), PolicyErrorKind::EmptyFile, hint);
+                self.error(
+                    file,
+                    Some(Pos { line: 1, column: 1 }),
+                    PolicyErrorKind::EmptyFile,
+                    hint,
+                );
                 None
             }
             Err(e) => {
-                self.error(file, Some(e.pos), PolicyErrorKind::Syntax(e.message), e.hint);
+                self.error(
+                    file,
+                    Some(e.pos),
+                    PolicyErrorKind::Syntax(e.message),
+                    e.hint,
+                );
                 None
             }
         }
@@ -313,7 +330,12 @@ impl Loader {
         };
         if items.is_empty() {
             let hint = Some(empty_hint.to_string());
-            self.error(file, Some(node.pos), PolicyErrorKind::EmptyList(field), hint);
+            self.error(
+                file,
+                Some(node.pos),
+                PolicyErrorKind::EmptyList(field),
+                hint,
+            );
         }
         let mut scalars = Vec::new();
         for item in items {
@@ -328,7 +350,11 @@ impl Loader {
     fn segment_file(&mut self, file: &str, text: &str) -> Option<RawSegment> {
         let stem = file_stem(file);
         let example = format!("segment: {stem}\nmembers: [10.30.0.0/24]");
-        let root = self.parse_yaml(file, text, &format!("a segment file looks like:\n{example}"))?;
+        let root = self.parse_yaml(
+            file,
+            text,
+            &format!("a segment file looks like:\n{example}"),
+        )?;
         let fields = self.fields(file, &root, "a segment file", SEGMENT_FIELDS)?;
         let mut name = None;
         let mut description = None;
@@ -338,21 +364,33 @@ impl Loader {
         let mut rules = Vec::new();
         for (field, value) in fields {
             match field {
-                "segment" => name = self.string(file, field, value).map(|name| (name, value.pos)),
-                "description" => {
-                    if value.value != Value::Null {
-                        description = self.string(file, field, value);
-                    }
+                "segment" => {
+                    name = self
+                        .string(file, field, value)
+                        .map(|name| (name, value.pos))
+                }
+                "description" if value.value != Value::Null => {
+                    description = self.string(file, field, value);
                 }
                 "members" => members = Some(self.members(file, value)),
                 "mode" => {
                     mode = self
-                        .keyword(file, "mode", value, &[("enforce", Mode::Enforce), ("monitor", Mode::Monitor)])
+                        .keyword(
+                            file,
+                            "mode",
+                            value,
+                            &[("enforce", Mode::Enforce), ("monitor", Mode::Monitor)],
+                        )
                         .unwrap_or(mode);
                 }
                 "intra" => {
                     intra = self
-                        .keyword(file, "intra", value, &[("allow", Intra::Allow), ("deny", Intra::Deny)])
+                        .keyword(
+                            file,
+                            "intra",
+                            value,
+                            &[("allow", Intra::Allow), ("deny", Intra::Deny)],
+                        )
                         .unwrap_or(intra);
                 }
                 "allow" => rules = self.rules(file, value),
@@ -500,17 +538,23 @@ impl Loader {
                 }
                 "from" => from = Some(self.sources(file, value)),
                 "ports" => ports = Some(self.ports(file, value)),
-                "reason" => {
-                    if value.value != Value::Null {
-                        reason = self.string(file, field, value);
-                    }
+                "reason" if value.value != Value::Null => {
+                    reason = self.string(file, field, value);
                 }
                 _ => {}
             }
         }
         for (field, present, hint) in [
-            ("from", from.is_some(), "say who may connect: `from: [radiology]`, a CIDR, or `any`"),
-            ("ports", ports.is_some(), "say what is allowed: `ports: [tcp/443]`, or `any`"),
+            (
+                "from",
+                from.is_some(),
+                "say who may connect: `from: [radiology]`, a CIDR, or `any`",
+            ),
+            (
+                "ports",
+                ports.is_some(),
+                "say what is allowed: `ports: [tcp/443]`, or `any`",
+            ),
         ] {
             if !present {
                 let kind = PolicyErrorKind::MissingField {
@@ -537,7 +581,12 @@ impl Loader {
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'));
         if !valid {
             let hint = Some("use letters, digits and `-`, `_`, `.`, `/`".into());
-            self.error(file, Some(pos), PolicyErrorKind::InvalidRuleName(name.into()), hint);
+            self.error(
+                file,
+                Some(pos),
+                PolicyErrorKind::InvalidRuleName(name.into()),
+                hint,
+            );
         }
     }
 
@@ -592,7 +641,12 @@ impl Loader {
             // Every setting is optional: an empty defaults file is fine.
             Ok(None) => return Some(world),
             Err(e) => {
-                self.error(file, Some(e.pos), PolicyErrorKind::Syntax(e.message), e.hint);
+                self.error(
+                    file,
+                    Some(e.pos),
+                    PolicyErrorKind::Syntax(e.message),
+                    e.hint,
+                );
                 return None;
             }
         };
@@ -611,7 +665,9 @@ impl Loader {
                             ("enforce", Mode::Enforce),
                             ("monitor", Mode::Monitor),
                         ];
-                        world.mode = self.keyword(file, "mode", value, &choices).unwrap_or(world.mode);
+                        world.mode = self
+                            .keyword(file, "mode", value, &choices)
+                            .unwrap_or(world.mode);
                     }
                     "allow" => world.rules = self.rules(file, value),
                     _ => {}
@@ -633,7 +689,10 @@ impl Loader {
         let mut by_name: BTreeMap<String, RawSegment> = BTreeMap::new();
         for segment in raw_segments {
             if let Some(first) = by_name.get(&segment.name) {
-                let hint = Some(format!("'{}' is already defined in {}", segment.name, first.file));
+                let hint = Some(format!(
+                    "'{}' is already defined in {}",
+                    segment.name, first.file
+                ));
                 let kind = PolicyErrorKind::DuplicateSegment(segment.name.clone());
                 self.error(&segment.file, Some(segment.name_pos), kind, hint);
                 continue;
@@ -671,8 +730,20 @@ impl Loader {
                 file: segment.file.clone(),
             });
         }
-        let world_rules =
-            self.add_rules(&mut rules, WORLD, &world.file, &world.rules, &known, &known_set);
+        let world_rules = self.add_rules(
+            &mut rules,
+            WORLD,
+            &world.file,
+            &world.rules,
+            &known,
+            &known_set,
+        );
+        if world.mode == Mode::Unenforced && !world_rules.is_empty() {
+            tracing::warn!(
+                file = %world.file,
+                "world rules have no effect while world.mode is unenforced"
+            );
+        }
         for (segment, raw) in segments.iter_mut().zip(by_name.values()) {
             if segment.intra == Intra::Allow {
                 let index = index_u32(rules.len());
@@ -729,7 +800,10 @@ impl Loader {
             for (prefix, pos) in &segment.members {
                 match owners.get(prefix) {
                     Some((owner, file, first_pos)) if *owner == segment.name => {
-                        let hint = Some(format!("first listed on line {}; remove one", first_pos.line));
+                        let hint = Some(format!(
+                            "first listed on line {}; remove one",
+                            first_pos.line
+                        ));
                         let kind = PolicyErrorKind::DuplicateMember(prefix.to_string());
                         let file = file.to_string();
                         self.error(&file, Some(*pos), kind, hint);
@@ -846,14 +920,20 @@ fn index_u32(index: usize) -> u32 {
 
 fn shorten_list(names: &[&str]) -> String {
     const SHOWN: usize = 12;
-    let mut text = names.iter().take(SHOWN).copied().collect::<Vec<_>>().join(", ");
+    let mut text = names
+        .iter()
+        .take(SHOWN)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(", ");
     if names.len() > SHOWN {
         text.push_str(&format!(" and {} more", names.len() - SHOWN));
     }
     text
 }
 
-const PORT_USAGE: &str = "use tcp/N, tcp/A-B, tcp/any, the same for udp, icmp/TYPE, icmpv6/TYPE, or any";
+const PORT_USAGE: &str =
+    "use tcp/N, tcp/A-B, tcp/any, the same for udp, icmp/TYPE, icmpv6/TYPE, or any";
 
 /// Parses one `ports` entry; the error is (problem, hint).
 pub(crate) fn parse_port(text: &str) -> Result<PortMatch, (String, Option<String>)> {
@@ -870,7 +950,11 @@ pub(crate) fn parse_port(text: &str) -> Result<PortMatch, (String, Option<String
     };
     match proto_text {
         "tcp" | "udp" => {
-            let proto = if proto_text == "tcp" { PROTO_TCP } else { PROTO_UDP };
+            let proto = if proto_text == "tcp" {
+                PROTO_TCP
+            } else {
+                PROTO_UDP
+            };
             let (first, last) = if spec == "any" {
                 (0, u16::MAX)
             } else if let Some((first, last)) = spec.split_once('-') {
@@ -919,7 +1003,11 @@ pub(crate) fn parse_port(text: &str) -> Result<PortMatch, (String, Option<String
                     Some(close) => format!("did you mean {proto_text}/{close}?"),
                     None => format!(
                         "known {proto_text} types: {} (or a number 0-255)",
-                        names.iter().map(|(name, _)| *name).collect::<Vec<_>>().join(", ")
+                        names
+                            .iter()
+                            .map(|(name, _)| *name)
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ),
                 };
                 return Err((format!("unknown {proto_text} type '{spec}'"), Some(hint)));

@@ -165,9 +165,12 @@ fn flow_protocol(
                 _ => (PROTO_UDP, "udp"),
             };
             if icmp_type.is_some() {
-                return Err(Failure::Usage(format!("--icmp-type does not apply to {name}; use --dport")));
+                return Err(Failure::Usage(format!(
+                    "--icmp-type does not apply to {name}; use --dport"
+                )));
             }
-            let port = dport.ok_or_else(|| Failure::Usage(format!("--proto {name} needs --dport N")))?;
+            let port =
+                dport.ok_or_else(|| Failure::Usage(format!("--proto {name} needs --dport N")))?;
             Ok((number, port))
         }
         Proto::Icmp | Proto::Icmpv6 => {
@@ -176,7 +179,9 @@ fn flow_protocol(
                 _ => (PROTO_ICMPV6, "icmpv6"),
             };
             if dport.is_some() {
-                return Err(Failure::Usage(format!("--dport does not apply to {name}; use --icmp-type")));
+                return Err(Failure::Usage(format!(
+                    "--dport does not apply to {name}; use --icmp-type"
+                )));
             }
             let text = icmp_type
                 .ok_or_else(|| Failure::Usage(format!("--proto {name} needs --icmp-type TYPE")))?;

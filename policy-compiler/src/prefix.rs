@@ -107,7 +107,7 @@ impl Prefix {
         self.family
     }
 
-    pub fn len(&self) -> u8 {
+    pub fn prefix_len(&self) -> u8 {
         self.len
     }
 
@@ -124,7 +124,8 @@ impl Prefix {
     }
 
     pub fn contains_addr(&self, addr: IpAddr) -> bool {
-        Family::of(addr) == self.family && addr_bits(addr) & mask(self.family, self.len) == self.bits
+        Family::of(addr) == self.family
+            && addr_bits(addr) & mask(self.family, self.len) == self.bits
     }
 
     /// Whether `other` lies inside `self` (a prefix contains itself).
@@ -163,10 +164,10 @@ mod tests {
             Prefix::parse("10.30.0.1/24"),
             Err(PrefixParseError::HostBitsSet { network: p })
         );
-        assert_eq!(Prefix::parse("10.30.0.1").unwrap().len(), 32);
-        assert_eq!(Prefix::parse("fd00:30::").unwrap().len(), 128);
-        assert_eq!(Prefix::parse("0.0.0.0/0").unwrap().len(), 0);
-        assert_eq!(Prefix::parse("::/0").unwrap().len(), 0);
+        assert_eq!(Prefix::parse("10.30.0.1").unwrap().prefix_len(), 32);
+        assert_eq!(Prefix::parse("fd00:30::").unwrap().prefix_len(), 128);
+        assert_eq!(Prefix::parse("0.0.0.0/0").unwrap().prefix_len(), 0);
+        assert_eq!(Prefix::parse("::/0").unwrap().prefix_len(), 0);
         assert!(Prefix::parse("10.0.0.0/33").is_err());
         assert!(Prefix::parse("10.0.0/8").is_err());
         assert!(Prefix::parse("fd00::/129").is_err());

@@ -87,7 +87,9 @@ pub fn parse(text: &str) -> Result<Option<Node>, SyntaxError> {
                     return Err(SyntaxError {
                         pos,
                         message: "more than one YAML document in the file".into(),
-                        hint: Some("remove the second `---` document; use one file per segment".into()),
+                        hint: Some(
+                            "remove the second `---` document; use one file per segment".into(),
+                        ),
                     });
                 }
                 continue;
@@ -114,7 +116,9 @@ pub fn parse(text: &str) -> Result<Option<Node>, SyntaxError> {
                     return Err(SyntaxError {
                         pos,
                         message: "YAML nested too deeply".into(),
-                        hint: Some(format!("the policy language needs at most {MAX_DEPTH} levels")),
+                        hint: Some(format!(
+                            "the policy language needs at most {MAX_DEPTH} levels"
+                        )),
                     });
                 }
                 stack.push(if matches!(event, Event::SequenceStart(..)) {
@@ -161,9 +165,9 @@ pub fn parse(text: &str) -> Result<Option<Node>, SyntaxError> {
                         });
                     }
                     if let Value::Scalar(new_key) = &complete.value
-                        && let Some((first, _)) = entries.iter().find(|(key, _)| {
-                            matches!(&key.value, Value::Scalar(k) if k == new_key)
-                        })
+                        && let Some((first, _)) = entries
+                            .iter()
+                            .find(|(key, _)| matches!(&key.value, Value::Scalar(k) if k == new_key))
                     {
                         return Err(SyntaxError {
                             pos: complete.pos,
@@ -204,12 +208,30 @@ mod tests {
             panic!("not a map")
         };
         assert_eq!(entries[0].0.pos, Pos { line: 1, column: 1 });
-        assert_eq!(entries[0].1.pos, Pos { line: 1, column: 10 });
+        assert_eq!(
+            entries[0].1.pos,
+            Pos {
+                line: 1,
+                column: 10
+            }
+        );
         let Value::Seq(items) = &entries[1].1.value else {
             panic!("not a seq")
         };
-        assert_eq!(items[0].pos, Pos { line: 2, column: 11 });
-        assert_eq!(items[1].pos, Pos { line: 2, column: 23 });
+        assert_eq!(
+            items[0].pos,
+            Pos {
+                line: 2,
+                column: 11
+            }
+        );
+        assert_eq!(
+            items[1].pos,
+            Pos {
+                line: 2,
+                column: 23
+            }
+        );
     }
 
     #[test]

@@ -44,94 +44,224 @@ fn yaml_syntax_error() {
     assert_eq!(errors[0].file, "segments/pacs.yaml");
     assert!(matches!(errors[0].kind, PolicyErrorKind::Syntax(_)));
     assert!(matches!(errors[0].line, Some(2..=3)), "{:?}", errors[0]);
-    assert!(errors[0].hint.as_deref().unwrap_or("").contains("indentation"));
+    assert!(
+        errors[0]
+            .hint
+            .as_deref()
+            .unwrap_or("")
+            .contains("indentation")
+    );
 
     let tabs = with_pacs("segment: pacs\n\tmembers: [10.30.0.0/24]\n");
-    assert!(matches!(errors_of(&tabs)[0].kind, PolicyErrorKind::Syntax(_)));
+    assert!(matches!(
+        errors_of(&tabs)[0].kind,
+        PolicyErrorKind::Syntax(_)
+    ));
 }
 
 #[test]
 fn unknown_fields_everywhere() {
     let pacs = "segment: pacs\nmembers: [10.30.0.0/24]\nmdoe: monitor\nallow:\n  - from: radiology\n    port: [tcp/104]\n    ports: [tcp/104]\n";
     let sources = with_pacs(pacs);
-    expect_error(&sources, "segments/pacs.yaml", 3, "unknown field `mdoe`", "did you mean `mode`?");
-    expect_error(&sources, "segments/pacs.yaml", 6, "unknown field `port` in a rule", "`ports`");
+    expect_error(
+        &sources,
+        "segments/pacs.yaml",
+        3,
+        "unknown field `mdoe`",
+        "did you mean `mode`?",
+    );
+    expect_error(
+        &sources,
+        "segments/pacs.yaml",
+        6,
+        "unknown field `port` in a rule",
+        "`ports`",
+    );
 
     let mut sources = with_pacs("segment: pacs\nmembers: [10.30.0.0/24]\n");
     sources.push(source(
         "segments/defaults.yaml",
         "world:\n  mode: enforce\n  allwo: []\nworl: {}\n",
     ));
-    expect_error(&sources, "segments/defaults.yaml", 3, "unknown field `allwo` in `world`", "`allow`");
-    expect_error(&sources, "segments/defaults.yaml", 4, "unknown field `worl`", "`world`");
+    expect_error(
+        &sources,
+        "segments/defaults.yaml",
+        3,
+        "unknown field `allwo` in `world`",
+        "`allow`",
+    );
+    expect_error(
+        &sources,
+        "segments/defaults.yaml",
+        4,
+        "unknown field `worl`",
+        "`world`",
+    );
 }
 
 #[test]
 fn missing_required_fields() {
     let sources = with_pacs("description: no name\nmembers: [10.30.0.0/24]\n");
-    expect_error(&sources, "segments/pacs.yaml", 1, "missing required field `segment`", "segment: pacs");
+    expect_error(
+        &sources,
+        "segments/pacs.yaml",
+        1,
+        "missing required field `segment`",
+        "segment: pacs",
+    );
 
     let sources = with_pacs("segment: pacs\ndescription: no members\n");
-    expect_error(&sources, "segments/pacs.yaml", 1, "missing required field `members`", "members:");
+    expect_error(
+        &sources,
+        "segments/pacs.yaml",
+        1,
+        "missing required field `members`",
+        "members:",
+    );
 
     let pacs = "segment: pacs\nmembers: [10.30.0.0/24]\nallow:\n  - ports: [tcp/104]\n  - from: radiology\n";
     let sources = with_pacs(pacs);
-    expect_error(&sources, "segments/pacs.yaml", 4, "missing required field `from` in a rule", "from:");
-    expect_error(&sources, "segments/pacs.yaml", 5, "missing required field `ports` in a rule", "ports:");
+    expect_error(
+        &sources,
+        "segments/pacs.yaml",
+        4,
+        "missing required field `from` in a rule",
+        "from:",
+    );
+    expect_error(
+        &sources,
+        "segments/pacs.yaml",
+        5,
+        "missing required field `ports` in a rule",
+        "ports:",
+    );
 }
 
 #[test]
 fn unknown_segment_in_from_suggests_closest() {
     let pacs = "segment: pacs\nmembers: [10.30.0.0/24]\nallow:\n  - from: [radiolgy]\n    ports: [tcp/104]\n";
     let sources = with_pacs(pacs);
-    expect_error(&sources, "segments/pacs.yaml", 4, "unknown segment 'radiolgy' in `from`", "did you mean 'radiology'?");
+    expect_error(
+        &sources,
+        "segments/pacs.yaml",
+        4,
+        "unknown segment 'radiolgy' in `from`",
+        "did you mean 'radiology'?",
+    );
     let text = errors_of(&sources)[0].to_string();
     assert_eq!(
         text,
         "segments/pacs.yaml:4:12: error: unknown segment 'radiolgy' in `from`\n  hint: did you mean 'radiology'?"
     );
 
-    let pacs = "segment: pacs\nmembers: [10.30.0.0/24]\nallow:\n  - from: finance\n    ports: [tcp/104]\n";
-    expect_error(&with_pacs(pacs), "segments/pacs.yaml", 4, "unknown segment 'finance'", "known segments: world, pacs, radiology");
+    let pacs =
+        "segment: pacs\nmembers: [10.30.0.0/24]\nallow:\n  - from: finance\n    ports: [tcp/104]\n";
+    expect_error(
+        &with_pacs(pacs),
+        "segments/pacs.yaml",
+        4,
+        "unknown segment 'finance'",
+        "known segments: world, pacs, radiology",
+    );
 }
 
 #[test]
 fn duplicate_segment_names() {
     let sources = vec![
-        source("segments/pacs.yaml", "segment: pacs\nmembers: [10.30.0.0/24]\n"),
-        source("segments/pacs.yml", "segment: pacs\nmembers: [10.31.0.0/24]\n"),
+        source(
+            "segments/pacs.yaml",
+            "segment: pacs\nmembers: [10.30.0.0/24]\n",
+        ),
+        source(
+            "segments/pacs.yml",
+            "segment: pacs\nmembers: [10.31.0.0/24]\n",
+        ),
     ];
-    expect_error(&sources, "segments/pacs.yml", 1, "duplicate segment 'pacs'", "segments/pacs.yaml");
+    expect_error(
+        &sources,
+        "segments/pacs.yml",
+        1,
+        "duplicate segment 'pacs'",
+        "segments/pacs.yaml",
+    );
 }
 
 #[test]
 fn same_prefix_in_two_segments() {
     let sources = with_pacs("segment: pacs\nmembers:\n  - 10.30.0.0/24\n  - 10.10.0.0/24\n");
-    expect_error(&sources, "segments/radiology.yaml", 2, "10.10.0.0/24 is a member of both 'pacs' and 'radiology'", "segments/pacs.yaml:4");
+    expect_error(
+        &sources,
+        "segments/radiology.yaml",
+        2,
+        "10.10.0.0/24 is a member of both 'pacs' and 'radiology'",
+        "segments/pacs.yaml:4",
+    );
 
     let sources = with_pacs("segment: pacs\nmembers: [10.30.0.0/24, 10.30.0.0/24]\n");
-    expect_error(&sources, "segments/pacs.yaml", 2, "listed twice", "remove one");
+    expect_error(
+        &sources,
+        "segments/pacs.yaml",
+        2,
+        "listed twice",
+        "remove one",
+    );
 }
 
 #[test]
 fn host_bits_set() {
     let sources = with_pacs("segment: pacs\nmembers: [10.30.0.1/24]\n");
-    expect_error(&sources, "segments/pacs.yaml", 2, "host bits set in prefix '10.30.0.1/24'", "did you mean 10.30.0.0/24?");
+    expect_error(
+        &sources,
+        "segments/pacs.yaml",
+        2,
+        "host bits set in prefix '10.30.0.1/24'",
+        "did you mean 10.30.0.0/24?",
+    );
     let pacs = "segment: pacs\nmembers: [10.30.0.0/24]\nallow:\n  - from: \"fd00:99::1/64\"\n    ports: any\n";
-    expect_error(&with_pacs(pacs), "segments/pacs.yaml", 4, "host bits set", "did you mean fd00:99::/64?");
+    expect_error(
+        &with_pacs(pacs),
+        "segments/pacs.yaml",
+        4,
+        "host bits set",
+        "did you mean fd00:99::/64?",
+    );
     let sources = with_pacs("segment: pacs\nmembers: [10.30.0.0/33, radiology]\n");
-    expect_error(&sources, "segments/pacs.yaml", 2, "invalid address or prefix '10.30.0.0/33'", "0 to 32");
-    expect_error(&sources, "segments/pacs.yaml", 2, "invalid address or prefix 'radiology'", "10.30.0.0/24");
+    expect_error(
+        &sources,
+        "segments/pacs.yaml",
+        2,
+        "invalid address or prefix '10.30.0.0/33'",
+        "0 to 32",
+    );
+    expect_error(
+        &sources,
+        "segments/pacs.yaml",
+        2,
+        "invalid address or prefix 'radiology'",
+        "10.30.0.0/24",
+    );
 }
 
 #[test]
 fn bad_ports() {
     let cases = [
-        ("tcp/90-80", "range start 90 is above its end 80", "tcp/80-90"),
+        (
+            "tcp/90-80",
+            "range start 90 is above its end 80",
+            "tcp/80-90",
+        ),
         ("udp/70000", "port 70000 is above 65535", "0 to 65535"),
         ("icmp/300", "icmp type 300 is above 255", "0 to 255"),
-        ("icmp/echo-requets", "unknown icmp type 'echo-requets'", "did you mean icmp/echo-request?"),
-        ("icmpv6/router-advertisment", "unknown icmpv6 type", "icmpv6/router-advertisement"),
+        (
+            "icmp/echo-requets",
+            "unknown icmp type 'echo-requets'",
+            "did you mean icmp/echo-request?",
+        ),
+        (
+            "icmpv6/router-advertisment",
+            "unknown icmpv6 type",
+            "icmpv6/router-advertisement",
+        ),
         ("sctp/80", "unknown protocol 'sctp'", "tcp/N"),
         ("tpc/80", "unknown protocol 'tpc'", "did you mean tcp/80?"),
         ("443", "missing protocol", "tcp/443"),
@@ -148,12 +278,36 @@ fn bad_ports() {
 #[test]
 fn empty_lists() {
     let sources = with_pacs("segment: pacs\nmembers: []\n");
-    expect_error(&sources, "segments/pacs.yaml", 2, "empty `members` list", "10.30.0.0/24");
+    expect_error(
+        &sources,
+        "segments/pacs.yaml",
+        2,
+        "empty `members` list",
+        "10.30.0.0/24",
+    );
     let sources = with_pacs("segment: pacs\nmembers:\n");
-    expect_error(&sources, "segments/pacs.yaml", 2, "empty `members` list", "");
+    expect_error(
+        &sources,
+        "segments/pacs.yaml",
+        2,
+        "empty `members` list",
+        "",
+    );
     let pacs = "segment: pacs\nmembers: [10.30.0.0/24]\nallow:\n  - from: []\n    ports: []\n";
-    expect_error(&with_pacs(pacs), "segments/pacs.yaml", 4, "empty `from` list", "any");
-    expect_error(&with_pacs(pacs), "segments/pacs.yaml", 5, "empty `ports` list", "tcp/443");
+    expect_error(
+        &with_pacs(pacs),
+        "segments/pacs.yaml",
+        4,
+        "empty `from` list",
+        "any",
+    );
+    expect_error(
+        &with_pacs(pacs),
+        "segments/pacs.yaml",
+        5,
+        "empty `ports` list",
+        "tcp/443",
+    );
 }
 
 #[test]
@@ -164,35 +318,108 @@ fn duplicate_rule_ids() {
         source("segments/pacs.yaml", pacs),
         source("segments/radiology.yaml", radiology),
     ];
-    expect_error(&sources, "segments/radiology.yaml", 6, "duplicate rule id 'noc'", "segments/pacs.yaml:4");
+    expect_error(
+        &sources,
+        "segments/radiology.yaml",
+        6,
+        "duplicate rule id 'noc'",
+        "segments/pacs.yaml:4",
+    );
 
     // A name may not take the id of another rule, including the intra pseudo-rule.
     let pacs = "segment: pacs\nmembers: [10.30.0.0/24]\nallow:\n  - name: pacs/intra\n    from: any\n    ports: any\n";
     let errors = errors_of(&with_pacs(pacs));
-    assert!(errors.iter().any(|e| e.kind == PolicyErrorKind::DuplicateRuleId("pacs/intra".into())));
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.kind == PolicyErrorKind::DuplicateRuleId("pacs/intra".into()))
+    );
 }
 
 #[test]
 fn segment_names_and_file_names() {
-    let sources = vec![source("segments/world.yaml", "segment: world\nmembers: [10.0.0.0/8]\n")];
-    expect_error(&sources, "segments/world.yaml", 1, "segment name 'world' is reserved", "quarantine");
-    let sources = vec![source("segments/Pacs.yaml", "segment: Pacs\nmembers: [10.0.0.0/8]\n")];
-    expect_error(&sources, "segments/Pacs.yaml", 1, "invalid segment name 'Pacs'", "lowercase");
-    let sources = vec![source("segments/imaging.yaml", "segment: pacs\nmembers: [10.0.0.0/8]\n")];
-    expect_error(&sources, "segments/imaging.yaml", 1, "file name 'imaging' does not match segment name 'pacs'", "rename the file to pacs.yaml");
+    let sources = vec![source(
+        "segments/world.yaml",
+        "segment: world\nmembers: [10.0.0.0/8]\n",
+    )];
+    expect_error(
+        &sources,
+        "segments/world.yaml",
+        1,
+        "segment name 'world' is reserved",
+        "quarantine",
+    );
+    let sources = vec![source(
+        "segments/Pacs.yaml",
+        "segment: Pacs\nmembers: [10.0.0.0/8]\n",
+    )];
+    expect_error(
+        &sources,
+        "segments/Pacs.yaml",
+        1,
+        "invalid segment name 'Pacs'",
+        "lowercase",
+    );
+    let sources = vec![source(
+        "segments/imaging.yaml",
+        "segment: pacs\nmembers: [10.0.0.0/8]\n",
+    )];
+    expect_error(
+        &sources,
+        "segments/imaging.yaml",
+        1,
+        "file name 'imaging' does not match segment name 'pacs'",
+        "rename the file to pacs.yaml",
+    );
 }
 
 #[test]
 fn bad_values_and_types() {
     let sources = with_pacs("segment: pacs\nmembers: [10.30.0.0/24]\nmode: block\nintra: maybe\n");
-    expect_error(&sources, "segments/pacs.yaml", 3, "invalid value 'block' for `mode`", "enforce, monitor");
-    expect_error(&sources, "segments/pacs.yaml", 4, "invalid value 'maybe' for `intra`", "allow, deny");
+    expect_error(
+        &sources,
+        "segments/pacs.yaml",
+        3,
+        "invalid value 'block' for `mode`",
+        "enforce, monitor",
+    );
+    expect_error(
+        &sources,
+        "segments/pacs.yaml",
+        4,
+        "invalid value 'maybe' for `intra`",
+        "allow, deny",
+    );
     let sources = with_pacs("segment: [pacs]\nmembers: {a: b}\nallow: yes\n");
-    expect_error(&sources, "segments/pacs.yaml", 1, "`segment` must be a string, found a list", "");
-    expect_error(&sources, "segments/pacs.yaml", 2, "`members` must be a list, found a mapping", "");
-    expect_error(&sources, "segments/pacs.yaml", 3, "`allow` must be a list of rules", "");
+    expect_error(
+        &sources,
+        "segments/pacs.yaml",
+        1,
+        "`segment` must be a string, found a list",
+        "",
+    );
+    expect_error(
+        &sources,
+        "segments/pacs.yaml",
+        2,
+        "`members` must be a list, found a mapping",
+        "",
+    );
+    expect_error(
+        &sources,
+        "segments/pacs.yaml",
+        3,
+        "`allow` must be a list of rules",
+        "",
+    );
     let sources = with_pacs("");
-    expect_error(&sources, "segments/pacs.yaml", 1, "empty file", "segment: pacs");
+    expect_error(
+        &sources,
+        "segments/pacs.yaml",
+        1,
+        "empty file",
+        "segment: pacs",
+    );
     let sources = with_pacs("- just\n- a list\n");
     expect_error(&sources, "segments/pacs.yaml", 1, "must be a mapping", "");
 }
@@ -200,14 +427,18 @@ fn bad_values_and_types() {
 #[test]
 fn collects_all_errors_across_files() {
     let sources = vec![
-        source("segments/pacs.yaml", "segment: pacs\nmembers: [10.30.0.1/24]\nallow:\n  - from: radiolgy\n    ports: [tcp/99999]\n"),
+        source(
+            "segments/pacs.yaml",
+            "segment: pacs\nmembers: [10.30.0.1/24]\nallow:\n  - from: radiolgy\n    ports: [tcp/99999]\n",
+        ),
         source("segments/lab.yaml", "segment: lab\nmembers: []\nfoo: 1\n"),
         source("segments/defaults.yaml", "world:\n  mode: sometimes\n"),
     ];
     let errors = errors_of(&sources);
     assert_eq!(errors.len(), 6, "{errors:#?}");
     // Sorted by file, then line.
-    let places: Vec<(&str, Option<usize>)> = errors.iter().map(|e| (e.file.as_str(), e.line)).collect();
+    let places: Vec<(&str, Option<usize>)> =
+        errors.iter().map(|e| (e.file.as_str(), e.line)).collect();
     let mut sorted = places.clone();
     sorted.sort();
     assert_eq!(places, sorted);
@@ -221,7 +452,8 @@ fn over_capacity_names_the_map_and_the_excess() {
         rules: 2,
         ..Capacities::KERNEL
     };
-    let pacs = "segment: pacs\nmembers: [10.30.0.0/24]\nallow:\n  - from: 10.99.0.0/16\n    ports: any\n";
+    let pacs =
+        "segment: pacs\nmembers: [10.30.0.0/24]\nallow:\n  - from: 10.99.0.0/16\n    ports: any\n";
     let errors = match Policy::from_sources_with_capacities(&with_pacs(pacs), &small) {
         Ok(_) => panic!("policy fits"),
         Err(errors) => errors.0,
@@ -229,8 +461,14 @@ fn over_capacity_names_the_map_and_the_excess() {
     let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
     let text = text.join("\n");
     assert!(text.contains("segments: error: the policy does not fit the SEGMENTS map: it needs 3 entries, 1 more than its capacity of 2"), "{text}");
-    assert!(text.contains("ADDR_V4 map: it needs 3 entries, 1 more"), "{text}");
-    assert!(text.contains("rules (RULE_HITS) map: it needs 3 entries, 1 more"), "{text}");
+    assert!(
+        text.contains("ADDR_V4 map: it needs 3 entries, 1 more"),
+        "{text}"
+    );
+    assert!(
+        text.contains("rules (RULE_HITS) map: it needs 3 entries, 1 more"),
+        "{text}"
+    );
 
     // PAIRS and PORTS sizes are only known after compiling.
     let policy = Policy::from_sources(&with_pacs(pacs)).expect("valid");
@@ -266,8 +504,12 @@ fn mutated_inputs_never_panic() {
     let mut rng = SmallRng::seed_from_u64(seed);
     let originals = example_sources();
     const JUNK: &[u8] = b":-[]{}&*!|>'\"#%@` \n\t,?0123456789/.abcxyz";
+    let iterations: usize = std::env::var("FUZZ_ITERATIONS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3000);
     let mut valid = 0;
-    for _ in 0..3000 {
+    for _ in 0..iterations {
         let mut sources = originals.clone();
         let victim = rng.random_range(0..sources.len());
         let mut bytes = sources[victim].1.clone().into_bytes();
@@ -313,5 +555,21 @@ fn mutated_inputs_never_panic() {
             }
         }
     }
-    println!("{valid} of 3000 mutants were valid policies");
+    println!("{valid} of {iterations} mutants were valid policies");
+
+    // Pure junk built from YAML's special characters.
+    for _ in 0..iterations {
+        let length = rng.random_range(0..120);
+        let junk: Vec<u8> = (0..length)
+            .map(|_| JUNK[rng.random_range(0..JUNK.len())])
+            .collect();
+        let junk = String::from_utf8_lossy(&junk).to_string();
+        let sources = vec![
+            source("segments/junk.yaml", &junk),
+            source("segments/defaults.yaml", &junk),
+        ];
+        if let Err(errors) = Policy::from_sources(&sources) {
+            let _ = errors.to_string();
+        }
+    }
 }
