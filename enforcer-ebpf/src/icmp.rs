@@ -73,16 +73,18 @@ fn quote(frame: &Frame, flow: &mut Flow, q: usize, end: usize) -> bool {
         let dst = widen([hdr[16], hdr[17], hdr[18], hdr[19]]);
         (src, dst, hdr[9], q + hdr_len)
     } else {
-        let (Some(hdr), Some(src), Some(dst)) = (
-            frame.bytes_at::<8>(q),
-            frame.bytes_at::<16>(q + 8),
-            frame.bytes_at::<16>(q + 24),
-        ) else {
+        // One 40-byte copy: smaller reads let LLVM keep parts in registers in a shape the
+        // verifier rejects on this path.
+        let Some(hdr) = frame.bytes_at::<40>(q) else {
             return false;
         };
         if hdr[0] >> 4 != 6 {
             return false;
         }
+        let mut src = [0u8; 16];
+        let mut dst = [0u8; 16];
+        src.copy_from_slice(&hdr[8..24]);
+        dst.copy_from_slice(&hdr[24..40]);
         (src, dst, hdr[6], q + 40)
     };
     if src != flow.dst {

@@ -1,9 +1,11 @@
-//! Reading the per-CPU verdict counters.
+//! Reading the per-CPU outcome counters and rule hits.
+use std::collections::BTreeMap;
+
 use aya::{
     Ebpf,
     maps::{MapError, PerCpuArray},
 };
-use enforcer_common::{counter, map_names};
+use enforcer_common::{counter, direction, map_names};
 use serde::Serialize;
 
 #[derive(Debug, thiserror::Error)]
@@ -18,32 +20,47 @@ pub enum CounterError {
     },
 }
 
-/// Packets seen since the programs were loaded, by outcome (see `enforcer_common::counter`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+/// Packets seen since the programs were loaded, by direction and outcome
+/// (`enforcer_common::direction`, `enforcer_common::counter`), summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
-    pub allowed: u64,
-    pub audit: u64,
-    pub unenforced: u64,
-    pub non_ip: u64,
-    pub policy_denied: u64,
-    pub malformed: u64,
-    pub unsupported_encap: u64,
+    values: [[u64; counter::COUNT as usize]; direction::COUNT as usize],
 }
 
 impl Counters {
-    /// Every packet the program saw.
-    pub fn total(&self) -> u64 {
-        self.allowed
-            + self.audit
-            + self.unenforced
-            + self.non_ip
-            + self.policy_denied
-            + self.malformed
-            + self.unsupported_encap
+    pub fn get(&self, dir: u32, counter: u32) -> u64 {
+        self.values[dir as usize][counter as usize]
+    }
+
+    /// Every packet seen in `dir`.
+    pub fn total(&self, dir: u32) -> u64 {
+        self.values[dir as usize].iter().sum()
+    }
+
+    /// `{counter name: value}` for one direction.
+    pub fn named(&self, dir: u32) -> BTreeMap<&'static str, u64> {
+        counter::NAMES
+            .iter()
+            .copied()
+            .zip(self.values[dir as usize])
+            .collect()
     }
 }
 
-fn per_cpu_sum(ebpf: &Ebpf, map: &'static str, index: u32) -> Result<u64, CounterError> {
+/// The JSON form: `{"ingress": {...}, "egress": {...}}`.
+impl Serialize for Counters {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let by_direction: BTreeMap<&str, BTreeMap<&str, u64>> = direction::NAMES
+            .iter()
+            .copied()
+            .zip(0..)
+            .map(|(name, dir)| (name, self.named(dir)))
+            .collect();
+        by_direction.serialize(serializer)
+    }
+}
+
+pub(crate) fn per_cpu_sum(ebpf: &Ebpf, map: &'static str, index: u32) -> Result<u64, CounterError> {
     let array: PerCpuArray<_, u64> =
         PerCpuArray::try_from(ebpf.map(map).ok_or(CounterError::MissingMap(map))?)
             .map_err(|source| CounterError::Map { map, source })?;
@@ -53,17 +70,19 @@ fn per_cpu_sum(ebpf: &Ebpf, map: &'static str, index: u32) -> Result<u64, Counte
     Ok(values.iter().sum())
 }
 
+/// One counter of one direction.
+pub fn read_one(ebpf: &Ebpf, dir: u32, counter: u32) -> Result<u64, CounterError> {
+    per_cpu_sum(ebpf, map_names::COUNTERS, dir * counter::COUNT + counter)
+}
+
 pub fn read(ebpf: &Ebpf) -> Result<Counters, CounterError> {
-    let get = |index| per_cpu_sum(ebpf, map_names::COUNTERS, index);
-    Ok(Counters {
-        allowed: get(counter::ALLOWED)?,
-        audit: get(counter::AUDIT)?,
-        unenforced: get(counter::UNENFORCED)?,
-        non_ip: get(counter::NON_IP)?,
-        policy_denied: get(counter::DROP_POLICY_DENIED)?,
-        malformed: get(counter::DROP_MALFORMED)?,
-        unsupported_encap: get(counter::DROP_UNSUPPORTED_ENCAP)?,
-    })
+    let mut counters = Counters::default();
+    for dir in 0..direction::COUNT {
+        for index in 0..counter::COUNT {
+            counters.values[dir as usize][index as usize] = read_one(ebpf, dir, index)?;
+        }
+    }
+    Ok(counters)
 }
 
 pub fn rule_hits(ebpf: &Ebpf, rule_index: u32) -> Result<u64, CounterError> {

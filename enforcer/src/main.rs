@@ -3,14 +3,16 @@ use std::{
     io::{IsTerminal as _, Write as _},
     path::PathBuf,
     process::ExitCode,
+    time::Duration,
 };
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use enforcer::Enforcer;
+use enforcer_common::direction;
 use policy_compiler::Policy;
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{error, info};
+use tracing::{debug, error, info, warn};
 
 #[derive(Parser)]
 #[command(version, about = "eBPF micro-segmentation enforcer for hospital networks")]
@@ -79,23 +81,44 @@ fn run(policy_dir: PathBuf, ifaces: Vec<String>) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(wait_for_shutdown_signal())?;
+    runtime.block_on(run_until_shutdown(&mut enforcer))?;
 
     let counters = enforcer.counters().context("reading counters")?;
     drop(enforcer);
-    info!(?counters, "detached, exiting");
-    let summary = serde_json::json!({ "event": "shutdown", "counters": counters });
+    info!("detached, exiting");
+    // `counters` keeps the ingress counters at the top level, as scripts read them.
+    let summary = serde_json::json!({
+        "event": "shutdown",
+        "counters": counters.named(direction::INGRESS),
+        "egress_counters": counters.named(direction::EGRESS),
+    });
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{summary}").context("writing the shutdown summary")?;
     Ok(())
 }
 
-async fn wait_for_shutdown_signal() -> anyhow::Result<()> {
+/// How often expired connection and fragment state is swept.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+
+async fn run_until_shutdown(enforcer: &mut Enforcer) -> anyhow::Result<()> {
     let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    tokio::select! {
-        _ = interrupt.recv() => info!("SIGINT received"),
-        _ = terminate.recv() => info!("SIGTERM received"),
+    let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = interrupt.recv() => {
+                info!("SIGINT received");
+                return Ok(());
+            }
+            _ = terminate.recv() => {
+                info!("SIGTERM received");
+                return Ok(());
+            }
+            _ = sweep.tick() => match enforcer.sweep_expired() {
+                Ok((0, 0)) => {}
+                Ok((flows, fragments)) => debug!(flows, fragments, "swept expired state"),
+                Err(error) => warn!(%error, "sweeping expired state failed"),
+            },
+        }
     }
-    Ok(())
 }

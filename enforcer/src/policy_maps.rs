@@ -1,9 +1,11 @@
 //! Writing a compiled policy into the kernel maps.
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, MapError, lpm_trie::Key, lpm_trie::LpmTrie},
+    maps::{Array, HashMap, Map, MapError, lpm_trie::Key, lpm_trie::LpmTrie},
 };
-use enforcer_common::{AddrInfo, PairKey, PairValue, PortKey, PortValue, SegmentInfo, map_names};
+use enforcer_common::{
+    AddrInfo, Config, PairKey, PairValue, PortKey, PortValue, SegmentInfo, map_names,
+};
 use policy_compiler::Artifact;
 
 #[derive(Debug, thiserror::Error)]
@@ -22,56 +24,80 @@ fn map_err(map: &'static str) -> impl Fn(MapError) -> PolicyMapError {
     move |source| PolicyMapError::Map { map, source }
 }
 
-fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut aya::maps::Map, PolicyMapError> {
+fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Map, PolicyMapError> {
     ebpf.map_mut(name).ok_or(PolicyMapError::MissingMap(name))
 }
 
-/// Fills freshly created (empty) maps with `artifact`.
-pub fn write(ebpf: &mut Ebpf, artifact: &Artifact) -> Result<(), PolicyMapError> {
-    {
-        let name = map_names::ADDR_V4;
-        let mut trie: LpmTrie<_, [u8; 4], AddrInfo> =
-            LpmTrie::try_from(map_mut(ebpf, name)?).map_err(map_err(name))?;
-        for (prefix_len, addr, info) in artifact.addr_v4_entries() {
-            trie.insert(&Key::new(prefix_len, addr), info, 0)
-                .map_err(map_err(name))?;
-        }
+fn trie<'a, K: aya::Pod, V: aya::Pod>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<LpmTrie<&'a mut aya::maps::MapData, K, V>, PolicyMapError> {
+    LpmTrie::try_from(map_mut(ebpf, name)?).map_err(map_err(name))
+}
+
+fn fill_trie<K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    entries: impl Iterator<Item = (u32, K, V)>,
+) -> Result<(), PolicyMapError> {
+    let mut trie = trie::<K, V>(ebpf, name)?;
+    for (prefix_len, key, value) in entries {
+        trie.insert(&Key::new(prefix_len, key), value, 0)
+            .map_err(map_err(name))?;
     }
-    {
-        let name = map_names::ADDR_V6;
-        let mut trie: LpmTrie<_, [u8; 16], AddrInfo> =
-            LpmTrie::try_from(map_mut(ebpf, name)?).map_err(map_err(name))?;
-        for (prefix_len, addr, info) in artifact.addr_v6_entries() {
-            trie.insert(&Key::new(prefix_len, addr), info, 0)
-                .map_err(map_err(name))?;
-        }
+    Ok(())
+}
+
+fn clear_trie<K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<(), PolicyMapError> {
+    let mut trie = trie::<K, V>(ebpf, name)?;
+    let keys: Vec<Key<K>> = trie.keys().filter_map(Result::ok).collect();
+    for key in &keys {
+        trie.remove(key).map_err(map_err(name))?;
     }
-    {
-        let name = map_names::SEGMENTS;
-        let mut segments: Array<_, SegmentInfo> =
-            Array::try_from(map_mut(ebpf, name)?).map_err(map_err(name))?;
-        for (id, info) in artifact.segment_infos().into_iter().enumerate() {
-            let id = u32::try_from(id).unwrap_or(u32::MAX);
-            segments.set(id, info, 0).map_err(map_err(name))?;
-        }
-    }
+    Ok(())
+}
+
+/// Writes `artifact` into the policy maps and `CONFIG` (as policy generation `generation`),
+/// replacing whatever policy they held. Not atomic: a packet judged while this runs may see
+/// parts of both policies.
+pub fn write(ebpf: &mut Ebpf, artifact: &Artifact, generation: u32) -> Result<(), PolicyMapError> {
+    clear_trie::<[u8; 4], AddrInfo>(ebpf, map_names::ADDR_V4)?;
+    clear_trie::<[u8; 16], AddrInfo>(ebpf, map_names::ADDR_V6)?;
+    clear_trie::<PortKey, PortValue>(ebpf, map_names::PORTS)?;
     {
         let name = map_names::PAIRS;
         let mut pairs: HashMap<_, PairKey, PairValue> =
             HashMap::try_from(map_mut(ebpf, name)?).map_err(map_err(name))?;
+        let keys: Vec<PairKey> = pairs.keys().filter_map(Result::ok).collect();
+        for key in &keys {
+            pairs.remove(key).map_err(map_err(name))?;
+        }
         for (key, value) in artifact.pair_entries() {
             pairs.insert(key, value, 0).map_err(map_err(name))?;
         }
     }
+    fill_trie(ebpf, map_names::ADDR_V4, artifact.addr_v4_entries())?;
+    fill_trie(ebpf, map_names::ADDR_V6, artifact.addr_v6_entries())?;
+    fill_trie(ebpf, map_names::PORTS, artifact.port_entries())?;
     {
-        let name = map_names::PORTS;
-        let mut ports: LpmTrie<_, PortKey, PortValue> =
-            LpmTrie::try_from(map_mut(ebpf, name)?).map_err(map_err(name))?;
-        for (prefix_len, key, value) in artifact.port_entries() {
-            ports
-                .insert(&Key::new(prefix_len, key), value, 0)
-                .map_err(map_err(name))?;
+        let name = map_names::SEGMENTS;
+        let mut segments: Array<_, SegmentInfo> =
+            Array::try_from(map_mut(ebpf, name)?).map_err(map_err(name))?;
+        let infos = artifact.segment_infos();
+        for id in 0..segments.len() {
+            let info = infos.get(id as usize).copied().unwrap_or_default();
+            segments.set(id, info, 0).map_err(map_err(name))?;
         }
     }
-    Ok(())
+    write_config(ebpf, &artifact.kernel_config(generation))
+}
+
+pub fn write_config(ebpf: &mut Ebpf, config: &Config) -> Result<(), PolicyMapError> {
+    let name = map_names::CONFIG;
+    let mut array: Array<_, Config> =
+        Array::try_from(map_mut(ebpf, name)?).map_err(map_err(name))?;
+    array.set(0, config, 0).map_err(map_err(name))
 }

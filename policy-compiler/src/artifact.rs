@@ -3,11 +3,12 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use enforcer_common::{
-    AddrInfo, PORT_KEY_FIXED_BITS, PairKey, PairValue, PortKey, PortValue, SegmentInfo,
+    AddrInfo, Config, PORT_KEY_FIXED_BITS, PairKey, PairValue, PortKey, PortValue, SegmentInfo,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::model::Mode;
+use crate::settings::{OnPolicyChange, Settings, Timeouts};
 
 /// Bumped whenever the artifact's meaning or layout changes.
 pub const FORMAT_VERSION: u32 = 1;
@@ -32,7 +33,31 @@ pub struct Artifact {
     pub segments: Vec<SegmentEntry>,
     /// Indexed by global rule index.
     pub rules: Vec<RuleEntry>,
+    pub settings: KernelSettings,
     pub maps: Maps,
+}
+
+/// The settings of `defaults.yaml` that the kernel programs and the daemon apply.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct KernelSettings {
+    pub on_policy_change: OnPolicyChange,
+    pub egress: Mode,
+    pub conntrack_max_entries: u32,
+    pub fragments_max_entries: u32,
+    /// Idle timeouts in seconds.
+    pub timeouts: Timeouts,
+}
+
+impl From<&Settings> for KernelSettings {
+    fn from(settings: &Settings) -> Self {
+        KernelSettings {
+            on_policy_change: settings.on_policy_change,
+            egress: settings.egress,
+            conntrack_max_entries: settings.conntrack_max_entries,
+            fragments_max_entries: settings.fragments_max_entries,
+            timeouts: settings.timeouts,
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -233,6 +258,27 @@ impl Artifact {
     /// Rule ids, indexed by global rule index.
     pub fn rule_ids(&self) -> Vec<String> {
         self.rules.iter().map(|rule| rule.id.clone()).collect()
+    }
+
+    /// The kernel's `CONFIG` entry for this policy, loaded as policy generation `generation`.
+    pub fn kernel_config(&self, generation: u32) -> Config {
+        let settings = &self.settings;
+        let policy_change = match settings.on_policy_change {
+            OnPolicyChange::Recheck => enforcer_common::policy_change::RECHECK,
+            OnPolicyChange::Keep => enforcer_common::policy_change::KEEP,
+        };
+        let egress_mode = match settings.egress {
+            Mode::Unenforced => enforcer_common::segment_mode::UNENFORCED,
+            Mode::Enforce => enforcer_common::segment_mode::ENFORCE,
+            Mode::Monitor => enforcer_common::segment_mode::MONITOR,
+        };
+        Config {
+            generation,
+            on_policy_change: policy_change,
+            egress_mode,
+            _pad: [0; 2],
+            timeouts_ns: settings.timeouts.as_kernel_ns(),
+        }
     }
 
     pub fn entry_counts(&self) -> EntryCounts {

@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use enforcer_common::{CLASS_WORLD, PORT_KEY_FIXED_BITS, SEGMENT_WORLD, proto_key};
 
 use crate::artifact::{
+    KernelSettings,
     AddrV4Entry, AddrV6Entry, Artifact, FORMAT_VERSION, Maps, PairEntry, PortEntry, RuleEntry,
     SegmentEntry,
 };
@@ -101,6 +102,7 @@ pub fn compile_with_capacities(
         revision: policy.revision().to_string(),
         segments,
         rules,
+        settings: KernelSettings::from(policy.settings()),
         maps: Maps {
             addr_v4: addresses.v4,
             addr_v6: addresses.v6,

@@ -16,16 +16,19 @@ mod load;
 pub mod model;
 pub mod packet;
 pub mod prefix;
+pub mod settings;
+pub mod stateful;
 mod yaml;
 
 use std::path::Path;
 
-pub use artifact::{Artifact, ArtifactError, EntryCounts};
+pub use artifact::{Artifact, ArtifactError, EntryCounts, KernelSettings};
 pub use compile::{CompileError, compile, compile_with_capacities};
 pub use error::{PolicyError, PolicyErrorKind, PolicyErrors};
 pub use evaluate::{Decision, Flow, Verdict};
 pub use model::{Capacities, Intra, Mode, Policy, PortMatch, Rule, RuleKind, Segment, Source};
 pub use prefix::Prefix;
+pub use settings::{OnPolicyChange, Settings, Timeouts};
 
 impl Policy {
     /// Reads and validates every top-level `*.yaml` / `*.yml` file of `dir` (hidden files and

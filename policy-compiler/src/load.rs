@@ -15,6 +15,7 @@ use crate::model::{
     Source, WORLD, icmp_type_by_name,
 };
 use crate::prefix::{Family, Prefix, PrefixParseError};
+use crate::settings::{OnPolicyChange, Settings, parse_duration};
 use crate::yaml::{self, Node, Pos, Value};
 
 const SEGMENT_FIELDS: &[&str] = &[
@@ -26,7 +27,24 @@ const SEGMENT_FIELDS: &[&str] = &[
     "allow",
 ];
 const RULE_FIELDS: &[&str] = &["name", "from", "ports", "reason"];
-const DEFAULTS_FIELDS: &[&str] = &["world"];
+const DEFAULTS_FIELDS: &[&str] = &[
+    "world",
+    "on_policy_change",
+    "egress",
+    "essential_traffic",
+    "conntrack",
+    "fragments",
+];
+const CONNTRACK_FIELDS: &[&str] = &[
+    "max_entries",
+    "tcp_syn_timeout",
+    "tcp_established_timeout",
+    "tcp_closing_timeout",
+    "udp_timeout",
+    "icmp_timeout",
+    "other_timeout",
+];
+const FRAGMENTS_FIELDS: &[&str] = &["max_entries", "timeout"];
 const WORLD_FIELDS: &[&str] = &["mode", "allow"];
 const DEFAULTS_STEM: &str = "defaults";
 
@@ -145,6 +163,7 @@ pub(crate) fn load_sources(
         file: String::new(),
         mode: Mode::Unenforced,
         rules: Vec::new(),
+        settings: Settings::default(),
     });
     let policy_label = policy_label(sources);
     let policy = loader.build(
@@ -208,6 +227,7 @@ struct RawWorld {
     file: String,
     mode: Mode,
     rules: Vec<RawRule>,
+    settings: Settings,
 }
 
 #[derive(Default)]
@@ -635,6 +655,7 @@ impl Loader {
             file: file.to_string(),
             mode: Mode::Unenforced,
             rules: Vec::new(),
+            settings: Settings::default(),
         };
         let root = match yaml::parse(text) {
             Ok(Some(root)) => root,
@@ -653,8 +674,12 @@ impl Loader {
         if root.value == Value::Null {
             return Some(world);
         }
-        for (_, world_node) in self.fields(file, &root, "defaults.yaml", DEFAULTS_FIELDS)? {
+        for (setting, world_node) in self.fields(file, &root, "defaults.yaml", DEFAULTS_FIELDS)? {
             if world_node.value == Value::Null {
+                continue;
+            }
+            if setting != "world" {
+                self.setting(file, setting, world_node, &mut world.settings);
                 continue;
             }
             for (field, value) in self.fields(file, world_node, "`world`", WORLD_FIELDS)? {
@@ -675,6 +700,104 @@ impl Loader {
             }
         }
         Some(world)
+    }
+
+    /// One policy-wide setting of `defaults.yaml` (see [`crate::settings`]).
+    fn setting(&mut self, file: &str, setting: &'static str, node: &Node, settings: &mut Settings) {
+        match setting {
+            "on_policy_change" => {
+                let choices = [
+                    ("recheck", OnPolicyChange::Recheck),
+                    ("keep", OnPolicyChange::Keep),
+                ];
+                if let Some(value) = self.keyword(file, setting, node, &choices) {
+                    settings.on_policy_change = value;
+                }
+            }
+            "egress" => {
+                let choices = [
+                    ("unenforced", Mode::Unenforced),
+                    ("enforce", Mode::Enforce),
+                    ("monitor", Mode::Monitor),
+                ];
+                if let Some(value) = self.keyword(file, setting, node, &choices) {
+                    settings.egress = value;
+                }
+            }
+            "essential_traffic" => {
+                settings.essential_traffic = match &node.value {
+                    Value::Seq(items) if items.is_empty() => Vec::new(),
+                    _ => self.ports(file, node),
+                };
+            }
+            "conntrack" => {
+                let Some(fields) = self.fields(file, node, "`conntrack`", CONNTRACK_FIELDS) else {
+                    return;
+                };
+                let timeouts = &mut settings.timeouts;
+                for (field, value) in fields {
+                    let slot = match field {
+                        "max_entries" => {
+                            if let Some(n) = self.count(file, field, value) {
+                                settings.conntrack_max_entries = n;
+                            }
+                            continue;
+                        }
+                        "tcp_syn_timeout" => &mut timeouts.tcp_syn,
+                        "tcp_established_timeout" => &mut timeouts.tcp_established,
+                        "tcp_closing_timeout" => &mut timeouts.tcp_closing,
+                        "udp_timeout" => &mut timeouts.udp,
+                        "icmp_timeout" => &mut timeouts.icmp,
+                        _ => &mut timeouts.other,
+                    };
+                    if let Some(seconds) = self.duration(file, field, value) {
+                        *slot = seconds;
+                    }
+                }
+            }
+            _ => {
+                let Some(fields) = self.fields(file, node, "`fragments`", FRAGMENTS_FIELDS) else {
+                    return;
+                };
+                for (field, value) in fields {
+                    if field == "max_entries" {
+                        if let Some(n) = self.count(file, field, value) {
+                            settings.fragments_max_entries = n;
+                        }
+                    } else if let Some(seconds) = self.duration(file, field, value) {
+                        settings.timeouts.fragment = seconds;
+                    }
+                }
+            }
+        }
+    }
+
+    /// A table size: 1 to 16,777,216.
+    fn count(&mut self, file: &str, field: &'static str, node: &Node) -> Option<u32> {
+        let text = self.string(file, field, node)?;
+        match text.parse::<u32>() {
+            Ok(n) if (1..=16_777_216).contains(&n) => Some(n),
+            _ => {
+                let hint = Some("a whole number from 1 to 16777216".to_string());
+                let kind = PolicyErrorKind::InvalidValue { field, value: text };
+                self.error(file, Some(node.pos), kind, hint);
+                None
+            }
+        }
+    }
+
+    /// A timeout in seconds, written `30s`, `5m`, `2h`, `5d` or as seconds.
+    fn duration(&mut self, file: &str, field: &'static str, node: &Node) -> Option<u64> {
+        let text = self.string(file, field, node)?;
+        match parse_duration(&text) {
+            Ok(duration) => Some(duration.as_secs()),
+            Err(problem) => {
+                let hint = Some(format!("{problem}; write e.g. 30s, 5m, 2h or 5d"));
+                let kind = PolicyErrorKind::InvalidValue { field, value: text };
+                self.error(file, Some(node.pos), kind, hint);
+                None
+            }
+        }
     }
 
     /// Cross-file checks, rule ids and global rule order.
@@ -730,7 +853,7 @@ impl Loader {
                 file: segment.file.clone(),
             });
         }
-        let world_rules = self.add_rules(
+        let mut world_rules = self.add_rules(
             &mut rules,
             WORLD,
             &world.file,
@@ -762,6 +885,38 @@ impl Loader {
                 });
             }
         }
+        // Essential traffic last in every judged allow-list: the segment's own rules name it
+        // first when they allow it too.
+        let essential = &world.settings.essential_traffic;
+        if !essential.is_empty() {
+            let mut add_essential = |segment_name: &str, file: &str, line: usize| {
+                let index = index_u32(rules.len());
+                rules.push(Rule {
+                    index,
+                    id: format!("{segment_name}/essential"),
+                    segment: segment_name.to_string(),
+                    kind: RuleKind::Allow {
+                        from: vec![Source::Any],
+                        ports: essential.clone(),
+                    },
+                    reason: Some(
+                        "essential traffic (defaults.yaml essential_traffic: path-MTU and neighbour discovery)"
+                            .to_string(),
+                    ),
+                    file: file.to_string(),
+                    line,
+                });
+                index
+            };
+            for (segment, raw) in segments.iter_mut().zip(by_name.values()) {
+                let index = add_essential(&segment.name, &segment.file, raw.name_pos.line);
+                segment.rules.push(index);
+            }
+            if world.mode != Mode::Unenforced {
+                let index = add_essential(WORLD, &world.file, 1);
+                world_rules.push(index);
+            }
+        }
         for rule in &rules {
             match rule_places.get(&rule.id) {
                 Some((file, line)) => {
@@ -789,6 +944,7 @@ impl Loader {
             world_rules,
             rules,
             revision,
+            settings: world.settings,
         };
         self.check_capacities(&policy, policy_label, capacities);
         policy

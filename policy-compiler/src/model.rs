@@ -26,6 +26,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::settings::Settings;
+
 use crate::prefix::Prefix;
 
 /// The implicit segment of every address that is in no segment.
@@ -243,6 +245,13 @@ pub struct Rule {
     pub line: usize,
 }
 
+impl Rule {
+    /// The `SEGMENT/essential` pseudo-rule (from `essential_traffic` in `defaults.yaml`).
+    pub fn is_essential(&self) -> bool {
+        self.id.ends_with("/essential") && self.id.starts_with(&self.segment)
+    }
+}
+
 /// A segment as written in its file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Segment {
@@ -300,6 +309,7 @@ pub struct Policy {
     /// Every rule, indexed by global rule index.
     pub(crate) rules: Vec<Rule>,
     pub(crate) revision: String,
+    pub(crate) settings: Settings,
 }
 
 impl Policy {
@@ -348,11 +358,16 @@ impl Policy {
         self.rules.get(index as usize)
     }
 
-    /// The rules written by users (every rule but the intra pseudo-rules).
+    /// Policy-wide settings from `defaults.yaml`.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The rules written by users (every rule but the intra and essential pseudo-rules).
     pub fn written_rule_count(&self) -> usize {
         self.rules
             .iter()
-            .filter(|rule| matches!(rule.kind, RuleKind::Allow { .. }))
+            .filter(|rule| matches!(rule.kind, RuleKind::Allow { .. }) && !rule.is_essential())
             .count()
     }
 

@@ -1,164 +1,142 @@
-//! Runs frames through the real XDP program with `BPF_PROG_TEST_RUN` and states, for the same
-//! frame, what the reference parser and evaluator in `policy-compiler` expect.
-use std::fmt;
+//! Runs frames through the real kernel programs with `BPF_PROG_TEST_RUN` (XDP for ingress, TC
+//! for egress) and compares every outcome with the reference model in `policy-compiler`
+//! ([`StatefulEvaluator`]), which sees the same frames in the same order.
+use std::collections::HashMap;
 
 use aya::programs::{TestRun as _, TestRunOptions};
-use enforcer::{Counters, Enforcer};
-use enforcer_common::counter;
+use enforcer::Enforcer;
+use enforcer_common::{counter, direction};
 use policy_compiler::{
-    Policy, Verdict,
-    packet::{FrameOutcome, parse_frame},
+    Policy,
+    stateful::{PacketOutcome, StatefulEvaluator},
 };
 
-pub const XDP_ABORTED: u32 = 0;
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
+/// `TC_ACT_UNSPEC` (-1): pass, and let later TC programs run.
+pub const TC_PASS: u32 = u32::MAX;
+pub const TC_DROP: u32 = 2;
 
-/// What happened to one frame: the XDP action, which counter it was counted under, and for an
-/// allowed packet the rule that allowed it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Outcome {
-    pub action: u32,
-    pub counter: u32,
-    pub rule: Option<u32>,
-}
-
-impl fmt::Display for Outcome {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let action = match self.action {
-            XDP_PASS => "PASS",
-            XDP_DROP => "DROP",
-            XDP_ABORTED => "ABORTED",
-            _ => "?",
-        };
-        let counter = counter::NAMES
-            .get(self.counter as usize)
-            .copied()
-            .unwrap_or("?");
-        write!(f, "{action}/{counter}")?;
-        if let Some(rule) = self.rule {
-            write!(f, " rule #{rule}")?;
-        }
-        Ok(())
+/// The return value a program gives for a packet that passes or is dropped.
+pub fn action(dir: u32, passed: bool) -> u32 {
+    match (dir == direction::INGRESS, passed) {
+        (true, true) => XDP_PASS,
+        (true, false) => XDP_DROP,
+        (false, true) => TC_PASS,
+        (false, false) => TC_DROP,
     }
 }
 
-/// The reference answer for `frame` under `policy`, with the evaluator's reason.
-pub fn expected(policy: &Policy, frame: &[u8]) -> (Outcome, String) {
-    let outcome = |action, counter, rule| Outcome {
-        action,
-        counter,
-        rule,
-    };
-    match parse_frame(frame) {
-        FrameOutcome::NonIp => (outcome(XDP_PASS, counter::NON_IP, None), "non-IP".into()),
-        FrameOutcome::Malformed => (
-            outcome(XDP_DROP, counter::DROP_MALFORMED, None),
-            "malformed".into(),
-        ),
-        FrameOutcome::UnsupportedEncap => (
-            outcome(XDP_DROP, counter::DROP_UNSUPPORTED_ENCAP, None),
-            "stacked VLAN".into(),
-        ),
-        FrameOutcome::Ip(flow) => {
-            let decision = policy.evaluate(&flow);
-            let result = match (decision.verdict, decision.rule_index) {
-                (Verdict::Allow, Some(rule)) => outcome(XDP_PASS, counter::ALLOWED, Some(rule)),
-                (Verdict::Allow, None) => outcome(XDP_PASS, counter::UNENFORCED, None),
-                (Verdict::Audit, _) => outcome(XDP_PASS, counter::AUDIT, None),
-                (Verdict::Deny, _) => outcome(XDP_DROP, counter::DROP_POLICY_DENIED, None),
-            };
-            let reason = format!(
-                "{flow:?}: {} -> {}: {}",
-                decision.src_segment, decision.dst_segment, decision.reason
-            );
-            (result, reason)
-        }
-    }
-}
-
-fn counter_values(counters: &Counters) -> [u64; counter::COUNT as usize] {
-    let mut values = [0; counter::COUNT as usize];
-    values[counter::ALLOWED as usize] = counters.allowed;
-    values[counter::AUDIT as usize] = counters.audit;
-    values[counter::UNENFORCED as usize] = counters.unenforced;
-    values[counter::NON_IP as usize] = counters.non_ip;
-    values[counter::DROP_POLICY_DENIED as usize] = counters.policy_denied;
-    values[counter::DROP_MALFORMED as usize] = counters.malformed;
-    values[counter::DROP_UNSUPPORTED_ENCAP as usize] = counters.unsupported_encap;
-    values
-}
-
-/// A loaded (not attached) enforcer holding one policy, driven with `BPF_PROG_TEST_RUN`.
+/// A loaded (not attached) enforcer and the reference model, fed the same packets.
 pub struct KernelHarness {
-    pub policy: Policy,
     pub enforcer: Enforcer,
-    last_counters: Counters,
+    pub reference: StatefulEvaluator,
+    /// Counter values as last read, by direction and counter.
+    shadow: [[u64; counter::COUNT as usize]; direction::COUNT as usize],
+    /// Rule hit counts as last read.
+    rule_shadow: HashMap<u32, u64>,
 }
 
 impl KernelHarness {
     pub fn load(policy: Policy) -> anyhow::Result<Self> {
         let artifact = policy_compiler::compile(&policy)?;
         let enforcer = Enforcer::load(&artifact)?;
-        let last_counters = enforcer.counters()?;
+        let counters = enforcer.counters()?;
+        let mut shadow = [[0; counter::COUNT as usize]; direction::COUNT as usize];
+        for dir in 0..direction::COUNT {
+            for index in 0..counter::COUNT {
+                shadow[dir as usize][index as usize] = counters.get(dir, index);
+            }
+        }
         Ok(Self {
-            policy,
             enforcer,
-            last_counters,
+            reference: StatefulEvaluator::new(policy),
+            shadow,
+            rule_shadow: HashMap::new(),
         })
     }
 
-    /// Runs one frame through the XDP program and reads back which counter moved and, for an
-    /// allowed packet, whether the expected rule's hit counter moved.
-    pub fn run(&mut self, frame: &[u8], expected_rule: Option<u32>) -> anyhow::Result<Outcome> {
-        let rule_before = match expected_rule {
-            Some(rule) => Some(self.enforcer.rule_hits(rule)?),
-            None => None,
-        };
-        let result = self.enforcer.xdp_program()?.test_run(TestRunOptions {
+    /// Loads another policy into the same maps, and into the reference.
+    pub fn replace_policy(&mut self, policy: Policy) -> anyhow::Result<()> {
+        let artifact = policy_compiler::compile(&policy)?;
+        self.enforcer.replace_policy(&artifact)?;
+        self.reference.load(policy);
+        self.rule_shadow.clear();
+        Ok(())
+    }
+
+    fn rule_hits(&mut self, rule: u32) -> anyhow::Result<u64> {
+        if let Some(hits) = self.rule_shadow.get(&rule) {
+            return Ok(*hits);
+        }
+        let hits = self.enforcer.rule_hits(rule)?;
+        self.rule_shadow.insert(rule, hits);
+        Ok(hits)
+    }
+
+    /// Runs `frame` through the program of `dir`; returns its return value.
+    pub fn run_kernel(&self, frame: &[u8], dir: u32) -> anyhow::Result<u32> {
+        let options = TestRunOptions {
             data_in: Some(frame),
             ..TestRunOptions::default()
-        })?;
-        let counters = self.enforcer.counters()?;
-        let before = counter_values(&self.last_counters);
-        let after = counter_values(&counters);
-        self.last_counters = counters;
-        let moved: Vec<u32> = (0..counter::COUNT)
-            .filter(|&i| after[i as usize] != before[i as usize])
-            .collect();
-        let counter = match moved.as_slice() {
-            [one] if after[*one as usize] == before[*one as usize] + 1 => *one,
-            _ => anyhow::bail!(
-                "expected exactly one counter to move by one, got {moved:?} (before {before:?}, after {after:?})"
-            ),
         };
-        // The hit counter of the rule the evaluator names must have moved; since every allowed
-        // packet counts exactly one rule hit, no other rule's did.
-        let rule = match (expected_rule, rule_before) {
-            (Some(rule), Some(before)) if counter == counter::ALLOWED => {
-                let after = self.enforcer.rule_hits(rule)?;
-                (after == before + 1).then_some(rule)
-            }
-            _ => None,
+        let result = if dir == direction::INGRESS {
+            self.enforcer.xdp_program()?.test_run(options)?
+        } else {
+            self.enforcer.tc_program()?.test_run(options)?
         };
-        Ok(Outcome {
-            action: result.return_value,
-            counter,
-            rule,
-        })
+        Ok(result.return_value)
     }
 
-    /// Runs `frame` and compares with the reference; `Err` describes a disagreement.
-    pub fn check(&mut self, frame: &[u8]) -> anyhow::Result<Outcome> {
-        let (want, reason) = expected(&self.policy, frame);
-        let got = self.run(frame, want.rule)?;
-        if got != want {
-            anyhow::bail!(
-                "kernel and reference disagree\n  frame:     {}\n  reference: {want} ({reason})\n  kernel:    {got}",
-                hex(frame)
-            );
+    /// Runs `frame` in `dir` through the kernel and the reference, and checks that the kernel
+    /// returned the reference's action, counted it under the reference's counter, and (for a
+    /// new allowed flow) credited the reference's rule. `Err` describes a disagreement.
+    pub fn check(&mut self, frame: &[u8], dir: u32) -> anyhow::Result<PacketOutcome> {
+        let want = self.reference.process(frame, dir);
+        let rule_before = match want.rule {
+            Some(rule) => Some((rule, self.rule_hits(rule)?)),
+            None => None,
+        };
+        let got_action = self.run_kernel(frame, dir)?;
+        let counted = self.enforcer.counter(dir, want.counter)?;
+        let expected_count = self.shadow[dir as usize][want.counter as usize] + 1;
+        let want_action = action(dir, want.passed());
+        let mut problems = Vec::new();
+        if got_action != want_action {
+            problems.push(format!("action {got_action}, want {want_action}"));
         }
-        Ok(got)
+        if counted != expected_count {
+            // Find where the kernel counted it instead.
+            let counters = self.enforcer.counters()?;
+            let moved: Vec<&str> = (0..counter::COUNT)
+                .filter(|&c| counters.get(dir, c) != self.shadow[dir as usize][c as usize])
+                .map(|c| counter::NAMES[c as usize])
+                .collect();
+            problems.push(format!("counted as {moved:?}"));
+            for c in 0..counter::COUNT {
+                self.shadow[dir as usize][c as usize] = counters.get(dir, c);
+            }
+        } else {
+            self.shadow[dir as usize][want.counter as usize] = counted;
+        }
+        if let Some((rule, before)) = rule_before {
+            let after = self.enforcer.rule_hits(rule)?;
+            self.rule_shadow.insert(rule, after);
+            if after != before + 1 {
+                problems.push(format!("rule #{rule} not credited"));
+            }
+        }
+        if problems.is_empty() {
+            return Ok(want);
+        }
+        anyhow::bail!(
+            "kernel and reference disagree on a packet seen on {}\n  frame:     {}\n  reference: {} {}\n  kernel:    {}",
+            direction::NAMES[dir as usize],
+            hex(frame),
+            counter::NAMES[want.counter as usize],
+            want.rule.map(|r| format!("(rule #{r})")).unwrap_or_default(),
+            problems.join("; "),
+        )
     }
 }
 

@@ -150,16 +150,17 @@ pub fn generate(rng: &mut impl Rng) -> GeneratedPolicy {
         yaml.push_str(&rules);
         sources.push((format!("segments/{name}.yaml"), yaml));
     }
+    let mut yaml = random_settings(rng);
     if rng.random_bool(0.6) {
-        let mut yaml = String::from("world:\n");
+        yaml.push_str("world:\n");
         let mode = *["unenforced", "enforce", "monitor"].choose(rng).unwrap();
         let _ = writeln!(yaml, "  mode: {mode}");
         let rules = random_rules(rng, "world", &names, &mut interesting);
         for line in rules.lines() {
             let _ = writeln!(yaml, "  {line}");
         }
-        sources.push(("segments/defaults.yaml".to_string(), yaml));
     }
+    sources.push(("segments/defaults.yaml".to_string(), yaml));
     for _ in 0..6 {
         interesting.push(IpAddr::V4(universe_v4(rng)));
         interesting.push(IpAddr::V6(universe_v6(rng)));
@@ -170,6 +171,54 @@ pub fn generate(rng: &mut impl Rng) -> GeneratedPolicy {
         sources,
         interesting,
     }
+}
+
+/// Policy-wide settings. Timeouts are long so that nothing expires during a test run (the
+/// reference model's clock stands still); tables are sometimes tiny so that "full" happens.
+fn random_settings(rng: &mut impl Rng) -> String {
+    let mut yaml = String::new();
+    let change = *["recheck", "keep"].choose(rng).unwrap();
+    let _ = writeln!(yaml, "on_policy_change: {change}");
+    let egress = *["unenforced", "unenforced", "monitor", "enforce"]
+        .choose(rng)
+        .unwrap();
+    let _ = writeln!(yaml, "egress: {egress}");
+    match rng.random_range(0..3) {
+        0 => yaml.push_str("essential_traffic: []\n"),
+        1 => yaml.push_str("essential_traffic: [icmp/time-exceeded, icmpv6/packet-too-big, udp/53]\n"),
+        _ => {}
+    }
+    let conntrack = if rng.random_bool(0.15) { 24 } else { 100_000 };
+    let _ = writeln!(
+        yaml,
+        "conntrack:\n  max_entries: {conntrack}\n  tcp_syn_timeout: 1h\n  tcp_established_timeout: 1h\n  tcp_closing_timeout: 1h\n  udp_timeout: 1h\n  icmp_timeout: 1h\n  other_timeout: 1h"
+    );
+    let fragments = if rng.random_bool(0.15) { 8 } else { 10_000 };
+    let _ = writeln!(yaml, "fragments:\n  max_entries: {fragments}\n  timeout: 1h");
+    yaml
+}
+
+/// A variant of a generated policy for a reload: one segment loses its rules or changes mode.
+/// It never needs more map entries than the original, so it fits the loaded maps.
+pub fn mutate_policy(rng: &mut impl Rng, sources: &[(String, String)]) -> Vec<(String, String)> {
+    let mut sources = sources.to_vec();
+    let segments: Vec<usize> = (0..sources.len())
+        .filter(|&i| !sources[i].0.ends_with("defaults.yaml"))
+        .collect();
+    let Some(&chosen) = segments.choose(rng) else {
+        return sources;
+    };
+    let text = &mut sources[chosen].1;
+    if rng.random_bool(0.5)
+        && let Some(allow) = text.find("allow:")
+    {
+        text.truncate(allow);
+    } else if text.contains("mode: monitor") {
+        *text = text.replace("mode: monitor", "mode: enforce");
+    } else {
+        *text = text.replace("mode: enforce", "mode: monitor");
+    }
+    sources
 }
 
 /// Records a prefix's edges and one random inside address as packet endpoints.

@@ -1,0 +1,100 @@
+//! Sweeping expired connection and fragment state. The kernel removes a flow's state when a
+//! packet finds it expired or the TCP connection is reset; flows that simply stop are removed
+//! here, so the (non-LRU) tables do not fill with the dead.
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapError},
+};
+use enforcer_common::{
+    Config, FlowKey, FlowState, FragmentKey, FragmentState, map_names, proto_key, tcp_state,
+    timeout,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SweepError {
+    #[error("the eBPF object has no map `{0}`")]
+    MissingMap(&'static str),
+    #[error("map `{map}`: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+}
+
+/// The clock of `bpf_ktime_get_ns`.
+pub fn monotonic_now_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    (now.tv_sec as u64) * 1_000_000_000 + now.tv_nsec as u64
+}
+
+/// The idle timeout of a tracked flow, as the kernel computes it.
+pub fn idle_timeout_ns(key: &FlowKey, state: &FlowState, config: &Config) -> u64 {
+    let index = match key.proto {
+        proto_key::TCP => match state.tcp {
+            tcp_state::SYN_SENT => timeout::TCP_SYN,
+            tcp_state::CLOSING => timeout::TCP_CLOSING,
+            _ => timeout::TCP_ESTABLISHED,
+        },
+        proto_key::UDP => timeout::UDP,
+        proto_key::ICMP | proto_key::ICMPV6 => timeout::ICMP,
+        _ => timeout::OTHER,
+    };
+    config.timeouts_ns[index]
+}
+
+/// Removes expired flows and fragments; returns how many of each.
+pub fn sweep(ebpf: &mut Ebpf, config: &Config) -> Result<(usize, usize), SweepError> {
+    let now = monotonic_now_ns();
+    let flows = {
+        let map = map_names::CONNTRACK;
+        let mut table: HashMap<_, FlowKey, FlowState> =
+            HashMap::try_from(ebpf.map_mut(map).ok_or(SweepError::MissingMap(map))?)
+                .map_err(|source| SweepError::Map { map, source })?;
+        let expired: Vec<FlowKey> = table
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(key, state)| {
+                now.saturating_sub(state.last_seen_ns) > idle_timeout_ns(key, state, config)
+            })
+            .map(|(key, _)| key)
+            .collect();
+        for key in &expired {
+            // A packet may have refreshed or removed it meanwhile: either is fine.
+            let _ = table.remove(key);
+        }
+        expired.len()
+    };
+    let fragments = {
+        let map = map_names::FRAGMENTS;
+        let mut table: HashMap<_, FragmentKey, FragmentState> =
+            HashMap::try_from(ebpf.map_mut(map).ok_or(SweepError::MissingMap(map))?)
+                .map_err(|source| SweepError::Map { map, source })?;
+        let limit = config.timeouts_ns[timeout::FRAGMENT];
+        let expired: Vec<FragmentKey> = table
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, state)| now.saturating_sub(state.first_seen_ns) > limit)
+            .map(|(key, _)| key)
+            .collect();
+        for key in &expired {
+            let _ = table.remove(key);
+        }
+        expired.len()
+    };
+    Ok((flows, fragments))
+}
+
+/// Number of tracked flows.
+pub fn tracked_flows(ebpf: &Ebpf) -> Result<usize, SweepError> {
+    let map = map_names::CONNTRACK;
+    let table: HashMap<_, FlowKey, FlowState> =
+        HashMap::try_from(ebpf.map(map).ok_or(SweepError::MissingMap(map))?)
+            .map_err(|source| SweepError::Map { map, source })?;
+    Ok(table.keys().filter(Result::is_ok).count())
+}

@@ -1,0 +1,322 @@
+//! The reference model of the kernel programs as a whole: the packet parser, connection
+//! tracking, fragment tracking and the policy, for a sequence of packets seen on ingress or
+//! egress. It is the specification the differential tests hold the kernel to: one expected
+//! outcome (a counter of `enforcer_common::counter`) per packet.
+//!
+//! - A later fragment passes when its datagram's first fragment passed (within the fragment
+//!   timeout), else it is dropped (`fragment_no_state`).
+//! - An ICMP error whose quoted packet belongs to a tracked flow passes (`related`).
+//! - A packet of a tracked flow passes in either direction (`established`). TCP: a RST removes
+//!   the state; FINs from both sides start the short closing timeout. With
+//!   `on_policy_change: recheck`, a flow is judged again, as its first packet, on its first
+//!   packet after a policy load; if its rule is gone the state is removed and the packet dropped
+//!   (`flow_revoked`).
+//! - Any other packet is judged by the policy (egress only when `egress` is not unenforced; a
+//!   denial on monitored egress is audit). When it passes and starts a flow (not a TCP RST or
+//!   FIN; for ICMP only an echo request), state is created; if the table is full the packet is
+//!   dropped (`conntrack_full`). A first fragment that passes is remembered, or dropped
+//!   (`conntrack_full`) when the fragment table is full.
+use std::collections::HashMap;
+
+use enforcer_common::{FlowKey, FragmentKey, counter, direction, tcp_state};
+
+use crate::{
+    Flow, Mode, OnPolicyChange, Policy, Verdict,
+    packet::{DropReason, FrameOutcome, Packet, flow_key, parse_frame, widen},
+};
+
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+
+/// What happened to one packet: the counter it is counted under (which says whether it passed)
+/// and, for a new flow allowed by a rule, the rule's global index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PacketOutcome {
+    pub counter: u32,
+    pub rule: Option<u32>,
+}
+
+impl PacketOutcome {
+    fn of(counter: u32) -> Self {
+        PacketOutcome {
+            counter,
+            rule: None,
+        }
+    }
+
+    pub fn passed(&self) -> bool {
+        !counter::is_drop(self.counter)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct ConnState {
+    last_seen_ns: u64,
+    generation: u32,
+    /// 0 when endpoint `a` of the key started the flow.
+    initiator: u8,
+    tcp: u8,
+    fin_seen: u8,
+    /// The admitting packet as the policy judged it, and where.
+    admitted_flow: Flow,
+    direction: u32,
+}
+
+enum Judgement {
+    Allowed(u32),
+    Audit,
+    Unenforced,
+    Denied,
+}
+
+/// The reference model's state: a loaded policy and the connection and fragment tables.
+pub struct StatefulEvaluator {
+    policy: Policy,
+    generation: u32,
+    conntrack: HashMap<FlowKey, ConnState>,
+    fragments: HashMap<FragmentKey, u64>,
+    now_ns: u64,
+}
+
+impl StatefulEvaluator {
+    pub fn new(policy: Policy) -> Self {
+        StatefulEvaluator {
+            policy,
+            generation: 1,
+            conntrack: HashMap::new(),
+            fragments: HashMap::new(),
+            now_ns: 0,
+        }
+    }
+
+    /// Loads a new policy; tracked flows stay (see `on_policy_change`).
+    pub fn load(&mut self, policy: Policy) {
+        self.policy = policy;
+        self.generation += 1;
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// Sets the clock that idle timeouts are measured against.
+    pub fn set_time_ns(&mut self, now_ns: u64) {
+        self.now_ns = now_ns;
+    }
+
+    /// Tracked flows.
+    pub fn tracked_flows(&self) -> usize {
+        self.conntrack.len()
+    }
+
+    /// The outcome for `frame` seen in `dir` (`enforcer_common::direction`).
+    pub fn process(&mut self, frame: &[u8], dir: u32) -> PacketOutcome {
+        match parse_frame(frame) {
+            FrameOutcome::NonIp => PacketOutcome::of(counter::NON_IP),
+            FrameOutcome::Drop(reason) => PacketOutcome::of(match reason {
+                DropReason::Malformed => counter::DROP_MALFORMED,
+                DropReason::UnsupportedEncap => counter::DROP_UNSUPPORTED_ENCAP,
+                DropReason::FragmentOverlap => counter::DROP_FRAGMENT_OVERLAP,
+                DropReason::FragmentTooSmall => counter::DROP_FRAGMENT_TOO_SMALL,
+                DropReason::TooManyExtHeaders => counter::DROP_TOO_MANY_EXT_HEADERS,
+            }),
+            FrameOutcome::LaterFragment(key) => PacketOutcome::of(self.follow_fragment(&key)),
+            FrameOutcome::Ip(packet) => {
+                let outcome = self.decide(&packet, dir);
+                match packet.first_fragment {
+                    Some((id, proto)) if outcome.passed() => {
+                        if self.remember_fragment(&packet, id, proto) {
+                            outcome
+                        } else {
+                            PacketOutcome::of(counter::DROP_CONNTRACK_FULL)
+                        }
+                    }
+                    _ => outcome,
+                }
+            }
+        }
+    }
+
+    fn follow_fragment(&mut self, key: &FragmentKey) -> u32 {
+        let timeout = self.policy.settings().timeouts.fragment.saturating_mul(1_000_000_000);
+        match self.fragments.get(key) {
+            Some(first_seen) if self.now_ns.saturating_sub(*first_seen) <= timeout => {
+                counter::FRAGMENT
+            }
+            Some(_) => {
+                self.fragments.remove(key);
+                counter::DROP_FRAGMENT_NO_STATE
+            }
+            None => counter::DROP_FRAGMENT_NO_STATE,
+        }
+    }
+
+    fn remember_fragment(&mut self, packet: &Packet, id: u32, proto: u8) -> bool {
+        let (src, family) = widen(packet.flow.src);
+        let (dst, _) = widen(packet.flow.dst);
+        let key = FragmentKey {
+            src,
+            dst,
+            id,
+            proto,
+            family,
+            _pad: [0; 2],
+        };
+        let capacity = self.policy.settings().fragments_max_entries as usize;
+        if !self.fragments.contains_key(&key) && self.fragments.len() >= capacity {
+            return false;
+        }
+        self.fragments.insert(key, self.now_ns);
+        true
+    }
+
+    fn judge(&self, flow: &Flow, dir: u32) -> Judgement {
+        let egress_mode = self.policy.settings().egress;
+        if dir == direction::EGRESS && egress_mode == Mode::Unenforced {
+            return Judgement::Unenforced;
+        }
+        let decision = self.policy.evaluate(flow);
+        match (decision.verdict, decision.rule_index) {
+            (Verdict::Allow, Some(rule)) => Judgement::Allowed(rule),
+            (Verdict::Allow, None) => Judgement::Unenforced,
+            (Verdict::Audit, _) => Judgement::Audit,
+            (Verdict::Deny, _) if dir == direction::EGRESS && egress_mode == Mode::Monitor => {
+                Judgement::Audit
+            }
+            (Verdict::Deny, _) => Judgement::Denied,
+        }
+    }
+
+    fn idle_timeout_ns(&self, state: &ConnState, proto: u8) -> u64 {
+        let timeouts = &self.policy.settings().timeouts;
+        let seconds = match proto {
+            6 => match state.tcp {
+                tcp_state::SYN_SENT => timeouts.tcp_syn,
+                tcp_state::CLOSING => timeouts.tcp_closing,
+                _ => timeouts.tcp_established,
+            },
+            17 => timeouts.udp,
+            1 | 58 => timeouts.icmp,
+            _ => timeouts.other,
+        };
+        seconds.saturating_mul(1_000_000_000)
+    }
+
+    fn is_tracked(&self, key: &FlowKey) -> bool {
+        self.conntrack.get(key).is_some_and(|state| {
+            self.now_ns.saturating_sub(state.last_seen_ns) <= self.idle_timeout_ns(state, key.proto)
+        })
+    }
+
+    fn decide(&mut self, packet: &Packet, dir: u32) -> PacketOutcome {
+        if let Some(quoted) = &packet.quoted
+            && self.is_tracked(quoted)
+        {
+            return PacketOutcome::of(counter::RELATED);
+        }
+        let (src, family) = widen(packet.flow.src);
+        let (dst, _) = widen(packet.flow.dst);
+        let (key, src_side) = flow_key(
+            &src,
+            packet.sport,
+            &dst,
+            packet.dport,
+            packet.flow.proto,
+            family,
+        );
+        if let Some(outcome) = self.track(&key, src_side, packet) {
+            return PacketOutcome::of(outcome);
+        }
+        let (admitted, rule) = match self.judge(&packet.flow, dir) {
+            Judgement::Allowed(rule) => (counter::ALLOWED, Some(rule)),
+            Judgement::Audit => (counter::AUDIT, None),
+            Judgement::Unenforced => (counter::UNENFORCED, None),
+            Judgement::Denied => return PacketOutcome::of(counter::DROP_POLICY_DENIED),
+        };
+        if starts_flow(packet) {
+            let capacity = self.policy.settings().conntrack_max_entries as usize;
+            if self.conntrack.len() >= capacity {
+                return PacketOutcome::of(counter::DROP_CONNTRACK_FULL);
+            }
+            let syn_only = packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+            self.conntrack.insert(
+                key,
+                ConnState {
+                    last_seen_ns: self.now_ns,
+                    generation: self.generation,
+                    initiator: src_side,
+                    tcp: if syn_only {
+                        tcp_state::SYN_SENT
+                    } else {
+                        tcp_state::ESTABLISHED
+                    },
+                    fin_seen: 0,
+                    admitted_flow: packet.flow,
+                    direction: dir,
+                },
+            );
+        }
+        PacketOutcome {
+            counter: admitted,
+            rule,
+        }
+    }
+
+    /// The outcome for a packet of a live tracked flow, or `None` when it has none.
+    fn track(&mut self, key: &FlowKey, src_side: u8, packet: &Packet) -> Option<u32> {
+        let state = self.conntrack.get(key)?.clone();
+        if self.now_ns.saturating_sub(state.last_seen_ns) > self.idle_timeout_ns(&state, key.proto)
+        {
+            self.conntrack.remove(key);
+            return None;
+        }
+        let mut state = state;
+        if state.generation != self.generation {
+            if self.policy.settings().on_policy_change == OnPolicyChange::Recheck
+                && matches!(
+                    self.judge(&state.admitted_flow, state.direction),
+                    Judgement::Denied
+                )
+            {
+                self.conntrack.remove(key);
+                return Some(counter::DROP_FLOW_REVOKED);
+            }
+            state.generation = self.generation;
+        }
+        if key.proto == 6 {
+            let flags = packet.tcp_flags;
+            if flags & TCP_RST != 0 {
+                self.conntrack.remove(key);
+                return Some(counter::ESTABLISHED);
+            }
+            let from_initiator = src_side == state.initiator;
+            if !from_initiator && state.tcp == tcp_state::SYN_SENT {
+                state.tcp = tcp_state::ESTABLISHED;
+            }
+            if flags & TCP_FIN != 0 {
+                state.fin_seen |= if from_initiator {
+                    tcp_state::FIN_FROM_INITIATOR
+                } else {
+                    tcp_state::FIN_FROM_RESPONDER
+                };
+                if state.fin_seen == tcp_state::FIN_FROM_INITIATOR | tcp_state::FIN_FROM_RESPONDER {
+                    state.tcp = tcp_state::CLOSING;
+                }
+            }
+        }
+        state.last_seen_ns = self.now_ns;
+        self.conntrack.insert(*key, state);
+        Some(counter::ESTABLISHED)
+    }
+}
+
+fn starts_flow(packet: &Packet) -> bool {
+    match packet.flow.proto {
+        6 => packet.tcp_flags & (TCP_RST | TCP_FIN) == 0,
+        1 | 58 => packet.is_echo_request,
+        _ => true,
+    }
+}
+
