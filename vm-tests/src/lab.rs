@@ -52,6 +52,8 @@ pub enum LabError {
     Topology(String),
     #[error("no host named {0:?} in this lab")]
     UnknownHost(String),
+    #[error("enforcer binary: {0}")]
+    EnforcerBinary(String),
     #[error("enforcer on {host}: {message}")]
     Enforcer { host: String, message: String },
 }
@@ -432,6 +434,9 @@ impl Lab {
     }
 
     /// Starts the daemon in `host`'s namespace on its `eth0` and waits until it is ready.
+    ///
+    /// The daemon gets SIGTERM when the calling thread exits, so that a killed test process
+    /// leaves nothing attached: call this from a thread that outlives the returned guard.
     pub fn start_enforcer(&self, host: &str, policy_dir: &Path) -> Result<Enforcer<'_>> {
         let mut started = self.start_enforcers(&[host], policy_dir)?;
         Ok(started.remove(0))
@@ -444,8 +449,10 @@ impl Lab {
         for host in hosts {
             started.push(Enforcer::spawn(self.host(host)?, &bin, policy_dir)?);
         }
+        let timeout = Duration::from_secs(30);
+        let deadline = std::time::Instant::now() + timeout;
         for enforcer in &mut started {
-            enforcer.wait_ready(Duration::from_secs(30))?;
+            enforcer.wait_ready(deadline, timeout)?;
         }
         Ok(started)
     }

@@ -171,7 +171,13 @@ fn clinical_matrix_matches_reference_evaluator() {
         ("ehr-core-ws", "billing", Proto::Tcp, 5432, Verdict::Allow),
         ("lab-ws", "pacs", Proto::Tcp, 104, Verdict::Deny),
         ("noc", "pacs", Proto::Udp, 161, Verdict::Allow),
-        ("pharmacy-ws", "icu-telemetry", Proto::Tcp, 5432, Verdict::Audit),
+        (
+            "pharmacy-ws",
+            "icu-telemetry",
+            Proto::Tcp,
+            5432,
+            Verdict::Audit,
+        ),
     ];
     for (from, to, proto, port, verdict) in key_flows {
         let case = find(&cases, from, to, proto, port);
@@ -231,9 +237,17 @@ fn clinical_matrix_matches_reference_evaluator() {
         }
     }
 
+    // The first mismatches say enough; hundreds would bury the counters below them.
+    const SHOWN: usize = 30;
     let mut failures = String::new();
-    for (case, &ok) in cases.iter().zip(&connected) {
-        if ok != case.should_connect() {
+    let mismatches = cases
+        .iter()
+        .zip(&connected)
+        .filter(|(case, ok)| **ok != case.should_connect());
+    let mut mismatch_count = 0;
+    for (case, &ok) in mismatches {
+        mismatch_count += 1;
+        if mismatch_count <= SHOWN {
             let _ = writeln!(
                 failures,
                 "  {}: expected {:?} ({}), but it {}",
@@ -243,6 +257,13 @@ fn clinical_matrix_matches_reference_evaluator() {
                 if ok { "connected" } else { "did not connect" }
             );
         }
+    }
+    if mismatch_count > SHOWN {
+        let _ = writeln!(
+            failures,
+            "  ... {} more of {mismatch_count} mismatching probes",
+            mismatch_count - SHOWN
+        );
     }
     for error in &stop_errors {
         let _ = writeln!(failures, "  {error}");

@@ -6,5 +6,9 @@ pub(crate) fn run(ws: &Workspace) -> Result<()> {
     // enforcer's build.rs compiles the eBPF program with aya-build, which needs bpf-linker and
     // nightly rust-src.
     setup::run(ws)?;
-    exec(&mut ws.cargo(["build", "--workspace", "--all-targets"]))
+    exec(
+        ws.cargo(["build"])
+            .args(ws.host_packages())
+            .arg("--all-targets"),
+    )
 }

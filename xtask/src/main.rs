@@ -9,6 +9,8 @@ mod setup;
 mod test;
 mod util;
 
+use std::process::ExitCode;
+
 use anyhow::Result;
 use clap::Parser;
 
@@ -31,8 +33,22 @@ enum Subcommand {
     Demo(demo::Options),
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
+    // Print the error chain ourselves: returning it from main would add a backtrace whenever
+    // RUST_BACKTRACE is set, burying the one line that matters.
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     let XtaskOptions { command } = Parser::parse();
+    // Every command installs or runs something that needs root on Linux; say so up front.
+    setup::check_platform()?;
     let ws = util::Workspace::discover()?;
     match command {
         Subcommand::Setup => setup::run(&ws),

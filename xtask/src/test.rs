@@ -3,18 +3,24 @@
 
 use std::{
     ffi::OsString,
-    fmt::Write as _,
+    io::{BufRead as _, BufReader},
+    path::Path,
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 use clap::Parser;
 
-use crate::{setup, util::Workspace, util::exec};
+use crate::{
+    setup,
+    util::{Workspace, display, exec, path_with_cargo_bin},
+};
 
 #[derive(Parser)]
 pub(crate) struct Options {
-    /// Arguments passed to `cargo test` (e.g. `-- --nocapture`, or a test name filter).
+    /// Arguments appended to `cargo test --workspace --no-fail-fast`, e.g.
+    /// `--test e2e -- --nocapture`, or a test name filter.
     #[arg(last = true)]
     args: Vec<OsString>,
 }
@@ -25,61 +31,136 @@ struct Step {
     ok: bool,
 }
 
+/// Sums of cargo test's `test result:` lines over all test binaries.
+#[derive(Default)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+    binaries: u64,
+}
+
+impl Tally {
+    /// `test result: ok. 14 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; …`
+    fn add_line(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        self.binaries += 1;
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(what), Some(n)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match what {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                "ignored" => self.ignored += n,
+                _ => {}
+            }
+        }
+    }
+}
+
 pub(crate) fn run(ws: &Workspace, opts: Options) -> Result<()> {
     let Options { args } = opts;
     let started = Instant::now();
     let mut steps = Vec::new();
-    let result = run_steps(ws, args, &mut steps);
+    let mut tally = Tally::default();
+    let result = run_steps(ws, &args, &mut steps, &mut tally);
 
-    let mut summary = String::from("\n== cargo xtask test summary ==\n");
+    println!("\n== cargo xtask test summary");
     for Step { name, took, ok } in &steps {
         let status = if *ok { "ok" } else { "FAILED" };
-        let _ = writeln!(
-            summary,
-            "  {name:<8} {status:<6} {:>6.1}s",
-            took.as_secs_f64()
-        );
+        println!("  {name:<11} {status:<6} {:>6.1}s", took.as_secs_f64());
     }
     let verdict = if result.is_ok() { "passed" } else { "FAILED" };
-    let _ = writeln!(
-        summary,
-        "  {verdict} in {:.1}s",
-        started.elapsed().as_secs_f64()
-    );
-    println!("{summary}");
+    println!("  {verdict} in {:.1}s", started.elapsed().as_secs_f64());
+    if tally.binaries > 0 {
+        println!(
+            "tests: {} passed, {} failed, {} skipped",
+            tally.passed, tally.failed, tally.ignored
+        );
+    }
     result
 }
 
-fn run_steps(ws: &Workspace, args: Vec<OsString>, steps: &mut Vec<Step>) -> Result<()> {
+fn run_steps(
+    ws: &Workspace,
+    args: &[OsString],
+    steps: &mut Vec<Step>,
+    tally: &mut Tally,
+) -> Result<()> {
     step(steps, "setup", || setup::run(ws))?;
     step(steps, "fmt", || {
         exec(&mut ws.cargo(["fmt", "--all", "--", "--check"]))
     })?;
     step(steps, "clippy", || {
-        exec(&mut ws.cargo([
-            "clippy",
-            "--workspace",
+        exec(ws.cargo(["clippy"]).args(ws.host_packages()).args([
             "--all-targets",
             "--",
             "-D",
             "warnings",
         ]))
     })?;
+    if !ws.bpf_only.is_empty() {
+        step(steps, "clippy-bpf", || {
+            // Kernel crates are no_std/no_main: they can only be linted for their own target,
+            // which needs nightly's build-std like aya-build does.
+            let mut cmd = Command::new("rustup");
+            cmd.args(["run", "nightly", "cargo", "clippy"])
+                .args(ws.bpf_only.iter().flat_map(|name| ["-p", name]))
+                .args([
+                    "--target",
+                    "bpfel-unknown-none",
+                    "-Z",
+                    "build-std=core",
+                    "--",
+                    "-D",
+                    "warnings",
+                ])
+                .current_dir(&ws.root)
+                .env("PATH", path_with_cargo_bin());
+            exec(&mut cmd)
+        })?;
+    }
     let mut enforcer = None;
     step(steps, "enforcer", || {
         enforcer = Some(ws.build_enforcer()?);
         Ok(())
     })?;
     let Some(enforcer) = enforcer else {
-        bail!("enforcer build step returned no path");
+        bail!("the enforcer build step returned no path");
     };
-    step(steps, "tests", || {
-        exec(
-            ws.cargo(["test", "--workspace", "--no-fail-fast"])
-                .args(&args)
-                .env("ENFORCER_BIN", &enforcer),
-        )
-    })
+    step(steps, "tests", || cargo_test(ws, args, &enforcer, tally))
+}
+
+/// Runs cargo test with its stdout passed through line by line, counting results on the way.
+fn cargo_test(ws: &Workspace, args: &[OsString], enforcer: &Path, tally: &mut Tally) -> Result<()> {
+    let mut cmd = ws.cargo(["test"]);
+    cmd.args(ws.host_packages())
+        .arg("--no-fail-fast")
+        .args(args)
+        .env("ENFORCER_BIN", enforcer)
+        .stdout(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("failed to run {}", display(&cmd)))?;
+    if let Some(stdout) = child.stdout.take() {
+        for line in BufReader::new(stdout).lines() {
+            let line = line.context("reading cargo test output")?;
+            println!("{line}");
+            tally.add_line(&line);
+        }
+    }
+    let status = child
+        .wait()
+        .with_context(|| format!("failed to wait for {}", display(&cmd)))?;
+    if !status.success() {
+        bail!("{} failed: {status}", display(&cmd));
+    }
+    Ok(())
 }
 
 fn step(steps: &mut Vec<Step>, name: &'static str, f: impl FnOnce() -> Result<()>) -> Result<()> {
@@ -92,4 +173,27 @@ fn step(steps: &mut Vec<Step>, name: &'static str, f: impl FnOnce() -> Result<()
         ok: result.is_ok(),
     });
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Tally;
+
+    #[test]
+    fn tally_sums_result_lines() {
+        let mut tally = Tally::default();
+        for line in [
+            "test result: ok. 14 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; \
+             finished in 0.00s",
+            "running 3 tests",
+            "test result: FAILED. 2 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; \
+             finished in 4.42s",
+        ] {
+            tally.add_line(line);
+        }
+        assert_eq!(
+            (tally.passed, tally.failed, tally.ignored, tally.binaries),
+            (16, 1, 1, 2)
+        );
+    }
 }

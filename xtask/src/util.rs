@@ -12,6 +12,9 @@ use cargo_metadata::MetadataCommand;
 pub(crate) struct Workspace {
     pub(crate) root: PathBuf,
     pub(crate) target_dir: PathBuf,
+    /// Members left out of `default-members`: kernel crates that only build for the BPF
+    /// target (their `bin` collides with the daemon's `target/debug/enforcer` on the host).
+    pub(crate) bpf_only: Vec<String>,
     cargo: OsString,
 }
 
@@ -21,7 +24,18 @@ impl Workspace {
             .no_deps()
             .exec()
             .context("failed to run `cargo metadata`")?;
+        let bpf_only = if metadata.workspace_default_members.is_available() {
+            metadata
+                .workspace_packages()
+                .into_iter()
+                .filter(|p| !metadata.workspace_default_members.contains(&p.id))
+                .map(|p| p.name.to_string())
+                .collect()
+        } else {
+            Vec::new()
+        };
         Ok(Self {
+            bpf_only,
             root: metadata.workspace_root.into_std_path_buf(),
             target_dir: metadata.target_directory.into_std_path_buf(),
             // The cargo that runs us (`cargo xtask`), so `+toolchain` choices carry over.
@@ -41,6 +55,15 @@ impl Workspace {
             .current_dir(&self.root)
             .env("PATH", path_with_cargo_bin());
         cmd
+    }
+
+    /// `--workspace` minus the BPF-only members, for host builds, lints and tests.
+    pub(crate) fn host_packages(&self) -> Vec<String> {
+        let mut args = vec!["--workspace".to_owned()];
+        for name in &self.bpf_only {
+            args.extend(["--exclude".to_owned(), name.clone()]);
+        }
+        args
     }
 
     /// Path of the `enforcer` binary built by `cargo build -p enforcer --bin enforcer`.
@@ -106,9 +129,11 @@ pub(crate) fn output(cmd: &mut Command) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// `program arg arg`, for messages (`Command`'s Debug quotes every word).
+/// `program arg arg`, for messages (`Command`'s Debug quotes every word; the program's
+/// directory, e.g. `$CARGO`'s, is noise).
 pub(crate) fn display(cmd: &Command) -> String {
-    std::iter::once(cmd.get_program())
+    let program = Path::new(cmd.get_program());
+    std::iter::once(program.file_name().unwrap_or(program.as_os_str()))
         .chain(cmd.get_args())
         .map(|s| s.to_string_lossy())
         .collect::<Vec<_>>()

@@ -40,10 +40,7 @@ struct Shutdown {
 /// The daemon binary: `$ENFORCER_BIN`, else `enforcer` in the cargo target directory this
 /// executable was built into (`target/debug/deps/e2e-…` or `target/debug/demo`).
 pub fn enforcer_bin() -> Result<PathBuf> {
-    let not_found = |message: String| LabError::Enforcer {
-        host: "-".into(),
-        message,
-    };
+    let not_found = LabError::EnforcerBinary;
     if let Some(bin) = env::var_os("ENFORCER_BIN") {
         let bin = PathBuf::from(bin);
         return if bin.is_file() {
@@ -104,13 +101,19 @@ impl Enforcer<'_> {
             // Own process group: Ctrl-C in a terminal reaches us, and we stop the daemon in
             // order, rather than it racing our cleanup.
             .process_group(0);
-        // SAFETY: prctl is async-signal-safe. If the test process dies without unwinding, the
-        // daemon gets SIGTERM and detaches instead of holding XDP on an orphaned namespace.
+        // SAFETY: prctl, sigemptyset and pthread_sigmask are async-signal-safe.
         unsafe {
             cmd.pre_exec(|| {
+                // If this process dies without unwinding, the daemon gets SIGTERM and detaches
+                // instead of holding XDP on an orphaned namespace.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
+                // The mask is inherited across exec: a caller that blocked SIGTERM (see
+                // `cleanup_on_signals`) would leave the daemon deaf to it.
+                let mut none = std::mem::zeroed::<libc::sigset_t>();
+                libc::sigemptyset(&mut none);
+                libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
                 Ok(())
             });
         }
@@ -180,28 +183,26 @@ impl Enforcer<'_> {
         }
     }
 
-    pub(super) fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            match self
-                .ready
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            {
-                Ok(()) => return Ok(()),
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    return Err(self.error(format!("no `{READY_MARKER}` line within {timeout:?}")));
-                }
-                // stderr closed: the daemon exited (or closed stderr) before it was ready.
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    let status = self.child.take().and_then(|mut child| {
-                        netns::unregister_daemon(&self.lab_id, child.id() as i32);
-                        child.wait().ok()
-                    });
-                    return Err(self.error(format!(
-                        "exited before `{READY_MARKER}` ({})",
-                        status.map_or("unknown status".into(), |s| s.to_string())
-                    )));
-                }
+    /// Waits for the readiness line until `deadline` (shared when several daemons start).
+    pub(super) fn wait_ready(&mut self, deadline: Instant, timeout: Duration) -> Result<()> {
+        match self
+            .ready
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            Ok(()) => Ok(()),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                Err(self.error(format!("no `{READY_MARKER}` line within {timeout:?}")))
+            }
+            // stderr closed: the daemon exited (or closed stderr) before it was ready.
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let status = self.child.take().and_then(|mut child| {
+                    netns::unregister_daemon(&self.lab_id, child.id() as i32);
+                    child.wait().ok()
+                });
+                Err(self.error(format!(
+                    "exited before `{READY_MARKER}` ({})",
+                    status.map_or("unknown status".into(), |s| s.to_string())
+                )))
             }
         }
     }

@@ -244,7 +244,8 @@ pub fn cleanup_all() {
 /// Makes SIGINT, SIGTERM and SIGHUP clean up the lab ([`cleanup_all`]) and exit with
 /// 128 + signal. Call it first thing in `main`, before any thread is spawned: it blocks these
 /// signals in the calling thread so that every later thread inherits the mask and only the
-/// dedicated signal thread receives them. (Child processes get a clean mask from `std`.)
+/// dedicated signal thread receives them. Child processes inherit the mask; the daemons the
+/// lab starts unblock them again.
 pub fn cleanup_on_signals() -> Result<()> {
     // SAFETY: sigset_t is plain data; the libc calls only write into it.
     let set = unsafe {
