@@ -238,8 +238,8 @@ pub fn create(
         policy_proto: flow.proto_key,
         direction: direction as u8,
     };
-    match CONNTRACK.insert(key, &state, BPF_NOEXIST) {
+    match CONNTRACK.insert(key, state, BPF_NOEXIST) {
         Ok(()) => true,
-        Err(error) => error as i32 == -EEXIST,
+        Err(error) => error == -EEXIST,
     }
 }

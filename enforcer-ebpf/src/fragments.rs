@@ -34,6 +34,6 @@ pub fn remember(key: &mut FragmentKey, flow: &Flow, now: u64) -> bool {
     key.family = flow.family;
     key._pad = [0; 2];
     FRAGMENTS
-        .insert(&*key, &FragmentState { first_seen_ns: now }, 0)
+        .insert(*key, FragmentState { first_seen_ns: now }, 0)
         .is_ok()
 }

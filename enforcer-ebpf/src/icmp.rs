@@ -40,7 +40,12 @@ pub fn fill(frame: &Frame, flow: &mut Flow, head: &[u8; HEAD_LEN], l4: usize, l4
         let id = u16::from_be_bytes([head[4], head[5]]);
         flow.sport = id;
         flow.dport = id;
-        flow.is_echo_request = icmp_type == if v6 { ICMPV6_ECHO_REQUEST } else { ICMP_ECHO_REQUEST };
+        flow.is_echo_request = icmp_type
+            == if v6 {
+                ICMPV6_ECHO_REQUEST
+            } else {
+                ICMP_ECHO_REQUEST
+            };
         return;
     }
     let is_error = if v6 {
@@ -110,6 +115,14 @@ fn quote(frame: &Frame, flow: &mut Flow, q: usize, end: usize) -> bool {
         }
         _ => (0, 0),
     };
-    conntrack::fill_key(&mut flow.quoted, &src, sport, &dst, dport, proto, flow.family);
+    conntrack::fill_key(
+        &mut flow.quoted,
+        &src,
+        sport,
+        &dst,
+        dport,
+        proto,
+        flow.family,
+    );
     true
 }

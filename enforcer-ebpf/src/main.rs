@@ -55,7 +55,7 @@ fn try_enforcer_xdp(ctx: &XdpContext) -> Result<u32, ()> {
 pub fn enforcer_tc_egress(ctx: TcContext) -> i32 {
     match try_enforcer_tc_egress(&ctx) {
         Ok(action) => action,
-        Err(()) => TC_ACT_SHOT as i32,
+        Err(()) => TC_ACT_SHOT,
     }
 }
 
@@ -71,7 +71,7 @@ fn try_enforcer_tc_egress(ctx: &TcContext) -> Result<i32, ()> {
     let outcome = verdict::decide(&frame, direction::EGRESS)?;
     counters::count(direction::EGRESS, outcome)?;
     Ok(if counter::is_drop(outcome) {
-        TC_ACT_SHOT as i32
+        TC_ACT_SHOT
     } else {
         TC_ACT_UNSPEC
     })

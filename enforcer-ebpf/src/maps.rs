@@ -15,8 +15,7 @@ use crate::packet::Scratch;
 pub static ADDR_V4: LpmTrie<[u8; 4], AddrInfo> = LpmTrie::with_max_entries(DEFAULT_MAX_ENTRIES, 0);
 
 #[map]
-pub static ADDR_V6: LpmTrie<[u8; 16], AddrInfo> =
-    LpmTrie::with_max_entries(DEFAULT_MAX_ENTRIES, 0);
+pub static ADDR_V6: LpmTrie<[u8; 16], AddrInfo> = LpmTrie::with_max_entries(DEFAULT_MAX_ENTRIES, 0);
 
 #[map]
 pub static SEGMENTS: Array<SegmentInfo> = Array::with_max_entries(DEFAULT_MAX_ENTRIES, 0);

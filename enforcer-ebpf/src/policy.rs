@@ -2,8 +2,8 @@
 //! lookup. See `enforcer_common` for why this needs no loop over rules.
 use aya_ebpf::maps::lpm_trie::Key;
 use enforcer_common::{
-    AddrInfo, CLASS_WORLD, Config, PORT_KEY_FIXED_BITS, PairKey, PortKey, SEGMENT_WORLD,
-    direction, segment_mode,
+    AddrInfo, CLASS_WORLD, Config, PORT_KEY_FIXED_BITS, PairKey, PortKey, SEGMENT_WORLD, direction,
+    segment_mode,
 };
 
 use crate::maps::{ADDR_V4, ADDR_V6, PAIRS, PORTS, SEGMENTS};
@@ -71,7 +71,7 @@ fn judge_destination(src: AddrInfo, dst: AddrInfo, proto_key: u8, port: u16) -> 
         src_class: src.class,
     };
     // SAFETY: the value is copied out at once.
-    if let Some(table) = unsafe { PAIRS.get(&pair) }.map(|v| v.port_table) {
+    if let Some(table) = unsafe { PAIRS.get(pair) }.map(|v| v.port_table) {
         let key = Key::new(
             PORT_KEY_FIXED_BITS + 16,
             PortKey::new(table, proto_key, port),

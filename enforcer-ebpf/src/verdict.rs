@@ -50,24 +50,28 @@ pub fn decide(frame: &Frame, dir: u32) -> Result<u32, ()> {
         Parsed::Drop(reason) => reason,
         Parsed::LaterFragment => fragments::follow(&scratch.fragment, now, config),
         Parsed::Flow => {
-            let outcome = decide_flow(scratch, dir, now, config);
+            let (outcome, rule) = decide_flow(scratch, dir, now, config);
             if scratch.flow.first_fragment
                 && !counter::is_drop(outcome)
                 && !fragments::remember(&mut scratch.fragment, &scratch.flow, now)
             {
-                counter::DROP_CONNTRACK_FULL
-            } else {
-                outcome
+                return Ok(counter::DROP_CONNTRACK_FULL);
             }
+            // Credited only once the packet is sure to pass.
+            if outcome == counter::ALLOWED {
+                counters::rule_hit(rule);
+            }
+            outcome
         }
     })
 }
 
+/// The counter for an IP packet, and the rule of a new flow it allows.
 #[inline(always)]
-fn decide_flow(scratch: &mut Scratch, dir: u32, now: u64, config: &Config) -> u32 {
+fn decide_flow(scratch: &mut Scratch, dir: u32, now: u64, config: &Config) -> (u32, u32) {
     let flow = &scratch.flow;
     if flow.has_quoted && conntrack::is_tracked(&flow.quoted, now, config) {
-        return counter::RELATED;
+        return (counter::RELATED, NO_RULE);
     }
     let key = &mut scratch.flow_key;
     let src_side = conntrack::fill_key(
@@ -80,8 +84,8 @@ fn decide_flow(scratch: &mut Scratch, dir: u32, now: u64, config: &Config) -> u3
         flow.family,
     );
     match conntrack::track(key, src_side, flow, now, config) {
-        Tracked::Pass => return counter::ESTABLISHED,
-        Tracked::Revoked => return counter::DROP_FLOW_REVOKED,
+        Tracked::Pass => return (counter::ESTABLISHED, NO_RULE),
+        Tracked::Revoked => return (counter::DROP_FLOW_REVOKED, NO_RULE),
         Tracked::Untracked => {}
     }
     let judgement = policy::judge(
@@ -97,15 +101,12 @@ fn decide_flow(scratch: &mut Scratch, dir: u32, now: u64, config: &Config) -> u3
         Judgement::Allowed { rule } => (counter::ALLOWED, rule),
         Judgement::Audit => (counter::AUDIT, NO_RULE),
         Judgement::Unenforced => (counter::UNENFORCED, NO_RULE),
-        Judgement::Denied => return counter::DROP_POLICY_DENIED,
+        Judgement::Denied => return (counter::DROP_POLICY_DENIED, NO_RULE),
     };
     if conntrack::starts_flow(flow)
         && !conntrack::create(key, src_side, flow, admitted, rule, dir, now, config)
     {
-        return counter::DROP_CONNTRACK_FULL;
+        return (counter::DROP_CONNTRACK_FULL, NO_RULE);
     }
-    if admitted == counter::ALLOWED {
-        counters::rule_hit(rule);
-    }
-    admitted
+    (admitted, rule)
 }

@@ -16,7 +16,7 @@ use crate::{
 };
 
 /// The kernel programs, built by `build.rs` for the BPF target.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/enforcer"));
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/enforcer-ebpf"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -104,7 +104,8 @@ impl Enforcer {
             .ok_or(LoadError::MissingProgram(program_names::XDP_INGRESS))?
             .try_into()
             .map_err(program_error(program_names::XDP_INGRESS))?;
-        xdp.load().map_err(program_error(program_names::XDP_INGRESS))?;
+        xdp.load()
+            .map_err(program_error(program_names::XDP_INGRESS))?;
         let tc: &mut SchedClassifier = ebpf
             .program_mut(program_names::TC_EGRESS)
             .ok_or(LoadError::MissingProgram(program_names::TC_EGRESS))?

@@ -15,7 +15,10 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, error, info, warn};
 
 #[derive(Parser)]
-#[command(version, about = "eBPF micro-segmentation enforcer for hospital networks")]
+#[command(
+    version,
+    about = "eBPF micro-segmentation enforcer for hospital networks"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -14,9 +14,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use enforcer_common::{CLASS_WORLD, PORT_KEY_FIXED_BITS, SEGMENT_WORLD, proto_key};
 
 use crate::artifact::{
-    KernelSettings,
-    AddrV4Entry, AddrV6Entry, Artifact, FORMAT_VERSION, Maps, PairEntry, PortEntry, RuleEntry,
-    SegmentEntry,
+    AddrV4Entry, AddrV6Entry, Artifact, FORMAT_VERSION, KernelSettings, Maps, PairEntry, PortEntry,
+    RuleEntry, SegmentEntry,
 };
 use crate::model::{Capacities, Mode, Policy, PortMatch, RuleKind, Source, WORLD};
 use crate::prefix::{Family, Prefix};

@@ -385,8 +385,12 @@ fn quote(frame: &[u8], outer_dst: IpAddr, q: usize, end: usize) -> Option<FlowKe
         if hdr[0] >> 4 != 4 || hdr_len < IPV4_MIN_HDR_LEN {
             return None;
         }
-        let (src, _) = widen(IpAddr::V4(Ipv4Addr::new(hdr[12], hdr[13], hdr[14], hdr[15])));
-        let (dst, _) = widen(IpAddr::V4(Ipv4Addr::new(hdr[16], hdr[17], hdr[18], hdr[19])));
+        let (src, _) = widen(IpAddr::V4(Ipv4Addr::new(
+            hdr[12], hdr[13], hdr[14], hdr[15],
+        )));
+        let (dst, _) = widen(IpAddr::V4(Ipv4Addr::new(
+            hdr[16], hdr[17], hdr[18], hdr[19],
+        )));
         (src, dst, hdr[9], q + hdr_len)
     } else {
         let hdr = bytes::<IPV6_HDR_LEN>(frame, q)?;
@@ -456,7 +460,10 @@ mod tests {
         let packet = packet(parse_frame(&ipv4_tcp(104)));
         assert_eq!(packet.flow.port, Some(104));
         assert_eq!(packet.flow.proto, PROTO_TCP);
-        assert_eq!((packet.sport, packet.dport, packet.tcp_flags), (40000, 104, 0x02));
+        assert_eq!(
+            (packet.sport, packet.dport, packet.tcp_flags),
+            (40000, 104, 0x02)
+        );
         assert_eq!(packet.flow.dst, "10.30.0.10".parse::<IpAddr>().unwrap());
     }
 
@@ -472,14 +479,20 @@ mod tests {
     fn ihl_below_five_is_malformed() {
         let mut frame = ipv4_tcp(104);
         frame[14] = 0x44;
-        assert_eq!(parse_frame(&frame), FrameOutcome::Drop(DropReason::Malformed));
+        assert_eq!(
+            parse_frame(&frame),
+            FrameOutcome::Drop(DropReason::Malformed)
+        );
     }
 
     #[test]
     fn fragments() {
         let mut later = ipv4_tcp(104);
         later[14 + 6..14 + 8].copy_from_slice(&0x0003u16.to_be_bytes());
-        assert!(matches!(parse_frame(&later), FrameOutcome::LaterFragment(_)));
+        assert!(matches!(
+            parse_frame(&later),
+            FrameOutcome::LaterFragment(_)
+        ));
         let mut overlapping = ipv4_tcp(104);
         overlapping[14 + 6..14 + 8].copy_from_slice(&0x0001u16.to_be_bytes());
         assert_eq!(
@@ -488,7 +501,10 @@ mod tests {
         );
         let mut first = ipv4_tcp(104);
         first[14 + 6..14 + 8].copy_from_slice(&0x2000u16.to_be_bytes());
-        assert_eq!(packet(parse_frame(&first)).first_fragment, Some((0, PROTO_TCP)));
+        assert_eq!(
+            packet(parse_frame(&first)).first_fragment,
+            Some((0, PROTO_TCP))
+        );
         // A first fragment that cuts the TCP header short.
         first[14 + 2..14 + 4].copy_from_slice(&30u16.to_be_bytes());
         assert_eq!(

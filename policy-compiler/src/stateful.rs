@@ -140,7 +140,12 @@ impl StatefulEvaluator {
     }
 
     fn follow_fragment(&mut self, key: &FragmentKey) -> u32 {
-        let timeout = self.policy.settings().timeouts.fragment.saturating_mul(1_000_000_000);
+        let timeout = self
+            .policy
+            .settings()
+            .timeouts
+            .fragment
+            .saturating_mul(1_000_000_000);
         match self.fragments.get(key) {
             Some(first_seen) if self.now_ns.saturating_sub(*first_seen) <= timeout => {
                 counter::FRAGMENT
@@ -319,4 +324,3 @@ fn starts_flow(packet: &Packet) -> bool {
         _ => true,
     }
 }
-

@@ -184,12 +184,15 @@ fn example_artifact_shape() {
     );
     assert_eq!(artifact.segment_infos()[0].mode, segment_mode::UNENFORCED);
     assert_eq!(artifact.segment_infos()[3].mode, segment_mode::MONITOR);
-    // Rule order: segments by name with file order, then intra pseudo-rules by segment name.
+    // Rule order: segments by name with file order, then intra pseudo-rules by segment name,
+    // then the essential-traffic pseudo-rules by segment name.
     let ids = artifact.rule_ids();
     assert_eq!(ids[0], "billing/1");
     assert_eq!(ids[2], "ehr-core/1");
-    assert_eq!(ids[ids.len() - 7], "billing/intra");
-    assert_eq!(ids[ids.len() - 1], "radiology/intra");
+    assert_eq!(ids[ids.len() - 14], "billing/intra");
+    assert_eq!(ids[ids.len() - 8], "radiology/intra");
+    assert_eq!(ids[ids.len() - 7], "billing/essential");
+    assert_eq!(ids[ids.len() - 1], "radiology/essential");
     // The pacs members' entry: 10.30.0.0/24 in segment 5.
     let pacs = artifact
         .addr_v4_entries()
@@ -525,7 +528,8 @@ fn compiles_a_largish_policy() {
         started.elapsed(),
         artifact.entry_counts()
     );
-    assert_eq!(artifact.rules.len(), 200 * 20 + 200);
+    // Written rules, one intra and one essential pseudo-rule per segment.
+    assert_eq!(artifact.rules.len(), 200 * 20 + 200 + 200);
     let pool: Vec<String> = policy
         .members()
         .map(|(prefix, _)| prefix.to_string())

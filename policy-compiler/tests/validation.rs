@@ -466,7 +466,9 @@ fn over_capacity_names_the_map_and_the_excess() {
         "{text}"
     );
     assert!(
-        text.contains("rules (RULE_HITS) map: it needs 3 entries, 1 more"),
+        // One written rule, one intra and two essential-traffic pseudo-rules (pacs and the
+        // other segment of `with_pacs`).
+        text.contains("rules (RULE_HITS) map: it needs 5 entries, 3 more"),
         "{text}"
     );
 

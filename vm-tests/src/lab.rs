@@ -29,7 +29,7 @@ use std::{
     time::Duration,
 };
 
-pub use enforcer::{Counters, Enforcer, enforcer_bin};
+pub use enforcer::{Counters, Enforcer, ShutdownCounters, enforcer_bin};
 pub use netns::{cleanup_all, cleanup_on_signals, in_netns};
 pub use probe::{Probe, Proto, Services};
 
@@ -390,6 +390,22 @@ impl Lab {
         &self.router
     }
 
+    /// The router's end of `host`'s link (a bridge port): where the router receives what the
+    /// host sends, like a gateway's NIC towards that host.
+    pub fn router_port(&self, host: &str) -> Result<String> {
+        let i = self
+            .hosts
+            .iter()
+            .position(|h| h.name == host)
+            .ok_or_else(|| LabError::UnknownHost(host.to_owned()))?;
+        Ok(format!("h{i}"))
+    }
+
+    /// The router's end of every host link.
+    pub fn router_ports(&self) -> Vec<String> {
+        (0..self.hosts.len()).map(|i| format!("h{i}")).collect()
+    }
+
     /// Runs `f` on a thread inside `host`'s namespace; sockets it opens live there.
     pub fn in_host<T: Send>(&self, host: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
         in_netns(&self.host(host)?.netns, f)
@@ -440,6 +456,22 @@ impl Lab {
     pub fn start_enforcer(&self, host: &str, policy_dir: &Path) -> Result<Enforcer<'_>> {
         let mut started = self.start_enforcers(&[host], policy_dir)?;
         Ok(started.remove(0))
+    }
+
+    /// Starts the daemon in the router namespace as a gateway on `ifaces` (see
+    /// [`Lab::router_ports`]) and waits until it is ready. Same thread caveat as
+    /// [`Lab::start_enforcer`].
+    pub fn start_router_enforcer(
+        &self,
+        ifaces: &[&str],
+        policy_dir: &Path,
+    ) -> Result<Enforcer<'_>> {
+        let bin = enforcer_bin()?;
+        let mut enforcer =
+            Enforcer::spawn_in("router", &self.router, &self.id, ifaces, &bin, policy_dir)?;
+        let timeout = Duration::from_secs(30);
+        enforcer.wait_ready(std::time::Instant::now() + timeout, timeout)?;
+        Ok(enforcer)
     }
 
     /// Starts daemons on several hosts at once (loading is the slow part), then waits for all.

@@ -23,19 +23,41 @@ pub const TCP_ACK: u8 = 0x10;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Transport {
-    Tcp { sport: u16, dport: u16, flags: u8 },
-    Udp { sport: u16, dport: u16 },
+    Tcp {
+        sport: u16,
+        dport: u16,
+        flags: u8,
+    },
+    Udp {
+        sport: u16,
+        dport: u16,
+    },
     /// ICMP in IPv4, ICMPv6 in IPv6; `id` fills bytes 4-5 (the echo identifier).
-    Icmp { icmp_type: u8, code: u8, id: u16 },
+    Icmp {
+        icmp_type: u8,
+        code: u8,
+        id: u16,
+    },
     /// An ICMP error quoting `quoted` (an IP packet without its Ethernet header).
-    IcmpError { icmp_type: u8, code: u8, quoted: Vec<u8> },
+    IcmpError {
+        icmp_type: u8,
+        code: u8,
+        quoted: Vec<u8>,
+    },
     /// Any other IP protocol number, with a payload of `len` bytes.
-    Other { proto: u8, len: u16 },
+    Other {
+        proto: u8,
+        len: u16,
+    },
 }
 
 impl Transport {
     pub fn tcp(sport: u16, dport: u16, flags: u8) -> Self {
-        Transport::Tcp { sport, dport, flags }
+        Transport::Tcp {
+            sport,
+            dport,
+            flags,
+        }
     }
 
     pub fn udp(sport: u16, dport: u16) -> Self {
@@ -114,7 +136,11 @@ impl PacketSpec {
         reply.src = self.dst;
         reply.dst = self.src;
         reply.transport = match self.transport.clone() {
-            Transport::Tcp { sport, dport, flags } => Transport::Tcp {
+            Transport::Tcp {
+                sport,
+                dport,
+                flags,
+            } => Transport::Tcp {
                 sport: dport,
                 dport: sport,
                 flags,
@@ -123,7 +149,11 @@ impl PacketSpec {
                 sport: dport,
                 dport: sport,
             },
-            Transport::Icmp { icmp_type, code, id } => Transport::Icmp {
+            Transport::Icmp {
+                icmp_type,
+                code,
+                id,
+            } => Transport::Icmp {
                 icmp_type: match icmp_type {
                     8 => 0,
                     0 => 8,
@@ -158,7 +188,11 @@ pub struct Layout {
 fn transport_bytes(transport: &Transport, v6: bool) -> (u8, Vec<u8>) {
     let icmp_proto = if v6 { 58 } else { 1 };
     match transport {
-        Transport::Tcp { sport, dport, flags } => {
+        Transport::Tcp {
+            sport,
+            dport,
+            flags,
+        } => {
             let mut tcp = vec![0u8; 20];
             tcp[0..2].copy_from_slice(&sport.to_be_bytes());
             tcp[2..4].copy_from_slice(&dport.to_be_bytes());
@@ -173,7 +207,11 @@ fn transport_bytes(transport: &Transport, v6: bool) -> (u8, Vec<u8>) {
             udp[4..6].copy_from_slice(&8u16.to_be_bytes());
             (17, udp)
         }
-        Transport::Icmp { icmp_type, code, id } => {
+        Transport::Icmp {
+            icmp_type,
+            code,
+            id,
+        } => {
             let mut icmp = vec![0u8; 8];
             icmp[0] = *icmp_type;
             icmp[1] = *code;
@@ -267,7 +305,14 @@ pub fn build(spec: &PacketSpec) -> (Vec<u8>, Layout) {
     }
     let l4 = frame.len();
     frame.extend_from_slice(&payload);
-    (frame, Layout { l3, l4, is_ipv6: v6 })
+    (
+        frame,
+        Layout {
+            l3,
+            l4,
+            is_ipv6: v6,
+        },
+    )
 }
 
 /// The IP packet of `frame` (Ethernet and VLAN header removed), as an ICMP error quotes it.
@@ -298,7 +343,11 @@ pub fn mutate(rng: &mut impl Rng, frame: &mut Vec<u8>, layout: Layout) {
         1 => frame.extend(std::iter::repeat_n(0u8, rng.random_range(1..40))),
         // A lying IP length.
         2 => {
-            let offset = if layout.is_ipv6 { layout.l3 + 4 } else { layout.l3 + 2 };
+            let offset = if layout.is_ipv6 {
+                layout.l3 + 4
+            } else {
+                layout.l3 + 2
+            };
             let bogus: u16 = match rng.random_range(0..3) {
                 0 => rng.random_range(0..40),
                 1 => rng.random(),
@@ -320,7 +369,11 @@ pub fn mutate(rng: &mut impl Rng, frame: &mut Vec<u8>, layout: Layout) {
         }
         // Stacked VLAN tags (QinQ).
         5 => {
-            let outer = if rng.random() { ETH_P_8021AD } else { ETH_P_8021Q };
+            let outer = if rng.random() {
+                ETH_P_8021AD
+            } else {
+                ETH_P_8021Q
+            };
             let mut tag = outer.to_be_bytes().to_vec();
             tag.extend_from_slice(&[0, 7]);
             frame.splice(12..12, tag);
@@ -332,9 +385,15 @@ pub fn mutate(rng: &mut impl Rng, frame: &mut Vec<u8>, layout: Layout) {
         }
         // Another IP protocol number (or first next-header).
         7 => {
-            let offset = if layout.is_ipv6 { layout.l3 + 6 } else { layout.l3 + 9 };
+            let offset = if layout.is_ipv6 {
+                layout.l3 + 6
+            } else {
+                layout.l3 + 9
+            };
             frame[offset] = if rng.random() {
-                *[0u8, 43, 44, 51, 60, 135].get(rng.random_range(0..6)).unwrap()
+                *[0u8, 43, 44, 51, 60, 135]
+                    .get(rng.random_range(0..6))
+                    .unwrap()
             } else {
                 rng.random()
             };

@@ -30,11 +30,19 @@ impl Prefix {
     fn last(self) -> IpAddr {
         match self.addr {
             IpAddr::V4(a) => {
-                let host = if self.len == 32 { 0 } else { u32::MAX >> self.len };
+                let host = if self.len == 32 {
+                    0
+                } else {
+                    u32::MAX >> self.len
+                };
                 IpAddr::V4(Ipv4Addr::from(u32::from(a) | host))
             }
             IpAddr::V6(a) => {
-                let host = if self.len == 128 { 0 } else { u128::MAX >> self.len };
+                let host = if self.len == 128 {
+                    0
+                } else {
+                    u128::MAX >> self.len
+                };
                 IpAddr::V6(Ipv6Addr::from(u128::from(a) | host))
             }
         }
@@ -43,12 +51,22 @@ impl Prefix {
     fn random_inside(self, rng: &mut impl Rng) -> IpAddr {
         match self.addr {
             IpAddr::V4(a) => {
-                let host = if self.len == 32 { 0 } else { u32::MAX >> self.len };
+                let host = if self.len == 32 {
+                    0
+                } else {
+                    u32::MAX >> self.len
+                };
                 IpAddr::V4(Ipv4Addr::from(u32::from(a) | (rng.random::<u32>() & host)))
             }
             IpAddr::V6(a) => {
-                let host = if self.len == 128 { 0 } else { u128::MAX >> self.len };
-                IpAddr::V6(Ipv6Addr::from(u128::from(a) | (rng.random::<u128>() & host)))
+                let host = if self.len == 128 {
+                    0
+                } else {
+                    u128::MAX >> self.len
+                };
+                IpAddr::V6(Ipv6Addr::from(
+                    u128::from(a) | (rng.random::<u128>() & host),
+                ))
             }
         }
     }
@@ -56,7 +74,12 @@ impl Prefix {
 
 /// A random IPv4 address in 10.0-3.0-3.x: small enough that prefixes nest and collide.
 fn universe_v4(rng: &mut impl Rng) -> Ipv4Addr {
-    Ipv4Addr::new(10, rng.random_range(0..4), rng.random_range(0..4), rng.random())
+    Ipv4Addr::new(
+        10,
+        rng.random_range(0..4),
+        rng.random_range(0..4),
+        rng.random(),
+    )
 }
 
 /// A random IPv6 address in fd00:0-3:0-3::/32-ish.
@@ -77,7 +100,9 @@ fn random_prefix(rng: &mut impl Rng) -> Prefix {
             len,
         }
     } else {
-        let len = *[16u8, 32, 48, 64, 80, 96, 112, 120, 128].choose(rng).unwrap();
+        let len = *[16u8, 32, 48, 64, 80, 96, 112, 120, 128]
+            .choose(rng)
+            .unwrap();
         let mask = u128::MAX << (128 - u32::from(len));
         let addr = u128::from(universe_v6(rng)) & mask;
         Prefix {
@@ -108,9 +133,20 @@ fn random_port_entry<R: Rng>(rng: &mut R) -> String {
             let a = port(rng);
             format!("udp/{}-{}", a, a.saturating_add(rng.random_range(0..300)))
         }
-        7 => format!("icmp/{}", ["echo-request", "echo-reply", "3", "11"].choose(rng).unwrap()),
-        8 => format!("icmpv6/{}", ["echo-request", "129", "1", "135"].choose(rng).unwrap()),
-        9 => ["tcp/any", "udp/any", "icmp/any"].choose(rng).unwrap().to_string(),
+        7 => format!(
+            "icmp/{}",
+            ["echo-request", "echo-reply", "3", "11"]
+                .choose(rng)
+                .unwrap()
+        ),
+        8 => format!(
+            "icmpv6/{}",
+            ["echo-request", "129", "1", "135"].choose(rng).unwrap()
+        ),
+        9 => ["tcp/any", "udp/any", "icmp/any"]
+            .choose(rng)
+            .unwrap()
+            .to_string(),
         10 => format!("tcp/{}", rng.random_range(0..=65535u32)),
         _ => "any".to_string(),
     }
@@ -185,7 +221,8 @@ fn random_settings(rng: &mut impl Rng) -> String {
     let _ = writeln!(yaml, "egress: {egress}");
     match rng.random_range(0..3) {
         0 => yaml.push_str("essential_traffic: []\n"),
-        1 => yaml.push_str("essential_traffic: [icmp/time-exceeded, icmpv6/packet-too-big, udp/53]\n"),
+        1 => yaml
+            .push_str("essential_traffic: [icmp/time-exceeded, icmpv6/packet-too-big, udp/53]\n"),
         _ => {}
     }
     let conntrack = if rng.random_bool(0.15) { 24 } else { 100_000 };
@@ -194,7 +231,10 @@ fn random_settings(rng: &mut impl Rng) -> String {
         "conntrack:\n  max_entries: {conntrack}\n  tcp_syn_timeout: 1h\n  tcp_established_timeout: 1h\n  tcp_closing_timeout: 1h\n  udp_timeout: 1h\n  icmp_timeout: 1h\n  other_timeout: 1h"
     );
     let fragments = if rng.random_bool(0.15) { 8 } else { 10_000 };
-    let _ = writeln!(yaml, "fragments:\n  max_entries: {fragments}\n  timeout: 1h");
+    let _ = writeln!(
+        yaml,
+        "fragments:\n  max_entries: {fragments}\n  timeout: 1h"
+    );
     yaml
 }
 

@@ -64,31 +64,74 @@ fn tcp_replies_pass_and_a_closed_connection_is_forgotten() {
     let mut h = KernelHarness::load(policy("")).unwrap();
     let reply = |flags| dicom(flags).reversed();
     // Before any connection, pacs cannot send to radiology.
-    expect(&mut h, INGRESS, &reply(TCP_SYN | TCP_ACK), counter::DROP_POLICY_DENIED);
+    expect(
+        &mut h,
+        INGRESS,
+        &reply(TCP_SYN | TCP_ACK),
+        counter::DROP_POLICY_DENIED,
+    );
     expect(&mut h, INGRESS, &dicom(TCP_SYN), counter::ALLOWED);
-    expect(&mut h, INGRESS, &reply(TCP_SYN | TCP_ACK), counter::ESTABLISHED);
-    expect(&mut h, INGRESS, &dicom(TCP_ACK | TCP_PSH), counter::ESTABLISHED);
-    expect(&mut h, INGRESS, &reply(TCP_ACK | TCP_PSH), counter::ESTABLISHED);
+    expect(
+        &mut h,
+        INGRESS,
+        &reply(TCP_SYN | TCP_ACK),
+        counter::ESTABLISHED,
+    );
+    expect(
+        &mut h,
+        INGRESS,
+        &dicom(TCP_ACK | TCP_PSH),
+        counter::ESTABLISHED,
+    );
+    expect(
+        &mut h,
+        INGRESS,
+        &reply(TCP_ACK | TCP_PSH),
+        counter::ESTABLISHED,
+    );
     assert_eq!(h.enforcer.tracked_flows().unwrap(), 1);
     // A reset removes the state: the next "reply" is a new packet from pacs, and denied.
     expect(&mut h, INGRESS, &reply(TCP_RST), counter::ESTABLISHED);
     assert_eq!(h.enforcer.tracked_flows().unwrap(), 0);
-    expect(&mut h, INGRESS, &reply(TCP_ACK), counter::DROP_POLICY_DENIED);
+    expect(
+        &mut h,
+        INGRESS,
+        &reply(TCP_ACK),
+        counter::DROP_POLICY_DENIED,
+    );
 }
 
 #[test]
 fn udp_and_icmp_echo_replies_pass() {
     let mut h = KernelHarness::load(policy("")).unwrap();
     let syslog = PacketSpec::new(ip(RADIOLOGY), ip(PACS), Transport::udp(5514, 514));
-    expect(&mut h, INGRESS, &syslog.reversed(), counter::DROP_POLICY_DENIED);
+    expect(
+        &mut h,
+        INGRESS,
+        &syslog.reversed(),
+        counter::DROP_POLICY_DENIED,
+    );
     expect(&mut h, INGRESS, &syslog, counter::ALLOWED);
     expect(&mut h, INGRESS, &syslog.reversed(), counter::ESTABLISHED);
-    let ping = PacketSpec::new(ip("fd00:10::10"), ip("fd00:30::10"), Transport::icmp(128, 99));
-    expect(&mut h, INGRESS, &ping.reversed(), counter::DROP_POLICY_DENIED);
+    let ping = PacketSpec::new(
+        ip("fd00:10::10"),
+        ip("fd00:30::10"),
+        Transport::icmp(128, 99),
+    );
+    expect(
+        &mut h,
+        INGRESS,
+        &ping.reversed(),
+        counter::DROP_POLICY_DENIED,
+    );
     expect(&mut h, INGRESS, &ping, counter::ALLOWED);
     expect(&mut h, INGRESS, &ping.reversed(), counter::ESTABLISHED);
     // Another echo identifier is another flow.
-    let other = PacketSpec::new(ip("fd00:30::10"), ip("fd00:10::10"), Transport::icmp(129, 100));
+    let other = PacketSpec::new(
+        ip("fd00:30::10"),
+        ip("fd00:10::10"),
+        Transport::icmp(129, 100),
+    );
     expect(&mut h, INGRESS, &other, counter::DROP_POLICY_DENIED);
 }
 
@@ -116,11 +159,30 @@ fn outgoing_flows_admit_their_replies() {
     // radiology's own host opens a connection to the internet: egress is not enforced, its
     // state admits the replies, which radiology's allow-list alone would deny.
     let mut h = KernelHarness::load(policy("")).unwrap();
-    let web = PacketSpec::new(ip(RADIOLOGY), ip("192.0.2.80"), Transport::tcp(41000, 443, TCP_SYN));
-    expect(&mut h, INGRESS, &web.reversed().with_tcp_flags(TCP_SYN | TCP_ACK), counter::DROP_POLICY_DENIED);
+    let web = PacketSpec::new(
+        ip(RADIOLOGY),
+        ip("192.0.2.80"),
+        Transport::tcp(41000, 443, TCP_SYN),
+    );
+    expect(
+        &mut h,
+        INGRESS,
+        &web.reversed().with_tcp_flags(TCP_SYN | TCP_ACK),
+        counter::DROP_POLICY_DENIED,
+    );
     expect(&mut h, EGRESS, &web, counter::UNENFORCED);
-    expect(&mut h, INGRESS, &web.reversed().with_tcp_flags(TCP_SYN | TCP_ACK), counter::ESTABLISHED);
-    expect(&mut h, EGRESS, &web.with_tcp_flags(TCP_ACK), counter::ESTABLISHED);
+    expect(
+        &mut h,
+        INGRESS,
+        &web.reversed().with_tcp_flags(TCP_SYN | TCP_ACK),
+        counter::ESTABLISHED,
+    );
+    expect(
+        &mut h,
+        EGRESS,
+        &web.with_tcp_flags(TCP_ACK),
+        counter::ESTABLISHED,
+    );
 }
 
 #[test]
@@ -150,29 +212,60 @@ fn egress_enforcement_checks_the_destinations_rules() {
 fn fragments_follow_their_first_fragment() {
     let mut h = KernelHarness::load(policy("")).unwrap();
     let syslog = |id, offset, more| {
-        PacketSpec::new(ip(RADIOLOGY), ip(PACS), Transport::udp(5514, 514)).with_fragment(id, offset, more)
+        PacketSpec::new(ip(RADIOLOGY), ip(PACS), Transport::udp(5514, 514))
+            .with_fragment(id, offset, more)
     };
     // A later fragment with no first fragment.
-    expect(&mut h, INGRESS, &syslog(7, 3, false), counter::DROP_FRAGMENT_NO_STATE);
+    expect(
+        &mut h,
+        INGRESS,
+        &syslog(7, 3, false),
+        counter::DROP_FRAGMENT_NO_STATE,
+    );
     expect(&mut h, INGRESS, &syslog(7, 0, true), counter::ALLOWED);
     expect(&mut h, INGRESS, &syslog(7, 3, true), counter::FRAGMENT);
     expect(&mut h, INGRESS, &syslog(7, 6, false), counter::FRAGMENT);
     // A denied first fragment leaves its later fragments nothing to follow.
     let denied = |offset, more| {
-        PacketSpec::new(ip(RADIOLOGY), ip(PACS), Transport::udp(5514, 53)).with_fragment(8, offset, more)
+        PacketSpec::new(ip(RADIOLOGY), ip(PACS), Transport::udp(5514, 53))
+            .with_fragment(8, offset, more)
     };
-    expect(&mut h, INGRESS, &denied(0, true), counter::DROP_POLICY_DENIED);
-    expect(&mut h, INGRESS, &denied(3, false), counter::DROP_FRAGMENT_NO_STATE);
+    expect(
+        &mut h,
+        INGRESS,
+        &denied(0, true),
+        counter::DROP_POLICY_DENIED,
+    );
+    expect(
+        &mut h,
+        INGRESS,
+        &denied(3, false),
+        counter::DROP_FRAGMENT_NO_STATE,
+    );
     // IPv6, through the fragment extension header.
     let v6 = |offset, more| {
-        PacketSpec::new(ip("fd00:10::10"), ip("fd00:30::10"), Transport::tcp(40000, 104, TCP_SYN))
-            .with_fragment(0x1234_5678, offset, more)
+        PacketSpec::new(
+            ip("fd00:10::10"),
+            ip("fd00:30::10"),
+            Transport::tcp(40000, 104, TCP_SYN),
+        )
+        .with_fragment(0x1234_5678, offset, more)
     };
-    expect(&mut h, INGRESS, &v6(4, false), counter::DROP_FRAGMENT_NO_STATE);
+    expect(
+        &mut h,
+        INGRESS,
+        &v6(4, false),
+        counter::DROP_FRAGMENT_NO_STATE,
+    );
     expect(&mut h, INGRESS, &v6(0, true), counter::ALLOWED);
     expect(&mut h, INGRESS, &v6(4, false), counter::FRAGMENT);
     // A later TCP fragment that would overwrite the TCP header of the first.
-    expect(&mut h, INGRESS, &dicom(TCP_SYN).with_fragment(9, 1, true), counter::DROP_FRAGMENT_OVERLAP);
+    expect(
+        &mut h,
+        INGRESS,
+        &dicom(TCP_SYN).with_fragment(9, 1, true),
+        counter::DROP_FRAGMENT_OVERLAP,
+    );
     // A first fragment too small to hold its TCP header.
     let (mut tiny, layout) = packet_builder::build(&dicom(TCP_SYN).with_fragment(10, 0, true));
     tiny.truncate(layout.l4 + 8);
@@ -199,10 +292,25 @@ fn without_dicom() -> Policy {
 fn on_policy_change_recheck_cuts_flows_whose_rule_is_gone() {
     let mut h = KernelHarness::load(policy("on_policy_change: recheck\n")).unwrap();
     expect(&mut h, INGRESS, &dicom(TCP_SYN), counter::ALLOWED);
-    expect(&mut h, INGRESS, &dicom(TCP_SYN | TCP_ACK).reversed(), counter::ESTABLISHED);
+    expect(
+        &mut h,
+        INGRESS,
+        &dicom(TCP_SYN | TCP_ACK).reversed(),
+        counter::ESTABLISHED,
+    );
     h.replace_policy(without_dicom()).unwrap();
-    expect(&mut h, INGRESS, &dicom(TCP_ACK).reversed(), counter::DROP_FLOW_REVOKED);
-    expect(&mut h, INGRESS, &dicom(TCP_ACK), counter::DROP_POLICY_DENIED);
+    expect(
+        &mut h,
+        INGRESS,
+        &dicom(TCP_ACK).reversed(),
+        counter::DROP_FLOW_REVOKED,
+    );
+    expect(
+        &mut h,
+        INGRESS,
+        &dicom(TCP_ACK),
+        counter::DROP_POLICY_DENIED,
+    );
 }
 
 #[test]
@@ -212,14 +320,33 @@ fn on_policy_change_keep_lets_running_flows_finish() {
     let mut without = without_dicom();
     // `keep` must be in the new policy too: it is the new policy's setting that applies.
     let keep_sources = vec![
-        ("segments/pacs.yaml".to_string(), "segment: pacs\nmembers: [10.30.0.0/24]\n".to_string()),
-        ("segments/radiology.yaml".to_string(), "segment: radiology\nmembers: [10.10.0.0/24]\n".to_string()),
-        ("segments/defaults.yaml".to_string(), "on_policy_change: keep\n".to_string()),
+        (
+            "segments/pacs.yaml".to_string(),
+            "segment: pacs\nmembers: [10.30.0.0/24]\n".to_string(),
+        ),
+        (
+            "segments/radiology.yaml".to_string(),
+            "segment: radiology\nmembers: [10.10.0.0/24]\n".to_string(),
+        ),
+        (
+            "segments/defaults.yaml".to_string(),
+            "on_policy_change: keep\n".to_string(),
+        ),
     ];
     without = Policy::from_sources(&keep_sources).unwrap_or(without);
     h.replace_policy(without).unwrap();
-    expect(&mut h, INGRESS, &dicom(TCP_ACK).reversed(), counter::ESTABLISHED);
-    expect(&mut h, INGRESS, &dicom(TCP_ACK | TCP_FIN), counter::ESTABLISHED);
+    expect(
+        &mut h,
+        INGRESS,
+        &dicom(TCP_ACK).reversed(),
+        counter::ESTABLISHED,
+    );
+    expect(
+        &mut h,
+        INGRESS,
+        &dicom(TCP_ACK | TCP_FIN),
+        counter::ESTABLISHED,
+    );
     // A new flow is judged by the new policy.
     let new_flow = PacketSpec::new(ip(RADIOLOGY), ip(PACS), Transport::tcp(40001, 104, TCP_SYN));
     expect(&mut h, INGRESS, &new_flow, counter::DROP_POLICY_DENIED);
@@ -228,16 +355,27 @@ fn on_policy_change_keep_lets_running_flows_finish() {
 #[test]
 fn a_full_table_refuses_new_flows_and_keeps_the_tracked_ones() {
     let mut h = KernelHarness::load(policy("conntrack:\n  max_entries: 4\n")).unwrap();
-    let flow = |sport| PacketSpec::new(ip(RADIOLOGY), ip(PACS), Transport::tcp(sport, 104, TCP_SYN));
+    let flow =
+        |sport| PacketSpec::new(ip(RADIOLOGY), ip(PACS), Transport::tcp(sport, 104, TCP_SYN));
     for sport in 1..=4 {
         expect(&mut h, INGRESS, &flow(sport), counter::ALLOWED);
     }
     expect(&mut h, INGRESS, &flow(5), counter::DROP_CONNTRACK_FULL);
     for sport in 1..=4 {
-        expect(&mut h, INGRESS, &flow(sport).reversed().with_tcp_flags(TCP_SYN | TCP_ACK), counter::ESTABLISHED);
+        expect(
+            &mut h,
+            INGRESS,
+            &flow(sport).reversed().with_tcp_flags(TCP_SYN | TCP_ACK),
+            counter::ESTABLISHED,
+        );
     }
     // A reset frees a slot.
-    expect(&mut h, INGRESS, &flow(1).with_tcp_flags(TCP_RST), counter::ESTABLISHED);
+    expect(
+        &mut h,
+        INGRESS,
+        &flow(1).with_tcp_flags(TCP_RST),
+        counter::ESTABLISHED,
+    );
     expect(&mut h, INGRESS, &flow(5), counter::ALLOWED);
 }
 
@@ -251,5 +389,10 @@ fn idle_flows_expire_and_the_sweeper_removes_them() {
     h.reference.set_time_ns(1_500_000_000);
     assert_eq!(h.enforcer.sweep_expired().unwrap(), (1, 0));
     assert_eq!(h.enforcer.tracked_flows().unwrap(), 0);
-    expect(&mut h, INGRESS, &syslog.reversed(), counter::DROP_POLICY_DENIED);
+    expect(
+        &mut h,
+        INGRESS,
+        &syslog.reversed(),
+        counter::DROP_POLICY_DENIED,
+    );
 }

@@ -57,61 +57,144 @@ fn example_policy_clinical_flows() {
     let mut h = KernelHarness::load(example_policy()).expect("load the enforcer");
 
     // Radiology to PACS, DICOM: allowed by a pacs rule, over IPv4, IPv6, VLAN and IP options.
-    let rule = case(&mut h, "radiology->pacs dicom", &tcp("10.10.0.10", "10.30.0.10", 104), counter::ALLOWED);
+    let rule = case(
+        &mut h,
+        "radiology->pacs dicom",
+        &tcp("10.10.0.10", "10.30.0.10", 104),
+        counter::ALLOWED,
+    );
     assert_eq!(rule.as_deref(), Some("pacs/1"));
     let v6 = tcp("fd00:10::10", "fd00:30::10", 104);
     case(&mut h, "radiology->pacs dicom v6", &v6, counter::ALLOWED);
     let vlan = tcp("10.10.0.11", "10.30.0.10", 104).with_vlan(30);
-    case(&mut h, "radiology->pacs dicom vlan", &vlan, counter::ALLOWED);
+    case(
+        &mut h,
+        "radiology->pacs dicom vlan",
+        &vlan,
+        counter::ALLOWED,
+    );
     let options = tcp("10.10.0.12", "10.30.0.10", 104).with_ipv4_options(12);
-    case(&mut h, "radiology->pacs with IP options", &options, counter::ALLOWED);
+    case(
+        &mut h,
+        "radiology->pacs with IP options",
+        &options,
+        counter::ALLOWED,
+    );
     let ext = tcp("fd00:10::11", "fd00:30::10", 104).with_ext_headers(&[0, 60, 43, 51]);
-    case(&mut h, "radiology->pacs v6 ext headers", &ext, counter::ALLOWED);
+    case(
+        &mut h,
+        "radiology->pacs v6 ext headers",
+        &ext,
+        counter::ALLOWED,
+    );
 
     // Lateral movement that must stop.
     for (name, spec) in [
-        ("radiology->billing db", tcp("10.10.0.10", "10.60.0.10", 5432)),
-        ("radiology->billing db v6", tcp("fd00:10::10", "fd00:60::10", 5432)),
+        (
+            "radiology->billing db",
+            tcp("10.10.0.10", "10.60.0.10", 5432),
+        ),
+        (
+            "radiology->billing db v6",
+            tcp("fd00:10::10", "fd00:60::10", 5432),
+        ),
         ("radiology->pharmacy", tcp("10.10.0.10", "10.40.0.10", 443)),
         ("pacs->billing", tcp("10.30.0.10", "10.60.0.10", 5432)),
         ("lab->pacs dicom", tcp("10.50.0.10", "10.30.0.10", 104)),
-        ("radiology->pacs wrong port", tcp("10.10.0.10", "10.30.0.10", 5432)),
+        (
+            "radiology->pacs wrong port",
+            tcp("10.10.0.10", "10.30.0.10", 5432),
+        ),
         ("world->ehr", tcp("192.0.2.7", "10.20.0.10", 443)),
         ("radiology->lab ping", icmp("10.10.0.10", "10.50.0.10", 8)),
-        ("radiology->billing syslog", udp("10.10.0.10", "10.60.0.10", 514)),
+        (
+            "radiology->billing syslog",
+            udp("10.10.0.10", "10.60.0.10", 514),
+        ),
     ] {
         case(&mut h, name, &spec, counter::DROP_POLICY_DENIED);
     }
 
     // EHR to billing is the one way into billing; EHR pings the lab.
-    case(&mut h, "ehr->billing claims", &tcp("10.20.0.10", "10.60.0.10", 5432), counter::ALLOWED);
-    case(&mut h, "ehr->lab ping", &icmp("10.20.0.10", "10.50.0.10", 8), counter::ALLOWED);
+    case(
+        &mut h,
+        "ehr->billing claims",
+        &tcp("10.20.0.10", "10.60.0.10", 5432),
+        counter::ALLOWED,
+    );
+    case(
+        &mut h,
+        "ehr->lab ping",
+        &icmp("10.20.0.10", "10.50.0.10", 8),
+        counter::ALLOWED,
+    );
     // Essential traffic: neighbour discovery reaches every segment.
     let ns = icmp("fd00:10::10", "fd00:60::10", 135);
     let rule = case(&mut h, "neighbour solicitation", &ns, counter::ALLOWED);
     assert_eq!(rule.as_deref(), Some("billing/essential"));
 
     // ICU telemetry is monitored: a would-be denial passes as audit.
-    case(&mut h, "billing->icu (monitor)", &tcp("10.60.0.10", "10.70.0.10", 22), counter::AUDIT);
+    case(
+        &mut h,
+        "billing->icu (monitor)",
+        &tcp("10.60.0.10", "10.70.0.10", 22),
+        counter::AUDIT,
+    );
     // Traffic to world is not enforced by default; inside a segment with intra: allow.
-    case(&mut h, "radiology->world", &tcp("10.10.0.10", "192.0.2.7", 443), counter::UNENFORCED);
-    let rule = case(&mut h, "pacs intra", &tcp("10.30.0.10", "10.30.0.11", 9999), counter::ALLOWED);
+    case(
+        &mut h,
+        "radiology->world",
+        &tcp("10.10.0.10", "192.0.2.7", 443),
+        counter::UNENFORCED,
+    );
+    let rule = case(
+        &mut h,
+        "pacs intra",
+        &tcp("10.30.0.10", "10.30.0.11", 9999),
+        counter::ALLOWED,
+    );
     assert_eq!(rule.as_deref(), Some("pacs/intra"));
 
     // Frames that are not IP, or not well-formed.
     assert_case(&mut h, "arp", &packet_builder::arp(), counter::NON_IP);
     let (frame, _) = packet_builder::build(&tcp("10.20.0.10", "10.60.0.11", 5432));
-    assert_case(&mut h, "truncated tcp", &frame[..frame.len() - 1], counter::DROP_MALFORMED);
-    assert_case(&mut h, "ethernet only", &frame[..14], counter::DROP_MALFORMED);
+    assert_case(
+        &mut h,
+        "truncated tcp",
+        &frame[..frame.len() - 1],
+        counter::DROP_MALFORMED,
+    );
+    assert_case(
+        &mut h,
+        "ethernet only",
+        &frame[..14],
+        counter::DROP_MALFORMED,
+    );
     let mut bad_ihl = frame.clone();
     bad_ihl[14] = 0x44;
     assert_case(&mut h, "ihl 4", &bad_ihl, counter::DROP_MALFORMED);
     let mut long_total = frame.clone();
     long_total[16..18].copy_from_slice(&1000u16.to_be_bytes());
-    assert_case(&mut h, "total length past the frame", &long_total, counter::DROP_MALFORMED);
+    assert_case(
+        &mut h,
+        "total length past the frame",
+        &long_total,
+        counter::DROP_MALFORMED,
+    );
     let mut qinq = frame.clone();
     qinq.splice(12..12, [0x88, 0xa8, 0x00, 0x07, 0x81, 0x00, 0x00, 0x08]);
-    assert_case(&mut h, "stacked vlan", &qinq, counter::DROP_UNSUPPORTED_ENCAP);
-    let deep = tcp("fd00:10::10", "fd00:30::10", 104).with_ext_headers(&[0, 60, 60, 60, 60, 60, 60, 60, 60]);
-    case(&mut h, "nine extension headers", &deep, counter::DROP_TOO_MANY_EXT_HEADERS);
+    assert_case(
+        &mut h,
+        "stacked vlan",
+        &qinq,
+        counter::DROP_UNSUPPORTED_ENCAP,
+    );
+    let deep = tcp("fd00:10::10", "fd00:30::10", 104)
+        .with_ext_headers(&[0, 60, 60, 60, 60, 60, 60, 60, 60]);
+    case(
+        &mut h,
+        "nine extension headers",
+        &deep,
+        counter::DROP_TOO_MANY_EXT_HEADERS,
+    );
 }

@@ -19,22 +19,60 @@ use super::{Host, Lab, LabError, Result, io_error, netns};
 /// The line the daemon logs once it is attached to every interface.
 const READY_MARKER: &str = "enforcer ready";
 
-/// Packet counters the daemon prints on exit (`{"event":"shutdown","counters":{…}}`).
+/// Packet counters of one direction the daemon prints on exit
+/// (`{"event":"shutdown","counters":{…},"egress_counters":{…}}`). A counter the daemon does
+/// not print reads 0.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
 pub struct Counters {
     pub allowed: u64,
     pub audit: u64,
     pub unenforced: u64,
     pub non_ip: u64,
+    pub established: u64,
+    pub related: u64,
+    pub fragment: u64,
     pub policy_denied: u64,
     pub malformed: u64,
     pub unsupported_encap: u64,
+    pub fragment_no_state: u64,
+    pub fragment_overlap: u64,
+    pub fragment_too_small: u64,
+    pub too_many_ext_headers: u64,
+    pub conntrack_full: u64,
+    pub flow_revoked: u64,
+}
+
+impl Counters {
+    /// Packets dropped for any reason.
+    pub fn dropped(&self) -> u64 {
+        self.policy_denied
+            + self.malformed
+            + self.unsupported_encap
+            + self.fragment_no_state
+            + self.fragment_overlap
+            + self.fragment_too_small
+            + self.too_many_ext_headers
+            + self.conntrack_full
+            + self.flow_revoked
+    }
+}
+
+/// Both directions of a daemon's shutdown summary.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShutdownCounters {
+    /// XDP, packets the interfaces received.
+    pub ingress: Counters,
+    /// TC, packets the interfaces sent.
+    pub egress: Counters,
 }
 
 #[derive(Deserialize)]
 struct Shutdown {
     event: String,
     counters: Counters,
+    #[serde(default)]
+    egress_counters: Counters,
 }
 
 /// The daemon binary: `$ENFORCER_BIN`, else `enforcer` in the cargo target directory this
@@ -72,6 +110,7 @@ pub fn enforcer_bin() -> Result<PathBuf> {
 /// A running daemon. Dropping it kills the daemon (SIGTERM, then SIGKILL); [`Enforcer::stop`]
 /// also collects its counters. It borrows the [`Lab`], so it cannot outlive the namespace.
 pub struct Enforcer<'lab> {
+    /// The host's name, or `router` for a gateway daemon.
     host: String,
     lab_id: String,
     child: Option<Child>,
@@ -83,12 +122,31 @@ pub struct Enforcer<'lab> {
 
 impl Enforcer<'_> {
     pub(super) fn spawn(host: &Host, bin: &Path, policy_dir: &Path) -> Result<Self> {
+        let lab_id = host
+            .netns
+            .strip_suffix(&format!("-{}", host.name))
+            .unwrap_or(&host.netns);
+        Self::spawn_in(&host.name, &host.netns, lab_id, &["eth0"], bin, policy_dir)
+    }
+
+    /// `enforcer run` in namespace `netns` on `ifaces`; `name` is for logs and errors.
+    pub(super) fn spawn_in(
+        name: &str,
+        netns: &str,
+        lab_id: &str,
+        ifaces: &[&str],
+        bin: &Path,
+        policy_dir: &Path,
+    ) -> Result<Self> {
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &host.netns])
+        cmd.args(["netns", "exec", netns])
             .arg(bin)
             .args(["run", "--policy"])
-            .arg(policy_dir)
-            .args(["--iface", "eth0"])
+            .arg(policy_dir);
+        for iface in ifaces {
+            cmd.args(["--iface", iface]);
+        }
+        cmd
             // Readiness is read from the info-level log, whatever the caller's RUST_LOG says.
             .env(
                 "RUST_LOG",
@@ -117,23 +175,17 @@ impl Enforcer<'_> {
                 Ok(())
             });
         }
-        let mut child = cmd.spawn().map_err(io_error(format!(
-            "starting {} in {}",
-            bin.display(),
-            host.name
-        )))?;
-        let lab_id = host
-            .netns
-            .strip_suffix(&format!("-{}", host.name))
-            .unwrap_or(&host.netns)
-            .to_owned();
+        let mut child = cmd
+            .spawn()
+            .map_err(io_error(format!("starting {} in {name}", bin.display(),)))?;
+        let lab_id = lab_id.to_owned();
         netns::register_daemon(&lab_id, child.id() as i32);
 
         let stderr_lines = Arc::new(Mutex::new(Vec::new()));
         let (ready_tx, ready) = mpsc::channel();
         if let Some(stderr) = child.stderr.take() {
             let lines = Arc::clone(&stderr_lines);
-            let name = host.name.clone();
+            let name = name.to_owned();
             thread::spawn(move || {
                 for line in BufReader::new(stderr).lines() {
                     let Ok(line) = line else { break };
@@ -152,9 +204,9 @@ impl Enforcer<'_> {
                 text
             })
         });
-        tracing::info!(host = %host.name, pid = child.id(), "enforcer started");
+        tracing::info!(host = %name, ?ifaces, pid = child.id(), "enforcer started");
         Ok(Self {
-            host: host.name.clone(),
+            host: name.to_owned(),
             lab_id,
             child: Some(child),
             stderr: stderr_lines,
@@ -207,8 +259,13 @@ impl Enforcer<'_> {
         }
     }
 
-    /// Stops the daemon with SIGTERM (SIGKILL after 10 s) and returns its shutdown counters.
-    pub fn stop(mut self) -> Result<Counters> {
+    /// Stops the daemon with SIGTERM (SIGKILL after 10 s) and returns its ingress counters.
+    pub fn stop(self) -> Result<Counters> {
+        self.stop_all().map(|c| c.ingress)
+    }
+
+    /// Stops the daemon like [`Enforcer::stop`] and returns the counters of both directions.
+    pub fn stop_all(mut self) -> Result<ShutdownCounters> {
         let Some(child) = self.child.take() else {
             return Err(self.error("already stopped".into()));
         };
@@ -227,7 +284,15 @@ impl Enforcer<'_> {
             .filter_map(|line| serde_json::from_str::<Shutdown>(line.trim()).ok())
             .find(|s| s.event == "shutdown");
         match shutdown {
-            Some(Shutdown { counters, .. }) => {
+            Some(Shutdown {
+                counters,
+                egress_counters,
+                ..
+            }) => {
+                let counters = ShutdownCounters {
+                    ingress: counters,
+                    egress: egress_counters,
+                };
                 tracing::info!(host = %self.host, ?counters, "enforcer stopped");
                 Ok(counters)
             }
