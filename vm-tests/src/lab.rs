@@ -107,8 +107,9 @@ pub const NOC_HOST: &str = "noc";
 /// (where the enforcer runs) and a workstation `<segment>-ws` at `.20`, plus a NOC host at
 /// 10.99.0.10 / fd00:99::10 in no segment.
 ///
-/// Sources and destinations are separate hosts because the enforcer is stateless: on a host
-/// that runs it, replies to that host's own connections are judged like new traffic.
+/// Sources (workstations) and destinations (servers) are separate hosts so that each server's
+/// counters count only the probes sent to it; `e2e_stateful` covers hosts that both send and
+/// receive while enforcing.
 pub fn clinical_hosts() -> Vec<HostSpec> {
     let mut hosts = Vec::new();
     for seg in &CLINICAL_SEGMENTS {
