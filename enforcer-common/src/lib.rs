@@ -5,13 +5,14 @@
 //! # How a packet is judged
 //!
 //! 1. The destination and source addresses are looked up in the address trie of their family
-//!    ([`ADDR_V4`], [`ADDR_V6`]): longest prefix wins, and the value ([`AddrInfo`]) gives the
+//!    ([`map_names::ADDR_V4`], [`map_names::ADDR_V6`]): longest prefix wins, and the value ([`AddrInfo`]) gives the
 //!    address's segment and its *source class*. A miss means segment [`SEGMENT_WORLD`] and class
 //!    [`CLASS_WORLD`].
 //! 2. The destination segment's [`SegmentInfo`] says whether it is enforced, monitored or not
 //!    enforced at all.
-//! 3. [`PAIRS`] maps (destination segment, source class) to a *port table*; a miss is a denial.
-//! 4. [`PORTS`] is a trie over (port table, protocol key, port): the longest match names the first
+//! 3. [`map_names::PAIRS`] maps (destination segment, source class) to a *port table*, with a
+//!    fallback entry for rules that match every source ([`CLASS_WILDCARD`]).
+//! 4. [`map_names::PORTS`] is a trie over (port table, protocol key, port): the longest match names the first
 //!    rule (in policy order) that allows the packet; a miss is a denial.
 //!
 //! A source class groups the source addresses that every rule treats alike: same segment, and
@@ -20,17 +21,28 @@
 #![no_std]
 
 /// Map names, as declared in the eBPF object. User space finds maps by these names.
+///
+/// The policy maps exist twice, one set per *slot*: a reload fills the inactive slot and then
+/// flips [`ACTIVE`](map_names::ACTIVE), so every packet is judged entirely by one policy.
 pub mod map_names {
-    pub const ADDR_V4: &str = "ADDR_V4";
-    pub const ADDR_V6: &str = "ADDR_V6";
-    pub const SEGMENTS: &str = "SEGMENTS";
-    pub const PAIRS: &str = "PAIRS";
-    pub const PORTS: &str = "PORTS";
-    pub const COUNTERS: &str = "COUNTERS";
-    pub const RULE_HITS: &str = "RULE_HITS";
+    pub const ADDR_V4: [&str; 2] = ["ADDR_V4_0", "ADDR_V4_1"];
+    pub const ADDR_V6: [&str; 2] = ["ADDR_V6_0", "ADDR_V6_1"];
+    pub const SEGMENTS: [&str; 2] = ["SEGMENTS_0", "SEGMENTS_1"];
+    pub const PAIRS: [&str; 2] = ["PAIRS_0", "PAIRS_1"];
+    pub const PORTS: [&str; 2] = ["PORTS_0", "PORTS_1"];
+    pub const RULE_HITS: [&str; 2] = ["RULE_HITS_0", "RULE_HITS_1"];
+    /// One [`crate::Config`] per slot.
     pub const CONFIG: &str = "CONFIG";
+    /// The slot packets are judged by (one `u32`).
+    pub const ACTIVE: &str = "ACTIVE";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const DROPS_BY_PROTOCOL: &str = "DROPS_BY_PROTOCOL";
+    pub const PAIR_VERDICTS: &str = "PAIR_VERDICTS";
     pub const CONNTRACK: &str = "CONNTRACK";
     pub const FRAGMENTS: &str = "FRAGMENTS";
+    pub const EVENTS: &str = "EVENTS";
+    pub const EVENT_LIMITER: &str = "EVENT_LIMITER";
+    pub const EVENT_COUNTERS: &str = "EVENT_COUNTERS";
 }
 
 /// Program names, as declared in the eBPF object.
@@ -44,11 +56,17 @@ pub const SEGMENT_WORLD: u32 = 0;
 /// Source class of an address that matches no prefix in the address trie.
 pub const CLASS_WORLD: u32 = 0;
 
+/// The [`PairKey::src_class`] of a destination's fallback entry: the port table of its rules
+/// that match every source (`from: any`, essential traffic). Consulted when the source class has
+/// no entry of its own, or its table has no match; an own table holds the `any` rules that
+/// precede its last specific rule, so the first match is still the first rule in policy order.
+pub const CLASS_WILDCARD: u32 = u32::MAX;
+
 /// Compile-time capacity of each map as declared in the eBPF object. The loader overrides these
 /// with sizes computed from the compiled policy (plus headroom) before loading.
 pub const DEFAULT_MAX_ENTRIES: u32 = 1024;
 
-/// Value of [`ADDR_V4`] / [`ADDR_V6`] (keys are `Key<[u8; 4]>` / `Key<[u8; 16]>`, address in
+/// Value of [`map_names::ADDR_V4`] / [`map_names::ADDR_V6`] (keys are `Key<[u8; 4]>` / `Key<[u8; 16]>`, address in
 /// network byte order).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -67,7 +85,7 @@ pub mod segment_mode {
     pub const MONITOR: u8 = 2;
 }
 
-/// Value of the [`SEGMENTS`] array, indexed by segment id.
+/// Value of the [`map_names::SEGMENTS`] array, indexed by segment id.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SegmentInfo {
@@ -76,7 +94,7 @@ pub struct SegmentInfo {
     pub _pad: [u8; 3],
 }
 
-/// Key of the [`PAIRS`] hash map.
+/// Key of the [`map_names::PAIRS`] hash map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PairKey {
@@ -84,7 +102,7 @@ pub struct PairKey {
     pub src_class: u32,
 }
 
-/// Value of the [`PAIRS`] hash map.
+/// Value of the [`map_names::PAIRS`] hash map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PairValue {
@@ -103,7 +121,7 @@ pub mod proto_key {
     pub const ICMPV6: u8 = 58;
 }
 
-/// Data part of the [`PORTS`] LPM-trie key (`Key<PortKey>`). Bits are matched from the first
+/// Data part of the [`map_names::PORTS`] LPM-trie key (`Key<PortKey>`). Bits are matched from the first
 /// byte, so every field is big-endian and the prefix length is `48 + k` where `k` is the number
 /// of leading port bits that are fixed (0..=16).
 #[repr(C)]
@@ -132,7 +150,7 @@ impl PortKey {
     }
 }
 
-/// Value of the [`PORTS`] trie: the global index of the rule that allows the packet.
+/// Value of the [`map_names::PORTS`] trie: the global index of the rule that allows the packet.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PortValue {
@@ -247,6 +265,112 @@ pub struct Config {
     pub _pad: [u8; 2],
     /// Idle timeouts by [`timeout`] index, in nanoseconds.
     pub timeouts_ns: [u64; timeout::COUNT],
+    /// At most one event per flow (see [`EventLimiterKey`]) per this many nanoseconds.
+    pub event_interval_ns: u64,
+    /// [`event_flags`]: which outcomes are reported as events.
+    pub event_flags: u32,
+    pub _pad2: u32,
+}
+
+/// Bits of [`Config::event_flags`]. Drops and audits are always reported; allowed first
+/// packets of new flows only when asked for.
+pub mod event_flags {
+    pub const REPORT_ALLOWED: u32 = 1;
+}
+
+/// Protocol classes of [`map_names::DROPS_BY_PROTOCOL`], indexed
+/// `(direction * counter::COUNT + counter) * protocol_class::COUNT + class`.
+pub mod protocol_class {
+    /// No IP protocol known (a frame dropped before its IP header was understood).
+    pub const NONE: u32 = 0;
+    pub const TCP: u32 = 1;
+    pub const UDP: u32 = 2;
+    pub const ICMP: u32 = 3;
+    pub const ICMPV6: u32 = 4;
+    pub const OTHER: u32 = 5;
+    pub const COUNT: u32 = 6;
+    pub const NAMES: [&str; COUNT as usize] = ["none", "tcp", "udp", "icmp", "icmpv6", "other"];
+
+    pub const fn of(proto: u8, known: bool) -> u32 {
+        if !known {
+            return NONE;
+        }
+        match proto {
+            6 => TCP,
+            17 => UDP,
+            1 => ICMP,
+            58 => ICMPV6,
+            _ => OTHER,
+        }
+    }
+}
+
+/// Key of the per-CPU [`map_names::PAIR_VERDICTS`] hash: judged packets (first packets of
+/// flows, and denials) by segment pair. Segment ids belong to the policy `generation`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PairVerdictKey {
+    pub generation: u32,
+    pub src_segment: u32,
+    pub dst_segment: u32,
+    /// [`direction`].
+    pub direction: u8,
+    /// The outcome [`counter`].
+    pub counter: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Indexes of the per-CPU [`map_names::EVENT_COUNTERS`] array.
+pub mod event_counter {
+    /// Events written to the ring buffer.
+    pub const SENT: u32 = 0;
+    /// Events the ring buffer had no room for.
+    pub const LOST: u32 = 1;
+    /// Events not sent because their flow had one within the interval.
+    pub const RATE_LIMITED: u32 = 2;
+    pub const COUNT: u32 = 3;
+}
+
+/// Key of the [`map_names::EVENT_LIMITER`] LRU hash: a flow as far as event rate limiting is
+/// concerned (source, destination, protocol, destination port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EventLimiterKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub dport: u16,
+    pub proto: u8,
+    pub counter: u8,
+}
+
+/// One event in the [`map_names::EVENTS`] ring buffer: a denied, audited or (optionally)
+/// allowed-new-flow packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC).
+    pub time_ns: u64,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// Global rule index in the policy of `generation`, or [`NO_RULE`].
+    pub rule: u32,
+    pub src_segment: u32,
+    pub dst_segment: u32,
+    pub ifindex: u32,
+    /// Policy generation that judged the packet.
+    pub generation: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    /// 4 or 6.
+    pub family: u8,
+    /// [`direction`].
+    pub direction: u8,
+    /// The outcome [`counter`].
+    pub counter: u8,
+    /// ICMP type (for ICMP and ICMPv6).
+    pub icmp_type: u8,
+    pub _pad: [u8; 3],
 }
 
 /// Key of the connection-tracking hash. The two endpoints are stored in canonical order
@@ -341,4 +465,7 @@ mod pod {
     unsafe impl aya::Pod for FlowState {}
     unsafe impl aya::Pod for FragmentKey {}
     unsafe impl aya::Pod for FragmentState {}
+    unsafe impl aya::Pod for PairVerdictKey {}
+    unsafe impl aya::Pod for EventLimiterKey {}
+    unsafe impl aya::Pod for Event {}
 }

@@ -10,9 +10,9 @@ use enforcer_common::{
 };
 
 use crate::{
-    maps::CONNTRACK,
+    maps::{CONNTRACK, PolicySlot},
     packet::Flow,
-    policy::{self, Judgement},
+    policy::{self, Judgement, Segments},
 };
 
 const TCP_FIN: u8 = 0x01;
@@ -118,7 +118,15 @@ pub enum Tracked {
 /// Looks up the flow of a packet whose source is side `src_side` of `key`, and updates its
 /// state (TCP progress, idle time, policy generation).
 #[inline(always)]
-pub fn track(key: &FlowKey, src_side: u8, flow: &Flow, now: u64, config: &Config) -> Tracked {
+pub fn track(
+    policy: &PolicySlot,
+    key: &FlowKey,
+    src_side: u8,
+    flow: &Flow,
+    now: u64,
+    config: &Config,
+    segments: &mut Segments,
+) -> Tracked {
     let Some(state) = CONNTRACK.get_ptr_mut(key) else {
         return Tracked::Untracked;
     };
@@ -131,7 +139,7 @@ pub fn track(key: &FlowKey, src_side: u8, flow: &Flow, now: u64, config: &Config
     }
     if state.generation != config.generation {
         if config.on_policy_change == policy_change::RECHECK {
-            match recheck(key, state, config) {
+            match recheck(policy, key, state, config, segments) {
                 Judgement::Denied => {
                     let _ = CONNTRACK.remove(key);
                     return Tracked::Revoked;
@@ -179,13 +187,20 @@ pub fn track(key: &FlowKey, src_side: u8, flow: &Flow, now: u64, config: &Config
 
 /// Judges a tracked flow again, as its first packet, under the current policy.
 #[inline(always)]
-fn recheck(key: &FlowKey, state: &FlowState, config: &Config) -> Judgement {
+fn recheck(
+    policy: &PolicySlot,
+    key: &FlowKey,
+    state: &FlowState,
+    config: &Config,
+    segments: &mut Segments,
+) -> Judgement {
     let (initiator, responder) = if state.initiator == 0 {
         (&key.addr_a, &key.addr_b)
     } else {
         (&key.addr_b, &key.addr_a)
     };
     policy::judge(
+        policy,
         initiator,
         responder,
         key.family,
@@ -193,6 +208,7 @@ fn recheck(key: &FlowKey, state: &FlowState, config: &Config) -> Judgement {
         state.policy_port,
         u32::from(state.direction),
         config,
+        segments,
     )
 }
 

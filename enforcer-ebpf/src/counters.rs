@@ -1,22 +1,49 @@
 //! Per-CPU counters: plain increments, no atomics needed.
-use enforcer_common::counter;
+use enforcer_common::{PairVerdictKey, counter, protocol_class};
 
-use crate::maps::{COUNTERS, RULE_HITS};
+use crate::maps::{COUNTERS, DROPS_BY_PROTOCOL, EVENT_COUNTERS, PAIR_VERDICTS, PolicySlot};
+
+#[inline(always)]
+fn bump(slot: Option<*mut u64>) {
+    if let Some(slot) = slot {
+        // SAFETY: this CPU's slot of a per-CPU map element.
+        unsafe { *slot += 1 };
+    }
+}
 
 #[inline(always)]
 pub fn count(dir: u32, index: u32) -> Result<(), ()> {
     let slot = COUNTERS
         .get_ptr_mut(dir * counter::COUNT + index)
         .ok_or(())?;
-    // SAFETY: the pointer is this CPU's slot of a per-CPU array element.
-    unsafe { *slot += 1 };
+    bump(Some(slot));
     Ok(())
 }
 
 #[inline(always)]
-pub fn rule_hit(rule: u32) {
-    if let Some(slot) = RULE_HITS.get_ptr_mut(rule) {
-        // SAFETY: as above.
-        unsafe { *slot += 1 };
+pub fn drop_by_protocol(dir: u32, index: u32, class: u32) {
+    let at = (dir * counter::COUNT + index) * protocol_class::COUNT + class;
+    bump(DROPS_BY_PROTOCOL.get_ptr_mut(at));
+}
+
+#[inline(always)]
+pub fn rule_hit(policy: &PolicySlot, rule: u32) {
+    bump(policy.rule_hits.get_ptr_mut(rule));
+}
+
+#[inline(always)]
+pub fn event(index: u32) {
+    bump(EVENT_COUNTERS.get_ptr_mut(index));
+}
+
+#[inline(always)]
+pub fn pair_verdict(key: &PairVerdictKey) {
+    match PAIR_VERDICTS.get_ptr_mut(key) {
+        Some(slot) => bump(Some(slot)),
+        // A new pair: the first packet's CPU creates it; a race with another CPU loses one count
+        // at most, never the entry.
+        None => {
+            let _ = PAIR_VERDICTS.insert(key, 1, 0);
+        }
     }
 }

@@ -6,6 +6,7 @@
 mod conntrack;
 mod counters;
 mod eth;
+mod events;
 mod fragments;
 mod icmp;
 mod ipv4;
@@ -40,7 +41,7 @@ pub fn enforcer_xdp(ctx: XdpContext) -> u32 {
 
 fn try_enforcer_xdp(ctx: &XdpContext) -> Result<u32, ()> {
     let frame = Frame::new(ctx.data(), ctx.data_end(), ctx.data_end() - ctx.data());
-    let outcome = verdict::decide(&frame, direction::INGRESS)?;
+    let outcome = verdict::decide(&frame, direction::INGRESS, ctx.ingress_ifindex() as u32)?;
     counters::count(direction::INGRESS, outcome)?;
     Ok(if counter::is_drop(outcome) {
         xdp_action::XDP_DROP
@@ -68,7 +69,9 @@ fn try_enforcer_tc_egress(ctx: &TcContext) -> Result<i32, ()> {
         let _ = ctx.pull_data(readable as u32);
     }
     let frame = Frame::new(ctx.data(), ctx.data_end(), len as usize);
-    let outcome = verdict::decide(&frame, direction::EGRESS)?;
+    // SAFETY: reading a field of the context the kernel passed in.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let outcome = verdict::decide(&frame, direction::EGRESS, ifindex)?;
     counters::count(direction::EGRESS, outcome)?;
     Ok(if counter::is_drop(outcome) {
         TC_ACT_SHOT

@@ -1,33 +1,99 @@
 //! Map declarations. Layouts are defined in `enforcer-common`; sizes here are placeholders that
 //! the loader replaces with sizes computed from the compiled policy.
+//!
+//! The policy maps exist in two slots; [`ACTIVE`] says which one judges packets, so a reload
+//! can fill the other slot and switch in one write (see [`PolicySlot`]).
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use enforcer_common::{
-    AddrInfo, Config, DEFAULT_MAX_ENTRIES, FlowKey, FlowState, FragmentKey, FragmentState, PairKey,
-    PairValue, PortKey, PortValue, SegmentInfo, counter, direction,
+    AddrInfo, Config, DEFAULT_MAX_ENTRIES, EventLimiterKey, FlowKey, FlowState, FragmentKey,
+    FragmentState, PairKey, PairValue, PairVerdictKey, PortKey, PortValue, SegmentInfo, counter,
+    direction, event_counter, protocol_class,
 };
 
 use crate::packet::Scratch;
 
-#[map]
-pub static ADDR_V4: LpmTrie<[u8; 4], AddrInfo> = LpmTrie::with_max_entries(DEFAULT_MAX_ENTRIES, 0);
+macro_rules! policy_slot_maps {
+    ($addr_v4:ident, $addr_v6:ident, $segments:ident, $pairs:ident, $ports:ident, $rule_hits:ident) => {
+        #[map]
+        pub static $addr_v4: LpmTrie<[u8; 4], AddrInfo> =
+            LpmTrie::with_max_entries(DEFAULT_MAX_ENTRIES, 0);
+        #[map]
+        pub static $addr_v6: LpmTrie<[u8; 16], AddrInfo> =
+            LpmTrie::with_max_entries(DEFAULT_MAX_ENTRIES, 0);
+        #[map]
+        pub static $segments: Array<SegmentInfo> = Array::with_max_entries(DEFAULT_MAX_ENTRIES, 0);
+        #[map]
+        pub static $pairs: HashMap<PairKey, PairValue> =
+            HashMap::with_max_entries(DEFAULT_MAX_ENTRIES, 0);
+        #[map]
+        pub static $ports: LpmTrie<PortKey, PortValue> =
+            LpmTrie::with_max_entries(DEFAULT_MAX_ENTRIES, 0);
+        #[map]
+        pub static $rule_hits: PerCpuArray<u64> =
+            PerCpuArray::with_max_entries(DEFAULT_MAX_ENTRIES, 0);
+    };
+}
 
-#[map]
-pub static ADDR_V6: LpmTrie<[u8; 16], AddrInfo> = LpmTrie::with_max_entries(DEFAULT_MAX_ENTRIES, 0);
+policy_slot_maps!(
+    ADDR_V4_0,
+    ADDR_V6_0,
+    SEGMENTS_0,
+    PAIRS_0,
+    PORTS_0,
+    RULE_HITS_0
+);
+policy_slot_maps!(
+    ADDR_V4_1,
+    ADDR_V6_1,
+    SEGMENTS_1,
+    PAIRS_1,
+    PORTS_1,
+    RULE_HITS_1
+);
 
-#[map]
-pub static SEGMENTS: Array<SegmentInfo> = Array::with_max_entries(DEFAULT_MAX_ENTRIES, 0);
+/// The maps of one policy slot.
+pub struct PolicySlot {
+    pub addr_v4: &'static LpmTrie<[u8; 4], AddrInfo>,
+    pub addr_v6: &'static LpmTrie<[u8; 16], AddrInfo>,
+    pub segments: &'static Array<SegmentInfo>,
+    pub pairs: &'static HashMap<PairKey, PairValue>,
+    pub ports: &'static LpmTrie<PortKey, PortValue>,
+    pub rule_hits: &'static PerCpuArray<u64>,
+}
 
-#[map]
-pub static PAIRS: HashMap<PairKey, PairValue> = HashMap::with_max_entries(DEFAULT_MAX_ENTRIES, 0);
+#[inline(always)]
+pub fn policy_slot(slot: u32) -> PolicySlot {
+    if slot == 0 {
+        PolicySlot {
+            addr_v4: &ADDR_V4_0,
+            addr_v6: &ADDR_V6_0,
+            segments: &SEGMENTS_0,
+            pairs: &PAIRS_0,
+            ports: &PORTS_0,
+            rule_hits: &RULE_HITS_0,
+        }
+    } else {
+        PolicySlot {
+            addr_v4: &ADDR_V4_1,
+            addr_v6: &ADDR_V6_1,
+            segments: &SEGMENTS_1,
+            pairs: &PAIRS_1,
+            ports: &PORTS_1,
+            rule_hits: &RULE_HITS_1,
+        }
+    }
+}
 
+/// The slot that judges packets.
 #[map]
-pub static PORTS: LpmTrie<PortKey, PortValue> = LpmTrie::with_max_entries(DEFAULT_MAX_ENTRIES, 0);
+pub static ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
 
+/// The settings of the policy in each slot.
 #[map]
-pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+pub static CONFIG: Array<Config> = Array::with_max_entries(2, 0);
 
 #[map]
 pub static CONNTRACK: HashMap<FlowKey, FlowState> =
@@ -42,7 +108,24 @@ pub static COUNTERS: PerCpuArray<u64> =
     PerCpuArray::with_max_entries(direction::COUNT * counter::COUNT, 0);
 
 #[map]
-pub static RULE_HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DEFAULT_MAX_ENTRIES, 0);
+pub static DROPS_BY_PROTOCOL: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(direction::COUNT * counter::COUNT * protocol_class::COUNT, 0);
+
+#[map]
+pub static PAIR_VERDICTS: PerCpuHashMap<PairVerdictKey, u64> =
+    PerCpuHashMap::with_max_entries(65_536, 0);
+
+/// Events for the daemon (see `events`). 4 MiB: about 58,000 events of backlog.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 * 1024 * 1024, 0);
+
+#[map]
+pub static EVENT_LIMITER: LruHashMap<EventLimiterKey, u64> =
+    LruHashMap::with_max_entries(65_536, 0);
+
+#[map]
+pub static EVENT_COUNTERS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(event_counter::COUNT, 0);
 
 /// Working memory of the packet being judged (see `packet::Scratch`).
 #[map]

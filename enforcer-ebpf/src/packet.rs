@@ -5,7 +5,7 @@
 //! stack together.
 use core::mem::size_of;
 
-use enforcer_common::{FlowKey, FragmentKey};
+use enforcer_common::{Event, FlowKey, FragmentKey};
 
 /// The packet as a program sees it: readable bytes `[start, end)`, and `len`, the length of the
 /// whole packet (for TC, the part past `end` is in the skb's paged data).
@@ -90,6 +90,8 @@ pub struct Scratch {
     pub fragment: FragmentKey,
     /// The connection-tracking key of the packet.
     pub flow_key: FlowKey,
+    /// The event being reported for the packet.
+    pub event: Event,
 }
 
 /// The outcome of parsing a frame. Mirrors `policy_compiler::packet`, the reference parser.

@@ -2,11 +2,11 @@
 //! lookup. See `enforcer_common` for why this needs no loop over rules.
 use aya_ebpf::maps::lpm_trie::Key;
 use enforcer_common::{
-    AddrInfo, CLASS_WORLD, Config, PORT_KEY_FIXED_BITS, PairKey, PortKey, SEGMENT_WORLD, direction,
-    segment_mode,
+    AddrInfo, CLASS_WILDCARD, CLASS_WORLD, Config, PORT_KEY_FIXED_BITS, PairKey, PortKey,
+    SEGMENT_WORLD, direction, segment_mode,
 };
 
-use crate::maps::{ADDR_V4, ADDR_V6, PAIRS, PORTS, SEGMENTS};
+use crate::maps::PolicySlot;
 
 #[derive(Clone, Copy)]
 pub enum Judgement {
@@ -21,13 +21,22 @@ const WORLD: AddrInfo = AddrInfo {
     class: CLASS_WORLD,
 };
 
+/// What a judgement found out about the packet's segments.
+#[derive(Clone, Copy)]
+pub struct Segments {
+    pub src: u32,
+    pub dst: u32,
+}
+
 /// The segment and source class of `addr` (IPv4 in the first 4 bytes when `family` is 4).
 #[inline(always)]
-fn lookup(addr: &[u8; 16], family: u8) -> AddrInfo {
+pub fn lookup(policy: &PolicySlot, addr: &[u8; 16], family: u8) -> AddrInfo {
     let found = if family == 4 {
-        ADDR_V4.get(Key::new(32, [addr[0], addr[1], addr[2], addr[3]]))
+        policy
+            .addr_v4
+            .get(Key::new(32, [addr[0], addr[1], addr[2], addr[3]]))
     } else {
-        ADDR_V6.get(Key::new(128, *addr))
+        policy.addr_v6.get(Key::new(128, *addr))
     };
     found.copied().unwrap_or(WORLD)
 }
@@ -35,8 +44,12 @@ fn lookup(addr: &[u8; 16], family: u8) -> AddrInfo {
 /// Judges a packet from `src` to `dst` with policy protocol key `proto_key` and port `port`,
 /// seen in `dir`. Egress is judged by the destination's allow-list too, so both
 /// ends of a connection check the same rule; `config.egress_mode` says whether it is.
+/// Egress that is not enforced is not judged at all, and its segments are not looked up
+/// (`segments` stays as it was).
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub fn judge(
+    policy: &PolicySlot,
     src: &[u8; 16],
     dst: &[u8; 16],
     family: u8,
@@ -44,11 +57,15 @@ pub fn judge(
     port: u16,
     dir: u32,
     config: &Config,
+    segments: &mut Segments,
 ) -> Judgement {
     if dir == direction::EGRESS && config.egress_mode == segment_mode::UNENFORCED {
         return Judgement::Unenforced;
     }
-    let judgement = judge_destination(lookup(src, family), lookup(dst, family), proto_key, port);
+    let (src, dst) = (lookup(policy, src, family), lookup(policy, dst, family));
+    segments.src = src.segment;
+    segments.dst = dst.segment;
+    let judgement = judge_destination(policy, src, dst, proto_key, port);
     if dir == direction::EGRESS
         && config.egress_mode == segment_mode::MONITOR
         && matches!(judgement, Judgement::Denied)
@@ -59,25 +76,35 @@ pub fn judge(
 }
 
 #[inline(always)]
-fn judge_destination(src: AddrInfo, dst: AddrInfo, proto_key: u8, port: u16) -> Judgement {
-    let mode = SEGMENTS
+fn judge_destination(
+    policy: &PolicySlot,
+    src: AddrInfo,
+    dst: AddrInfo,
+    proto_key: u8,
+    port: u16,
+) -> Judgement {
+    let mode = policy
+        .segments
         .get(dst.segment)
         .map_or(segment_mode::ENFORCE, |info| info.mode);
     if mode == segment_mode::UNENFORCED {
         return Judgement::Unenforced;
     }
-    let pair = PairKey {
-        dst_segment: dst.segment,
-        src_class: src.class,
-    };
-    // SAFETY: the value is copied out at once.
-    if let Some(table) = unsafe { PAIRS.get(pair) }.map(|v| v.port_table) {
-        let key = Key::new(
-            PORT_KEY_FIXED_BITS + 16,
-            PortKey::new(table, proto_key, port),
-        );
-        if let Some(hit) = PORTS.get(key) {
-            return Judgement::Allowed { rule: hit.rule };
+    // The source class's own table first, then the destination's wildcard table.
+    for src_class in [src.class, CLASS_WILDCARD] {
+        let pair = PairKey {
+            dst_segment: dst.segment,
+            src_class,
+        };
+        // SAFETY: the value is copied out at once.
+        if let Some(table) = unsafe { policy.pairs.get(pair) }.map(|v| v.port_table) {
+            let key = Key::new(
+                PORT_KEY_FIXED_BITS + 16,
+                PortKey::new(table, proto_key, port),
+            );
+            if let Some(hit) = policy.ports.get(key) {
+                return Judgement::Allowed { rule: hit.rule };
+            }
         }
     }
     if mode == segment_mode::MONITOR {

@@ -85,6 +85,6 @@ pub fn read(ebpf: &Ebpf) -> Result<Counters, CounterError> {
     Ok(counters)
 }
 
-pub fn rule_hits(ebpf: &Ebpf, rule_index: u32) -> Result<u64, CounterError> {
-    per_cpu_sum(ebpf, map_names::RULE_HITS, rule_index)
+pub fn rule_hits(ebpf: &Ebpf, slot: usize, rule_index: u32) -> Result<u64, CounterError> {
+    per_cpu_sum(ebpf, map_names::RULE_HITS[slot], rule_index)
 }

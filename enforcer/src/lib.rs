@@ -1,11 +1,19 @@
 //! The enforcer daemon as a library, split by duty: `loader` (load the kernel programs and
-//! attach them), `policy_maps` (write a compiled policy into the kernel maps), `conntrack`
-//! (sweep expired flow state), `counters` (read the outcome counters). `main.rs` is a thin CLI
-//! over it.
+//! attach them), `policy_maps` (write a compiled policy into a slot and switch slots),
+//! `conntrack` (sweep idle flow state), `counters` (read the outcome counters), `events` (the
+//! flow stream), `metrics` (Prometheus), `daemon` (the running enforcer: reload, metrics,
+//! events). `main.rs` is a thin CLI over it.
 pub mod conntrack;
 pub mod counters;
+pub mod daemon;
+pub mod events;
 pub mod loader;
+pub mod metrics;
 pub mod policy_maps;
 
 pub use counters::Counters;
-pub use loader::{Attachment, Enforcer, LoadError};
+pub use loader::{Attachment, Enforcer, EventOptions, LoadError};
+// Observability (issue 4 helper): the HTTP endpoints, the flow log and `enforcer observe`.
+pub mod flow_log;
+pub mod http;
+pub mod observe;

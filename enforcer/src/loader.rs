@@ -1,11 +1,14 @@
 //! Loading the kernel programs with maps sized for the policy, and attaching them to
 //! interfaces: XDP on ingress, TC on egress. Dropping an [`Enforcer`] detaches everything it
 //! attached.
+use std::time::{Duration, Instant};
+
 use aya::{
     Ebpf, EbpfLoader,
+    maps::{MapData, RingBuf},
     programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode, tc},
 };
-use enforcer_common::{Config, map_names, program_names};
+use enforcer_common::{Config, event_flags, map_names, program_names};
 use policy_compiler::Artifact;
 use tracing::{debug, info, warn};
 
@@ -56,13 +59,38 @@ pub struct Attachment {
     pub xdp_mode: &'static str,
 }
 
+/// How the daemon wants events reported (the rest of `CONFIG` comes from the policy).
+#[derive(Clone, Copy, Debug)]
+pub struct EventOptions {
+    /// Report the first packet of every allowed flow too, not only denials and audits.
+    pub report_allowed: bool,
+    /// At most one event per flow per this interval.
+    pub interval: Duration,
+}
+
+impl Default for EventOptions {
+    fn default() -> Self {
+        EventOptions {
+            report_allowed: false,
+            interval: Duration::from_secs(1),
+        }
+    }
+}
+
 /// Loaded kernel programs and maps holding one compiled policy.
 pub struct Enforcer {
     ebpf: Ebpf,
     revision: String,
     generation: u32,
+    /// The slot of the policy maps that judges packets (see `policy_maps`).
+    active_slot: usize,
     config: Config,
-    sizes: Vec<(&'static str, u32)>,
+    events: EventOptions,
+    /// Capacity of each policy map, the same in both slots.
+    sizes: Vec<(&'static [&'static str; 2], u32)>,
+    /// Entries the loaded policy uses in each policy map (by slot-0 name).
+    usage: Vec<(&'static str, usize)>,
+    conntrack_capacity: u32,
     attachments: Vec<Attachment>,
 }
 
@@ -80,24 +108,30 @@ fn program_error(name: &'static str) -> impl Fn(ProgramError) -> LoadError {
 impl Enforcer {
     /// Loads the programs with maps sized from `artifact` and fills the maps with it.
     pub fn load(artifact: &Artifact) -> Result<Self, LoadError> {
+        Self::load_with(artifact, EventOptions::default())
+    }
+
+    pub fn load_with(artifact: &Artifact, events: EventOptions) -> Result<Self, LoadError> {
         raise_memlock_limit();
         let counts = artifact.entry_counts();
         let settings = &artifact.settings;
         let sizes = vec![
-            (map_names::ADDR_V4, with_headroom(counts.addr_v4)),
-            (map_names::ADDR_V6, with_headroom(counts.addr_v6)),
-            (map_names::SEGMENTS, with_headroom(counts.segments)),
-            (map_names::PAIRS, with_headroom(counts.pairs)),
-            (map_names::PORTS, with_headroom(counts.ports)),
-            (map_names::RULE_HITS, with_headroom(counts.rules)),
-            // Exactly as configured: "full" must mean what the policy says.
-            (map_names::CONNTRACK, settings.conntrack_max_entries),
-            (map_names::FRAGMENTS, settings.fragments_max_entries),
+            (&map_names::ADDR_V4, with_headroom(counts.addr_v4)),
+            (&map_names::ADDR_V6, with_headroom(counts.addr_v6)),
+            (&map_names::SEGMENTS, with_headroom(counts.segments)),
+            (&map_names::PAIRS, with_headroom(counts.pairs)),
+            (&map_names::PORTS, with_headroom(counts.ports)),
+            (&map_names::RULE_HITS, with_headroom(counts.rules)),
         ];
         let mut loader = EbpfLoader::new();
-        for &(name, size) in &sizes {
-            loader.map_max_entries(name, size);
+        for &(names, size) in &sizes {
+            for name in names {
+                loader.map_max_entries(name, size);
+            }
         }
+        // Exactly as configured: "full" must mean what the policy says.
+        loader.map_max_entries(map_names::CONNTRACK, settings.conntrack_max_entries);
+        loader.map_max_entries(map_names::FRAGMENTS, settings.fragments_max_entries);
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         let xdp: &mut Xdp = ebpf
             .program_mut(program_names::XDP_INGRESS)
@@ -112,52 +146,118 @@ impl Enforcer {
             .try_into()
             .map_err(program_error(program_names::TC_EGRESS))?;
         tc.load().map_err(program_error(program_names::TC_EGRESS))?;
-        let generation = 1;
-        policy_maps::write(&mut ebpf, artifact, generation)?;
-        Ok(Self {
+        let mut enforcer = Self {
             ebpf,
             revision: artifact.revision.clone(),
-            generation,
-            config: artifact.kernel_config(generation),
+            generation: 0,
+            // Slot 1 "was" active, so the first policy goes into slot 0.
+            active_slot: 1,
+            config: Config::default(),
+            events,
             sizes,
+            usage: Vec::new(),
+            conntrack_capacity: settings.conntrack_max_entries,
             attachments: Vec::new(),
-        })
+        };
+        enforcer.replace_policy(artifact)?;
+        Ok(enforcer)
     }
 
-    /// Replaces the loaded policy with `artifact` (same maps, next generation). Tracked flows
-    /// follow its `on_policy_change`. Not atomic yet: packets judged during the swap may see
-    /// parts of both policies.
-    pub fn replace_policy(&mut self, artifact: &Artifact) -> Result<(), LoadError> {
+    /// Loads `artifact` as the next generation: writes it into the inactive slot while the
+    /// active one keeps judging, then switches slots with one map write, so every packet is
+    /// judged entirely by the old or the new policy. Tracked flows follow the new policy's
+    /// `on_policy_change`. Returns how long the switch took from start to the new policy being
+    /// live.
+    pub fn replace_policy(&mut self, artifact: &Artifact) -> Result<Duration, LoadError> {
+        let started = Instant::now();
         let counts = artifact.entry_counts();
-        for (map, needed) in [
-            (map_names::ADDR_V4, counts.addr_v4),
-            (map_names::ADDR_V6, counts.addr_v6),
-            (map_names::SEGMENTS, counts.segments),
-            (map_names::PAIRS, counts.pairs),
-            (map_names::PORTS, counts.ports),
-            (map_names::RULE_HITS, counts.rules),
-        ] {
-            let capacity = self.capacity(map);
+        let usage = [
+            (&map_names::ADDR_V4, counts.addr_v4),
+            (&map_names::ADDR_V6, counts.addr_v6),
+            (&map_names::SEGMENTS, counts.segments),
+            (&map_names::PAIRS, counts.pairs),
+            (&map_names::PORTS, counts.ports),
+            (&map_names::RULE_HITS, counts.rules),
+        ];
+        for (names, needed) in usage {
+            let capacity = self.capacity(names[0]);
             if needed > capacity as usize {
                 return Err(LoadError::TooLarge {
-                    map,
+                    map: names[0],
                     needed,
                     capacity,
                 });
             }
         }
-        self.generation += 1;
-        policy_maps::write(&mut self.ebpf, artifact, self.generation)?;
-        self.config = artifact.kernel_config(self.generation);
+        let target = 1 - self.active_slot;
+        let generation = self.generation + 1;
+        let mut config = artifact.kernel_config(generation);
+        config.event_interval_ns = self.events.interval.as_nanos() as u64;
+        config.event_flags = if self.events.report_allowed {
+            event_flags::REPORT_ALLOWED
+        } else {
+            0
+        };
+        policy_maps::write(&mut self.ebpf, target, artifact, &config)?;
+        policy_maps::activate(&mut self.ebpf, target)?;
+        self.active_slot = target;
+        self.generation = generation;
+        self.config = config;
         self.revision = artifact.revision.clone();
+        self.usage = usage
+            .iter()
+            .map(|(names, used)| (names[0], *used))
+            .collect();
+        Ok(started.elapsed())
+    }
+
+    /// Entries the loaded policy uses in each policy map (by slot-0 name).
+    pub fn policy_map_usage(&self) -> &[(&'static str, usize)] {
+        &self.usage
+    }
+
+    /// Capacity of the connection table.
+    pub fn conntrack_capacity(&self) -> u32 {
+        self.conntrack_capacity
+    }
+
+    /// Empties the inactive slot, so the next reload writes into empty maps. Call it a moment
+    /// after a reload: packets that were being judged by the old slot when it was switched
+    /// out must have finished (BPF programs run for microseconds).
+    pub fn clear_inactive_slot(&mut self) -> Result<(), LoadError> {
+        policy_maps::clear(&mut self.ebpf, 1 - self.active_slot)?;
         Ok(())
     }
 
-    fn capacity(&self, map: &str) -> u32 {
+    /// The event ring buffer, for the daemon's reader (it can be taken once).
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.ebpf
+            .take_map(map_names::EVENTS)
+            .and_then(|map| RingBuf::try_from(map).ok())
+    }
+
+    pub fn ebpf(&self) -> &Ebpf {
+        &self.ebpf
+    }
+
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Capacity of a policy map (named by its slot-0 name).
+    pub fn capacity(&self, map: &str) -> u32 {
         self.sizes
             .iter()
-            .find(|(name, _)| *name == map)
+            .find(|(names, _)| names[0] == map)
             .map_or(0, |(_, size)| *size)
+    }
+
+    pub fn active_slot(&self) -> usize {
+        self.active_slot
     }
 
     /// Attaches ingress XDP (native, or generic with a warning when the driver lacks it) and
@@ -212,6 +312,20 @@ impl Enforcer {
             .map_err(program_error(program_names::XDP_INGRESS))
     }
 
+    /// Pins the ingress XDP program at `path` on a bpffs (for a second handle on it).
+    pub fn pin_xdp_program(&mut self, path: &std::path::Path) -> Result<(), LoadError> {
+        let xdp: &mut Xdp = self
+            .ebpf
+            .program_mut(program_names::XDP_INGRESS)
+            .ok_or(LoadError::MissingProgram(program_names::XDP_INGRESS))?
+            .try_into()
+            .map_err(program_error(program_names::XDP_INGRESS))?;
+        xdp.pin(path).map_err(|error| LoadError::Program {
+            name: program_names::XDP_INGRESS,
+            source: ProgramError::IOError(std::io::Error::other(error.to_string())),
+        })
+    }
+
     /// The egress TC program, for `BPF_PROG_TEST_RUN`.
     pub fn tc_program(&self) -> Result<&SchedClassifier, LoadError> {
         self.ebpf
@@ -231,9 +345,9 @@ impl Enforcer {
         counters::read_one(&self.ebpf, dir, counter)
     }
 
-    /// How many new flows rule `rule_index` admitted, summed over CPUs.
+    /// How many new flows rule `rule_index` of the active policy admitted, summed over CPUs.
     pub fn rule_hits(&self, rule_index: u32) -> Result<u64, CounterError> {
-        counters::rule_hits(&self.ebpf, rule_index)
+        counters::rule_hits(&self.ebpf, self.active_slot, rule_index)
     }
 
     /// Removes expired connection and fragment state; returns how many flows and fragments.

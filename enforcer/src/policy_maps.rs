@@ -1,7 +1,10 @@
-//! Writing a compiled policy into the kernel maps.
+//! Writing a compiled policy into one slot of the kernel's policy maps, and switching the slot
+//! that judges packets. A reload writes the inactive slot while the active one keeps judging,
+//! then flips [`map_names::ACTIVE`] with one write: every packet is judged entirely by the old
+//! or entirely by the new policy.
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, Map, MapError, lpm_trie::Key, lpm_trie::LpmTrie},
+    maps::{Array, HashMap, Map, MapData, MapError, lpm_trie::Key, lpm_trie::LpmTrie},
 };
 use enforcer_common::{
     AddrInfo, Config, PairKey, PairValue, PortKey, PortValue, SegmentInfo, map_names,
@@ -31,7 +34,7 @@ fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Map, Po
 fn trie<'a, K: aya::Pod, V: aya::Pod>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
-) -> Result<LpmTrie<&'a mut aya::maps::MapData, K, V>, PolicyMapError> {
+) -> Result<LpmTrie<&'a mut MapData, K, V>, PolicyMapError> {
     LpmTrie::try_from(map_mut(ebpf, name)?).map_err(map_err(name))
 }
 
@@ -60,44 +63,68 @@ fn clear_trie<K: aya::Pod, V: aya::Pod>(
     Ok(())
 }
 
-/// Writes `artifact` into the policy maps and `CONFIG` (as policy generation `generation`),
-/// replacing whatever policy they held. Not atomic: a packet judged while this runs may see
-/// parts of both policies.
-pub fn write(ebpf: &mut Ebpf, artifact: &Artifact, generation: u32) -> Result<(), PolicyMapError> {
-    clear_trie::<[u8; 4], AddrInfo>(ebpf, map_names::ADDR_V4)?;
-    clear_trie::<[u8; 16], AddrInfo>(ebpf, map_names::ADDR_V6)?;
-    clear_trie::<PortKey, PortValue>(ebpf, map_names::PORTS)?;
+fn pairs(
+    ebpf: &mut Ebpf,
+    slot: usize,
+) -> Result<HashMap<&mut MapData, PairKey, PairValue>, PolicyMapError> {
+    let name = map_names::PAIRS[slot];
+    HashMap::try_from(map_mut(ebpf, name)?).map_err(map_err(name))
+}
+
+/// Empties the policy maps of `slot` (which must not be the active one).
+pub fn clear(ebpf: &mut Ebpf, slot: usize) -> Result<(), PolicyMapError> {
+    clear_trie::<[u8; 4], AddrInfo>(ebpf, map_names::ADDR_V4[slot])?;
+    clear_trie::<[u8; 16], AddrInfo>(ebpf, map_names::ADDR_V6[slot])?;
+    clear_trie::<PortKey, PortValue>(ebpf, map_names::PORTS[slot])?;
+    let mut pairs = pairs(ebpf, slot)?;
+    let keys: Vec<PairKey> = pairs.keys().filter_map(Result::ok).collect();
+    for key in &keys {
+        pairs.remove(key).map_err(map_err(map_names::PAIRS[slot]))?;
+    }
+    Ok(())
+}
+
+/// Writes `artifact` into the policy maps of `slot` (which must not be the active one) and its
+/// settings into `CONFIG[slot]`.
+pub fn write(
+    ebpf: &mut Ebpf,
+    slot: usize,
+    artifact: &Artifact,
+    config: &Config,
+) -> Result<(), PolicyMapError> {
+    clear(ebpf, slot)?;
     {
-        let name = map_names::PAIRS;
-        let mut pairs: HashMap<_, PairKey, PairValue> =
-            HashMap::try_from(map_mut(ebpf, name)?).map_err(map_err(name))?;
-        let keys: Vec<PairKey> = pairs.keys().filter_map(Result::ok).collect();
-        for key in &keys {
-            pairs.remove(key).map_err(map_err(name))?;
-        }
+        let name = map_names::PAIRS[slot];
+        let mut pairs = pairs(ebpf, slot)?;
         for (key, value) in artifact.pair_entries() {
             pairs.insert(key, value, 0).map_err(map_err(name))?;
         }
     }
-    fill_trie(ebpf, map_names::ADDR_V4, artifact.addr_v4_entries())?;
-    fill_trie(ebpf, map_names::ADDR_V6, artifact.addr_v6_entries())?;
-    fill_trie(ebpf, map_names::PORTS, artifact.port_entries())?;
+    fill_trie(ebpf, map_names::ADDR_V4[slot], artifact.addr_v4_entries())?;
+    fill_trie(ebpf, map_names::ADDR_V6[slot], artifact.addr_v6_entries())?;
+    fill_trie(ebpf, map_names::PORTS[slot], artifact.port_entries())?;
     {
-        let name = map_names::SEGMENTS;
+        let name = map_names::SEGMENTS[slot];
         let mut segments: Array<_, SegmentInfo> =
             Array::try_from(map_mut(ebpf, name)?).map_err(map_err(name))?;
-        let infos = artifact.segment_infos();
-        for id in 0..segments.len() {
-            let info = infos.get(id as usize).copied().unwrap_or_default();
+        for (id, info) in artifact.segment_infos().into_iter().enumerate() {
+            let id = u32::try_from(id).unwrap_or(u32::MAX);
             segments.set(id, info, 0).map_err(map_err(name))?;
         }
     }
-    write_config(ebpf, &artifact.kernel_config(generation))
+    write_config(ebpf, slot, config)
 }
 
-pub fn write_config(ebpf: &mut Ebpf, config: &Config) -> Result<(), PolicyMapError> {
+pub fn write_config(ebpf: &mut Ebpf, slot: usize, config: &Config) -> Result<(), PolicyMapError> {
     let name = map_names::CONFIG;
     let mut array: Array<_, Config> =
         Array::try_from(map_mut(ebpf, name)?).map_err(map_err(name))?;
-    array.set(0, config, 0).map_err(map_err(name))
+    array.set(slot as u32, config, 0).map_err(map_err(name))
+}
+
+/// Makes `slot` the one that judges packets: the atomic step of a reload.
+pub fn activate(ebpf: &mut Ebpf, slot: usize) -> Result<(), PolicyMapError> {
+    let name = map_names::ACTIVE;
+    let mut active: Array<_, u32> = Array::try_from(map_mut(ebpf, name)?).map_err(map_err(name))?;
+    active.set(0, slot as u32, 0).map_err(map_err(name))
 }

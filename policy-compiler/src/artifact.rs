@@ -278,6 +278,10 @@ impl Artifact {
             egress_mode,
             _pad: [0; 2],
             timeouts_ns: settings.timeouts.as_kernel_ns(),
+            // Event reporting is the daemon's choice, not the policy's.
+            event_interval_ns: 0,
+            event_flags: 0,
+            _pad2: 0,
         }
     }
 

@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use enforcer_common::{CLASS_WORLD, PORT_KEY_FIXED_BITS, SEGMENT_WORLD, proto_key};
+use enforcer_common::{CLASS_WILDCARD, CLASS_WORLD, PORT_KEY_FIXED_BITS, SEGMENT_WORLD, proto_key};
 
 use crate::artifact::{
     AddrV4Entry, AddrV6Entry, Artifact, FORMAT_VERSION, KernelSettings, Maps, PairEntry, PortEntry,
@@ -311,9 +311,15 @@ fn plan_pairs(
                 }
             }
         }
-        let candidate_classes: BTreeSet<u32> = if any_rules.is_empty() {
-            let mut candidates = BTreeSet::new();
-            let mut add = |list: Option<&Vec<u32>>| candidates.extend(list.into_iter().flatten());
+        // Only classes that a rule names specifically (by segment, CIDR or intra) get a pair
+        // entry of their own; every other class falls back to the destination's wildcard
+        // entry, which holds the `any` rules. Without the fallback, one `any` rule would need
+        // an entry for every (destination, class).
+        let mut candidate_classes = BTreeSet::new();
+        {
+            let mut add = |list: Option<&Vec<u32>>| {
+                candidate_classes.extend(list.into_iter().flatten());
+            };
             for segment in by_segment.keys() {
                 add(classes_by_segment.get(*segment as usize));
             }
@@ -323,17 +329,19 @@ fn plan_pairs(
             for cidr in by_cidr.keys() {
                 add(classes_by_cidr.get(*cidr as usize));
             }
-            candidates
-        } else {
-            (0..to_u32(addresses.classes.len(), "source classes")?).collect()
-        };
-
+        }
+        any_rules.sort_unstable();
+        any_rules.dedup();
+        let mut entries: Vec<(u32, Vec<u32>)> = Vec::new();
+        if !any_rules.is_empty() {
+            entries.push((CLASS_WILDCARD, any_rules.clone()));
+        }
         for class_id in candidate_classes {
             let Some((class_segment, class_cidrs)) = addresses.classes.get(class_id as usize)
             else {
                 continue;
             };
-            let mut matching: Vec<u32> = any_rules.clone();
+            let mut matching: Vec<u32> = Vec::new();
             if let Some(rules) = by_segment.get(class_segment) {
                 matching.extend(rules);
             }
@@ -344,17 +352,25 @@ fn plan_pairs(
             }
             matching.sort_unstable();
             matching.dedup();
-            let mut table = Vec::with_capacity(matching.len() + 1);
-            if let Some(intra) = intra_rule
-                && *class_segment == destination
-                && destination != SEGMENT_WORLD
-            {
-                table.push(intra);
-            }
-            table.extend(matching);
-            if table.is_empty() {
+            let intra = intra_rule
+                .filter(|_| *class_segment == destination && destination != SEGMENT_WORLD);
+            if matching.is_empty() && intra.is_none() {
                 continue;
             }
+            // `any` rules before the last specific rule go into this table too, so that its
+            // first match is the first match overall; later ones are found in the wildcard
+            // table when this one misses.
+            if let Some(&last) = matching.last() {
+                matching.extend(any_rules.iter().filter(|&&rule| rule < last));
+                matching.sort_unstable();
+                matching.dedup();
+            }
+            let mut table = Vec::with_capacity(matching.len() + 1);
+            table.extend(intra);
+            table.extend(matching);
+            entries.push((class_id, table));
+        }
+        for (class_id, table) in entries {
             let port_table = match table_ids.get(&table) {
                 Some(id) => *id,
                 None => {

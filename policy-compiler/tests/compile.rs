@@ -8,7 +8,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use common::{example_policy, example_sources, source};
 use enforcer_common::{
-    AddrInfo, CLASS_WORLD, PairValue, PortKey, SEGMENT_WORLD, proto_key, segment_mode,
+    AddrInfo, CLASS_WILDCARD, CLASS_WORLD, PairValue, PortKey, SEGMENT_WORLD, proto_key,
+    segment_mode,
 };
 use policy_compiler::{Artifact, Flow, Policy, Verdict, compile};
 use rand::rngs::SmallRng;
@@ -109,27 +110,30 @@ impl Kernel {
         } else {
             Verdict::Deny
         };
-        let Some(pair) = self.pairs.get(&(dst.segment, src.class)) else {
-            return (miss, None);
-        };
         let (proto, port) = match (flow.proto, flow.port) {
             (proto_key::TCP | proto_key::UDP | proto_key::ICMP | proto_key::ICMPV6, Some(port)) => {
                 (flow.proto, port)
             }
             _ => (proto_key::NO_PORT, 0),
         };
-        let key = port_key_bytes(&PortKey::new(pair.port_table, proto, port));
-        let best = self
-            .ports
-            .get(&(pair.port_table, proto))
-            .into_iter()
-            .flatten()
-            .filter(|(len, entry, _)| prefix_matches(entry, &key, *len))
-            .max_by_key(|(len, _, _)| *len);
-        match best {
-            Some((_, _, rule)) => (Verdict::Allow, Some(*rule)),
-            None => (miss, None),
+        // The source class's own table, then the destination's wildcard table.
+        for class in [src.class, CLASS_WILDCARD] {
+            let Some(pair) = self.pairs.get(&(dst.segment, class)) else {
+                continue;
+            };
+            let key = port_key_bytes(&PortKey::new(pair.port_table, proto, port));
+            let best = self
+                .ports
+                .get(&(pair.port_table, proto))
+                .into_iter()
+                .flatten()
+                .filter(|(len, entry, _)| prefix_matches(entry, &key, *len))
+                .max_by_key(|(len, _, _)| *len);
+            if let Some((_, _, rule)) = best {
+                return (Verdict::Allow, Some(*rule));
+            }
         }
+        (miss, None)
     }
 }
 

@@ -17,7 +17,10 @@
 //! dropped by the policy under test and would add packets the tests cannot account for.
 
 mod enforcer;
+mod http;
+mod metrics;
 mod netns;
+mod observer;
 mod probe;
 
 use std::{
@@ -30,7 +33,9 @@ use std::{
 };
 
 pub use enforcer::{Counters, Enforcer, ShutdownCounters, enforcer_bin};
+pub use metrics::{Metrics, Sample};
 pub use netns::{cleanup_all, cleanup_on_signals, in_netns};
+pub use observer::{ObservedLine, Observer};
 pub use probe::{Probe, Proto, Services};
 
 /// Errors from building or driving the lab. Messages carry the failing command's output.
@@ -455,8 +460,22 @@ impl Lab {
     /// The daemon gets SIGTERM when the calling thread exits, so that a killed test process
     /// leaves nothing attached: call this from a thread that outlives the returned guard.
     pub fn start_enforcer(&self, host: &str, policy_dir: &Path) -> Result<Enforcer<'_>> {
-        let mut started = self.start_enforcers(&[host], policy_dir)?;
-        Ok(started.remove(0))
+        self.start_enforcer_with(host, policy_dir, &[])
+    }
+
+    /// [`Lab::start_enforcer`] with `args` appended to `enforcer run` (e.g.
+    /// `["--metrics-addr", "127.0.0.1:9478", "--report-allowed"]`). Same thread caveat.
+    pub fn start_enforcer_with(
+        &self,
+        host: &str,
+        policy_dir: &Path,
+        args: &[&str],
+    ) -> Result<Enforcer<'_>> {
+        let bin = enforcer_bin()?;
+        let mut enforcer = Enforcer::spawn(self.host(host)?, &bin, policy_dir, args)?;
+        let timeout = Duration::from_secs(30);
+        enforcer.wait_ready(std::time::Instant::now() + timeout, timeout)?;
+        Ok(enforcer)
     }
 
     /// Starts the daemon in the router namespace as a gateway on `ifaces` (see
@@ -468,8 +487,15 @@ impl Lab {
         policy_dir: &Path,
     ) -> Result<Enforcer<'_>> {
         let bin = enforcer_bin()?;
-        let mut enforcer =
-            Enforcer::spawn_in("router", &self.router, &self.id, ifaces, &bin, policy_dir)?;
+        let mut enforcer = Enforcer::spawn_in(
+            "router",
+            &self.router,
+            &self.id,
+            ifaces,
+            &bin,
+            policy_dir,
+            &[],
+        )?;
         let timeout = Duration::from_secs(30);
         enforcer.wait_ready(std::time::Instant::now() + timeout, timeout)?;
         Ok(enforcer)
@@ -480,7 +506,7 @@ impl Lab {
         let bin = enforcer_bin()?;
         let mut started = Vec::with_capacity(hosts.len());
         for host in hosts {
-            started.push(Enforcer::spawn(self.host(host)?, &bin, policy_dir)?);
+            started.push(Enforcer::spawn(self.host(host)?, &bin, policy_dir, &[])?);
         }
         let timeout = Duration::from_secs(30);
         let deadline = std::time::Instant::now() + timeout;

@@ -4,6 +4,7 @@ use std::{
     env,
     io::{BufRead as _, BufReader, Read as _},
     marker::PhantomData,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -14,7 +15,7 @@ use std::{
 
 use serde::Deserialize;
 
-use super::{Host, Lab, LabError, Result, io_error, netns};
+use super::{Host, Lab, LabError, Metrics, Observer, Result, http, io_error, netns};
 
 /// The line the daemon logs once it is attached to every interface.
 const READY_MARKER: &str = "enforcer ready";
@@ -107,12 +108,49 @@ pub fn enforcer_bin() -> Result<PathBuf> {
     }
 }
 
+/// The daemon's default `--metrics-addr`.
+const DEFAULT_METRICS_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 9477);
+
+/// The `--metrics-addr` among `args` (else the default), made reachable: a daemon listening on
+/// every address is reached over loopback.
+fn metrics_addr(args: &[&str]) -> Result<SocketAddr, String> {
+    let mut given = None;
+    for (i, arg) in args.iter().enumerate() {
+        if let Some(value) = arg.strip_prefix("--metrics-addr=") {
+            given = Some(value);
+        } else if *arg == "--metrics-addr" {
+            given = Some(
+                args.get(i + 1)
+                    .copied()
+                    .ok_or("--metrics-addr without a value")?,
+            );
+        }
+    }
+    let mut addr = match given {
+        Some(value) => value
+            .parse::<SocketAddr>()
+            .map_err(|e| format!("--metrics-addr {value:?}: {e}"))?,
+        None => DEFAULT_METRICS_ADDR,
+    };
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr.ip() {
+            IpAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+            IpAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    Ok(addr)
+}
+
 /// A running daemon. Dropping it kills the daemon (SIGTERM, then SIGKILL); [`Enforcer::stop`]
 /// also collects its counters. It borrows the [`Lab`], so it cannot outlive the namespace.
 pub struct Enforcer<'lab> {
     /// The host's name, or `router` for a gateway daemon.
     host: String,
+    netns: String,
     lab_id: String,
+    bin: PathBuf,
+    /// Where the HTTP endpoints listen, as reached from inside `netns`.
+    metrics_addr: SocketAddr,
     child: Option<Child>,
     stderr: Arc<Mutex<Vec<String>>>,
     ready: mpsc::Receiver<()>,
@@ -121,15 +159,29 @@ pub struct Enforcer<'lab> {
 }
 
 impl Enforcer<'_> {
-    pub(super) fn spawn(host: &Host, bin: &Path, policy_dir: &Path) -> Result<Self> {
+    pub(super) fn spawn(
+        host: &Host,
+        bin: &Path,
+        policy_dir: &Path,
+        extra: &[&str],
+    ) -> Result<Self> {
         let lab_id = host
             .netns
             .strip_suffix(&format!("-{}", host.name))
             .unwrap_or(&host.netns);
-        Self::spawn_in(&host.name, &host.netns, lab_id, &["eth0"], bin, policy_dir)
+        Self::spawn_in(
+            &host.name,
+            &host.netns,
+            lab_id,
+            &["eth0"],
+            bin,
+            policy_dir,
+            extra,
+        )
     }
 
-    /// `enforcer run` in namespace `netns` on `ifaces`; `name` is for logs and errors.
+    /// `enforcer run` in namespace `netns` on `ifaces`, with `extra` arguments appended;
+    /// `name` is for logs and errors.
     pub(super) fn spawn_in(
         name: &str,
         netns: &str,
@@ -137,7 +189,12 @@ impl Enforcer<'_> {
         ifaces: &[&str],
         bin: &Path,
         policy_dir: &Path,
+        extra: &[&str],
     ) -> Result<Self> {
+        let metrics_addr = metrics_addr(extra).map_err(|message| LabError::Enforcer {
+            host: name.to_owned(),
+            message,
+        })?;
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", netns])
             .arg(bin)
@@ -146,6 +203,7 @@ impl Enforcer<'_> {
         for iface in ifaces {
             cmd.args(["--iface", iface]);
         }
+        cmd.args(extra);
         cmd
             // Readiness is read from the info-level log, whatever the caller's RUST_LOG says.
             .env(
@@ -207,7 +265,10 @@ impl Enforcer<'_> {
         tracing::info!(host = %name, ?ifaces, pid = child.id(), "enforcer started");
         Ok(Self {
             host: name.to_owned(),
+            netns: netns.to_owned(),
             lab_id,
+            bin: bin.to_path_buf(),
+            metrics_addr,
             child: Some(child),
             stderr: stderr_lines,
             ready,
@@ -218,6 +279,95 @@ impl Enforcer<'_> {
 
     pub fn host(&self) -> &str {
         &self.host
+    }
+
+    /// The namespace the daemon runs in.
+    pub fn netns(&self) -> &str {
+        &self.netns
+    }
+
+    /// The daemon's process id while it runs. `ip netns exec` execs the program in place, so
+    /// this is the `enforcer` process itself (e.g. for `/proc/PID/status`).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Where `/metrics`, `/healthz`, `/readyz` and `/flows` are served, as reached from inside
+    /// the daemon's namespace (the `--metrics-addr` given, with an unspecified address replaced
+    /// by loopback).
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGHUP`) to the daemon.
+    pub fn signal(&self, signal: i32) -> Result<()> {
+        let Some(pid) = self.pid() else {
+            return Err(self.error("already stopped".into()));
+        };
+        // SAFETY: our unreaped child, so the pid cannot have been reused.
+        if unsafe { libc::kill(pid as i32, signal) } != 0 {
+            return Err(io_error(format!("kill({pid}, {signal})"))(
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Asks the daemon to reload its policy (SIGHUP).
+    pub fn reload(&self) -> Result<()> {
+        self.signal(libc::SIGHUP)
+    }
+
+    /// `GET path` from the daemon's HTTP endpoint, from inside its namespace; the body of a
+    /// 200 answer.
+    pub fn http_get(&self, path: &str, timeout: Duration) -> Result<String> {
+        let addr = self.metrics_addr;
+        let answer = netns::in_netns(&self.netns, || http::get(addr, path, timeout))?;
+        answer.map_err(|message| LabError::Enforcer {
+            host: self.host.clone(),
+            message: format!("GET http://{addr}{path}: {message}"),
+        })
+    }
+
+    /// `/metrics`, parsed.
+    pub fn metrics(&self) -> Result<Metrics> {
+        let text = self.http_get("/metrics", Duration::from_secs(5))?;
+        Metrics::parse(&text).map_err(|message| LabError::Enforcer {
+            host: self.host.clone(),
+            message: format!("unparsable /metrics ({message}):\n{text}"),
+        })
+    }
+
+    /// Starts `enforcer observe --addr <this daemon> ARGS` in the daemon's namespace.
+    pub fn observe(&self, args: &[&str]) -> Result<Observer<'_>> {
+        Observer::spawn(
+            &self.host,
+            &self.netns,
+            &self.bin,
+            &format!("http://{}", self.metrics_addr),
+            args,
+        )
+    }
+
+    /// Whether a stderr line containing `needle` appears within `timeout` (lines logged before
+    /// the call count too).
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let found = self
+                .stderr
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .any(|line| line.contains(needle));
+            if found {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Everything the daemon wrote to stderr so far.
@@ -310,5 +460,20 @@ impl Drop for Enforcer<'_> {
             netns::terminate_pids(&[pid], Duration::from_secs(5));
             netns::unregister_daemon(&self.lab_id, pid);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn finds_the_metrics_addr() {
+        let addr = |args: &[&str]| super::metrics_addr(args).map(|a| a.to_string());
+        assert_eq!(addr(&[]).unwrap(), "127.0.0.1:9477");
+        assert_eq!(
+            addr(&["--report-allowed", "--metrics-addr", "127.0.0.1:1"]).unwrap(),
+            "127.0.0.1:1"
+        );
+        assert_eq!(addr(&["--metrics-addr=[::]:2"]).unwrap(), "[::1]:2");
+        assert!(addr(&["--metrics-addr"]).is_err());
     }
 }

@@ -1,0 +1,571 @@
+//! The running daemon: load and attach, then reload on change, sweep idle state, read events,
+//! and serve metrics and the flow stream until SIGINT or SIGTERM.
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, atomic::AtomicBool},
+};
+
+use crate::{events::EventHub, metrics::MetricsSnapshot};
+
+/// Options of `enforcer run` (flag names are a stable interface).
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub policy_dir: PathBuf,
+    pub ifaces: Vec<String>,
+    /// `--metrics-addr`: `/metrics`, `/healthz`, `/readyz` and `/flows`.
+    pub metrics_addr: SocketAddr,
+    /// `--flow-log FILE` (`-` for stdout).
+    pub flow_log: Option<PathBuf>,
+    /// `--flow-log-max-bytes`: rotate the flow log file at this size.
+    pub flow_log_max_bytes: u64,
+    /// `--flow-log-keep`: rotated files kept (`FILE.1` ... `FILE.N`).
+    pub flow_log_keep: usize,
+    /// `--report-allowed`: report the first packet of every allowed flow too.
+    pub report_allowed: bool,
+}
+
+/// What the HTTP endpoints read.
+pub struct SharedState {
+    pub hub: Arc<EventHub>,
+    /// Reads the metrics at the moment of the call.
+    pub metrics: Box<dyn Fn() -> MetricsSnapshot + Send + Sync>,
+    /// The programs are attached and a policy is in force (`/readyz`).
+    pub ready: AtomicBool,
+}
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::Path,
+    process::Command,
+    sync::Mutex,
+    time::{Duration, SystemTime},
+};
+
+use aya::maps::{MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf};
+use enforcer_common::{
+    Event, PairVerdictKey, counter, direction, event_counter, map_names, protocol_class,
+};
+use policy_compiler::{Artifact, Policy, PolicyErrors};
+use tokio::io::unix::AsyncFd;
+use tracing::{error, info, warn};
+
+use crate::{
+    Enforcer, LoadError,
+    events::{EventNamer, PolicyNames},
+    loader::EventOptions,
+    metrics::VerdictLabels,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("the policy in {dir} is invalid:\n{errors}")]
+    InvalidPolicy { dir: PathBuf, errors: PolicyErrors },
+    #[error("compiling the policy in {dir}: {source}")]
+    Compile {
+        dir: PathBuf,
+        #[source]
+        source: policy_compiler::CompileError,
+    },
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("reading kernel map `{map}`: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("the event ring buffer was already taken")]
+    EventsTaken,
+    #[error("watching the event ring buffer: {0}")]
+    EventFd(#[source] std::io::Error),
+}
+
+/// A validated and compiled policy, with where it came from.
+pub struct LoadedPolicy {
+    pub policy: Policy,
+    pub artifact: Artifact,
+    /// The Git commit of the policy directory, when it is in a Git checkout (`-dirty` appended
+    /// when the directory has uncommitted changes).
+    pub commit: Option<String>,
+}
+
+/// Reads, validates and compiles the policy in `dir`.
+pub fn load_policy(dir: &Path) -> Result<LoadedPolicy, DaemonError> {
+    let policy = Policy::load_dir(dir).map_err(|errors| DaemonError::InvalidPolicy {
+        dir: dir.to_path_buf(),
+        errors,
+    })?;
+    let artifact = policy_compiler::compile(&policy).map_err(|source| DaemonError::Compile {
+        dir: dir.to_path_buf(),
+        source,
+    })?;
+    Ok(LoadedPolicy {
+        policy,
+        artifact,
+        commit: git_commit(dir),
+    })
+}
+
+fn git_commit(dir: &Path) -> Option<String> {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|output| output.status.success())
+            .map(|output| String::from_utf8_lossy(&output.stdout).trim().to_string())
+    };
+    let commit = git(&["rev-parse", "HEAD"])?;
+    let dirty = git(&["status", "--porcelain", "--", "."]).is_some_and(|s| !s.is_empty());
+    Some(if dirty {
+        format!("{commit}-dirty")
+    } else {
+        commit
+    })
+}
+
+/// What identifies the policy files' current content cheaply: names, sizes and modification
+/// times of the top-level YAML files. A change triggers a reload attempt.
+pub fn fingerprint(dir: &Path) -> Vec<(String, u64, Option<SystemTime>)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut files: Vec<_> = entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let name = entry.file_name().to_string_lossy().to_string();
+            let yaml = name.ends_with(".yaml") || name.ends_with(".yml");
+            let meta = entry.metadata().ok()?;
+            (yaml && meta.is_file()).then(|| (name, meta.len(), meta.modified().ok()))
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// The daemon's view of what it is enforcing, for metrics and logs.
+#[derive(Clone, Debug, Default)]
+struct Status {
+    revision: String,
+    commit: Option<String>,
+    rules: u64,
+    reloads_success: u64,
+    reloads_failure: u64,
+    reload_failing: bool,
+}
+
+/// The running enforcer, shared by the daemon's tasks.
+pub struct Daemon {
+    policy_dir: PathBuf,
+    enforcer: Mutex<Enforcer>,
+    namer: Mutex<EventNamer>,
+    hub: Arc<EventHub>,
+    status: Mutex<Status>,
+    /// Segment-pair verdict counts of old policy generations, folded out of the kernel map.
+    verdict_base: Mutex<BTreeMap<VerdictLabels, u64>>,
+    /// Tracked flows, as of the last sweep.
+    conntrack_entries: Mutex<u64>,
+}
+
+fn policy_names(generation: u32, loaded: &LoadedPolicy) -> Arc<PolicyNames> {
+    Arc::new(PolicyNames {
+        generation,
+        revision: loaded.artifact.revision.clone(),
+        segments: loaded
+            .artifact
+            .segments
+            .iter()
+            .map(|s| s.name.clone())
+            .collect(),
+        rules: loaded.artifact.rule_ids(),
+    })
+}
+
+impl Daemon {
+    /// Loads the policy and the programs and attaches to every interface.
+    pub fn start(options: &RunOptions, hub: Arc<EventHub>) -> Result<Arc<Daemon>, DaemonError> {
+        let loaded = load_policy(&options.policy_dir)?;
+        let events = EventOptions {
+            report_allowed: options.report_allowed,
+            ..EventOptions::default()
+        };
+        let mut enforcer = Enforcer::load_with(&loaded.artifact, events)?;
+        for iface in &options.ifaces {
+            enforcer.attach(iface)?;
+        }
+        let mut namer = EventNamer::new();
+        namer.add_policy(policy_names(enforcer.generation(), &loaded));
+        let status = Status {
+            revision: loaded.artifact.revision.clone(),
+            commit: loaded.commit.clone(),
+            rules: loaded.policy.written_rule_count() as u64,
+            ..Status::default()
+        };
+        Ok(Arc::new(Daemon {
+            policy_dir: options.policy_dir.clone(),
+            enforcer: Mutex::new(enforcer),
+            namer: Mutex::new(namer),
+            hub,
+            status: Mutex::new(status),
+            verdict_base: Mutex::new(BTreeMap::new()),
+            conntrack_entries: Mutex::new(0),
+        }))
+    }
+
+    pub fn policy_dir(&self) -> &Path {
+        &self.policy_dir
+    }
+
+    fn enforcer(&self) -> std::sync::MutexGuard<'_, Enforcer> {
+        self.enforcer
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Validates, compiles and swaps in the policy on disk. On any error the policy in force
+    /// stays, and the error is logged and counted.
+    pub fn reload(&self) -> Result<Duration, DaemonError> {
+        let result = load_policy(&self.policy_dir).and_then(|loaded| {
+            let mut enforcer = self.enforcer();
+            let took = enforcer.replace_policy(&loaded.artifact)?;
+            let generation = enforcer.generation();
+            drop(enforcer);
+            self.namer
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .add_policy(policy_names(generation, &loaded));
+            let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+            status.revision = loaded.artifact.revision.clone();
+            status.commit = loaded.commit.clone();
+            status.rules = loaded.policy.written_rule_count() as u64;
+            Ok((took, loaded.artifact.revision.clone(), loaded.commit))
+        });
+        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        match result {
+            Ok((took, revision, commit)) => {
+                status.reloads_success += 1;
+                status.reload_failing = false;
+                info!(%revision, commit = commit.as_deref().unwrap_or("-"), took_ms = took.as_secs_f64() * 1000.0, "policy reloaded");
+                Ok(took)
+            }
+            Err(error) => {
+                status.reloads_failure += 1;
+                status.reload_failing = true;
+                error!("policy reload rejected; the previous policy stays in force: {error}");
+                Err(error)
+            }
+        }
+    }
+
+    /// The generation of the policy in force.
+    pub fn generation(&self) -> u32 {
+        self.enforcer().generation()
+    }
+
+    /// Housekeeping a moment after the reload to `generation`: empty the old slot, and fold the
+    /// segment-pair counts of old generations into user space. Skipped when a newer reload has
+    /// happened since: the slot it switched out may still be judging a packet.
+    pub fn after_reload(&self, generation: u32) {
+        let mut enforcer = self.enforcer();
+        if enforcer.generation() != generation {
+            return;
+        }
+        if let Err(error) = enforcer.clear_inactive_slot() {
+            warn!(%error, "emptying the previous policy's maps failed");
+        }
+        let current = enforcer.generation();
+        if let Err(error) = self.fold_old_verdicts(&mut enforcer, current) {
+            warn!(%error, "folding old segment-pair counters failed");
+        }
+    }
+
+    fn fold_old_verdicts(&self, enforcer: &mut Enforcer, current: u32) -> Result<(), DaemonError> {
+        let map = map_names::PAIR_VERDICTS;
+        let verdicts = read_pair_verdicts(enforcer)?;
+        let old: Vec<(PairVerdictKey, u64)> = verdicts
+            .into_iter()
+            .filter(|(key, _)| key.generation < current)
+            .collect();
+        if old.is_empty() {
+            return Ok(());
+        }
+        let namer = self.namer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut base = self.verdict_base.lock().unwrap_or_else(|p| p.into_inner());
+        for (key, count) in &old {
+            *base.entry(verdict_labels(&namer, key)).or_default() += count;
+        }
+        drop((namer, base));
+        let mut table: PerCpuHashMap<_, PairVerdictKey, u64> = PerCpuHashMap::try_from(
+            enforcer
+                .ebpf_mut()
+                .map_mut(map)
+                .ok_or(DaemonError::EventsTaken)?,
+        )
+        .map_err(|source| DaemonError::Map { map, source })?;
+        for (key, _) in &old {
+            let _ = table.remove(key);
+        }
+        Ok(())
+    }
+
+    /// Removes idle connection state; remembers how many flows remain.
+    pub fn sweep(&self) {
+        let mut enforcer = self.enforcer();
+        if let Err(error) = enforcer.sweep_expired() {
+            warn!(%error, "sweeping expired state failed");
+        }
+        if let Ok(flows) = enforcer.tracked_flows() {
+            *self
+                .conntrack_entries
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = flows as u64;
+        }
+    }
+
+    /// Ingress and egress counters, for the shutdown summary.
+    pub fn counters(&self) -> Result<crate::Counters, crate::counters::CounterError> {
+        self.enforcer().counters()
+    }
+
+    pub fn revision(&self) -> String {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .revision
+            .clone()
+    }
+
+    /// Everything `/metrics` shows, read now.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        let enforcer = self.enforcer();
+        let mut snapshot = MetricsSnapshot::default();
+        let status = self
+            .status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        snapshot.revision = status.revision;
+        snapshot.commit = status.commit;
+        snapshot.rules = status.rules;
+        snapshot.reloads_success = status.reloads_success;
+        snapshot.reloads_failure = status.reloads_failure;
+        snapshot.reload_failing = status.reload_failing;
+        snapshot.conntrack_entries = *self
+            .conntrack_entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Ok(counters) = enforcer.counters() {
+            for dir in 0..direction::COUNT {
+                let forwarded: u64 = (0..counter::COUNT)
+                    .filter(|&c| !counter::is_drop(c))
+                    .map(|c| counters.get(dir, c))
+                    .sum();
+                snapshot
+                    .forwarded
+                    .push((direction::NAMES[dir as usize].to_string(), forwarded));
+            }
+        }
+        if let Ok(drops) = read_drops(&enforcer) {
+            snapshot.drops = drops;
+        }
+        let events = read_per_cpu_array(&enforcer, map_names::EVENT_COUNTERS, event_counter::COUNT)
+            .unwrap_or_default();
+        let event = |i: u32| events.get(i as usize).copied().unwrap_or(0);
+        snapshot.lost_events = event(event_counter::LOST) + self.hub.lagged();
+        snapshot.events = vec![
+            ("sent".to_string(), event(event_counter::SENT)),
+            (
+                "rate_limited".to_string(),
+                event(event_counter::RATE_LIMITED),
+            ),
+        ];
+        let mut verdicts = self
+            .verdict_base
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Ok(current) = read_pair_verdicts(&enforcer) {
+            let namer = self.namer.lock().unwrap_or_else(|p| p.into_inner());
+            for (key, count) in current {
+                *verdicts.entry(verdict_labels(&namer, &key)).or_default() += count;
+            }
+        }
+        snapshot.policy_verdicts = verdicts.into_iter().collect();
+        snapshot.map_pressure = map_pressure(&enforcer, snapshot.conntrack_entries);
+        snapshot
+    }
+
+    /// Reads kernel events until the task is dropped, publishing them to the hub.
+    pub fn spawn_event_reader(
+        self: &Arc<Self>,
+    ) -> Result<tokio::task::JoinHandle<()>, DaemonError> {
+        let ring = self
+            .enforcer()
+            .take_events()
+            .ok_or(DaemonError::EventsTaken)?;
+        // SAFETY: the ring buffer owns its map fd, which stays open and the same until the
+        // `AsyncFd` (which owns the ring buffer) is dropped.
+        let mut ring = unsafe { AsyncFd::register(ring) }
+            .map_err(|error| DaemonError::EventFd(std::io::Error::other(error.to_string())))?;
+        let daemon = Arc::clone(self);
+        Ok(tokio::spawn(async move {
+            let mut iface_names: HashMap<u32, String> = HashMap::new();
+            loop {
+                let mut guard = match ring.readable_mut().await {
+                    Ok(guard) => guard,
+                    Err(error) => {
+                        error!(%error, "event ring buffer failed; no more flow events");
+                        return;
+                    }
+                };
+                let mut batch = Vec::new();
+                {
+                    let ring: &mut RingBuf<MapData> = guard.get_inner_mut();
+                    while let Some(item) = ring.next() {
+                        if item.len() >= size_of::<Event>() {
+                            // SAFETY: the kernel wrote an `Event` there; read unaligned.
+                            batch.push(unsafe { (item.as_ptr() as *const Event).read_unaligned() });
+                        }
+                    }
+                }
+                guard.clear_ready();
+                let namer = daemon.namer.lock().unwrap_or_else(|p| p.into_inner());
+                for event in batch {
+                    let iface = iface_names
+                        .entry(event.ifindex)
+                        .or_insert_with(|| iface_name(event.ifindex))
+                        .clone();
+                    daemon.hub.publish(namer.name(&event, iface));
+                }
+            }
+        }))
+    }
+
+    /// The state the HTTP endpoints read.
+    pub fn shared_state(self: &Arc<Self>) -> Arc<SharedState> {
+        let daemon = Arc::clone(self);
+        Arc::new(SharedState {
+            hub: Arc::clone(&self.hub),
+            metrics: Box::new(move || daemon.metrics()),
+            ready: AtomicBool::new(true),
+        })
+    }
+}
+
+fn iface_name(ifindex: u32) -> String {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: the buffer has IF_NAMESIZE bytes, as the call requires.
+    let name = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if name.is_null() {
+        return format!("if{ifindex}");
+    }
+    // SAFETY: if_indextoname wrote a NUL-terminated name into `buf`.
+    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn verdict_labels(namer: &EventNamer, key: &PairVerdictKey) -> VerdictLabels {
+    let policy = namer.policy(key.generation);
+    let segment = |id: u32| {
+        policy
+            .and_then(|p| p.segments.get(id as usize).cloned())
+            .unwrap_or_else(|| format!("segment#{id}"))
+    };
+    let outcome = u32::from(key.counter);
+    let (action, match_) = match outcome {
+        counter::ALLOWED => ("forwarded", "rule"),
+        counter::UNENFORCED => ("forwarded", "unenforced"),
+        counter::AUDIT => ("audit", "none"),
+        counter::DROP_FLOW_REVOKED => ("dropped", "revoked"),
+        counter::DROP_CONNTRACK_FULL => ("dropped", "conntrack_full"),
+        _ if counter::is_drop(outcome) => ("dropped", "none"),
+        _ => ("forwarded", "none"),
+    };
+    VerdictLabels {
+        source_segment: segment(key.src_segment),
+        destination_segment: segment(key.dst_segment),
+        direction: direction::NAMES
+            .get(usize::from(key.direction))
+            .unwrap_or(&"?")
+            .to_string(),
+        action: action.to_string(),
+        match_: match_.to_string(),
+    }
+}
+
+fn read_pair_verdicts(enforcer: &Enforcer) -> Result<Vec<(PairVerdictKey, u64)>, DaemonError> {
+    let map = map_names::PAIR_VERDICTS;
+    let table: PerCpuHashMap<_, PairVerdictKey, u64> =
+        PerCpuHashMap::try_from(enforcer.ebpf().map(map).ok_or(DaemonError::EventsTaken)?)
+            .map_err(|source| DaemonError::Map { map, source })?;
+    Ok(table
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(key, values)| (key, values.iter().sum()))
+        .collect())
+}
+
+fn read_per_cpu_array(
+    enforcer: &Enforcer,
+    map: &'static str,
+    len: u32,
+) -> Result<Vec<u64>, DaemonError> {
+    let array: PerCpuArray<_, u64> =
+        PerCpuArray::try_from(enforcer.ebpf().map(map).ok_or(DaemonError::EventsTaken)?)
+            .map_err(|source| DaemonError::Map { map, source })?;
+    (0..len)
+        .map(|i| {
+            array
+                .get(&i, 0)
+                .map(|values| values.iter().sum())
+                .map_err(|source| DaemonError::Map { map, source })
+        })
+        .collect()
+}
+
+/// `((reason, protocol), count)` rows of `enforcer_drop_total`.
+type DropRows = Vec<((String, String), u64)>;
+
+fn read_drops(enforcer: &Enforcer) -> Result<DropRows, DaemonError> {
+    let len = direction::COUNT * counter::COUNT * protocol_class::COUNT;
+    let values = read_per_cpu_array(enforcer, map_names::DROPS_BY_PROTOCOL, len)?;
+    let mut drops: BTreeMap<(String, String), u64> = BTreeMap::new();
+    for (index, value) in values.into_iter().enumerate() {
+        let index = index as u32;
+        let class = index % protocol_class::COUNT;
+        let outcome = (index / protocol_class::COUNT) % counter::COUNT;
+        if !counter::is_drop(outcome) {
+            continue;
+        }
+        let labels = (
+            counter::NAMES[outcome as usize].to_string(),
+            protocol_class::NAMES[class as usize].to_string(),
+        );
+        // Every reason and protocol is shown, zero included, so rates work from the start.
+        *drops.entry(labels).or_default() += value;
+    }
+    Ok(drops.into_iter().collect())
+}
+
+fn map_pressure(enforcer: &Enforcer, conntrack_entries: u64) -> Vec<(String, f64)> {
+    let mut pressure = Vec::new();
+    let conntrack_capacity = enforcer.conntrack_capacity();
+    if conntrack_capacity > 0 {
+        pressure.push((
+            map_names::CONNTRACK.to_string(),
+            conntrack_entries as f64 / f64::from(conntrack_capacity),
+        ));
+    }
+    for (name, used) in enforcer.policy_map_usage() {
+        let capacity = enforcer.capacity(name);
+        if capacity > 0 {
+            pressure.push((name.to_string(), *used as f64 / f64::from(capacity)));
+        }
+    }
+    pressure.sort_by(|a, b| a.0.cmp(&b.0));
+    pressure
+}

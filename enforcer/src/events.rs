@@ -1,0 +1,232 @@
+//! The stream of flow verdicts: kernel events (`enforcer_common::Event`) turned into
+//! [`FlowEvent`]s — JSON lines whose field names are a stable interface — and fanned out to
+//! every subscriber (the `/flows` endpoint, the flow log) through an [`EventHub`], which also
+//! keeps the most recent events for `--since` queries.
+use std::{
+    collections::VecDeque,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use enforcer_common::{Event, NO_RULE, counter, direction};
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+/// One reported packet. Field names are a stable interface: scripts and dashboards read them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowEvent {
+    /// RFC 3339, UTC, milliseconds.
+    pub time: String,
+    pub iface: String,
+    /// `ingress` or `egress`.
+    pub direction: String,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    /// TCP/UDP ports (null for other protocols).
+    pub sport: Option<u16>,
+    pub dport: Option<u16>,
+    /// `tcp`, `udp`, `icmp`, `icmpv6`, or the protocol number.
+    pub proto: String,
+    /// ICMP/ICMPv6 message type (null for other protocols).
+    pub icmp_type: Option<u8>,
+    pub src_segment: String,
+    pub dst_segment: String,
+    /// `allow`, `deny` or `audit` (the words of `policy-compiler trace`).
+    pub verdict: String,
+    /// The outcome: `allowed`, `audit`, `policy_denied`, `flow_revoked`, `conntrack_full`.
+    pub reason: String,
+    /// The id of the rule that allowed the flow, or null.
+    pub rule: Option<String>,
+    /// Revision (content hash) of the policy that judged the packet.
+    pub revision: String,
+}
+
+impl FlowEvent {
+    pub fn system_time(&self) -> Option<SystemTime> {
+        humantime::parse_rfc3339(&self.time).ok()
+    }
+}
+
+/// The names a loaded policy gives to the ids in kernel events.
+#[derive(Clone, Debug, Default)]
+pub struct PolicyNames {
+    pub generation: u32,
+    pub revision: String,
+    /// Indexed by segment id (`world` is 0).
+    pub segments: Vec<String>,
+    /// Indexed by global rule index.
+    pub rules: Vec<String>,
+}
+
+/// Turns kernel events into [`FlowEvent`]s, with the names of the policy generation that
+/// produced each (the last few generations are kept, so events from just before a reload
+/// still get the right names).
+#[derive(Default)]
+pub struct EventNamer {
+    policies: VecDeque<Arc<PolicyNames>>,
+    /// Wall-clock time minus `CLOCK_MONOTONIC`, to date kernel timestamps.
+    wall_offset: Duration,
+}
+
+const KEPT_GENERATIONS: usize = 8;
+
+fn monotonic_now() -> Duration {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
+}
+
+impl EventNamer {
+    pub fn new() -> Self {
+        let wall = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        EventNamer {
+            policies: VecDeque::new(),
+            wall_offset: wall.saturating_sub(monotonic_now()),
+        }
+    }
+
+    pub fn add_policy(&mut self, names: Arc<PolicyNames>) {
+        self.policies.push_back(names);
+        while self.policies.len() > KEPT_GENERATIONS {
+            self.policies.pop_front();
+        }
+    }
+
+    pub fn policy(&self, generation: u32) -> Option<&Arc<PolicyNames>> {
+        self.policies
+            .iter()
+            .rev()
+            .find(|p| p.generation == generation)
+    }
+
+    /// The [`FlowEvent`] of a kernel event seen on interface `iface`.
+    pub fn name(&self, event: &Event, iface: String) -> FlowEvent {
+        let policy = self.policy(event.generation);
+        let segment = |id: u32| {
+            policy
+                .and_then(|p| p.segments.get(id as usize).cloned())
+                .unwrap_or_else(|| format!("segment#{id}"))
+        };
+        let rule = (event.rule != NO_RULE).then(|| {
+            policy
+                .and_then(|p| p.rules.get(event.rule as usize).cloned())
+                .unwrap_or_else(|| format!("rule#{}", event.rule))
+        });
+        let addr = |bytes: &[u8; 16]| -> IpAddr {
+            if event.family == 4 {
+                IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
+            } else {
+                IpAddr::V6(Ipv6Addr::from(*bytes))
+            }
+        };
+        let (proto, ports, icmp_type) = match event.proto {
+            6 => ("tcp".to_string(), true, None),
+            17 => ("udp".to_string(), true, None),
+            1 => ("icmp".to_string(), false, Some(event.icmp_type)),
+            58 => ("icmpv6".to_string(), false, Some(event.icmp_type)),
+            other => (other.to_string(), false, None),
+        };
+        let outcome = u32::from(event.counter);
+        let verdict = match outcome {
+            counter::AUDIT => "audit",
+            c if counter::is_drop(c) => "deny",
+            _ => "allow",
+        };
+        let time = SystemTime::UNIX_EPOCH + self.wall_offset + Duration::from_nanos(event.time_ns);
+        FlowEvent {
+            time: humantime::format_rfc3339_millis(time).to_string(),
+            iface,
+            direction: direction::NAMES
+                .get(usize::from(event.direction))
+                .unwrap_or(&"?")
+                .to_string(),
+            src: addr(&event.src),
+            dst: addr(&event.dst),
+            sport: ports.then_some(event.sport),
+            dport: ports.then_some(event.dport),
+            proto,
+            icmp_type,
+            src_segment: segment(event.src_segment),
+            dst_segment: segment(event.dst_segment),
+            verdict: verdict.to_string(),
+            reason: counter::NAMES
+                .get(outcome as usize)
+                .unwrap_or(&"?")
+                .to_string(),
+            rule,
+            revision: policy.map(|p| p.revision.clone()).unwrap_or_default(),
+        }
+    }
+}
+
+/// Fans events out to subscribers and keeps the most recent ones.
+pub struct EventHub {
+    sender: broadcast::Sender<Arc<FlowEvent>>,
+    recent: Mutex<VecDeque<Arc<FlowEvent>>>,
+    recent_capacity: usize,
+    /// Events a slow subscriber missed (counted into `enforcer_lost_events_total`).
+    lagged: AtomicU64,
+}
+
+impl EventHub {
+    pub fn new(channel_capacity: usize, recent_capacity: usize) -> Self {
+        let (sender, _) = broadcast::channel(channel_capacity.max(1));
+        EventHub {
+            sender,
+            recent: Mutex::new(VecDeque::with_capacity(recent_capacity)),
+            recent_capacity,
+            lagged: AtomicU64::new(0),
+        }
+    }
+
+    pub fn publish(&self, event: FlowEvent) {
+        let event = Arc::new(event);
+        if let Ok(mut recent) = self.recent.lock() {
+            if recent.len() == self.recent_capacity {
+                recent.pop_front();
+            }
+            recent.push_back(event.clone());
+        }
+        // No subscriber is not an error: the event is still in `recent`.
+        let _ = self.sender.send(event);
+    }
+
+    /// A live feed of events from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<FlowEvent>> {
+        self.sender.subscribe()
+    }
+
+    /// Kept events at or after `since` (all kept events for `None`), oldest first.
+    pub fn recent(&self, since: Option<SystemTime>) -> Vec<Arc<FlowEvent>> {
+        let Ok(recent) = self.recent.lock() else {
+            return Vec::new();
+        };
+        recent
+            .iter()
+            .filter(|event| match (since, event.system_time()) {
+                (Some(since), Some(time)) => time >= since,
+                _ => true,
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Records that a subscriber fell behind and missed `count` events.
+    pub fn record_lag(&self, count: u64) {
+        self.lagged.fetch_add(count, Ordering::Relaxed);
+    }
+
+    pub fn lagged(&self) -> u64 {
+        self.lagged.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,336 @@
+//! Prometheus metrics: a [`MetricsSnapshot`] read from the kernel's per-CPU counters (exact even
+//! when events are rate-limited) and the daemon's own state, rendered in the text exposition
+//! format. Metric and label names are a stable interface (dashboards and alerts use them).
+
+use std::{collections::BTreeMap, fmt::Write as _};
+
+/// Labels of `enforcer_policy_verdicts_total`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VerdictLabels {
+    pub source_segment: String,
+    pub destination_segment: String,
+    /// `ingress` or `egress`.
+    pub direction: String,
+    /// `forwarded`, `dropped` or `audit`.
+    pub action: String,
+    /// What decided: `rule` (an allow rule), `none` (no rule: denied or audited),
+    /// `unenforced` (not judged), `revoked` (a tracked flow whose rule is gone), `conntrack_full`.
+    pub match_: String,
+}
+
+/// Everything `/metrics` shows, read at one moment.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MetricsSnapshot {
+    /// `enforcer_policy_verdicts_total`: judged packets (first packets of flows, denials).
+    pub policy_verdicts: Vec<(VerdictLabels, u64)>,
+    /// `enforcer_drop_total{reason, protocol}`.
+    pub drops: Vec<((String, String), u64)>,
+    /// `enforcer_forward_total{direction}`: every packet passed, judged or not.
+    pub forwarded: Vec<(String, u64)>,
+    /// `enforcer_lost_events_total`: events the kernel ring buffer had no room for, plus events
+    /// a slow subscriber missed.
+    pub lost_events: u64,
+    /// `enforcer_events_total{outcome}` with outcome `sent` or `rate_limited`.
+    pub events: Vec<(String, u64)>,
+    /// `enforcer_policy_revision_info{revision, commit}` (value 1).
+    pub revision: String,
+    pub commit: Option<String>,
+    /// `enforcer_policy_reload_total{outcome}` with outcome `success` or `failure`.
+    pub reloads_success: u64,
+    pub reloads_failure: u64,
+    /// `enforcer_policy_rules`: rules of the loaded policy (written rules, without the intra
+    /// and essential pseudo-rules).
+    pub rules: u64,
+    /// `enforcer_bpf_map_pressure{map_name}`: entries / capacity, 0 to 1.
+    pub map_pressure: Vec<(String, f64)>,
+    /// `enforcer_conntrack_entries`.
+    pub conntrack_entries: u64,
+    /// `enforcer_policy_last_reload_error` as text is not a metric: the log has it. This is
+    /// `enforcer_policy_reload_failing` (1 while the newest policy on disk is rejected).
+    pub reload_failing: bool,
+}
+
+/// The content type of [`MetricsSnapshot::render`].
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+impl MetricsSnapshot {
+    /// The snapshot in the Prometheus text exposition format 0.0.4. Series are sorted by labels
+    /// so that the output is deterministic; repeated label sets are summed, because the format
+    /// forbids duplicate series.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+
+        family(
+            &mut out,
+            "enforcer_policy_verdicts_total",
+            "counter",
+            "Packets judged by the policy (first packets of flows and denials).",
+        );
+        let verdicts = self.policy_verdicts.iter().map(|(l, v)| {
+            (
+                vec![
+                    ("source_segment", l.source_segment.as_str()),
+                    ("destination_segment", l.destination_segment.as_str()),
+                    ("direction", l.direction.as_str()),
+                    ("action", l.action.as_str()),
+                    ("match", l.match_.as_str()),
+                ],
+                *v,
+            )
+        });
+        counter_samples(&mut out, "enforcer_policy_verdicts_total", verdicts);
+
+        family(
+            &mut out,
+            "enforcer_drop_total",
+            "counter",
+            "Packets dropped, by reason and protocol.",
+        );
+        let drops = self.drops.iter().map(|((reason, protocol), v)| {
+            (
+                vec![("reason", reason.as_str()), ("protocol", protocol.as_str())],
+                *v,
+            )
+        });
+        counter_samples(&mut out, "enforcer_drop_total", drops);
+
+        family(
+            &mut out,
+            "enforcer_forward_total",
+            "counter",
+            "Packets passed, judged or not.",
+        );
+        let forwarded = self
+            .forwarded
+            .iter()
+            .map(|(direction, v)| (vec![("direction", direction.as_str())], *v));
+        counter_samples(&mut out, "enforcer_forward_total", forwarded);
+
+        family(
+            &mut out,
+            "enforcer_lost_events_total",
+            "counter",
+            "Flow events lost: no room in the kernel ring buffer, or missed by a slow subscriber.",
+        );
+        sample(
+            &mut out,
+            "enforcer_lost_events_total",
+            &[],
+            self.lost_events,
+        );
+
+        family(
+            &mut out,
+            "enforcer_events_total",
+            "counter",
+            "Flow events by outcome (sent or rate_limited).",
+        );
+        let events = self
+            .events
+            .iter()
+            .map(|(outcome, v)| (vec![("outcome", outcome.as_str())], *v));
+        counter_samples(&mut out, "enforcer_events_total", events);
+
+        family(
+            &mut out,
+            "enforcer_policy_revision_info",
+            "gauge",
+            "Revision (content hash) and commit of the policy in force.",
+        );
+        sample(
+            &mut out,
+            "enforcer_policy_revision_info",
+            &[
+                ("revision", &self.revision),
+                ("commit", self.commit.as_deref().unwrap_or("")),
+            ],
+            1,
+        );
+
+        family(
+            &mut out,
+            "enforcer_policy_reload_total",
+            "counter",
+            "Policy reloads by outcome.",
+        );
+        sample(
+            &mut out,
+            "enforcer_policy_reload_total",
+            &[("outcome", "failure")],
+            self.reloads_failure,
+        );
+        sample(
+            &mut out,
+            "enforcer_policy_reload_total",
+            &[("outcome", "success")],
+            self.reloads_success,
+        );
+
+        family(
+            &mut out,
+            "enforcer_policy_reload_failing",
+            "gauge",
+            "1 while the newest policy on disk is rejected and an older one stays in force.",
+        );
+        sample(
+            &mut out,
+            "enforcer_policy_reload_failing",
+            &[],
+            u64::from(self.reload_failing),
+        );
+
+        family(
+            &mut out,
+            "enforcer_policy_rules",
+            "gauge",
+            "Rules of the policy in force.",
+        );
+        sample(&mut out, "enforcer_policy_rules", &[], self.rules);
+
+        family(
+            &mut out,
+            "enforcer_bpf_map_pressure",
+            "gauge",
+            "Entries over capacity of each BPF map, 0 to 1.",
+        );
+        let mut pressure: BTreeMap<&str, f64> = BTreeMap::new();
+        for (map, value) in &self.map_pressure {
+            // A repeated map name is a caller bug; keep the last value rather than emit
+            // a duplicate series that Prometheus would reject.
+            pressure.insert(map, *value);
+        }
+        for (map, value) in pressure {
+            sample(
+                &mut out,
+                "enforcer_bpf_map_pressure",
+                &[("map_name", map)],
+                Float(value),
+            );
+        }
+
+        family(
+            &mut out,
+            "enforcer_conntrack_entries",
+            "gauge",
+            "Tracked flows.",
+        );
+        sample(
+            &mut out,
+            "enforcer_conntrack_entries",
+            &[],
+            self.conntrack_entries,
+        );
+
+        out
+    }
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    // Writing to a String cannot fail.
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// Sorted, summed counter samples.
+fn counter_samples<'a>(
+    out: &mut String,
+    name: &str,
+    samples: impl Iterator<Item = (Vec<(&'a str, &'a str)>, u64)>,
+) {
+    let mut merged: BTreeMap<Vec<(&str, &str)>, u64> = BTreeMap::new();
+    for (labels, value) in samples {
+        let total = merged.entry(labels).or_default();
+        *total = total.saturating_add(value);
+    }
+    for (labels, value) in merged {
+        sample(out, name, &labels, value);
+    }
+}
+
+fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+    out.push_str(name);
+    if !labels.is_empty() {
+        out.push('{');
+        for (i, (label, value)) in labels.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(label);
+            out.push_str("=\"");
+            escape_label_value(out, value);
+            out.push('"');
+        }
+        out.push('}');
+    }
+    let _ = writeln!(out, " {value}");
+}
+
+/// The escapes the exposition format defines for label values.
+fn escape_label_value(out: &mut String, value: &str) {
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+}
+
+/// A float as the exposition format spells it (`+Inf`, `-Inf`, `NaN`; Rust writes `inf`).
+struct Float(f64);
+
+impl std::fmt::Display for Float {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            v if v.is_nan() => f.write_str("NaN"),
+            v if v == f64::INFINITY => f.write_str("+Inf"),
+            v if v == f64::NEG_INFINITY => f.write_str("-Inf"),
+            v => write!(f, "{v}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_label_values() {
+        let mut out = String::new();
+        escape_label_value(&mut out, "a\\b\"c\nd");
+        assert_eq!(out, r#"a\\b\"c\nd"#);
+    }
+
+    #[test]
+    fn empty_snapshot_has_fixed_series() {
+        let text = MetricsSnapshot::default().render();
+        assert!(text.contains("enforcer_policy_reload_total{outcome=\"success\"} 0\n"));
+        assert!(text.contains("enforcer_policy_reload_total{outcome=\"failure\"} 0\n"));
+        assert!(text.contains("enforcer_policy_revision_info{revision=\"\",commit=\"\"} 1\n"));
+        assert!(text.contains("enforcer_policy_reload_failing 0\n"));
+    }
+
+    #[test]
+    fn sums_repeated_label_sets_and_sorts() {
+        let snapshot = MetricsSnapshot {
+            forwarded: vec![
+                ("ingress".into(), 2),
+                ("egress".into(), 1),
+                ("ingress".into(), 3),
+            ],
+            ..Default::default()
+        };
+        let text = snapshot.render();
+        let egress = text.find("enforcer_forward_total{direction=\"egress\"} 1\n");
+        let ingress = text.find("enforcer_forward_total{direction=\"ingress\"} 5\n");
+        assert!(egress.unwrap() < ingress.unwrap(), "{text}");
+    }
+
+    #[test]
+    fn floats_use_exposition_spelling() {
+        assert_eq!(Float(f64::INFINITY).to_string(), "+Inf");
+        assert_eq!(Float(f64::NAN).to_string(), "NaN");
+        assert_eq!(Float(0.25).to_string(), "0.25");
+    }
+}

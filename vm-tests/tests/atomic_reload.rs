@@ -1,0 +1,159 @@
+//! A reload swaps the whole policy at once: while one CPU keeps judging packets with the real
+//! XDP program, another keeps swapping between two policies that allow the same flow with
+//! different segment and class numbering. A packet judged by parts of both would find no rule
+//! and be dropped; no packet may be. Needs root.
+use std::{
+    net::IpAddr,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use aya::programs::{TestRun as _, TestRunOptions, Xdp};
+use enforcer::Enforcer;
+use policy_compiler::Policy;
+use vm_tests::{
+    harness::{XDP_DROP, XDP_PASS},
+    packet_builder::{self, PacketSpec, TCP_SYN, Transport},
+};
+
+/// alpha allows beta on tcp/80. `extra` segments sort before the others and shift every id.
+fn policy(extra: &[(&str, &str)]) -> Policy {
+    let mut sources = vec![
+        (
+            "segments/alpha.yaml".to_string(),
+            "segment: alpha\nmembers: [10.1.0.0/16]\nallow:\n  - from: [beta]\n    ports: [tcp/80]\n"
+                .to_string(),
+        ),
+        (
+            "segments/beta.yaml".to_string(),
+            "segment: beta\nmembers: [10.2.0.0/16]\n".to_string(),
+        ),
+    ];
+    for (name, cidr) in extra {
+        sources.push((
+            format!("segments/{name}.yaml"),
+            format!("segment: {name}\nmembers: [{cidr}]\nallow:\n  - from: [10.2.7.0/24]\n    ports: [tcp/81]\n"),
+        ));
+    }
+    Policy::from_sources(&sources).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A private bpffs mounted on a temporary directory, unmounted and removed on drop (even when
+/// the test fails), so the test neither needs nor touches /sys/fs/bpf.
+struct PrivateBpffs(PathBuf);
+
+impl PrivateBpffs {
+    fn mount() -> Self {
+        let dir = std::env::temp_dir().join(format!("enforcer-bpffs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let target = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: valid NUL-terminated strings; no data argument.
+        let rc = unsafe {
+            libc::mount(
+                c"bpf".as_ptr(),
+                target.as_ptr(),
+                c"bpf".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(
+            rc,
+            0,
+            "mounting a bpffs: {}",
+            std::io::Error::last_os_error()
+        );
+        PrivateBpffs(dir)
+    }
+}
+
+impl Drop for PrivateBpffs {
+    fn drop(&mut self) {
+        let target = std::ffi::CString::new(self.0.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: valid NUL-terminated path.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn no_packet_is_judged_by_a_mixture_of_two_policies() {
+    let a = policy_compiler::compile(&policy(&[])).unwrap();
+    let b =
+        policy_compiler::compile(&policy(&[("aa", "10.9.0.0/16"), ("ab", "10.8.0.0/16")])).unwrap();
+    assert_ne!(a.segments[1].name, b.segments[1].name, "ids must differ");
+    let mut enforcer = Enforcer::load(&a).expect("load");
+
+    // A second handle on the same program, for the judging thread.
+    let bpffs = PrivateBpffs::mount();
+    let pin = bpffs.0.join("enforcer_xdp");
+    enforcer.pin_xdp_program(&pin).expect("pin the program");
+    let judge = Xdp::from_pin(&pin, aya_obj::programs::XdpAttachType::Interface).unwrap();
+
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    let (allowed, _) = packet_builder::build(&PacketSpec::new(
+        ip("10.2.0.5"),
+        ip("10.1.0.5"),
+        Transport::tcp(40000, 80, TCP_SYN),
+    ));
+    let (denied, _) = packet_builder::build(&PacketSpec::new(
+        ip("10.2.0.5"),
+        ip("10.1.0.5"),
+        Transport::tcp(40000, 22, TCP_SYN),
+    ));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let judging = {
+        let stop = Arc::clone(&stop);
+        thread::spawn(move || {
+            let (mut judged, mut wrong) = (0u64, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                // A varying source port: every packet is a new flow, judged by the policy.
+                for (frame, want) in [(&allowed, XDP_PASS), (&denied, XDP_DROP)] {
+                    let mut frame = frame.clone();
+                    let sport = (judged % 60_000) as u16 + 1024;
+                    frame[34..36].copy_from_slice(&sport.to_be_bytes());
+                    let got = judge
+                        .test_run(TestRunOptions {
+                            data_in: Some(&frame),
+                            ..TestRunOptions::default()
+                        })
+                        .unwrap()
+                        .return_value;
+                    if got != want {
+                        wrong.push((judged, got, want));
+                    }
+                    judged += 1;
+                }
+            }
+            (judged, wrong)
+        })
+    };
+
+    let started = Instant::now();
+    let mut reloads = 0;
+    while started.elapsed() < Duration::from_secs(3) {
+        let next = if reloads % 2 == 0 { &b } else { &a };
+        enforcer.replace_policy(next).expect("reload");
+        // As the daemon does: empty the old slot a moment after the switch.
+        thread::sleep(Duration::from_millis(2));
+        enforcer.clear_inactive_slot().expect("clear");
+        reloads += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (judged, wrong) = judging.join().unwrap();
+    println!("{judged} packets judged during {reloads} reloads");
+    assert!(reloads >= 50, "only {reloads} reloads");
+    assert!(judged >= 10_000, "only {judged} packets judged");
+    assert!(
+        wrong.is_empty(),
+        "{} of {judged} packets judged wrongly during reloads, e.g. {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(5)]
+    );
+}
