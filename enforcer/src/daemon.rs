@@ -374,7 +374,8 @@ impl Daemon {
         let events = read_per_cpu_array(&enforcer, map_names::EVENT_COUNTERS, event_counter::COUNT)
             .unwrap_or_default();
         let event = |i: u32| events.get(i as usize).copied().unwrap_or(0);
-        snapshot.lost_events = event(event_counter::LOST) + self.hub.lagged();
+        snapshot.lost_events = event(event_counter::LOST);
+        snapshot.subscriber_missed = self.hub.lagged();
         snapshot.events = vec![
             ("sent".to_string(), event(event_counter::SENT)),
             (
@@ -568,4 +569,73 @@ fn map_pressure(enforcer: &Enforcer, conntrack_entries: u64) -> Vec<(String, f64
     }
     pressure.sort_by(|a, b| a.0.cmp(&b.0));
     pressure
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn git(dir: &Path, args: &[&str]) {
+        let status = Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(args)
+            .status()
+            .expect("git (installed by `cargo xtask setup`)");
+        assert!(status.success(), "git {args:?}");
+    }
+
+    #[test]
+    fn the_policy_revision_names_the_git_commit_and_uncommitted_changes() {
+        let dir = std::env::temp_dir().join(format!("enforcer-git-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        assert_eq!(git_commit(&dir), None, "not a checkout");
+        git(&dir, &["init", "-q"]);
+        git(&dir, &["config", "user.email", "test@example.invalid"]);
+        git(&dir, &["config", "user.name", "test"]);
+        std::fs::write(
+            dir.join("pacs.yaml"),
+            "segment: pacs\nmembers: [10.30.0.0/24]\n",
+        )
+        .unwrap();
+        git(&dir, &["add", "."]);
+        git(&dir, &["commit", "-q", "-m", "pacs"]);
+        let head = String::from_utf8(
+            Command::new("git")
+                .arg("-C")
+                .arg(&dir)
+                .args(["rev-parse", "HEAD"])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .unwrap();
+        assert_eq!(git_commit(&dir).as_deref(), Some(head.trim()));
+        std::fs::write(
+            dir.join("pacs.yaml"),
+            "segment: pacs\nmembers: [10.31.0.0/24]\n",
+        )
+        .unwrap();
+        assert_eq!(git_commit(&dir), Some(format!("{}-dirty", head.trim())));
+        let loaded = load_policy(&dir).expect("valid policy");
+        assert_eq!(loaded.commit, Some(format!("{}-dirty", head.trim())));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_invalid_policy_is_refused_with_the_compilers_errors() {
+        let dir = std::env::temp_dir().join(format!("enforcer-bad-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("pacs.yaml"),
+            "segment: pacs\nmembers: [10.30.0.1/24]\n",
+        )
+        .unwrap();
+        let error = load_policy(&dir).err().expect("host bits set").to_string();
+        assert!(error.contains("pacs.yaml:2"), "{error}");
+        assert!(error.contains("did you mean 10.30.0.0/24"), "{error}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

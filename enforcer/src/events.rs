@@ -174,7 +174,7 @@ pub struct EventHub {
     sender: broadcast::Sender<Arc<FlowEvent>>,
     recent: Mutex<VecDeque<Arc<FlowEvent>>>,
     recent_capacity: usize,
-    /// Events a slow subscriber missed (counted into `enforcer_lost_events_total`).
+    /// Events slow subscribers missed (`enforcer_flow_subscriber_missed_total`).
     lagged: AtomicU64,
 }
 

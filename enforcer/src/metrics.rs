@@ -27,9 +27,12 @@ pub struct MetricsSnapshot {
     pub drops: Vec<((String, String), u64)>,
     /// `enforcer_forward_total{direction}`: every packet passed, judged or not.
     pub forwarded: Vec<(String, u64)>,
-    /// `enforcer_lost_events_total`: events the kernel ring buffer had no room for, plus events
-    /// a slow subscriber missed.
+    /// `enforcer_lost_events_total`: events the kernel ring buffer had no room for, so the
+    /// daemon never saw them.
     pub lost_events: u64,
+    /// `enforcer_flow_subscriber_missed_total`: events a `/flows` client or the flow log fell
+    /// too far behind to receive (the daemon had them; counted once per subscriber).
+    pub subscriber_missed: u64,
     /// `enforcer_events_total{outcome}` with outcome `sent` or `rate_limited`.
     pub events: Vec<(String, u64)>,
     /// `enforcer_policy_revision_info{revision, commit}` (value 1).
@@ -110,13 +113,26 @@ impl MetricsSnapshot {
             &mut out,
             "enforcer_lost_events_total",
             "counter",
-            "Flow events lost: no room in the kernel ring buffer, or missed by a slow subscriber.",
+            "Flow events lost in the kernel: no room in the ring buffer.",
         );
         sample(
             &mut out,
             "enforcer_lost_events_total",
             &[],
             self.lost_events,
+        );
+
+        family(
+            &mut out,
+            "enforcer_flow_subscriber_missed_total",
+            "counter",
+            "Flow events a /flows client or the flow log fell too far behind to receive.",
+        );
+        sample(
+            &mut out,
+            "enforcer_flow_subscriber_missed_total",
+            &[],
+            self.subscriber_missed,
         );
 
         family(
