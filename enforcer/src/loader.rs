@@ -194,7 +194,23 @@ impl Enforcer {
         egress
             .attach(iface, TcAttachType::Egress)
             .map_err(attach_error)?;
-        info!(%iface, xdp_mode, "attached (XDP ingress, TC egress)");
+        // aya uses TCX from 6.6 on (a link owned by this process) and a netlink clsact filter
+        // before, which no process owns: it survives a daemon that dies without detaching.
+        // Same test as aya's (an unreadable version means netlink).
+        let tcx = aya::util::KernelVersion::current()
+            .is_ok_and(|version| version >= aya::util::KernelVersion::new(6, 6, 0));
+        let tc_mode = if tcx {
+            "tcx"
+        } else {
+            warn!(
+                %iface,
+                "kernel before 6.6 (no TCX): TC egress is a clsact filter that stays attached if \
+                 the daemon is killed without its clean shutdown (SIGKILL, crash); then remove it \
+                 with `tc filter del dev {iface} egress`"
+            );
+            "clsact"
+        };
+        info!(%iface, xdp_mode, tc_mode, "attached (XDP ingress, TC egress)");
         let attachment = Attachment {
             iface: iface.to_string(),
             xdp_mode,

@@ -470,7 +470,7 @@ impl Lab {
         let bin = enforcer_bin()?;
         let mut enforcer =
             Enforcer::spawn_in("router", &self.router, &self.id, ifaces, &bin, policy_dir)?;
-        let timeout = Duration::from_secs(30);
+        let timeout = ready_timeout();
         enforcer.wait_ready(std::time::Instant::now() + timeout, timeout)?;
         Ok(enforcer)
     }
@@ -482,13 +482,23 @@ impl Lab {
         for host in hosts {
             started.push(Enforcer::spawn(self.host(host)?, &bin, policy_dir)?);
         }
-        let timeout = Duration::from_secs(30);
+        let timeout = ready_timeout();
         let deadline = std::time::Instant::now() + timeout;
         for enforcer in &mut started {
             enforcer.wait_ready(deadline, timeout)?;
         }
         Ok(started)
     }
+}
+
+/// How long daemons get to load and attach: 30 s, or `ENFORCER_READY_TIMEOUT` seconds. Under
+/// QEMU without KVM (`cargo xtask vm-test`) seven daemons verifying at once need longer.
+fn ready_timeout() -> Duration {
+    let secs = std::env::var("ENFORCER_READY_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    Duration::from_secs(secs)
 }
 
 impl Drop for Lab {

@@ -11,8 +11,18 @@ const BPF_LINKER_VERSION: &str = "0.10.4";
 
 /// Debian packages used by the tests and the demo: `ip` for the namespace lab, `ping` for the
 /// demo's ICMP flows, `bpftool` to inspect attached programs, `nft` and `iperf3` for comparing
-/// against netfilter and measuring throughput in the lab.
-const DEBIAN_PACKAGES: &[&str] = &["iproute2", "iputils-ping", "bpftool", "nftables", "iperf3"];
+/// against netfilter and measuring throughput in the lab; QEMU, cpio and objcopy (binutils) to
+/// boot another kernel with an initramfs of the tests (`cargo xtask vm-test`).
+const DEBIAN_PACKAGES: &[&str] = &[
+    "iproute2",
+    "iputils-ping",
+    "bpftool",
+    "nftables",
+    "iperf3",
+    "qemu-system-x86",
+    "cpio",
+    "binutils",
+];
 
 pub(crate) fn run(ws: &Workspace) -> Result<()> {
     let mut done = Vec::new();
