@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, RingBuf},
-    programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode, tc},
+    programs::{Program, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode, tc},
 };
 use enforcer_common::{Config, event_flags, map_names, program_names};
 use policy_compiler::Artifact;
@@ -105,6 +105,27 @@ fn program_error(name: &'static str) -> impl Fn(ProgramError) -> LoadError {
     move |source| LoadError::Program { name, source }
 }
 
+/// The program `name` of `ebpf`, as its type `P` (`Xdp`, `SchedClassifier`).
+fn program_mut<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, LoadError>
+where
+    &'a mut P: TryFrom<&'a mut Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(LoadError::MissingProgram(name))?
+        .try_into()
+        .map_err(program_error(name))
+}
+
+fn program<'a, P>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a P, LoadError>
+where
+    &'a P: TryFrom<&'a Program, Error = ProgramError>,
+{
+    ebpf.program(name)
+        .ok_or(LoadError::MissingProgram(name))?
+        .try_into()
+        .map_err(program_error(name))
+}
+
 impl Enforcer {
     /// Loads the programs with maps sized from `artifact` and fills the maps with it.
     pub fn load(artifact: &Artifact) -> Result<Self, LoadError> {
@@ -133,19 +154,12 @@ impl Enforcer {
         loader.map_max_entries(map_names::CONNTRACK, settings.conntrack_max_entries);
         loader.map_max_entries(map_names::FRAGMENTS, settings.fragments_max_entries);
         let mut ebpf = loader.load(EBPF_OBJECT)?;
-        let xdp: &mut Xdp = ebpf
-            .program_mut(program_names::XDP_INGRESS)
-            .ok_or(LoadError::MissingProgram(program_names::XDP_INGRESS))?
-            .try_into()
+        program_mut::<Xdp>(&mut ebpf, program_names::XDP_INGRESS)?
+            .load()
             .map_err(program_error(program_names::XDP_INGRESS))?;
-        xdp.load()
-            .map_err(program_error(program_names::XDP_INGRESS))?;
-        let tc: &mut SchedClassifier = ebpf
-            .program_mut(program_names::TC_EGRESS)
-            .ok_or(LoadError::MissingProgram(program_names::TC_EGRESS))?
-            .try_into()
+        program_mut::<SchedClassifier>(&mut ebpf, program_names::TC_EGRESS)?
+            .load()
             .map_err(program_error(program_names::TC_EGRESS))?;
-        tc.load().map_err(program_error(program_names::TC_EGRESS))?;
         let mut enforcer = Self {
             ebpf,
             revision: artifact.revision.clone(),
@@ -267,12 +281,7 @@ impl Enforcer {
             iface: iface.to_string(),
             source,
         };
-        let xdp: &mut Xdp = self
-            .ebpf
-            .program_mut(program_names::XDP_INGRESS)
-            .ok_or(LoadError::MissingProgram(program_names::XDP_INGRESS))?
-            .try_into()
-            .map_err(program_error(program_names::XDP_INGRESS))?;
+        let xdp = program_mut::<Xdp>(&mut self.ebpf, program_names::XDP_INGRESS)?;
         let xdp_mode = match xdp.attach(iface, XdpMode::Driver) {
             Ok(_) => "native",
             Err(native_error) => {
@@ -281,20 +290,36 @@ impl Enforcer {
                 "generic"
             }
         };
-        // Kernels before 6.6 attach TC programs through a clsact qdisc.
-        if let Err(error) = tc::qdisc_add_clsact(iface) {
-            debug!(%iface, %error, "clsact qdisc not added (present already, or TCX in use)");
-        }
-        let egress: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(program_names::TC_EGRESS)
-            .ok_or(LoadError::MissingProgram(program_names::TC_EGRESS))?
-            .try_into()
-            .map_err(program_error(program_names::TC_EGRESS))?;
-        egress
+        // aya uses TCX from 6.6 on (a link owned by this process) and a netlink clsact filter
+        // before, which no process owns: it survives a daemon that dies without detaching.
+        // Same test as aya's (an unreadable version means netlink).
+        let tcx = aya::util::KernelVersion::current()
+            .is_ok_and(|version| version >= aya::util::KernelVersion::new(6, 6, 0));
+        let tc_mode = if tcx {
+            "tcx"
+        } else {
+            if let Err(error) = tc::qdisc_add_clsact(iface) {
+                debug!(%iface, %error, "clsact qdisc not added (present already)");
+            }
+            // A filter left by a daemon that died without detaching would keep judging with
+            // its own orphaned maps, in front of ours.
+            if tc::qdisc_detach_program(iface, TcAttachType::Egress, program_names::TC_EGRESS)
+                .is_ok()
+            {
+                warn!(%iface, "removed a TC egress filter left by an earlier enforcer");
+            }
+            warn!(
+                %iface,
+                "kernel before 6.6 (no TCX): TC egress is a clsact filter that stays attached if \
+                 the daemon is killed without its clean shutdown (SIGKILL, crash); the next start \
+                 removes it, or `tc filter del dev {iface} egress` does"
+            );
+            "clsact"
+        };
+        program_mut::<SchedClassifier>(&mut self.ebpf, program_names::TC_EGRESS)?
             .attach(iface, TcAttachType::Egress)
             .map_err(attach_error)?;
-        info!(%iface, xdp_mode, "attached (XDP ingress, TC egress)");
+        info!(%iface, xdp_mode, tc_mode, "attached (XDP ingress, TC egress)");
         let attachment = Attachment {
             iface: iface.to_string(),
             xdp_mode,
@@ -305,34 +330,22 @@ impl Enforcer {
 
     /// The ingress XDP program, for `BPF_PROG_TEST_RUN`.
     pub fn xdp_program(&self) -> Result<&Xdp, LoadError> {
-        self.ebpf
-            .program(program_names::XDP_INGRESS)
-            .ok_or(LoadError::MissingProgram(program_names::XDP_INGRESS))?
-            .try_into()
-            .map_err(program_error(program_names::XDP_INGRESS))
+        program(&self.ebpf, program_names::XDP_INGRESS)
     }
 
     /// Pins the ingress XDP program at `path` on a bpffs (for a second handle on it).
     pub fn pin_xdp_program(&mut self, path: &std::path::Path) -> Result<(), LoadError> {
-        let xdp: &mut Xdp = self
-            .ebpf
-            .program_mut(program_names::XDP_INGRESS)
-            .ok_or(LoadError::MissingProgram(program_names::XDP_INGRESS))?
-            .try_into()
-            .map_err(program_error(program_names::XDP_INGRESS))?;
-        xdp.pin(path).map_err(|error| LoadError::Program {
-            name: program_names::XDP_INGRESS,
-            source: ProgramError::IOError(std::io::Error::other(error.to_string())),
-        })
+        program_mut::<Xdp>(&mut self.ebpf, program_names::XDP_INGRESS)?
+            .pin(path)
+            .map_err(|error| LoadError::Program {
+                name: program_names::XDP_INGRESS,
+                source: ProgramError::IOError(std::io::Error::other(error.to_string())),
+            })
     }
 
     /// The egress TC program, for `BPF_PROG_TEST_RUN`.
     pub fn tc_program(&self) -> Result<&SchedClassifier, LoadError> {
-        self.ebpf
-            .program(program_names::TC_EGRESS)
-            .ok_or(LoadError::MissingProgram(program_names::TC_EGRESS))?
-            .try_into()
-            .map_err(program_error(program_names::TC_EGRESS))
+        program(&self.ebpf, program_names::TC_EGRESS)
     }
 
     /// Outcome counters summed over CPUs.

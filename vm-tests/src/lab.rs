@@ -473,7 +473,7 @@ impl Lab {
     ) -> Result<Enforcer<'_>> {
         let bin = enforcer_bin()?;
         let mut enforcer = Enforcer::spawn(self.host(host)?, &bin, policy_dir, args)?;
-        let timeout = Duration::from_secs(30);
+        let timeout = ready_timeout();
         enforcer.wait_ready(std::time::Instant::now() + timeout, timeout)?;
         Ok(enforcer)
     }
@@ -496,7 +496,7 @@ impl Lab {
             policy_dir,
             &[],
         )?;
-        let timeout = Duration::from_secs(30);
+        let timeout = ready_timeout();
         enforcer.wait_ready(std::time::Instant::now() + timeout, timeout)?;
         Ok(enforcer)
     }
@@ -508,13 +508,23 @@ impl Lab {
         for host in hosts {
             started.push(Enforcer::spawn(self.host(host)?, &bin, policy_dir, &[])?);
         }
-        let timeout = Duration::from_secs(30);
+        let timeout = ready_timeout();
         let deadline = std::time::Instant::now() + timeout;
         for enforcer in &mut started {
             enforcer.wait_ready(deadline, timeout)?;
         }
         Ok(started)
     }
+}
+
+/// How long daemons get to load and attach: 30 s, or `ENFORCER_READY_TIMEOUT` seconds. Under
+/// QEMU without KVM (`cargo xtask vm-test`) seven daemons verifying at once need longer.
+fn ready_timeout() -> Duration {
+    let secs = std::env::var("ENFORCER_READY_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    Duration::from_secs(secs)
 }
 
 impl Drop for Lab {

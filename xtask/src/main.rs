@@ -8,6 +8,7 @@ mod demo;
 mod setup;
 mod test;
 mod util;
+mod vm_test;
 
 use std::process::ExitCode;
 
@@ -31,6 +32,9 @@ enum Subcommand {
     Test(test::Options),
     /// Sets up, then runs the clinical-flows demo in network namespaces.
     Demo(demo::Options),
+    /// Sets up, then runs the kernel-facing tests in QEMU on another kernel (default: Debian
+    /// 12's 6.1).
+    VmTest(vm_test::Options),
 }
 
 fn main() -> ExitCode {
@@ -55,5 +59,6 @@ fn run() -> Result<()> {
         Subcommand::Build => build::run(&ws),
         Subcommand::Test(opts) => test::run(&ws, opts),
         Subcommand::Demo(opts) => demo::run(&ws, opts),
+        Subcommand::VmTest(opts) => vm_test::run(&ws, opts),
     }
 }

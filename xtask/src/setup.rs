@@ -12,7 +12,9 @@ const BPF_LINKER_VERSION: &str = "0.10.4";
 /// Debian packages used by the tests and the demo: `ip` for the namespace lab, `ping` for the
 /// demo's ICMP flows, `bpftool` to inspect attached programs, `nft` and `iperf3` for comparing
 /// against netfilter and measuring throughput in the lab, `promtool` (package `prometheus`) to
-/// check the metrics exposition, `git` for policy revisions taken from a Git checkout.
+/// check the metrics exposition, `git` for policy revisions taken from a Git checkout; QEMU,
+/// cpio and objcopy (binutils) to boot another kernel with an initramfs of the tests
+/// (`cargo xtask vm-test`).
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-ping",
@@ -21,6 +23,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iperf3",
     "prometheus",
     "git",
+    "qemu-system-x86",
+    "cpio",
+    "binutils",
 ];
 
 pub(crate) fn run(ws: &Workspace) -> Result<()> {

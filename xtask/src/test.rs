@@ -15,10 +15,15 @@ use clap::Parser;
 use crate::{
     setup,
     util::{Workspace, display, exec, path_with_cargo_bin},
+    vm_test,
 };
 
 #[derive(Parser)]
 pub(crate) struct Options {
+    /// Skip the last step, the kernel-facing tests on Debian 12's 6.1 kernel in QEMU
+    /// (`cargo xtask vm-test`), e.g. while iterating on host tests.
+    #[arg(long)]
+    skip_vm: bool,
     /// Arguments appended to `cargo test --workspace --no-fail-fast`, e.g.
     /// `--test e2e -- --nocapture`, or a test name filter.
     #[arg(last = true)]
@@ -64,11 +69,11 @@ impl Tally {
 }
 
 pub(crate) fn run(ws: &Workspace, opts: Options) -> Result<()> {
-    let Options { args } = opts;
+    let Options { skip_vm, args } = opts;
     let started = Instant::now();
     let mut steps = Vec::new();
     let mut tally = Tally::default();
-    let result = run_steps(ws, &args, &mut steps, &mut tally);
+    let result = run_steps(ws, &args, skip_vm, &mut steps, &mut tally);
 
     println!("\n== cargo xtask test summary");
     for Step { name, took, ok } in &steps {
@@ -89,6 +94,7 @@ pub(crate) fn run(ws: &Workspace, opts: Options) -> Result<()> {
 fn run_steps(
     ws: &Workspace,
     args: &[OsString],
+    skip_vm: bool,
     steps: &mut Vec<Step>,
     tally: &mut Tally,
 ) -> Result<()> {
@@ -133,7 +139,23 @@ fn run_steps(
     let Some(enforcer) = enforcer else {
         bail!("the enforcer build step returned no path");
     };
-    step(steps, "tests", || cargo_test(ws, args, &enforcer, tally))
+    step(steps, "tests", || cargo_test(ws, args, &enforcer, tally))?;
+    if skip_vm {
+        println!("== vm-test 6.1 skipped (--skip-vm)");
+        return Ok(());
+    }
+    // The fleet's oldest kernel: the verifier, helpers and TC attach path of Debian 12. A
+    // kernel that cannot be fetched fails the step, it is never skipped silently.
+    step(steps, "vm-test 6.1", || {
+        let kernel = vm_test::resolve_kernel(ws, vm_test::DEBIAN_6_1, None)?;
+        let mut results = Vec::new();
+        let outcome =
+            vm_test::run_suite(ws, &kernel, &vm_test::RunOptions::default(), &mut results);
+        for line in &results {
+            tally.add_line(line);
+        }
+        outcome
+    })
 }
 
 /// Runs cargo test with its stdout passed through line by line, counting results on the way.
