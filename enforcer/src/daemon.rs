@@ -127,9 +127,21 @@ fn git_commit(dir: &Path) -> Option<String> {
     })
 }
 
+/// One policy file as [`fingerprint`] sees it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct FileStamp {
+    pub name: String,
+    pub len: u64,
+    pub modified: Option<SystemTime>,
+    /// The file a link resolves to.
+    pub target: Option<PathBuf>,
+}
+
 /// What identifies the policy files' current content cheaply: names, sizes and modification
-/// times of the top-level YAML files. A change triggers a reload attempt.
-pub fn fingerprint(dir: &Path) -> Vec<(String, u64, Option<SystemTime>)> {
+/// times of the top-level YAML files, following symlinks, and where the links point. A change
+/// triggers a reload attempt. (A Kubernetes ConfigMap volume is a directory of links that are
+/// swapped all at once by replacing `..data`.)
+pub fn fingerprint(dir: &Path) -> Vec<FileStamp> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
@@ -138,8 +150,15 @@ pub fn fingerprint(dir: &Path) -> Vec<(String, u64, Option<SystemTime>)> {
         .filter_map(|entry| {
             let name = entry.file_name().to_string_lossy().to_string();
             let yaml = name.ends_with(".yaml") || name.ends_with(".yml");
-            let meta = entry.metadata().ok()?;
-            (yaml && meta.is_file()).then(|| (name, meta.len(), meta.modified().ok()))
+            let path = entry.path();
+            let meta = std::fs::metadata(&path).ok()?;
+            let target = std::fs::canonicalize(&path).ok();
+            (yaml && meta.is_file()).then(|| FileStamp {
+                name,
+                len: meta.len(),
+                modified: meta.modified().ok(),
+                target,
+            })
         })
         .collect();
     files.sort();
@@ -620,6 +639,26 @@ mod tests {
         assert_eq!(git_commit(&dir), Some(format!("{}-dirty", head.trim())));
         let loaded = load_policy(&dir).expect("valid policy");
         assert_eq!(loaded.commit, Some(format!("{}-dirty", head.trim())));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_swapped_configmap_style_link_changes_the_fingerprint() {
+        let dir = std::env::temp_dir().join(format!("enforcer-links-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let policy = "segment: pacs\nmembers: [10.30.0.0/24]\n";
+        for version in ["..v1", "..v2"] {
+            std::fs::create_dir_all(dir.join(version)).unwrap();
+            std::fs::write(dir.join(version).join("pacs.yaml"), policy).unwrap();
+        }
+        std::os::unix::fs::symlink("..v1", dir.join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/pacs.yaml", dir.join("pacs.yaml")).unwrap();
+        let before = fingerprint(&dir);
+        assert_eq!(before.len(), 1, "the linked file is seen");
+        // Kubernetes' atomic update: a new `..data` link renamed over the old one.
+        std::os::unix::fs::symlink("..v2", dir.join("..data_tmp")).unwrap();
+        std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+        assert_ne!(fingerprint(&dir), before);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
