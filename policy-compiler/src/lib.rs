@@ -5,17 +5,28 @@
 //!   [`model`] for the language and its semantics.
 //! - [`Policy::evaluate`] is the reference evaluator the kernel is tested against.
 //! - [`compile()`] produces the deterministic [`Artifact`] that the daemon loads.
+//! - Review tools, all built on the reference evaluator: [`reachability`] (who may reach whom,
+//!   exactly), [`diff`] (what a change opens or closes), [`reachability_tests`] (assertions kept
+//!   next to the policy), [`graph`] (the connectivity picture), [`schema`] (JSON Schema for
+//!   editors), [`policy_source`] (a directory, or `REV:DIR` in Git).
 //!
 //! This crate never depends on aya and makes no Linux-specific calls, so it runs in plain CI.
 
 pub mod artifact;
 pub mod compile;
+pub mod diff;
 pub mod error;
 pub mod evaluate;
+pub mod graph;
 mod load;
 pub mod model;
 pub mod packet;
+pub mod policy_source;
+pub mod port_set;
 pub mod prefix;
+pub mod reachability;
+pub mod reachability_tests;
+pub mod schema;
 pub mod settings;
 pub mod stateful;
 mod yaml;

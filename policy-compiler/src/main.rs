@@ -1,4 +1,5 @@
-//! `policy-compiler`: check, compile and trace a segment policy directory.
+//! `policy-compiler`: check, compile and trace a segment policy directory; review changes to it
+//! (diff, test, graph, schema).
 
 use std::io::Write;
 use std::net::IpAddr;
@@ -7,16 +8,27 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
+use policy_compiler::diff::PolicyDiff;
+use policy_compiler::graph::Graph;
 use policy_compiler::model::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, icmp_type_by_name};
+use policy_compiler::policy_source::PolicySource;
+use policy_compiler::reachability_tests::TestSuite;
 use policy_compiler::{Flow, Policy, PolicyErrors, compile};
 
 /// Exit code for a policy that does not validate or compile.
 const EXIT_INVALID: u8 = 1;
 /// Exit code for a wrong command line (the same as clap's).
 const EXIT_USAGE: u8 = 2;
+/// `diff` and `test`: reachability changed, or a test case failed; for review, not an error.
+const EXIT_FINDINGS: u8 = 1;
+/// `diff` and `test`: anything that stopped the answer (1 is taken by "findings").
+const EXIT_REVIEW_ERROR: u8 = 2;
 
 #[derive(Parser)]
-#[command(version, about = "Validate, compile and trace a segment policy")]
+#[command(
+    version,
+    about = "Validate, compile and trace a segment policy; review changes to it"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -49,6 +61,52 @@ enum Command {
         #[arg(long)]
         icmp_type: Option<String>,
     },
+    /// Show which (source, destination, port) verdicts change between two policies.
+    ///
+    /// OLD and NEW are directories, or `REV:DIR` for a directory of a Git revision (read with
+    /// git in the current directory; DIR from the repository's top level, as `git show REV:DIR`).
+    /// Exit code: 0 nothing changes, 1 something changes, 2 error (e.g. an invalid policy).
+    Diff {
+        /// The policy before: a directory or REV:DIR (e.g. origin/main:segments).
+        old: String,
+        /// The policy after: a directory or REV:DIR (e.g. HEAD:segments).
+        new: String,
+        #[arg(long, value_enum, default_value_t = DiffFormat::Table)]
+        format: DiffFormat,
+    },
+    /// Run the reachability assertions in DIR/tests/*.yaml against the policy in DIR.
+    ///
+    /// Exit code: 0 every case passes, 1 a case fails, 2 error (invalid policy or test file).
+    Test { dir: PathBuf },
+    /// Draw the segment connectivity: segments as nodes, edges with the allowed ports.
+    Graph {
+        dir: PathBuf,
+        #[arg(long, value_enum, default_value_t = GraphFormat::Dot)]
+        format: GraphFormat,
+        /// Write to this file instead of standard output.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Print the JSON Schema (draft 2020-12) of the policy files, for editors.
+    Schema,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DiffFormat {
+    /// Aligned columns for a terminal.
+    Table,
+    /// For a pull-request comment.
+    Markdown,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum GraphFormat {
+    /// Graphviz.
+    Dot,
+    Mermaid,
+    /// Drawn here, no Graphviz needed.
+    Svg,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -81,12 +139,16 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    let error_exit = match cli.command {
+        Command::Diff { .. } | Command::Test { .. } => EXIT_REVIEW_ERROR,
+        _ => EXIT_INVALID,
+    };
     match run(cli.command) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(Failure::Invalid(errors)) => {
             eprintln!("{errors}");
             eprintln!("{} error(s)", errors.0.len());
-            ExitCode::from(EXIT_INVALID)
+            ExitCode::from(error_exit)
         }
         Err(Failure::Usage(message)) => {
             eprintln!("error: {message}");
@@ -94,7 +156,7 @@ fn main() -> ExitCode {
         }
         Err(Failure::Other(error)) => {
             eprintln!("error: {error:#}");
-            ExitCode::from(EXIT_INVALID)
+            ExitCode::from(error_exit)
         }
     }
 }
@@ -103,7 +165,8 @@ fn load(dir: &Path) -> Result<Policy, Failure> {
     Policy::load_dir(dir).map_err(Failure::Invalid)
 }
 
-fn run(command: Command) -> Result<(), Failure> {
+/// The exit code on success (0, or [`EXIT_FINDINGS`] for `diff` and `test`).
+fn run(command: Command) -> Result<u8, Failure> {
     match command {
         Command::Check { dir } => {
             let policy = load(&dir)?;
@@ -148,8 +211,76 @@ fn run(command: Command) -> Result<(), Failure> {
             let json = serde_json::to_string(&decision).context("encoding the decision")?;
             println!("{json}");
         }
+        Command::Diff { old, new, format } => return diff(&old, &new, format),
+        Command::Test { dir } => return run_tests(&dir),
+        Command::Graph {
+            dir,
+            format,
+            output,
+        } => {
+            let graph = Graph::of(&load(&dir)?);
+            let text = match format {
+                GraphFormat::Dot => graph.to_dot(),
+                GraphFormat::Mermaid => graph.to_mermaid(),
+                GraphFormat::Svg => graph.to_svg(),
+            };
+            match output {
+                Some(path) => write_atomically(&path, text.as_bytes())
+                    .with_context(|| format!("writing {}", path.display()))?,
+                None => print!("{text}"),
+            }
+        }
+        Command::Schema => {
+            let schema = policy_compiler::schema::policy_schema();
+            let text = serde_json::to_string_pretty(&schema).context("encoding the schema")?;
+            println!("{text}");
+        }
     }
-    Ok(())
+    Ok(0)
+}
+
+fn diff(old: &str, new: &str, format: DiffFormat) -> Result<u8, Failure> {
+    let (old_source, new_source) = (PolicySource::parse(old), PolicySource::parse(new));
+    let old_policy = old_source.load().context("reading the old policy")?;
+    let new_policy = new_source.load().context("reading the new policy")?;
+    let diff = PolicyDiff::between(
+        &old_policy,
+        &old_source.to_string(),
+        &new_policy,
+        &new_source.to_string(),
+    );
+    let text = match format {
+        DiffFormat::Table => diff.to_table(),
+        DiffFormat::Markdown => diff.to_markdown(),
+        DiffFormat::Json => diff.to_json() + "\n",
+    };
+    print!("{text}");
+    Ok(if diff.is_empty() { 0 } else { EXIT_FINDINGS })
+}
+
+fn run_tests(dir: &Path) -> Result<u8, Failure> {
+    let policy = load(dir)?;
+    let tests_dir = dir.join("tests");
+    let suite = match TestSuite::load(&tests_dir, &policy) {
+        Ok(suite) => suite,
+        Err(errors) => {
+            for error in &errors {
+                eprintln!("{error}");
+            }
+            return Err(Failure::Other(anyhow::anyhow!(
+                "{} error(s) in the tests of {}",
+                errors.len(),
+                dir.display()
+            )));
+        }
+    };
+    let outcomes = suite.run(&policy);
+    for outcome in &outcomes {
+        println!("{}", outcome.report_line());
+    }
+    let failed = outcomes.iter().filter(|outcome| !outcome.passed()).count();
+    println!("{} passed, {failed} failed", outcomes.len() - failed);
+    Ok(if failed == 0 { 0 } else { EXIT_FINDINGS })
 }
 
 /// The IP protocol number and port (or ICMP type) from the trace options.

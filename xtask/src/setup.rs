@@ -11,10 +11,12 @@ const BPF_LINKER_VERSION: &str = "0.10.4";
 
 /// Debian packages used by the tests and the demo: `ip` for the namespace lab, `ping` for the
 /// demo's ICMP flows, `bpftool` to inspect attached programs, `nft` and `iperf3` for comparing
-/// against netfilter and measuring throughput in the lab, `promtool` (package `prometheus`) to
-/// check the metrics exposition, `git` for policy revisions taken from a Git checkout; QEMU,
-/// cpio and objcopy (binutils) to boot another kernel with an initramfs of the tests
-/// (`cargo xtask vm-test`).
+/// against netfilter and measuring throughput in the lab, package `prometheus` for `promtool`
+/// (checks the metrics exposition and the alert rules) and the Prometheus server the
+/// deployment test scrapes the daemon with, `git` for policy revisions taken from a Git
+/// checkout, `systemd-analyze` (package `systemd`, absent from some container images) to
+/// verify the systemd unit in `deploy/`; QEMU, cpio and objcopy (binutils) to boot another
+/// kernel with an initramfs of the tests (`cargo xtask vm-test`).
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-ping",
@@ -26,13 +28,18 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "cpio",
     "binutils",
+    "systemd",
 ];
+
+/// Validates the Kubernetes manifests in `deploy/` offline: it bundles the API schemas.
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 
 pub(crate) fn run(ws: &Workspace) -> Result<()> {
     let mut done = Vec::new();
     done.extend(rust_components()?);
     done.extend(bpf_linker(ws)?);
     done.extend(debian_packages()?);
+    done.extend(python_packages()?);
     if done.is_empty() {
         println!("setup: ok");
     } else {
@@ -159,13 +166,18 @@ fn debian_packages() -> Result<Vec<String>> {
     if missing.is_empty() {
         return Ok(Vec::new());
     }
+    apt_install(&missing)?;
+    Ok(missing.iter().map(|p| p.to_string()).collect())
+}
+
+fn apt_install(packages: &[&str]) -> Result<()> {
     if output(Command::new("apt-get").arg("--version")).is_none() {
         bail!(
             "packages {} are missing and apt-get is not available; install them by hand",
-            missing.join(" ")
+            packages.join(" ")
         );
     }
-    println!("setup: installing Debian packages {}", missing.join(" "));
+    println!("setup: installing Debian packages {}", packages.join(" "));
     exec(
         Command::new("apt-get")
             .args(["update", "-q"])
@@ -174,10 +186,31 @@ fn debian_packages() -> Result<Vec<String>> {
     exec(
         Command::new("apt-get")
             .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing)
+            .args(packages)
             .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+/// Python packages, installed with the pip of the `python3` on `PATH` (the one the tests run).
+fn python_packages() -> Result<Vec<String>> {
+    if output(Command::new("python3").args(["-c", "import kubernetes_validate"])).is_some() {
+        return Ok(Vec::new());
+    }
+    // Debian's python3 comes without pip.
+    if output(Command::new("python3").args(["-m", "pip", "--version"])).is_none() {
+        apt_install(&["python3", "python3-pip"])?;
+    }
+    println!("setup: installing {KUBERNETES_VALIDATE} with pip");
+    exec(
+        Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", KUBERNETES_VALIDATE])
+            // Debian marks its Python as externally managed (PEP 668) and pip then refuses to
+            // install outside a virtualenv; this machine is set up for the tests, so allow it.
+            .env("PIP_BREAK_SYSTEM_PACKAGES", "1")
+            .env("PIP_ROOT_USER_ACTION", "ignore")
+            .env("PIP_DISABLE_PIP_VERSION_CHECK", "1"),
     )?;
-    Ok(missing.iter().map(|p| p.to_string()).collect())
+    Ok(vec![KUBERNETES_VALIDATE.to_owned()])
 }
 
 /// `dpkg-query` reports `install ok installed` for an installed package; a removed package
