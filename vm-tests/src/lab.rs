@@ -108,6 +108,30 @@ pub const WORKSTATION_SUFFIX: &str = "-ws";
 /// Name of the host outside every segment (the network operations centre).
 pub const NOC_HOST: &str = "noc";
 
+/// Sets up test logging (`RUST_LOG`, default `warn`) and checks the test runs as root, which
+/// every lab test needs (network namespaces, XDP and TC).
+pub fn init_test() {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .try_init();
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the end-to-end tests create network namespaces and attach XDP and TC: run them as \
+         root (`cargo xtask test`)"
+    );
+}
+
+/// The example hospital policy, `segments/`.
+pub fn example_policy_dir() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../segments")
+}
+
 /// The standard hospital: for each clinical segment a server named after the segment at `.10`
 /// (where the enforcer runs) and a workstation `<segment>-ws` at `.20`, plus a NOC host at
 /// 10.99.0.10 / fd00:99::10 in no segment.

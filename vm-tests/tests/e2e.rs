@@ -7,7 +7,6 @@ use std::{
     collections::BTreeMap,
     fmt::Write as _,
     net::IpAddr,
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -16,6 +15,7 @@ use vm_tests::lab::{
     CLINICAL_SEGMENTS, Counters, HostSpec, Lab, NOC_HOST, Probe, Proto, WORKSTATION_SUFFIX,
     clinical_hosts,
 };
+use vm_tests::lab::{example_policy_dir, init_test};
 
 /// The ports the example policy talks about: DICOM, DICOM TLS, HTTPS, HL7/MLLP, PostgreSQL,
 /// SSH; SNMP, and syslog which no rule allows.
@@ -30,29 +30,8 @@ const PROBE_TIMEOUT: Duration = Duration::from_millis(400);
 /// the test; a probe that should have been dropped gets no second chance.
 const RETRY_TIMEOUT: Duration = Duration::from_secs(2);
 
-fn init() {
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .try_init();
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "the end-to-end tests create network namespaces and attach XDP: run them as root \
-         (`cargo xtask test`)"
-    );
-}
-
-fn policy_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../segments")
-}
-
 fn load_policy() -> Policy {
-    let dir = policy_dir();
+    let dir = example_policy_dir();
     Policy::load_dir(&dir).unwrap_or_else(|e| panic!("example policy {}: {e}", dir.display()))
 }
 
@@ -60,7 +39,7 @@ fn load_policy() -> Policy {
 /// fails, the matrix test below cannot say anything about the enforcer.
 #[test]
 fn lab_connects_without_enforcer() {
-    init();
+    init_test();
     let hosts = [
         HostSpec::clinical("pacs", "pacs", 10),
         HostSpec::clinical("radiology-ws", "radiology", 20),
@@ -151,7 +130,7 @@ fn find<'a>(cases: &'a [Case], from: &str, to: &str, proto: Proto, port: u16) ->
 
 #[test]
 fn clinical_matrix_matches_reference_evaluator() {
-    init();
+    init_test();
     let started = Instant::now();
     let policy = load_policy();
     let lab = Lab::new(&clinical_hosts()).unwrap_or_else(|e| panic!("{e}"));
@@ -208,7 +187,7 @@ fn clinical_matrix_matches_reference_evaluator() {
         .collect();
     let server_refs: Vec<&str> = servers.iter().map(String::as_str).collect();
     let enforcers = lab
-        .start_enforcers(&server_refs, &policy_dir())
+        .start_enforcers(&server_refs, &example_policy_dir())
         .unwrap_or_else(|e| panic!("{e}"));
     let ready = started.elapsed();
 
@@ -319,7 +298,7 @@ fn clinical_matrix_matches_reference_evaluator() {
 #[test]
 #[should_panic(expected = "no host named")]
 fn unknown_probe_source_panics() {
-    init();
+    init_test();
     let lab = Lab::new(&[HostSpec::clinical("lab", "lab", 10)]).unwrap();
     let to: IpAddr = lab.host("lab").unwrap().addr(false);
     lab.tcp_connect("nowhere", to, 1, PROBE_TIMEOUT);

@@ -6,7 +6,6 @@
 use std::{
     io::{Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
-    path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -19,6 +18,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use policy_compiler::{Flow, Policy, Verdict};
 use serde_json::Value;
 use vm_tests::lab::{Enforcer, Host, HostSpec, Lab, Metrics, Observer};
+use vm_tests::lab::{example_policy_dir, init_test};
 
 /// The promise under test: an event is visible within this time of the packet.
 const PROMPT: Duration = Duration::from_secs(1);
@@ -43,29 +43,8 @@ const EVENT_FIELDS: [&str; 15] = [
 /// A denied port (no rule opens udp/9 on pacs) whose events show that an observer is live.
 const SENTINEL_UDP_PORT: u16 = 9;
 
-fn init() {
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .try_init();
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "the end-to-end tests create network namespaces and attach XDP: run them as root \
-         (`cargo xtask test`)"
-    );
-}
-
-fn policy_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../segments")
-}
-
 fn load_policy() -> Result<Policy> {
-    let dir = policy_dir();
+    let dir = example_policy_dir();
     Policy::load_dir(&dir).map_err(|e| anyhow::anyhow!("example policy {}: {e}", dir.display()))
 }
 
@@ -179,14 +158,14 @@ fn verdicts(metrics: &Metrics, src: &str, dst: &str, action: &str) -> f64 {
 /// a second, named after the segments and the policy revision.
 #[test]
 fn denied_connection_is_observed_within_a_second() -> Result<()> {
-    init();
+    init_test();
     let policy = load_policy()?;
     let lab = small_lab()?;
     let pacs = lab.host("pacs")?.clone();
     let ws = lab.host("radiology-ws")?.clone();
     let enforcer = lab.start_enforcer_with(
         "pacs",
-        &policy_dir(),
+        &example_policy_dir(),
         &["--metrics-addr", "127.0.0.1:19471"],
     )?;
     let filter = ["--verdict", "deny", "--to", "pacs"];
@@ -305,7 +284,7 @@ fn denied_connection_is_observed_within_a_second() -> Result<()> {
 /// the rule that allowed it.
 #[test]
 fn allowed_connection_is_reported_with_its_rule() -> Result<()> {
-    init();
+    init_test();
     let policy = load_policy()?;
     let lab = small_lab()?;
     let pacs = lab.host("pacs")?.clone();
@@ -324,7 +303,7 @@ fn allowed_connection_is_reported_with_its_rule() -> Result<()> {
     let _services = lab.serve("pacs", &[104, 11112], &[])?;
     let enforcer = lab.start_enforcer_with(
         "pacs",
-        &policy_dir(),
+        &example_policy_dir(),
         &["--metrics-addr", "127.0.0.1:19472", "--report-allowed"],
     )?;
     let json = enforcer.observe(&["--verdict", "allow", "--output", "json"])?;
@@ -410,12 +389,12 @@ fn flood_with_a_slow_subscriber_is_accounted() -> Result<()> {
 }
 
 fn flood_test(slow_subscriber: bool) -> Result<()> {
-    init();
+    init_test();
     let lab = small_lab()?;
     let pacs = lab.host("pacs")?.clone();
     let enforcer = lab.start_enforcer_with(
         "pacs",
-        &policy_dir(),
+        &example_policy_dir(),
         &["--metrics-addr", "127.0.0.1:19473"],
     )?;
     let pid = enforcer.pid().context("the daemon has no pid")?;

@@ -19,6 +19,7 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use serde_json::{Value, json};
 use vm_tests::lab::{HostSpec, Lab};
+use vm_tests::lab::{example_policy_dir, init_test};
 
 /// Both listen inside the pacs host's namespace, which is private to this test.
 const METRICS_PORT: u16 = 9477;
@@ -28,23 +29,6 @@ const DEADLINE: Duration = Duration::from_secs(30);
 /// The violation: radiology may reach pacs on DICOM and HTTPS only.
 const DENIED_PORT: u16 = 22;
 const VIOLATIONS: &str = r#"enforcer_policy_verdicts_total{source_segment="radiology",destination_segment="pacs",action="dropped"}"#;
-
-fn init() {
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .try_init();
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "the end-to-end tests create network namespaces and attach XDP: run them as root \
-         (`cargo xtask test`)"
-    );
-}
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -298,7 +282,7 @@ fn rules_status(prometheus: &Prometheus<'_>) -> Result<Vec<(String, String, Stri
 
 #[test]
 fn prometheus_scrapes_a_violation_and_evaluates_the_alerts() -> Result<()> {
-    init();
+    init_test();
     let started = Instant::now();
     let deadline = started + DEADLINE;
     let rules = alert_rules()?;
@@ -308,7 +292,7 @@ fn prometheus_scrapes_a_violation_and_evaluates_the_alerts() -> Result<()> {
     ])?;
     let pacs = lab.host("pacs")?.v4;
     let target = SocketAddr::from((Ipv4Addr::LOCALHOST, METRICS_PORT));
-    let policy_dir = repo().join("segments");
+    let policy_dir = example_policy_dir();
     let enforcer = lab.start_enforcer_with(
         "pacs",
         &policy_dir,

@@ -19,6 +19,7 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use policy_compiler::Policy;
 use vm_tests::lab::{Enforcer, HostSpec, Lab, Metrics};
+use vm_tests::lab::{example_policy_dir, init_test};
 
 /// The promise under test: a changed directory is in force (or rejected) within this time.
 const RELOAD_WITHIN: Duration = Duration::from_secs(3);
@@ -27,23 +28,6 @@ const RELOAD_WITHIN: Duration = Duration::from_secs(3);
 const FLOW_PROBE_TIMEOUT: Duration = Duration::from_millis(900);
 const POLL_PROBE_TIMEOUT: Duration = Duration::from_millis(300);
 const METRICS_ADDR: &str = "127.0.0.1:19481";
-
-fn init() {
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .try_init();
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "the end-to-end tests create network namespaces and attach XDP: run them as root \
-         (`cargo xtask test`)"
-    );
-}
 
 /// A copy of the example policy in a fresh directory, removed on drop. Files are replaced by
 /// rename from a staging directory next to it, so the daemon never reads a half-written file.
@@ -58,7 +42,7 @@ impl PolicyCopy {
         let copy = Self { root };
         fs::create_dir_all(copy.dir()).context("creating the policy copy")?;
         fs::create_dir_all(copy.staging()).context("creating the staging directory")?;
-        let source = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../segments");
+        let source = example_policy_dir();
         for entry in fs::read_dir(&source).with_context(|| format!("{}", source.display()))? {
             let entry = entry?;
             if entry.file_type()?.is_file() {
@@ -172,7 +156,7 @@ fn log_lines(enforcer: &Enforcer<'_>, needle: &str) -> usize {
 
 #[test]
 fn policy_reloads_on_change_and_sighup_without_interrupting_flows() -> Result<()> {
-    init();
+    init_test();
     let policy = PolicyCopy::new("main")?;
     let original_revision = policy.revision()?;
     let lab = Lab::new(&[

@@ -9,7 +9,6 @@
 use std::{
     fmt::Write as _,
     net::IpAddr,
-    path::PathBuf,
     process::{Child, Command, Output, Stdio},
     thread,
     time::{Duration, Instant},
@@ -19,6 +18,7 @@ use anyhow::{Context as _, bail, ensure};
 use policy_compiler::{Decision, Flow, Policy, Verdict};
 use serde_json::Value;
 use vm_tests::lab::{Counters, HostSpec, Lab, Probe, Proto};
+use vm_tests::lab::{example_policy_dir, init_test};
 
 const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 /// Second chance for a probe that should have connected, so a busy 2-core machine cannot fail
@@ -32,28 +32,8 @@ const UDP_PORTS: [u16; 2] = [161, 514];
 const TCP_PORTS_V6: [u16; 2] = [104, 22];
 const UDP_PORTS_V6: [u16; 1] = [161];
 
-fn init() {
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .try_init();
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "these tests create network namespaces and attach XDP and TC: run them as root"
-    );
-}
-
-fn policy_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../segments")
-}
-
 fn load_policy() -> anyhow::Result<Policy> {
-    let dir = policy_dir();
+    let dir = example_policy_dir();
     Policy::load_dir(&dir).map_err(|e| anyhow::anyhow!("example policy {}: {e}", dir.display()))
 }
 
@@ -193,7 +173,7 @@ impl CounterChecks {
 /// other port and must pass by state.
 #[test]
 fn gateway_judges_requests_and_passes_replies_by_state() -> anyhow::Result<()> {
-    init();
+    init_test();
     let started = Instant::now();
     let policy = load_policy()?;
     let hosts = [
@@ -230,7 +210,7 @@ fn gateway_judges_requests_and_passes_replies_by_state() -> anyhow::Result<()> {
     let ports = lab.router_ports();
     let port_refs: Vec<&str> = ports.iter().map(String::as_str).collect();
     let gateway = lab
-        .start_router_enforcer(&port_refs, &policy_dir())
+        .start_router_enforcer(&port_refs, &example_policy_dir())
         .context("starting the gateway daemon")?;
     let ready = started.elapsed();
 
@@ -285,7 +265,7 @@ fn gateway_judges_requests_and_passes_replies_by_state() -> anyhow::Result<()> {
 /// the client's daemon passes it by the state its egress created when the client connected.
 #[test]
 fn both_ends_enforcing_pass_their_own_connections() -> anyhow::Result<()> {
-    init();
+    init_test();
     let started = Instant::now();
     let policy = load_policy()?;
     let hosts = [
@@ -319,7 +299,7 @@ fn both_ends_enforcing_pass_their_own_connections() -> anyhow::Result<()> {
         .collect::<Result<Vec<_>, _>>()
         .context("starting echo services")?;
     let daemons = lab
-        .start_enforcers(&names, &policy_dir())
+        .start_enforcers(&names, &example_policy_dir())
         .context("starting the daemons")?;
     let ready = started.elapsed();
 
@@ -478,7 +458,7 @@ fn u64_at(report: &Value, pointer: &str) -> anyhow::Result<u64> {
 /// belongs to these flows.
 #[test]
 fn iperf3_through_the_gateway() -> anyhow::Result<()> {
-    init();
+    init_test();
     let started = Instant::now();
     let policy = load_policy()?;
     let hosts = [
@@ -519,7 +499,7 @@ fn iperf3_through_the_gateway() -> anyhow::Result<()> {
     let ports = lab.router_ports();
     let port_refs: Vec<&str> = ports.iter().map(String::as_str).collect();
     let gateway = lab
-        .start_router_enforcer(&port_refs, &policy_dir())
+        .start_router_enforcer(&port_refs, &example_policy_dir())
         .context("starting the gateway daemon")?;
 
     let (pacs_s, noc_s) = (pacs.to_string(), noc.to_string());
