@@ -100,12 +100,13 @@ fn run() -> Result<bool> {
 
 fn mount_all() -> Result<()> {
     // The bpf filesystem is where aya would pin maps; debugfs holds the verifier's trace pipe.
+    // No tmpfs on /tmp: the initramfs root is writable already, and the test binaries sit at
+    // their host paths, which are under /tmp when the workspace is (a fresh CI clone may be).
     let mounts = [
         ("proc", "/proc", "proc"),
         ("sysfs", "/sys", "sysfs"),
         ("devtmpfs", "/dev", "devtmpfs"),
         ("tmpfs", "/run", "tmpfs"),
-        ("tmpfs", "/tmp", "tmpfs"),
         ("bpf", "/sys/fs/bpf", "bpf"),
         ("debugfs", "/sys/kernel/debug", "debugfs"),
     ];
