@@ -18,7 +18,7 @@ pub fn emit(event: &Event, interval_ns: u64) {
         counter: event.counter,
     };
     // SAFETY: the value is copied out at once.
-    if let Some(last) = unsafe { EVENT_LIMITER.get(&key) }.copied()
+    if let Some(last) = unsafe { EVENT_LIMITER.get(key) }.copied()
         && event.time_ns.saturating_sub(last) < interval_ns
     {
         counters::event(event_counter::RATE_LIMITED);

@@ -3,6 +3,7 @@
 //! Every command that builds or runs something calls [`setup`] first, so a fresh Debian machine
 //! needs nothing but `cargo xtask test`.
 
+mod bench;
 mod build;
 mod demo;
 mod setup;
@@ -31,6 +32,8 @@ enum Subcommand {
     Test(test::Options),
     /// Sets up, then runs the clinical-flows demo in network namespaces.
     Demo(demo::Options),
+    /// Sets up, then runs every benchmark and writes bench/ (results.json, RESULTS.md, plot).
+    Bench(bench::Options),
 }
 
 fn main() -> ExitCode {
@@ -55,5 +58,6 @@ fn run() -> Result<()> {
         Subcommand::Build => build::run(&ws),
         Subcommand::Test(opts) => test::run(&ws, opts),
         Subcommand::Demo(opts) => demo::run(&ws, opts),
+        Subcommand::Bench(opts) => bench::run(&ws, opts),
     }
 }
