@@ -51,6 +51,40 @@ pub mod program_names {
     pub const TC_EGRESS: &str = "enforcer_tc_egress";
 }
 
+/// Benchmark-only programs and maps (`enforcer-ebpf/src/bench.rs`, driven by `cargo xtask
+/// bench`). The daemon never loads or attaches these programs; the maps are tiny unless a
+/// benchmark sizes them.
+pub mod bench {
+    /// Returns `XDP_PASS` at once: the floor of per-packet cost.
+    pub const EMPTY: &str = "bench_empty";
+    /// The enforcer's parser, then a verdict from the parse alone (no policy lookups).
+    pub const PARSE_ONLY: &str = "bench_parse_only";
+    /// The enforcer's parser, counts the packet in [`RX`] and drops it: the end-to-end floor.
+    pub const PARSE_DROP: &str = "bench_parse_drop";
+    /// Counts the packet in [`RX`] and returns `XDP_PASS`: in front of nftables, it counts
+    /// what the stack is handed.
+    pub const PASS_COUNT: &str = "bench_pass_count";
+    /// Traffic generator for `BPF_F_TEST_XDP_LIVE_FRAMES`: writes the next [`super::BenchFlow`]
+    /// of [`FLOWS`] into an Ethernet/IPv4/UDP frame and returns `XDP_TX`.
+    pub const TX: &str = "bench_tx";
+    /// Array of [`super::BenchFlow`], cycled through by [`TX`].
+    pub const FLOWS: &str = "BENCH_FLOWS";
+    /// Per-CPU `u32`: the next index into [`FLOWS`].
+    pub const CURSOR: &str = "BENCH_CURSOR";
+    /// Per-CPU `u64`: packets [`PARSE_DROP`] or [`PASS_COUNT`] saw.
+    pub const RX: &str = "BENCH_RX";
+}
+
+/// Value of [`bench::FLOWS`]: what the generator writes into its frame (network byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BenchFlow {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub dport: [u8; 2],
+    pub _pad: [u8; 2],
+}
+
 /// Segment id of `world`: every address that is in no segment.
 pub const SEGMENT_WORLD: u32 = 0;
 /// Source class of an address that matches no prefix in the address trie.
@@ -468,4 +502,5 @@ mod pod {
     unsafe impl aya::Pod for PairVerdictKey {}
     unsafe impl aya::Pod for EventLimiterKey {}
     unsafe impl aya::Pod for Event {}
+    unsafe impl aya::Pod for BenchFlow {}
 }

@@ -3,6 +3,8 @@
 #![no_std]
 #![no_main]
 
+// Benchmark-only programs (`cargo xtask bench`); the loader never loads or attaches them.
+mod bench;
 mod conntrack;
 mod counters;
 mod eth;

@@ -11,7 +11,7 @@ use crate::{
     policy::{self, Judgement, Segments},
 };
 
-const EMPTY_FLOW: Flow = Flow {
+pub const EMPTY_FLOW: Flow = Flow {
     src: [0; 16],
     dst: [0; 16],
     quoted: enforcer_common::FlowKey {

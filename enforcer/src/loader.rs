@@ -21,6 +21,12 @@ use crate::{
 /// The kernel programs, built by `build.rs` for the BPF target.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/enforcer-ebpf"));
 
+/// The eBPF object, for tools that load it themselves: `cargo xtask bench` loads a second copy
+/// for its traffic generator and floor programs (`enforcer_common::bench`), with its own maps.
+pub fn ebpf_object() -> &'static [u8] {
+    EBPF_OBJECT
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("loading the eBPF object failed: {0}")]

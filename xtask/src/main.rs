@@ -3,6 +3,7 @@
 //! Every command that builds or runs something calls [`setup`] first, so a fresh Debian machine
 //! needs nothing but `cargo xtask test`.
 
+mod bench;
 mod build;
 mod demo;
 mod setup;
@@ -35,6 +36,8 @@ enum Subcommand {
     /// Sets up, then runs the kernel-facing tests in QEMU on another kernel (default: Debian
     /// 12's 6.1).
     VmTest(vm_test::Options),
+    /// Sets up, then runs every benchmark and writes bench/ (results.json, RESULTS.md, plot).
+    Bench(bench::Options),
 }
 
 fn main() -> ExitCode {
@@ -60,5 +63,6 @@ fn run() -> Result<()> {
         Subcommand::Test(opts) => test::run(&ws, opts),
         Subcommand::Demo(opts) => demo::run(&ws, opts),
         Subcommand::VmTest(opts) => vm_test::run(&ws, opts),
+        Subcommand::Bench(opts) => bench::run(&ws, opts),
     }
 }

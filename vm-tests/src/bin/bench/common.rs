@@ -1,0 +1,211 @@
+//! Measurement plumbing shared by the benchmarks: CPU pinning, medians, `BPF_PROG_TEST_RUN`
+//! helpers, a private network namespace.
+use std::process::Command;
+
+use anyhow::{Context as _, Result, bail};
+use aya::programs::{TestRun as _, TestRunOptions, Xdp};
+
+/// Pins the calling thread to `cpu`: `BPF_PROG_TEST_RUN` runs the program on the caller's CPU.
+pub fn pin_to(cpu: usize) -> Result<()> {
+    // SAFETY: cpu_set_t is plain data; the calls only write into it or read it.
+    unsafe {
+        let mut set = std::mem::zeroed::<libc::cpu_set_t>();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error()).context("sched_setaffinity");
+        }
+    }
+    Ok(())
+}
+
+pub fn pin_pid(pid: i32, cpu: usize) -> Result<()> {
+    // SAFETY: as in `pin_to`.
+    unsafe {
+        let mut set = std::mem::zeroed::<libc::cpu_set_t>();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(pid, size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error()).context("sched_setaffinity");
+        }
+    }
+    Ok(())
+}
+
+/// CPUs online (not `available_parallelism`, which shrinks to 1 once this thread is pinned).
+pub fn cpu_count() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    usize::try_from(n).unwrap_or(1).max(1)
+}
+
+/// The CPU benchmarks run on: the last one (CPU 0 takes most interrupts), and the "other" CPU
+/// for concurrent work.
+pub fn bench_cpu() -> usize {
+    cpu_count().saturating_sub(1)
+}
+
+pub fn other_cpu() -> usize {
+    0
+}
+
+pub fn median(values: &[f64]) -> f64 {
+    let mut sorted: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    if sorted.len() % 2 == 1 {
+        sorted[mid]
+    } else {
+        (sorted[mid - 1] + sorted[mid]) / 2.0
+    }
+}
+
+/// Per-run ratios of two arms measured side by side, then their median.
+pub fn paired_ratio(a: &[f64], b: &[f64]) -> f64 {
+    let ratios: Vec<f64> = a.iter().zip(b).map(|(a, b)| a / b).collect();
+    median(&ratios)
+}
+
+pub fn paired_diff(a: &[f64], b: &[f64]) -> f64 {
+    let diffs: Vec<f64> = a.iter().zip(b).map(|(a, b)| a - b).collect();
+    median(&diffs)
+}
+
+/// Mean ns per run of `program` over `frames`, each run `repeat` times by the kernel (the
+/// kernel reports the mean per repetition, in whole ns, for each frame).
+pub fn ns_per_packet(program: &Xdp, frames: &[Vec<u8>], repeat: u32) -> Result<f64> {
+    let mut total = 0u128;
+    for frame in frames {
+        let result = program.test_run(TestRunOptions {
+            data_in: Some(frame),
+            repeat,
+            ..TestRunOptions::default()
+        })?;
+        total += result.duration.as_nanos();
+    }
+    Ok(total as f64 / frames.len() as f64)
+}
+
+pub fn run_once(program: &Xdp, frame: &[u8]) -> Result<u32> {
+    Ok(program
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            ..TestRunOptions::default()
+        })?
+        .return_value)
+}
+
+pub fn xdp<'a>(ebpf: &'a aya::Ebpf, name: &str) -> Result<&'a Xdp> {
+    let program = ebpf
+        .program(name)
+        .with_context(|| format!("no program {name}"))?;
+    Ok(program.try_into()?)
+}
+
+pub fn load_xdp(ebpf: &mut aya::Ebpf, name: &str) -> Result<()> {
+    let program: &mut Xdp = ebpf
+        .program_mut(name)
+        .with_context(|| format!("no program {name}"))?
+        .try_into()?;
+    program.load().with_context(|| format!("loading {name}"))?;
+    Ok(())
+}
+
+pub fn per_cpu_sum(ebpf: &aya::Ebpf, map: &str, index: u32) -> Result<u64> {
+    let array: aya::maps::PerCpuArray<_, u64> =
+        aya::maps::PerCpuArray::try_from(ebpf.map(map).with_context(|| format!("no map {map}"))?)?;
+    Ok(array.get(&index, 0)?.iter().sum())
+}
+
+/// A network namespace this process created; deleted (with everything in it) on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn create(tag: &str) -> Result<Self> {
+        let name = format!("enfbench-{tag}-{}", std::process::id());
+        run(Command::new("ip").args(["netns", "add", &name]))?;
+        Ok(Netns { name })
+    }
+
+    /// `ip -n NS -batch -`.
+    pub fn ip_batch(&self, commands: &[String]) -> Result<()> {
+        use std::io::Write as _;
+        let mut child = Command::new("ip")
+            .args(["-n", &self.name, "-batch", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .context("running ip")?;
+        child
+            .stdin
+            .take()
+            .context("ip stdin")?
+            .write_all((commands.join("\n") + "\n").as_bytes())?;
+        let status = child.wait()?;
+        if !status.success() {
+            bail!("ip -batch failed: {commands:?}");
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on a thread inside the namespace.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
+        Ok(vm_tests::lab::in_netns(&self.name, f)?)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Keeps programs attached (native XDP) to idle veths in a private namespace, one veth each.
+///
+/// `BPF_PROG_TEST_RUN` on an XDP program installs it in the kernel's XDP dispatcher for the
+/// call and removes it afterwards, a `synchronize_rcu()` each way (milliseconds) unless the
+/// program is in the dispatcher already. An attached program is, so test runs cost what a
+/// packet costs, as for an attached program. No traffic flows through these veths.
+pub struct Parking {
+    netns: Netns,
+    next: usize,
+}
+
+impl Parking {
+    pub fn new(tag: &str) -> Result<Self> {
+        Ok(Parking {
+            netns: Netns::create(tag)?,
+            next: 0,
+        })
+    }
+
+    pub fn park(&mut self, ebpf: &mut aya::Ebpf, name: &str) -> Result<()> {
+        let iface = format!("park{}", self.next);
+        self.next += 1;
+        self.netns.ip_batch(&[
+            format!("link add {iface} type veth peer name {iface}p"),
+            format!("link set {iface} up"),
+            format!("link set {iface}p up"),
+        ])?;
+        let program: &mut Xdp = ebpf
+            .program_mut(name)
+            .with_context(|| format!("no program {name}"))?
+            .try_into()?;
+        self.netns
+            .run(|| program.attach(&iface, aya::programs::XdpMode::Driver))?
+            .with_context(|| format!("attaching {name} to {iface}"))?;
+        Ok(())
+    }
+}

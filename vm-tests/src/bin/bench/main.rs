@@ -1,0 +1,127 @@
+//! `cargo xtask bench`: every benchmark of the enforcer, side by side, into `bench/`
+//! (`results.json`, `RESULTS.md`, `per-packet.svg`). Needs root and a real kernel. Run it
+//! through `cargo xtask bench [--quick]`, which builds it in release mode.
+//!
+//! Options: `--quick` (CI smoke run, under two minutes), `--out DIR` (default `bench`),
+//! `--only PART[,PART]` (per-packet, e2e, reload, events, tools), `--runs N`.
+mod analysis;
+mod common;
+mod e2e;
+mod events;
+mod perpacket;
+mod policy;
+mod reload;
+mod report;
+mod tools;
+
+use std::{path::PathBuf, time::Instant};
+
+use anyhow::{Context as _, Result, bail};
+
+pub struct Options {
+    pub quick: bool,
+    pub out: PathBuf,
+    pub only: Option<Vec<String>>,
+    /// Runs per figure; the median is reported.
+    pub runs: usize,
+    /// `policy-compiler` and `enforcer` binaries (release builds), for the child-process
+    /// measurements.
+    pub compiler_bin: Option<PathBuf>,
+    pub enforcer_bin: Option<PathBuf>,
+}
+
+impl Options {
+    fn wants(&self, part: &str) -> bool {
+        self.only
+            .as_ref()
+            .is_none_or(|only| only.iter().any(|p| p == part))
+    }
+}
+
+fn parse_args() -> Result<Options> {
+    let mut opts = Options {
+        quick: false,
+        out: PathBuf::from("bench"),
+        only: None,
+        runs: 10,
+        compiler_bin: std::env::var_os("POLICY_COMPILER_BIN").map(PathBuf::from),
+        enforcer_bin: std::env::var_os("ENFORCER_BIN").map(PathBuf::from),
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--quick" => opts.quick = true,
+            "--out" => opts.out = args.next().context("--out needs a directory")?.into(),
+            "--only" => {
+                let parts = args.next().context("--only needs a list")?;
+                opts.only = Some(parts.split(',').map(str::to_string).collect());
+            }
+            "--runs" => opts.runs = args.next().context("--runs needs a number")?.parse()?,
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    if opts.runs < 10 {
+        eprintln!("warning: fewer than 10 runs per figure");
+    }
+    Ok(opts)
+}
+
+fn main() -> Result<()> {
+    if std::env::args().nth(1).as_deref() == Some(tools::MEASURE_CHILD) {
+        return tools::measure_child();
+    }
+    let started = Instant::now();
+    let opts = parse_args()?;
+    // Every measurement runs on one CPU; concurrent helpers pin themselves elsewhere.
+    common::pin_to(common::bench_cpu())?;
+    let mut report = report::Report {
+        figures: Vec::new(),
+        sections: Vec::new(),
+        plot: Vec::new(),
+    };
+    type Part = fn(&Options, &mut report::Report) -> Result<()>;
+    let parts: [(&str, Part); 5] = [
+        ("tools", tools::run),
+        ("per-packet", perpacket::run),
+        ("e2e", e2e::run),
+        ("reload", reload::run),
+        ("events", events::run),
+    ];
+    for (name, part) in parts {
+        if !opts.wants(name) {
+            continue;
+        }
+        let part_started = Instant::now();
+        eprintln!("== bench {name}");
+        part(&opts, &mut report).with_context(|| format!("benchmark {name}"))?;
+        eprintln!(
+            "== bench {name}: {:.1} s",
+            part_started.elapsed().as_secs_f64()
+        );
+    }
+    report.sections.push(analysis::misses(&report.figures));
+    let command = if opts.quick {
+        "cargo xtask bench --quick"
+    } else {
+        "cargo xtask bench"
+    };
+    report.write(&opts.out, command, started.elapsed())?;
+    for f in &report.figures {
+        let met = match f.met {
+            Some(true) => " [target met]",
+            Some(false) => " [TARGET MISSED]",
+            None => "",
+        };
+        let ratio = f
+            .ratio
+            .map(|r| format!(" ratio {r:.2}"))
+            .unwrap_or_default();
+        println!("{:<55} {:>12.2} {}{ratio}{met}", f.name, f.value, f.unit);
+    }
+    println!(
+        "wrote {} in {:.0} s",
+        opts.out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
