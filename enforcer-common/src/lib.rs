@@ -429,7 +429,7 @@ pub mod tcp_state {
     /// The initiator's SYN was seen, no reply yet.
     pub const SYN_SENT: u8 = 0;
     pub const ESTABLISHED: u8 = 1;
-    /// Both sides sent FIN: the entry expires after the closing timeout.
+    /// Both sides sent FIN, or either sent RST: the entry expires after the closing timeout.
     pub const CLOSING: u8 = 2;
     /// Bits of [`super::FlowState::fin_seen`].
     pub const FIN_FROM_INITIATOR: u8 = 1;

@@ -133,7 +133,7 @@ pub fn track(
     // SAFETY: a valid map value; concurrent updates from other CPUs only race on
     // bookkeeping fields, never on the decision to pass.
     let state = unsafe { &mut *state };
-    if expired(state, key.proto, now, config) {
+    if expired(state, key.proto, now, config) || reopens(state, key.proto, flow.tcp_flags) {
         let _ = CONNTRACK.remove(key);
         return Tracked::Untracked;
     }
@@ -163,7 +163,10 @@ pub fn track(
     if key.proto == proto_key::TCP {
         let flags = flow.tcp_flags;
         if flags & TCP_RST != 0 {
-            let _ = CONNTRACK.remove(key);
+            // Kept for the closing timeout: segments still in flight behind a reset (the
+            // peer's data, its own RST) belong to the flow and must not be judged as new.
+            state.tcp = tcp_state::CLOSING;
+            state.last_seen_ns = now;
             return Tracked::Pass;
         }
         let from_initiator = src_side == state.initiator;
@@ -183,6 +186,15 @@ pub fn track(
     }
     state.last_seen_ns = now;
     Tracked::Pass
+}
+
+/// Whether a packet opens a new connection on the addresses and ports of a closing one: a
+/// bare SYN, which is judged as a new flow rather than passed on the old flow's state.
+#[inline(always)]
+fn reopens(state: &FlowState, proto: u8, tcp_flags: u8) -> bool {
+    proto == proto_key::TCP
+        && state.tcp == tcp_state::CLOSING
+        && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
 /// Judges a tracked flow again, as its first packet, under the current policy.

@@ -20,6 +20,7 @@ pub mod evaluate;
 pub mod graph;
 mod load;
 pub mod model;
+pub mod overrides;
 pub mod packet;
 pub mod policy_source;
 pub mod port_set;
@@ -38,6 +39,7 @@ pub use compile::{CompileError, compile, compile_with_capacities};
 pub use error::{PolicyError, PolicyErrorKind, PolicyErrors};
 pub use evaluate::{Decision, Flow, Verdict};
 pub use model::{Capacities, Intra, Mode, Policy, PortMatch, Rule, RuleKind, Segment, Source};
+pub use overrides::{Grant, Overrides};
 pub use prefix::Prefix;
 pub use settings::{OnPolicyChange, Settings, Timeouts};
 

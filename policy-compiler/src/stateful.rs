@@ -6,8 +6,9 @@
 //! - A later fragment passes when its datagram's first fragment passed (within the fragment
 //!   timeout), else it is dropped (`fragment_no_state`).
 //! - An ICMP error whose quoted packet belongs to a tracked flow passes (`related`).
-//! - A packet of a tracked flow passes in either direction (`established`). TCP: a RST removes
-//!   the state; FINs from both sides start the short closing timeout. With
+//! - A packet of a tracked flow passes in either direction (`established`). TCP: a RST, or FINs
+//!   from both sides, start the short closing timeout (so segments still in flight pass); a
+//!   bare SYN on a closing flow is judged as a new flow. With
 //!   `on_policy_change: recheck`, a flow is judged again, as its first packet, on its first
 //!   packet after a policy load; if its rule is gone the state is removed and the packet dropped
 //!   (`flow_revoked`).
@@ -21,7 +22,7 @@ use std::collections::HashMap;
 use enforcer_common::{FlowKey, FragmentKey, counter, direction, tcp_state};
 
 use crate::{
-    Flow, Mode, OnPolicyChange, Policy, Verdict,
+    Flow, Mode, OnPolicyChange, Overrides, Policy, Verdict,
     packet::{DropReason, FrameOutcome, Packet, flow_key, parse_frame, widen},
 };
 
@@ -77,6 +78,7 @@ pub struct StatefulEvaluator {
     generation: u32,
     conntrack: HashMap<FlowKey, ConnState>,
     fragments: HashMap<FragmentKey, u64>,
+    overrides: Overrides,
     now_ns: u64,
 }
 
@@ -87,6 +89,7 @@ impl StatefulEvaluator {
             generation: 1,
             conntrack: HashMap::new(),
             fragments: HashMap::new(),
+            overrides: Overrides::default(),
             now_ns: 0,
         }
     }
@@ -101,6 +104,11 @@ impl StatefulEvaluator {
         &self.policy
     }
 
+    /// Sets the run-time overrides (quarantine, break-glass) in force from now on.
+    pub fn set_overrides(&mut self, overrides: Overrides) {
+        self.overrides = overrides;
+    }
+
     /// Sets the clock that idle timeouts are measured against.
     pub fn set_time_ns(&mut self, now_ns: u64) {
         self.now_ns = now_ns;
@@ -109,6 +117,24 @@ impl StatefulEvaluator {
     /// Tracked flows.
     pub fn tracked_flows(&self) -> usize {
         self.conntrack.len()
+    }
+
+    /// Removes idle flows, as the daemon's periodic sweep does; returns how many.
+    pub fn sweep_expired(&mut self) -> usize {
+        let before = self.conntrack.len();
+        let now = self.now_ns;
+        let expired: Vec<FlowKey> = self
+            .conntrack
+            .iter()
+            .filter(|(key, state)| {
+                now.saturating_sub(state.last_seen_ns) > self.idle_timeout_ns(state, key.proto)
+            })
+            .map(|(key, _)| *key)
+            .collect();
+        for key in &expired {
+            self.conntrack.remove(key);
+        }
+        before - self.conntrack.len()
     }
 
     /// The outcome for `frame` seen in `dir` (`enforcer_common::direction`).
@@ -182,7 +208,9 @@ impl StatefulEvaluator {
         if dir == direction::EGRESS && egress_mode == Mode::Unenforced {
             return Judgement::Unenforced;
         }
-        let decision = self.policy.evaluate(flow);
+        let decision = self
+            .policy
+            .evaluate_with(flow, &self.overrides, self.now_ns);
         match (decision.verdict, decision.rule_index) {
             (Verdict::Allow, Some(rule)) => Judgement::Allowed(rule),
             (Verdict::Allow, None) => Judgement::Unenforced,
@@ -272,7 +300,12 @@ impl StatefulEvaluator {
     /// The outcome for a packet of a live tracked flow, or `None` when it has none.
     fn track(&mut self, key: &FlowKey, src_side: u8, packet: &Packet) -> Option<u32> {
         let state = self.conntrack.get(key)?.clone();
-        if self.now_ns.saturating_sub(state.last_seen_ns) > self.idle_timeout_ns(&state, key.proto)
+        let reopens = key.proto == 6
+            && state.tcp == tcp_state::CLOSING
+            && packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        if reopens
+            || self.now_ns.saturating_sub(state.last_seen_ns)
+                > self.idle_timeout_ns(&state, key.proto)
         {
             self.conntrack.remove(key);
             return None;
@@ -293,7 +326,9 @@ impl StatefulEvaluator {
         if key.proto == 6 {
             let flags = packet.tcp_flags;
             if flags & TCP_RST != 0 {
-                self.conntrack.remove(key);
+                state.tcp = tcp_state::CLOSING;
+                state.last_seen_ns = self.now_ns;
+                self.conntrack.insert(*key, state);
                 return Some(counter::ESTABLISHED);
             }
             let from_initiator = src_side == state.initiator;

@@ -90,15 +90,46 @@ fn tcp_replies_pass_and_a_closed_connection_is_forgotten() {
         counter::ESTABLISHED,
     );
     assert_eq!(h.enforcer.tracked_flows().unwrap(), 1);
-    // A reset removes the state: the next "reply" is a new packet from pacs, and denied.
+    // A reset starts the closing timeout: segments still in flight behind it pass.
     expect(&mut h, INGRESS, &reply(TCP_RST), counter::ESTABLISHED);
+    expect(&mut h, INGRESS, &reply(TCP_ACK), counter::ESTABLISHED);
+    expect(&mut h, INGRESS, &dicom(TCP_RST), counter::ESTABLISHED);
+    assert_eq!(h.enforcer.tracked_flows().unwrap(), 1);
+    // A new connection on the same ports is judged afresh: pacs may not open one...
+    expect(
+        &mut h,
+        INGRESS,
+        &reply(TCP_SYN),
+        counter::DROP_POLICY_DENIED,
+    );
     assert_eq!(h.enforcer.tracked_flows().unwrap(), 0);
+    // ...radiology may, and the closed flow's leftovers no longer pass once it has expired.
+    expect(&mut h, INGRESS, &dicom(TCP_SYN), counter::ALLOWED);
+    assert_eq!(h.enforcer.tracked_flows().unwrap(), 1);
+}
+
+#[test]
+fn a_reset_flow_is_forgotten_after_the_closing_timeout() {
+    let mut h = KernelHarness::load(policy("conntrack:\n  tcp_closing_timeout: 1s\n")).unwrap();
+    let reply = |flags| dicom(flags).reversed();
+    expect(&mut h, INGRESS, &dicom(TCP_SYN), counter::ALLOWED);
+    expect(
+        &mut h,
+        INGRESS,
+        &reply(TCP_SYN | TCP_ACK),
+        counter::ESTABLISHED,
+    );
+    expect(&mut h, INGRESS, &dicom(TCP_RST), counter::ESTABLISHED);
+    expect(&mut h, INGRESS, &reply(TCP_ACK), counter::ESTABLISHED);
+    thread::sleep(Duration::from_millis(1500));
+    h.reference.set_time_ns(1_500_000_000);
     expect(
         &mut h,
         INGRESS,
         &reply(TCP_ACK),
         counter::DROP_POLICY_DENIED,
     );
+    assert_eq!(h.enforcer.tracked_flows().unwrap(), 0);
 }
 
 #[test]
@@ -354,7 +385,10 @@ fn on_policy_change_keep_lets_running_flows_finish() {
 
 #[test]
 fn a_full_table_refuses_new_flows_and_keeps_the_tracked_ones() {
-    let mut h = KernelHarness::load(policy("conntrack:\n  max_entries: 4\n")).unwrap();
+    let mut h = KernelHarness::load(policy(
+        "conntrack:\n  max_entries: 4\n  tcp_closing_timeout: 1s\n",
+    ))
+    .unwrap();
     let flow =
         |sport| PacketSpec::new(ip(RADIOLOGY), ip(PACS), Transport::tcp(sport, 104, TCP_SYN));
     for sport in 1..=4 {
@@ -369,13 +403,18 @@ fn a_full_table_refuses_new_flows_and_keeps_the_tracked_ones() {
             counter::ESTABLISHED,
         );
     }
-    // A reset frees a slot.
+    // A reset keeps its slot for the closing timeout; once that has passed the sweeper frees it.
     expect(
         &mut h,
         INGRESS,
         &flow(1).with_tcp_flags(TCP_RST),
         counter::ESTABLISHED,
     );
+    expect(&mut h, INGRESS, &flow(5), counter::DROP_CONNTRACK_FULL);
+    thread::sleep(Duration::from_millis(1500));
+    h.reference.set_time_ns(1_500_000_000);
+    assert_eq!(h.enforcer.sweep_expired().unwrap(), (1, 0));
+    assert_eq!(h.reference.sweep_expired(), 1);
     expect(&mut h, INGRESS, &flow(5), counter::ALLOWED);
 }
 
