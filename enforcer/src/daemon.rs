@@ -92,18 +92,29 @@ pub struct LoadedPolicy {
 
 /// Reads, validates and compiles the policy in `dir`.
 pub fn load_policy(dir: &Path) -> Result<LoadedPolicy, DaemonError> {
-    let policy = Policy::load_dir(dir).map_err(|errors| DaemonError::InvalidPolicy {
-        dir: dir.to_path_buf(),
-        errors,
-    })?;
-    let artifact = policy_compiler::compile(&policy).map_err(|source| DaemonError::Compile {
-        dir: dir.to_path_buf(),
-        source,
-    })?;
+    // `git` takes tens of milliseconds on a large checkout: ask it while the policy compiles.
+    let (compiled, commit) = std::thread::scope(|scope| {
+        let commit = scope.spawn(|| git_commit(dir));
+        let compiled = Policy::load_dir(dir)
+            .map_err(|errors| DaemonError::InvalidPolicy {
+                dir: dir.to_path_buf(),
+                errors,
+            })
+            .and_then(|policy| {
+                let artifact =
+                    policy_compiler::compile(&policy).map_err(|source| DaemonError::Compile {
+                        dir: dir.to_path_buf(),
+                        source,
+                    })?;
+                Ok((policy, artifact))
+            });
+        (compiled, commit.join().ok().flatten())
+    });
+    let (policy, artifact) = compiled?;
     Ok(LoadedPolicy {
         policy,
         artifact,
-        commit: git_commit(dir),
+        commit,
     })
 }
 
