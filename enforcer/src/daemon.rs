@@ -200,6 +200,33 @@ pub struct Daemon {
     conntrack_entries: Mutex<u64>,
 }
 
+/// Hands the memory that reading and compiling a policy used back to the system. The parse
+/// runs on several threads, and glibc keeps each thread's freed heap otherwise: a 100k-rule
+/// policy would leave the daemon holding over 100 MiB it no longer uses.
+fn release_freed_memory() {
+    // SAFETY: no preconditions; it only returns free pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// What the daemon keeps of a loaded policy once its maps are written.
+struct LoadedSummary {
+    revision: String,
+    commit: Option<String>,
+    rules: u64,
+}
+
+impl LoadedSummary {
+    fn of(loaded: LoadedPolicy) -> Self {
+        LoadedSummary {
+            revision: loaded.artifact.revision.clone(),
+            commit: loaded.commit,
+            rules: loaded.policy.written_rule_count() as u64,
+        }
+    }
+}
+
 fn policy_names(generation: u32, loaded: &LoadedPolicy) -> Arc<PolicyNames> {
     Arc::new(PolicyNames {
         generation,
@@ -228,10 +255,12 @@ impl Daemon {
         }
         let mut namer = EventNamer::new();
         namer.add_policy(policy_names(enforcer.generation(), &loaded));
+        let loaded = LoadedSummary::of(loaded);
+        release_freed_memory();
         let status = Status {
-            revision: loaded.artifact.revision.clone(),
-            commit: loaded.commit.clone(),
-            rules: loaded.policy.written_rule_count() as u64,
+            revision: loaded.revision,
+            commit: loaded.commit,
+            rules: loaded.rules,
             ..Status::default()
         };
         Ok(Arc::new(Daemon {
@@ -273,6 +302,7 @@ impl Daemon {
             status.rules = loaded.policy.written_rule_count() as u64;
             Ok((took, loaded.artifact.revision.clone(), loaded.commit))
         });
+        release_freed_memory();
         let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
         match result {
             Ok((took, revision, commit)) => {
