@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -462,6 +463,20 @@ fn check_pasted(
         "{}",
         diff.to_table()
     );
+    // Exactly what was seen: (source, protocol, port) of every suggested flow.
+    let seen: BTreeSet<(SuggestedSource, u8, u16)> = suggestion
+        .flows
+        .iter()
+        .map(|flow| {
+            let segment = before.evaluate(flow).src_segment;
+            let source = if segment == "world" {
+                SuggestedSource::Host(flow.src)
+            } else {
+                SuggestedSource::Segment(segment)
+            };
+            (source, flow.proto, flow.port.unwrap())
+        })
+        .collect();
     let classes = source_classes(&after);
     for change in &diff.reachability {
         assert_eq!(
@@ -488,8 +503,9 @@ fn check_pasted(
                 assert!(last <= max);
                 for port in first..=last {
                     assert!(
-                        suggestion.admits(&source, proto, Some(port)),
-                        "{source} -> {} proto {proto} port {port} opened but not suggested:\n{}\n{yaml}",
+                        seen.contains(&(source.clone(), proto, port))
+                            && suggestion.admits(&source, proto, Some(port)),
+                        "{source} -> {} proto {proto} port {port} opened but not seen:\n{}\n{yaml}",
                         change.to,
                         diff.to_table()
                     );
