@@ -79,12 +79,14 @@ pub enum Direction {
     Egress,
 }
 
-/// A time of the log (RFC 3339, UTC), ordered by the instant it names; shown as written.
-#[derive(Clone, Debug)]
+/// A time of the log (RFC 3339, UTC), ordered by the instant it names; shown with `Z` and as
+/// many fraction digits as written. Small and `Copy`: every distinct flow keeps two.
+#[derive(Clone, Copy, Debug)]
 pub struct Timestamp {
     /// Year, month, day, hour, minute, second, nanosecond.
     instant: (u16, u8, u8, u8, u8, u8, u32),
-    text: String,
+    /// Digits of the fraction as written (0 to 9), for display only.
+    fraction_digits: u8,
 }
 
 impl Timestamp {
@@ -144,12 +146,8 @@ impl Timestamp {
                 second as u8,
                 nanos,
             ),
-            text: text.to_string(),
+            fraction_digits: fraction.map_or(0, |digits| digits.len() as u8),
         })
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.text
     }
 }
 
@@ -175,18 +173,28 @@ impl Ord for Timestamp {
 
 impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.text)
+        let (year, month, day, hour, minute, second, nanos) = self.instant;
+        write!(
+            f,
+            "{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}"
+        )?;
+        if self.fraction_digits > 0 {
+            let digits = usize::from(self.fraction_digits);
+            let fraction = format!("{nanos:09}");
+            write!(f, ".{}", &fraction[..digits])?;
+        }
+        f.write_str("Z")
     }
 }
 
 impl Serialize for Timestamp {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&self.text)
+        serializer.collect_str(self)
     }
 }
 
 /// How often and when something was seen.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Seen {
     pub events: u64,
     pub first_seen: Timestamp,
@@ -194,29 +202,25 @@ pub struct Seen {
 }
 
 impl Seen {
-    pub fn once(time: &Timestamp) -> Seen {
+    pub fn once(time: Timestamp) -> Seen {
         Seen {
             events: 1,
-            first_seen: time.clone(),
-            last_seen: time.clone(),
+            first_seen: time,
+            last_seen: time,
         }
     }
 
     pub fn merge(&mut self, other: &Seen) {
         self.events += other.events;
-        if other.first_seen < self.first_seen {
-            self.first_seen = other.first_seen.clone();
-        }
-        if other.last_seen > self.last_seen {
-            self.last_seen = other.last_seen.clone();
-        }
+        self.first_seen = self.first_seen.min(other.first_seen);
+        self.last_seen = self.last_seen.max(other.last_seen);
     }
 
     /// Merges into `slot`, or fills it.
     pub fn merge_into(&self, slot: &mut Option<Seen>) {
         match slot {
             Some(seen) => seen.merge(self),
-            None => *slot = Some(self.clone()),
+            None => *slot = Some(*self),
         }
     }
 
@@ -249,11 +253,37 @@ pub struct ObservedKey {
 }
 
 /// One distinct flow of the log.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ObservedFlow {
     pub seen: Seen,
     /// A few of its TCP/UDP source ports (to show where a reply-like packet came from).
-    pub source_ports: BTreeSet<u16>,
+    pub source_ports: SourcePorts,
+}
+
+/// Up to [`KEPT_SOURCE_PORTS`] distinct ports, in a fixed array: a set would allocate for
+/// each of possibly millions of flows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourcePorts {
+    ports: [u16; KEPT_SOURCE_PORTS],
+    len: u8,
+}
+
+impl SourcePorts {
+    /// Keeps `port`, in order, unless it is known or the array is full.
+    pub fn insert(&mut self, port: u16) {
+        let len = usize::from(self.len);
+        if len < KEPT_SOURCE_PORTS
+            && let Err(at) = self.ports[..len].binary_search(&port)
+        {
+            self.ports.copy_within(at..len, at + 1);
+            self.ports[at] = port;
+            self.len += 1;
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = u16> + '_ {
+        self.ports[..usize::from(self.len)].iter().copied()
+    }
 }
 
 /// What was read from one file.
@@ -432,18 +462,13 @@ impl ObservedFlows {
             direction: event.direction,
             logged: event.verdict,
         };
-        let seen = Seen::once(&time);
-        let flow = self.flows.entry(key).or_insert_with(|| ObservedFlow {
-            seen: Seen {
-                events: 0,
-                ..seen.clone()
-            },
-            source_ports: BTreeSet::new(),
+        let seen = Seen::once(time);
+        let flow = self.flows.entry(key).or_insert(ObservedFlow {
+            seen: Seen { events: 0, ..seen },
+            source_ports: SourcePorts::default(),
         });
         flow.seen.merge(&seen);
-        if let Some(sport) = event.sport
-            && flow.source_ports.len() < KEPT_SOURCE_PORTS
-        {
+        if let Some(sport) = event.sport {
             flow.source_ports.insert(sport);
         }
         self.revisions.insert(event.revision);
@@ -519,6 +544,17 @@ mod tests {
             t("2024-05-01T10:00:00.500+00:00")
         );
         assert!(t("2023-12-31T23:59:59.999Z") < t("2024-01-01T00:00:00.000Z"));
+        for shown in [
+            "2024-05-01T10:00:00.123Z",
+            "2024-05-01T10:00:00Z",
+            "2024-05-01T10:00:00.000000001Z",
+        ] {
+            assert_eq!(t(shown).to_string(), shown);
+        }
+        assert_eq!(
+            t("2024-05-01t10:00:00.5+00:00").to_string(),
+            "2024-05-01T10:00:00.5Z"
+        );
         for bad in [
             "2024-05-01 10:00:00Z",
             "2024-05-01T10:00:00",
@@ -570,9 +606,15 @@ mod tests {
         assert_eq!(tcp.0.direction, Direction::Ingress);
         assert_eq!(tcp.0.logged, Verdict::Audit);
         assert_eq!(tcp.1.seen.events, 2);
-        assert_eq!(tcp.1.seen.first_seen.as_str(), "2024-05-01T10:00:00.123Z");
-        assert_eq!(tcp.1.seen.last_seen.as_str(), "2024-05-01T11:00:00.000Z");
-        assert_eq!(tcp.1.source_ports, BTreeSet::from([40000, 40001]));
+        assert_eq!(
+            tcp.1.seen.first_seen.to_string(),
+            "2024-05-01T10:00:00.123Z"
+        );
+        assert_eq!(tcp.1.seen.last_seen.to_string(), "2024-05-01T11:00:00.000Z");
+        assert_eq!(
+            tcp.1.source_ports.iter().collect::<Vec<_>>(),
+            [40000, 40001]
+        );
         assert!(
             observed
                 .flows

@@ -151,7 +151,7 @@ fn add_address(addresses: &mut BTreeMap<IpAddr, Seen>, address: IpAddr, seen: &S
     match addresses.get_mut(&address) {
         Some(known) => known.merge(seen),
         None => {
-            addresses.insert(address, seen.clone());
+            addresses.insert(address, *seen);
         }
     }
 }

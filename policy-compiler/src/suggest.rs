@@ -260,9 +260,7 @@ impl Suggestion {
                 seen.merge_into(&mut entry.seen);
                 entry.sources.insert(flow.src);
                 entry.destinations.insert(flow.dst);
-                entry
-                    .source_ports
-                    .extend(observed_flow.source_ports.iter().copied());
+                entry.source_ports.extend(observed_flow.source_ports.iter());
                 continue;
             }
             let Some(port) = flow.port else { continue };
@@ -546,7 +544,7 @@ fn port_ranges(ports: &BTreeMap<(u8, u16), PortObservation>) -> Vec<SuggestedPor
                     first: *port,
                     last: *port,
                     observed: BTreeSet::from([*port]),
-                    seen: seen.clone(),
+                    seen: *seen,
                     sources: observation.sources.clone(),
                     destinations: observation.destinations.clone(),
                 }),

@@ -217,10 +217,13 @@ fn impact_lists_the_audited_flows_per_monitored_segment() {
     assert_eq!(postgres.audited_by, AuditedBy::Mode);
     assert!(!postgres.likely_reply);
     assert_eq!(
-        postgres.seen.first_seen.as_str(),
+        postgres.seen.first_seen.to_string(),
         "2024-05-01T09:00:00.000Z"
     );
-    assert_eq!(postgres.seen.last_seen.as_str(), "2024-05-01T10:05:00.000Z");
+    assert_eq!(
+        postgres.seen.last_seen.to_string(),
+        "2024-05-01T10:05:00.000Z"
+    );
     let sources: Vec<(IpAddr, u64)> = postgres
         .sources
         .iter()
@@ -741,10 +744,13 @@ fn suggestion_for_the_example_icu_segment_admits_exactly_what_it_received() {
     let postgres = &suggestion.rules[0].ports[0];
     assert_eq!(postgres.seen.events, 4);
     assert_eq!(
-        postgres.seen.first_seen.as_str(),
+        postgres.seen.first_seen.to_string(),
         "2024-05-01T10:00:00.000Z"
     );
-    assert_eq!(postgres.seen.last_seen.as_str(), "2024-05-01T10:03:00.000Z");
+    assert_eq!(
+        postgres.seen.last_seen.to_string(),
+        "2024-05-01T10:03:00.000Z"
+    );
     let skipped: Vec<&str> = suggestion
         .skipped
         .iter()
@@ -1052,6 +1058,21 @@ fn cli_impact_exit_codes_and_formats() {
     ]);
     assert_eq!(output.status.code(), Some(1));
     assert!(text(&output.stdout).starts_with("### Impact of enforcing"));
+
+    // `enforcer observe --output json | policy-compiler impact DIR --flows -`
+    let mut child = Command::new(env!("CARGO_BIN_EXE_policy-compiler"))
+        .args(["impact", &example, "--flows", "-", "--format", "json"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("binary runs");
+    let piped = std::fs::read(&rotated).unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), &piped).unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let json: Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    assert_eq!(json["files"][0]["file"], "<stdin>");
+    assert_eq!(json["would_be_denied"]["events"], 1);
 
     // Nothing would be denied: 0.
     let quiet = dir.join("quiet.jsonl");
