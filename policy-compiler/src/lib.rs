@@ -9,6 +9,9 @@
 //!   exactly), [`diff`] (what a change opens or closes), [`reachability_tests`] (assertions kept
 //!   next to the policy), [`graph`] (the connectivity picture), [`schema`] (JSON Schema for
 //!   editors), [`policy_source`] (a directory, or `REV:DIR` in Git).
+//! - Monitor-mode rollout, from the enforcer's flow log ([`flow_log`]): [`impact`] (which
+//!   observed flows enforcing would deny) and [`suggest`] (allow rules for what a monitored
+//!   segment received).
 //!
 //! This crate never depends on aya and makes no Linux-specific calls, so it runs in plain CI.
 
@@ -17,7 +20,9 @@ pub mod compile;
 pub mod diff;
 pub mod error;
 pub mod evaluate;
+pub mod flow_log;
 pub mod graph;
+pub mod impact;
 mod load;
 pub mod model;
 pub mod overrides;
@@ -30,6 +35,7 @@ pub mod reachability_tests;
 pub mod schema;
 pub mod settings;
 pub mod stateful;
+pub mod suggest;
 mod yaml;
 
 use std::path::Path;

@@ -1,5 +1,5 @@
 //! `policy-compiler`: check, compile and trace a segment policy directory; review changes to it
-//! (diff, test, graph, schema).
+//! (diff, test, graph, schema); roll out monitored segments from the flow log (impact, suggest).
 
 use std::io::Write;
 use std::net::IpAddr;
@@ -9,10 +9,13 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use policy_compiler::diff::PolicyDiff;
+use policy_compiler::flow_log::ObservedFlows;
 use policy_compiler::graph::Graph;
+use policy_compiler::impact::Impact;
 use policy_compiler::model::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, icmp_type_by_name};
 use policy_compiler::policy_source::PolicySource;
 use policy_compiler::reachability_tests::TestSuite;
+use policy_compiler::suggest::Suggestion;
 use policy_compiler::{Flow, Policy, PolicyErrors, compile};
 
 /// Exit code for a policy that does not validate or compile.
@@ -23,6 +26,8 @@ const EXIT_USAGE: u8 = 2;
 const EXIT_FINDINGS: u8 = 1;
 /// `diff` and `test`: anything that stopped the answer (1 is taken by "findings").
 const EXIT_REVIEW_ERROR: u8 = 2;
+/// Unreadable flow log lines printed on standard error (all are counted).
+const SHOWN_UNREADABLE_LINES: usize = 10;
 
 #[derive(Parser)]
 #[command(
@@ -89,6 +94,37 @@ enum Command {
     },
     /// Print the JSON Schema (draft 2020-12) of the policy files, for editors.
     Schema,
+    /// Show which observed flows would be denied once the monitored segments are enforced.
+    ///
+    /// Every event of the flow log (what `enforcer run --flow-log FILE` writes, or `enforcer
+    /// observe --output json` prints) is judged again with the policy in DIR, its segments
+    /// derived from the addresses; the flows that pass today only as audit are listed per
+    /// destination segment. Exit code: 0 nothing would be denied, 1 some flows would be denied,
+    /// 2 error.
+    Impact {
+        /// The policy: a directory, or REV:DIR (e.g. HEAD:segments).
+        dir: String,
+        /// Flow log files, rotated ones too (`--flows flows.jsonl*`); `-` reads standard input.
+        #[arg(long, required = true, num_args = 1.., value_name = "FILE")]
+        flows: Vec<PathBuf>,
+        #[arg(long, value_enum, default_value_t = DiffFormat::Table)]
+        format: DiffFormat,
+    },
+    /// Propose allow rules (YAML, for review) for what a monitored segment received as audit.
+    ///
+    /// The flow log's events to SEGMENT that the policy in DIR passes only as audit become
+    /// `allow:` entries to append to the segment's file: grouped by source segment, consecutive
+    /// ports as ranges, counts and first/last seen as comments, `reason:` left as a TODO.
+    Suggest {
+        /// The policy: a directory, or REV:DIR (e.g. HEAD:segments).
+        dir: String,
+        /// Flow log files, rotated ones too (`--flows flows.jsonl*`); `-` reads standard input.
+        #[arg(long, required = true, num_args = 1.., value_name = "FILE")]
+        flows: Vec<PathBuf>,
+        /// The monitored segment to propose rules for.
+        #[arg(long)]
+        segment: String,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -140,7 +176,10 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let error_exit = match cli.command {
-        Command::Diff { .. } | Command::Test { .. } => EXIT_REVIEW_ERROR,
+        Command::Diff { .. }
+        | Command::Test { .. }
+        | Command::Impact { .. }
+        | Command::Suggest { .. } => EXIT_REVIEW_ERROR,
         _ => EXIT_INVALID,
     };
     match run(cli.command) {
@@ -213,6 +252,12 @@ fn run(command: Command) -> Result<u8, Failure> {
         }
         Command::Diff { old, new, format } => return diff(&old, &new, format),
         Command::Test { dir } => return run_tests(&dir),
+        Command::Impact { dir, flows, format } => return impact(&dir, &flows, format),
+        Command::Suggest {
+            dir,
+            flows,
+            segment,
+        } => return suggest(&dir, &flows, &segment),
         Command::Graph {
             dir,
             format,
@@ -256,6 +301,70 @@ fn diff(old: &str, new: &str, format: DiffFormat) -> Result<u8, Failure> {
     };
     print!("{text}");
     Ok(if diff.is_empty() { 0 } else { EXIT_FINDINGS })
+}
+
+/// The flow log files, with their unreadable lines reported on standard error.
+fn read_flows(paths: &[PathBuf]) -> Result<ObservedFlows, Failure> {
+    let observed = ObservedFlows::read_files(paths).context("reading the flow log")?;
+    for line in observed.unreadable.iter().take(SHOWN_UNREADABLE_LINES) {
+        eprintln!(
+            "{}:{}: warning: line skipped: {}",
+            line.file, line.line, line.error
+        );
+    }
+    let unshown = observed
+        .unreadable_count
+        .saturating_sub(SHOWN_UNREADABLE_LINES as u64);
+    if unshown > 0 {
+        eprintln!("warning: {unshown} more unreadable line(s) skipped");
+    }
+    Ok(observed)
+}
+
+fn impact(dir: &str, flows: &[PathBuf], format: DiffFormat) -> Result<u8, Failure> {
+    let source = PolicySource::parse(dir);
+    let policy = source.load().context("reading the policy")?;
+    let observed = read_flows(flows)?;
+    let impact = Impact::of(&policy, &source.to_string(), &observed);
+    let text = match format {
+        DiffFormat::Table => impact.to_table(),
+        DiffFormat::Markdown => impact.to_markdown(),
+        DiffFormat::Json => impact.to_json() + "\n",
+    };
+    print!("{text}");
+    Ok(if impact.is_empty() { 0 } else { EXIT_FINDINGS })
+}
+
+fn suggest(dir: &str, flows: &[PathBuf], segment: &str) -> Result<u8, Failure> {
+    let source = PolicySource::parse(dir);
+    let policy = source.load().context("reading the policy")?;
+    let observed = read_flows(flows)?;
+    let suggestion = Suggestion::for_segment(&policy, &source.to_string(), &observed, segment)
+        .map_err(anyhow::Error::from)?;
+    if suggestion.audited_events == 0 {
+        eprintln!(
+            "note: no audited flow to {segment} in the flow log ({} event(s) read){}: nothing \
+             to suggest",
+            observed.events,
+            if suggestion.denied_events > 0 {
+                format!(
+                    "; {} event(s) to it were denied when logged",
+                    suggestion.denied_events
+                )
+            } else {
+                String::new()
+            }
+        );
+        return Ok(0);
+    }
+    print!("{}", suggestion.to_yaml());
+    if suggestion.is_empty() {
+        eprintln!(
+            "note: every audited flow to {segment} looks like a reply or has no ports: no rule \
+             suggested (see the comments)"
+        );
+    }
+    Ok(0)
 }
 
 fn run_tests(dir: &Path) -> Result<u8, Failure> {

@@ -510,6 +510,17 @@ impl Lab {
         ifaces: &[&str],
         policy_dir: &Path,
     ) -> Result<Enforcer<'_>> {
+        self.start_router_enforcer_with(ifaces, policy_dir, &[])
+    }
+
+    /// [`Lab::start_router_enforcer`] with `args` appended to `enforcer run` (e.g.
+    /// `["--flow-log", PATH]`). Same thread caveat.
+    pub fn start_router_enforcer_with(
+        &self,
+        ifaces: &[&str],
+        policy_dir: &Path,
+        args: &[&str],
+    ) -> Result<Enforcer<'_>> {
         let bin = enforcer_bin()?;
         let mut enforcer = Enforcer::spawn_in(
             "router",
@@ -518,7 +529,7 @@ impl Lab {
             ifaces,
             &bin,
             policy_dir,
-            &[],
+            args,
         )?;
         let timeout = ready_timeout();
         enforcer.wait_ready(std::time::Instant::now() + timeout, timeout)?;
