@@ -246,6 +246,18 @@ fn ensure_bpffs(dir: &Path) -> Result<(), PersistError> {
             dir: dir.to_path_buf(),
         });
     }
+    // Two daemons starting at once would stack two file systems, the second hiding the first's
+    // pins: whoever holds the lock on the bare mount point mounts, the others find it mounted.
+    let bare = File::open(mount_point).map_err(io_error(format!("opening {BPFFS_MOUNT}")))?;
+    // SAFETY: flock on a file descriptor we own; released when `bare` is closed.
+    if unsafe { libc::flock(bare.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(io_error(format!("locking {BPFFS_MOUNT}"))(
+            io::Error::last_os_error(),
+        ));
+    }
+    if is_bpffs(mount_point)? {
+        return Ok(());
+    }
     // SAFETY: NUL-terminated constant strings.
     let rc = unsafe {
         libc::mount(
@@ -620,7 +632,10 @@ pub fn start(
         report.resized.push(name.to_string());
     }
     if !report.resized.is_empty() {
-        info!(maps = ?report.resized, "the policy outgrew the pinned maps: replaced them with larger copies");
+        info!(
+            maps = ?report.resized,
+            "the policy outgrew the pinned maps: replaced them with larger copies"
+        );
     }
 
     let conntrack_capacity = pinned_info(&pins.map(map_names::CONNTRACK))?.max_entries();
@@ -781,7 +796,12 @@ fn attach_pinned(
                 adopted = true;
             }
             Err(error) => {
-                warn!(%iface, %error, "the pinned XDP link cannot be reused (the interface was recreated?); attaching anew");
+                warn!(
+                    %iface,
+                    %error,
+                    "the pinned XDP link cannot be reused (the interface was recreated?); \
+                     attaching anew"
+                );
                 let _ = fs::remove_file(path);
             }
         }
@@ -800,7 +820,8 @@ fn attach_pinned(
                 iface_error(
                     iface,
                     format!(
-                        "XDP was attached through netlink, which --persist cannot keep ({error});                          remove it with `ip link set dev {iface} xdp off`"
+                        "XDP was attached through netlink, which --persist cannot keep ({error}); \
+                         remove it with `ip link set dev {iface} xdp off`"
                     ),
                 )
             })?;
@@ -828,7 +849,11 @@ fn attach_pinned(
                 adopted = true;
             }
             Err(error) => {
-                warn!(%iface, %error, "the pinned clsact filter cannot be replaced; attaching anew");
+                warn!(
+                    %iface,
+                    %error,
+                    "the pinned clsact filter cannot be replaced; attaching anew"
+                );
                 let _ = fs::remove_dir(path);
             }
         }
@@ -837,7 +862,14 @@ fn attach_pinned(
         Some(mode) => mode,
         None => attach_tc(enforcer, iface, &dir)?,
     };
-    info!(%iface, xdp_mode, tc_mode, adopted, pins = %dir.display(), "attached and pinned (XDP ingress, TC egress)");
+    info!(
+        %iface,
+        xdp_mode,
+        tc_mode,
+        adopted,
+        pins = %dir.display(),
+        "attached and pinned (XDP ingress, TC egress)"
+    );
     Ok(IfaceOutcome {
         iface: iface.to_string(),
         xdp_mode,
@@ -956,7 +988,10 @@ fn attach_tc(
     };
     create_dir(&dir.join(format!("{CLSACT_PREFIX}{priority}-{handle}")))?;
     std::mem::forget(link);
-    info!(%iface, "kernel before 6.6 (no TCX): TC egress is a clsact filter, recorded in the pin directory");
+    info!(
+        %iface,
+        "kernel before 6.6 (no TCX): TC egress is a clsact filter, recorded in the pin directory"
+    );
     Ok("clsact")
 }
 

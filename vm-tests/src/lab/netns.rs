@@ -194,8 +194,9 @@ pub(super) fn remove_stale_pins(bpffs: &std::path::Path, prefix: &str) {
     for entry in entries.filter_map(Result::ok) {
         let name = entry.file_name().to_string_lossy().into_owned();
         if of_dead_process(&name, prefix) {
-            tracing::info!(pins = %entry.path().display(), "removing pins left by a dead lab process");
-            let _ = std::fs::remove_dir_all(entry.path());
+            let pins = entry.path();
+            tracing::info!(pins = %pins.display(), "removing pins left by a dead lab process");
+            let _ = std::fs::remove_dir_all(pins);
         }
     }
 }
