@@ -141,6 +141,13 @@ pub enum PersistError {
          it, or remove it first with `enforcer detach --pin-dir {dir}`"
     )]
     PinnedElsewhere { dir: PathBuf },
+    #[error("--pin-dir {dir}: the enforcer needs a directory of its own, e.g. {DEFAULT_PIN_DIR}")]
+    OwnDirectory { dir: PathBuf },
+    #[error(
+        "{dir} is not an enforcer pin directory (it has no layout-v* marker, and holds \
+         {entries:?}): nothing removed; check --pin-dir"
+    )]
+    NotOurs { dir: PathBuf, entries: Vec<String> },
     #[error(
         "--persist needs Linux 5.9 or later (XDP attached as a BPF link, which can be pinned); \
          run without --persist on this kernel"
@@ -376,6 +383,11 @@ fn create_dir(path: &Path) -> Result<(), PersistError> {
 /// Prepares `root` for `run --persist`: the BPF file system mounted, the directory created and
 /// locked, its markers checked. Returns whether it holds pinned maps to adopt.
 fn open_for_run(root: &Path) -> Result<(PinDir, bool), PersistError> {
+    if root.parent().is_none() || root.components().eq(Path::new(BPFFS_MOUNT).components()) {
+        return Err(PersistError::OwnDirectory {
+            dir: root.to_path_buf(),
+        });
+    }
     ensure_bpffs(root)?;
     create_dir(root)?;
     let lock = try_lock(root)?.ok_or_else(|| PersistError::Locked {
@@ -1070,6 +1082,23 @@ pub fn detach(root: &Path) -> Result<DetachReport, PersistError> {
     let _lock = try_lock(root)?.ok_or_else(|| PersistError::InUse {
         dir: root.to_path_buf(),
     })?;
+    // Never unpin what another program keeps in a directory of the same name.
+    if marker(root, LAYOUT_PREFIX)?.is_none() {
+        let names = entries(root)?;
+        if !names.is_empty() {
+            return Err(PersistError::NotOurs {
+                dir: root.to_path_buf(),
+                entries: names,
+            });
+        }
+        fs::remove_dir(root).map_err(io_error(format!("removing {}", root.display())))?;
+        report.nothing = true;
+        report.lines.push(format!(
+            "nothing pinned at {} (an empty directory, removed): nothing to detach",
+            root.display()
+        ));
+        return Ok(report);
+    }
     if let Err(PersistError::OtherNetns {
         pinned, current, ..
     }) = check_markers(root, false)

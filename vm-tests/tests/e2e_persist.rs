@@ -501,6 +501,14 @@ fn enforcement_survives_sigkill_and_a_new_daemon_adopts_it_without_a_gap() -> Re
     let second = second.context("no adopting daemon")?;
     // The adopted maps carry the counts of the whole test: both daemons and the gap.
     check_kernel_verdicts(&second, false)?;
+    // The running daemon holds the directory: detaching under it is refused.
+    let refused = lab.enforcer_command(PACS, &["detach", &pins.arg()])?;
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    ensure!(
+        !refused.status.success() && stderr.contains("stop it first"),
+        "enforcer detach must refuse while a daemon runs ({}):\n{stderr}",
+        refused.status
+    );
 
     // SIGTERM with --persist: the programs stay, and so does enforcement.
     second.stop_all()?;
