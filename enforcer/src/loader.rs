@@ -57,12 +57,6 @@ pub enum LoadError {
     },
     #[error(transparent)]
     PolicyMaps(#[from] PolicyMapError),
-    #[error("reading map `{map}`: {source}")]
-    Map {
-        map: String,
-        #[source]
-        source: aya::maps::MapError,
-    },
 }
 
 /// How the programs ended up attached to an interface.

@@ -20,10 +20,11 @@ use std::{
         mpsc,
     },
     thread,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
+use enforcer::events::FlowEvent;
 use vm_tests::lab::{Enforcer, HostSpec, Lab, Metrics, NetnsEntry, example_policy_dir, init_test};
 
 const PACS: &str = "pacs";
@@ -468,11 +469,13 @@ fn enforcement_survives_sigkill_and_a_new_daemon_adopts_it_without_a_gap() -> Re
         first.stderr()
     );
     let mut second = None;
+    let mut gap = (SystemTime::UNIX_EPOCH, SystemTime::UNIX_EPOCH);
     with_traffic(&lab, 3, |traffic| {
         enter_phase(traffic, 0);
         thread::sleep(PHASE);
 
         enter_phase(traffic, 1);
+        gap.0 = SystemTime::now();
         first.kill()?;
         let attached = attachments(&lab)?;
         ensure!(
@@ -486,6 +489,7 @@ fn enforcement_survives_sigkill_and_a_new_daemon_adopts_it_without_a_gap() -> Re
         thread::sleep(PHASE);
 
         let adopting = start_persistent(&lab, &pins, &policy, metrics_addr)?;
+        gap.1 = SystemTime::now();
         enter_phase(traffic, 2);
         ensure!(
             adopting.wait_for_log("adopted the pinned enforcer", Duration::from_secs(1))
@@ -501,6 +505,25 @@ fn enforcement_survives_sigkill_and_a_new_daemon_adopts_it_without_a_gap() -> Re
     let second = second.context("no adopting daemon")?;
     // The adopted maps carry the counts of the whole test: both daemons and the gap.
     check_kernel_verdicts(&second, false)?;
+    // Denials the kernel reported while no daemon read its event ring are delivered by the
+    // adopting daemon, with the names of the policy in force.
+    let flows = second.http_get(
+        "/flows?follow=false&verdict=deny&from=lab&to=pacs",
+        Duration::from_secs(5),
+    )?;
+    let in_gap = flows
+        .lines()
+        .filter_map(|line| serde_json::from_str::<FlowEvent>(line).ok())
+        .filter(|event| {
+            event
+                .system_time()
+                .is_some_and(|time| gap.0 < time && time < gap.1)
+        })
+        .count();
+    ensure!(
+        in_gap > 0,
+        "no denial from lab to pacs reported for the time no daemon ran:\n{flows}"
+    );
     // The running daemon holds the directory: detaching under it is refused.
     let refused = lab.enforcer_command(PACS, &["detach", &pins.arg()])?;
     let stderr = String::from_utf8_lossy(&refused.stderr);
