@@ -45,6 +45,13 @@ pub mod map_names {
     pub const EVENT_COUNTERS: &str = "EVENT_COUNTERS";
 }
 
+/// Version of the maps' layouts and meanings, as far as a pinned enforcer (`enforcer run
+/// --persist`) is concerned: a daemon adopts the maps another build pinned only when this number
+/// is the same (and every map's type, key size and value size agree). Bump it when a key or value
+/// changes its meaning without changing its size (a field repurposed, a counter renumbered, a
+/// slot or index scheme changed), so that a new binary refuses to reuse maps it would misread.
+pub const MAP_LAYOUT_VERSION: u32 = 1;
+
 /// Program names, as declared in the eBPF object.
 pub mod program_names {
     pub const XDP_INGRESS: &str = "enforcer_xdp";

@@ -23,6 +23,11 @@ pub struct RunOptions {
     pub flow_log_keep: usize,
     /// `--report-allowed`: report the first packet of every allowed flow too.
     pub report_allowed: bool,
+    /// `--persist`: pin maps, programs and attachments in `pin_dir`, so they stay in force when
+    /// the daemon exits; adopt what is pinned there at start.
+    pub persist: bool,
+    /// `--pin-dir`: where `--persist` pins (and what a daemon without it must not collide with).
+    pub pin_dir: PathBuf,
 }
 
 /// What the HTTP endpoints read.
@@ -55,6 +60,7 @@ use crate::{
     events::{EventNamer, PolicyNames},
     loader::EventOptions,
     metrics::VerdictLabels,
+    persist,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +75,8 @@ pub enum DaemonError {
     },
     #[error(transparent)]
     Load(#[from] LoadError),
+    #[error(transparent)]
+    Persist(#[from] crate::persist::PersistError),
     #[error("reading kernel map `{map}`: {source}")]
     Map {
         map: &'static str,
@@ -249,10 +257,19 @@ impl Daemon {
             report_allowed: options.report_allowed,
             ..EventOptions::default()
         };
-        let mut enforcer = Enforcer::load_with(&loaded.artifact, events)?;
-        for iface in &options.ifaces {
-            enforcer.attach(iface)?;
-        }
+        let enforcer = if options.persist {
+            let (enforcer, report) =
+                persist::start(&loaded.artifact, events, &options.pin_dir, &options.ifaces)?;
+            log_start(&report, &options.pin_dir, enforcer.generation());
+            enforcer
+        } else {
+            persist::ensure_not_pinned(&options.pin_dir)?;
+            let mut enforcer = Enforcer::load_with(&loaded.artifact, events)?;
+            for iface in &options.ifaces {
+                enforcer.attach(iface)?;
+            }
+            enforcer
+        };
         let mut namer = EventNamer::new();
         namer.add_policy(policy_names(enforcer.generation(), &loaded));
         let loaded = LoadedSummary::of(loaded);
@@ -276,6 +293,11 @@ impl Daemon {
 
     pub fn policy_dir(&self) -> &Path {
         &self.policy_dir
+    }
+
+    /// Where the programs are pinned, when they are (`--persist`).
+    pub fn pin_dir(&self) -> Option<PathBuf> {
+        self.enforcer().pin_dir().map(Path::to_path_buf)
     }
 
     fn enforcer(&self) -> std::sync::MutexGuard<'_, Enforcer> {
@@ -354,7 +376,12 @@ impl Daemon {
         }
         let namer = self.namer.lock().unwrap_or_else(|p| p.into_inner());
         let mut base = self.verdict_base.lock().unwrap_or_else(|p| p.into_inner());
-        for (key, count) in &old {
+        // Generations this daemon never loaded (counted before it adopted pinned maps) have no
+        // names; their counts were the previous daemon's to report.
+        for (key, count) in old
+            .iter()
+            .filter(|(key, _)| namer.policy(key.generation).is_some())
+        {
             *base.entry(verdict_labels(&namer, key)).or_default() += count;
         }
         drop((namer, base));
@@ -451,7 +478,9 @@ impl Daemon {
         if let Ok(current) = read_pair_verdicts(&enforcer) {
             let namer = self.namer.lock().unwrap_or_else(|p| p.into_inner());
             for (key, count) in current {
-                *verdicts.entry(verdict_labels(&namer, &key)).or_default() += count;
+                if namer.policy(key.generation).is_some() {
+                    *verdicts.entry(verdict_labels(&namer, &key)).or_default() += count;
+                }
             }
         }
         snapshot.policy_verdicts = verdicts.into_iter().collect();
@@ -513,6 +542,50 @@ impl Daemon {
             metrics: Box::new(move || daemon.metrics()),
             ready: AtomicBool::new(true),
         })
+    }
+}
+
+fn log_start(report: &persist::StartReport, pin_dir: &Path, generation: u32) {
+    let dir = pin_dir.display();
+    match report.adopted_generation {
+        None => info!(
+            pin_dir = %dir,
+            "pinned maps, programs and attachments: they stay in force when the daemon exits \
+             (`enforcer detach --pin-dir {dir}` removes them)"
+        ),
+        Some(adopted) => {
+            let ifaces: Vec<String> = report
+                .ifaces
+                .iter()
+                .map(|outcome| {
+                    let how = if outcome.adopted {
+                        "program replaced in place"
+                    } else {
+                        "attached"
+                    };
+                    format!(
+                        "{} ({}, {}: {how})",
+                        outcome.iface, outcome.xdp_mode, outcome.tc_mode
+                    )
+                })
+                .collect();
+            let policy = if report.policy_kept {
+                "unchanged, kept"
+            } else {
+                "changed, switched atomically"
+            };
+            info!(
+                pin_dir = %dir,
+                adopted_generation = adopted,
+                generation,
+                policy,
+                ifaces = ?ifaces,
+                released = ?report.released,
+                resized = ?report.resized,
+                "adopted the pinned enforcer: maps and connection state reused, programs replaced \
+                 without detaching"
+            );
+        }
     }
 }
 

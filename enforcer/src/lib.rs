@@ -2,13 +2,15 @@
 //! attach them), `policy_maps` (write a compiled policy into a slot and switch slots),
 //! `conntrack` (sweep idle flow state), `counters` (read the outcome counters), `events` (the
 //! flow stream), `metrics` (Prometheus), `daemon` (the running enforcer: reload, metrics,
-//! events). `main.rs` is a thin CLI over it.
+//! events), `persist` (pinning for `run --persist`, adoption, `enforcer detach`). `main.rs` is
+//! a thin CLI over it.
 pub mod conntrack;
 pub mod counters;
 pub mod daemon;
 pub mod events;
 pub mod loader;
 pub mod metrics;
+pub mod persist;
 pub mod policy_maps;
 
 pub use counters::Counters;

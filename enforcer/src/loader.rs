@@ -1,12 +1,14 @@
 //! Loading the kernel programs with maps sized for the policy, and attaching them to
 //! interfaces: XDP on ingress, TC on egress. Dropping an [`Enforcer`] detaches everything it
-//! attached.
+//! attached, except what `crate::persist` pinned (`enforcer run --persist`).
 use std::time::{Duration, Instant};
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, RingBuf},
-    programs::{Program, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode, tc},
+    programs::{
+        Program, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode, tc, xdp::XdpLinkId,
+    },
 };
 use enforcer_common::{Config, event_flags, map_names, program_names};
 use policy_compiler::Artifact;
@@ -98,21 +100,26 @@ pub struct Enforcer {
     usage: Vec<(&'static str, usize)>,
     conntrack_capacity: u32,
     attachments: Vec<Attachment>,
+    /// With `--persist`: the pin directory, locked while this enforcer runs.
+    pub(crate) pins: Option<crate::persist::PinDir>,
 }
 
 /// Capacity for `entries` policy map entries, with headroom so that a somewhat larger policy
 /// fits the same maps on reload.
-fn with_headroom(entries: usize) -> u32 {
+pub(crate) fn with_headroom(entries: usize) -> u32 {
     let entries = u32::try_from(entries).unwrap_or(u32::MAX / 2);
     entries.saturating_add(entries / 2).max(64)
 }
 
-fn program_error(name: &'static str) -> impl Fn(ProgramError) -> LoadError {
+pub(crate) fn program_error(name: &'static str) -> impl Fn(ProgramError) -> LoadError {
     move |source| LoadError::Program { name, source }
 }
 
 /// The program `name` of `ebpf`, as its type `P` (`Xdp`, `SchedClassifier`).
-fn program_mut<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, LoadError>
+pub(crate) fn program_mut<'a, P>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut P, LoadError>
 where
     &'a mut P: TryFrom<&'a mut Program, Error = ProgramError>,
 {
@@ -132,6 +139,37 @@ where
         .map_err(program_error(name))
 }
 
+/// Each policy map (both slots' names) with the entries `artifact` puts into it.
+pub(crate) fn policy_needs(artifact: &Artifact) -> [(&'static [&'static str; 2], usize); 6] {
+    let counts = artifact.entry_counts();
+    [
+        (&map_names::ADDR_V4, counts.addr_v4),
+        (&map_names::ADDR_V6, counts.addr_v6),
+        (&map_names::SEGMENTS, counts.segments),
+        (&map_names::PAIRS, counts.pairs),
+        (&map_names::PORTS, counts.ports),
+        (&map_names::RULE_HITS, counts.rules),
+    ]
+}
+
+/// Loads the two programs of a loaded object into the kernel (verification happens here).
+pub(crate) fn load_programs(ebpf: &mut Ebpf) -> Result<(), LoadError> {
+    program_mut::<Xdp>(ebpf, program_names::XDP_INGRESS)?
+        .load()
+        .map_err(program_error(program_names::XDP_INGRESS))?;
+    program_mut::<SchedClassifier>(ebpf, program_names::TC_EGRESS)?
+        .load()
+        .map_err(program_error(program_names::TC_EGRESS))?;
+    Ok(())
+}
+
+/// Whether TC egress attaches as a TCX link (Linux 6.6) rather than a netlink clsact filter.
+/// Same test as aya's (an unreadable version means netlink).
+pub(crate) fn tcx_available() -> bool {
+    aya::util::KernelVersion::current()
+        .is_ok_and(|version| version >= aya::util::KernelVersion::new(6, 6, 0))
+}
+
 impl Enforcer {
     /// Loads the programs with maps sized from `artifact` and fills the maps with it.
     pub fn load(artifact: &Artifact) -> Result<Self, LoadError> {
@@ -140,16 +178,11 @@ impl Enforcer {
 
     pub fn load_with(artifact: &Artifact, events: EventOptions) -> Result<Self, LoadError> {
         raise_memlock_limit();
-        let counts = artifact.entry_counts();
         let settings = &artifact.settings;
-        let sizes = vec![
-            (&map_names::ADDR_V4, with_headroom(counts.addr_v4)),
-            (&map_names::ADDR_V6, with_headroom(counts.addr_v6)),
-            (&map_names::SEGMENTS, with_headroom(counts.segments)),
-            (&map_names::PAIRS, with_headroom(counts.pairs)),
-            (&map_names::PORTS, with_headroom(counts.ports)),
-            (&map_names::RULE_HITS, with_headroom(counts.rules)),
-        ];
+        let sizes: Vec<_> = policy_needs(artifact)
+            .into_iter()
+            .map(|(names, entries)| (names, with_headroom(entries)))
+            .collect();
         let mut loader = EbpfLoader::new();
         for &(names, size) in &sizes {
             for name in names {
@@ -160,13 +193,27 @@ impl Enforcer {
         loader.map_max_entries(map_names::CONNTRACK, settings.conntrack_max_entries);
         loader.map_max_entries(map_names::FRAGMENTS, settings.fragments_max_entries);
         let mut ebpf = loader.load(EBPF_OBJECT)?;
-        program_mut::<Xdp>(&mut ebpf, program_names::XDP_INGRESS)?
-            .load()
-            .map_err(program_error(program_names::XDP_INGRESS))?;
-        program_mut::<SchedClassifier>(&mut ebpf, program_names::TC_EGRESS)?
-            .load()
-            .map_err(program_error(program_names::TC_EGRESS))?;
-        let mut enforcer = Self {
+        load_programs(&mut ebpf)?;
+        let mut enforcer = Self::with_loaded(
+            ebpf,
+            artifact,
+            events,
+            sizes,
+            settings.conntrack_max_entries,
+        );
+        enforcer.replace_policy(artifact)?;
+        Ok(enforcer)
+    }
+
+    /// Loaded programs and maps that hold no policy yet.
+    pub(crate) fn with_loaded(
+        ebpf: Ebpf,
+        artifact: &Artifact,
+        events: EventOptions,
+        sizes: Vec<(&'static [&'static str; 2], u32)>,
+        conntrack_capacity: u32,
+    ) -> Self {
+        Self {
             ebpf,
             revision: artifact.revision.clone(),
             generation: 0,
@@ -176,11 +223,37 @@ impl Enforcer {
             events,
             sizes,
             usage: Vec::new(),
-            conntrack_capacity: settings.conntrack_max_entries,
+            conntrack_capacity,
             attachments: Vec::new(),
+            pins: None,
+        }
+    }
+
+    /// The `CONFIG` entry of `artifact` as policy generation `generation`, with this daemon's
+    /// event options.
+    pub(crate) fn config_for(&self, artifact: &Artifact, generation: u32) -> Config {
+        let mut config = artifact.kernel_config(generation);
+        config.event_interval_ns = self.events.interval.as_nanos() as u64;
+        config.event_flags = if self.events.report_allowed {
+            event_flags::REPORT_ALLOWED
+        } else {
+            0
         };
-        enforcer.replace_policy(artifact)?;
-        Ok(enforcer)
+        config
+    }
+
+    /// Takes over the policy state of maps another daemon filled: `slot` judges packets with
+    /// `config` (generation included).
+    pub(crate) fn adopt_slot(&mut self, slot: usize, config: Config) {
+        self.active_slot = slot;
+        self.generation = config.generation;
+        self.config = config;
+    }
+
+    /// Records `artifact` as the policy in force, when the active slot already holds it.
+    pub(crate) fn keep_policy(&mut self, artifact: &Artifact) {
+        self.revision = artifact.revision.clone();
+        self.usage = usage_of(artifact);
     }
 
     /// Loads `artifact` as the next generation: writes it into the inactive slot while the
@@ -190,16 +263,7 @@ impl Enforcer {
     /// live.
     pub fn replace_policy(&mut self, artifact: &Artifact) -> Result<Duration, LoadError> {
         let started = Instant::now();
-        let counts = artifact.entry_counts();
-        let usage = [
-            (&map_names::ADDR_V4, counts.addr_v4),
-            (&map_names::ADDR_V6, counts.addr_v6),
-            (&map_names::SEGMENTS, counts.segments),
-            (&map_names::PAIRS, counts.pairs),
-            (&map_names::PORTS, counts.ports),
-            (&map_names::RULE_HITS, counts.rules),
-        ];
-        for (names, needed) in usage {
+        for (names, needed) in policy_needs(artifact) {
             let capacity = self.capacity(names[0]);
             if needed > capacity as usize {
                 return Err(LoadError::TooLarge {
@@ -211,23 +275,14 @@ impl Enforcer {
         }
         let target = 1 - self.active_slot;
         let generation = self.generation + 1;
-        let mut config = artifact.kernel_config(generation);
-        config.event_interval_ns = self.events.interval.as_nanos() as u64;
-        config.event_flags = if self.events.report_allowed {
-            event_flags::REPORT_ALLOWED
-        } else {
-            0
-        };
+        let config = self.config_for(artifact, generation);
         policy_maps::write(&mut self.ebpf, target, artifact, &config)?;
         policy_maps::activate(&mut self.ebpf, target)?;
         self.active_slot = target;
         self.generation = generation;
         self.config = config;
         self.revision = artifact.revision.clone();
-        self.usage = usage
-            .iter()
-            .map(|(names, used)| (names[0], *used))
-            .collect();
+        self.usage = usage_of(artifact);
         Ok(started.elapsed())
     }
 
@@ -287,21 +342,10 @@ impl Enforcer {
             iface: iface.to_string(),
             source,
         };
-        let xdp = program_mut::<Xdp>(&mut self.ebpf, program_names::XDP_INGRESS)?;
-        let xdp_mode = match xdp.attach(iface, XdpMode::Driver) {
-            Ok(_) => "native",
-            Err(native_error) => {
-                warn!(%iface, error = %native_error, "native XDP not available, falling back to generic XDP (slower)");
-                xdp.attach(iface, XdpMode::Skb).map_err(attach_error)?;
-                "generic"
-            }
-        };
+        let (_, xdp_mode) = self.attach_xdp(iface)?;
         // aya uses TCX from 6.6 on (a link owned by this process) and a netlink clsact filter
         // before, which no process owns: it survives a daemon that dies without detaching.
-        // Same test as aya's (an unreadable version means netlink).
-        let tcx = aya::util::KernelVersion::current()
-            .is_ok_and(|version| version >= aya::util::KernelVersion::new(6, 6, 0));
-        let tc_mode = if tcx {
+        let tc_mode = if tcx_available() {
             "tcx"
         } else {
             if let Err(error) = tc::qdisc_add_clsact(iface) {
@@ -326,12 +370,42 @@ impl Enforcer {
             .attach(iface, TcAttachType::Egress)
             .map_err(attach_error)?;
         info!(%iface, xdp_mode, tc_mode, "attached (XDP ingress, TC egress)");
+        Ok(self.record_attachment(iface, xdp_mode))
+    }
+
+    pub(crate) fn record_attachment(&mut self, iface: &str, xdp_mode: &'static str) -> Attachment {
         let attachment = Attachment {
             iface: iface.to_string(),
             xdp_mode,
         };
         self.attachments.push(attachment.clone());
-        Ok(attachment)
+        attachment
+    }
+
+    /// Attaches ingress XDP to `iface`: native, or generic with a warning when the driver lacks
+    /// it. Returns the link and the mode.
+    pub(crate) fn attach_xdp(
+        &mut self,
+        iface: &str,
+    ) -> Result<(XdpLinkId, &'static str), LoadError> {
+        let attach_error = |source| LoadError::Attach {
+            iface: iface.to_string(),
+            source,
+        };
+        let xdp = program_mut::<Xdp>(&mut self.ebpf, program_names::XDP_INGRESS)?;
+        match xdp.attach(iface, XdpMode::Driver) {
+            Ok(link) => Ok((link, "native")),
+            Err(native_error) => {
+                warn!(%iface, error = %native_error, "native XDP not available, falling back to generic XDP (slower)");
+                let link = xdp.attach(iface, XdpMode::Skb).map_err(attach_error)?;
+                Ok((link, "generic"))
+            }
+        }
+    }
+
+    /// The pin directory, when the programs are pinned (`--persist`).
+    pub fn pin_dir(&self) -> Option<&std::path::Path> {
+        self.pins.as_ref().map(|pins| pins.root())
     }
 
     /// The ingress XDP program, for `BPF_PROG_TEST_RUN`.
@@ -392,8 +466,15 @@ impl Enforcer {
     }
 }
 
+fn usage_of(artifact: &Artifact) -> Vec<(&'static str, usize)> {
+    policy_needs(artifact)
+        .iter()
+        .map(|(names, used)| (names[0], *used))
+        .collect()
+}
+
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; later ones to the memory cgroup.
-fn raise_memlock_limit() {
+pub(crate) fn raise_memlock_limit() {
     let charged_to_memlock = aya::util::KernelVersion::current()
         .map(|version| version < aya::util::KernelVersion::new(5, 11, 0))
         .unwrap_or(true);

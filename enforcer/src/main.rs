@@ -16,9 +16,10 @@ use enforcer::{
     flow_log::{self, FlowLogTarget},
     http,
     observe::{self, ObserveOptions},
+    persist,
 };
 use enforcer_common::direction;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::{debug, error, info, warn};
 
 #[derive(Parser)]
@@ -42,7 +43,8 @@ enum Output {
 #[derive(Subcommand)]
 enum Command {
     /// Compile the policy, load it into the kernel, attach to the interfaces and enforce until
-    /// SIGINT or SIGTERM; then detach. Reloads when the policy directory changes or on SIGHUP.
+    /// SIGINT or SIGTERM; then detach (with --persist: stay attached). Reloads when the policy
+    /// directory changes or on SIGHUP.
     Run {
         /// Directory of segment policy files (e.g. `segments/`).
         #[arg(long)]
@@ -66,6 +68,22 @@ enum Command {
         /// Report the first packet of every allowed flow too, not only denials and audits.
         #[arg(long)]
         report_allowed: bool,
+        /// Pin maps, programs and attachments in --pin-dir so that enforcement stays in force
+        /// when the daemon exits for any reason; adopt what is pinned there at start (restarts
+        /// and upgrades without a gap). `enforcer detach` removes it.
+        #[arg(long)]
+        persist: bool,
+        /// Directory on the BPF file system for --persist (one per daemon on a machine). The
+        /// file system is mounted at /sys/fs/bpf when missing.
+        #[arg(long, default_value = persist::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+    /// Remove an enforcer started with --persist: its attachments, programs, maps and pin
+    /// directory. Run it in the network namespace the daemon ran in, after stopping the daemon.
+    Detach {
+        /// The --pin-dir the daemon was started with.
+        #[arg(long, default_value = persist::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
     },
     /// Follow a running enforcer's flow stream, in the spirit of `hubble observe`.
     Observe {
@@ -110,6 +128,8 @@ fn main() -> ExitCode {
             flow_log_max_bytes,
             flow_log_keep,
             report_allowed,
+            persist,
+            pin_dir,
         } => run(RunOptions {
             policy_dir: policy,
             ifaces,
@@ -118,7 +138,10 @@ fn main() -> ExitCode {
             flow_log_max_bytes,
             flow_log_keep,
             report_allowed,
+            persist,
+            pin_dir,
         }),
+        Command::Detach { pin_dir } => detach(&pin_dir),
         Command::Observe {
             addr,
             verdict,
@@ -144,6 +167,16 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn detach(pin_dir: &std::path::Path) -> anyhow::Result<()> {
+    let report = persist::detach(pin_dir)
+        .with_context(|| format!("detaching the enforcer pinned in {}", pin_dir.display()))?;
+    let mut stdout = std::io::stdout().lock();
+    for line in &report.lines {
+        writeln!(stdout, "{line}").context("writing to stdout")?;
+    }
+    Ok(())
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -200,19 +233,31 @@ fn run(options: RunOptions) -> anyhow::Result<()> {
             }
         }));
     }
+    // Before "ready": a SIGTERM that follows it at once must find the handler, not the default
+    // action (which would skip the shutdown summary and, without --persist, the detaching).
+    let signals = Signals::install()?;
     info!(
         revision = %daemon.revision(),
         ifaces = ?options.ifaces,
         "enforcer ready"
     );
-    let result = runtime.block_on(run_until_shutdown(&daemon));
+    let result = runtime.block_on(run_until_shutdown(&daemon, signals));
     for task in tasks {
         task.abort();
     }
     let counters = daemon.counters().context("reading counters")?;
+    let pin_dir = daemon.pin_dir();
     drop(daemon);
     drop(runtime);
-    info!("detached, exiting");
+    match pin_dir {
+        Some(dir) => info!(
+            pin_dir = %dir.display(),
+            "exiting; the programs stay attached and keep enforcing (the next `enforcer run \
+             --persist` adopts them, `enforcer detach --pin-dir {}` removes them)",
+            dir.display()
+        ),
+        None => info!("detached, exiting"),
+    }
     // `counters` keeps the ingress counters at the top level, as scripts read them.
     let summary = serde_json::json!({
         "event": "shutdown",
@@ -224,13 +269,47 @@ fn run(options: RunOptions) -> anyhow::Result<()> {
     result
 }
 
-async fn run_until_shutdown(daemon: &Arc<Daemon>) -> anyhow::Result<()> {
-    let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut hangup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+/// Empties the inactive slot and folds old counts once packets judged by the previous policy
+/// have finished.
+fn schedule_after_reload(daemon: &Arc<Daemon>) {
+    let daemon = Arc::clone(daemon);
+    let generation = daemon.generation();
+    tokio::spawn(async move {
+        tokio::time::sleep(RELOAD_GRACE).await;
+        let _ = tokio::task::spawn_blocking(move || daemon.after_reload(generation)).await;
+    });
+}
+
+/// The signals the daemon acts on.
+struct Signals {
+    interrupt: Signal,
+    terminate: Signal,
+    hangup: Signal,
+}
+
+impl Signals {
+    /// Needs the runtime entered.
+    fn install() -> anyhow::Result<Self> {
+        Ok(Signals {
+            interrupt: signal(SignalKind::interrupt()).context("installing SIGINT handler")?,
+            terminate: signal(SignalKind::terminate()).context("installing SIGTERM handler")?,
+            hangup: signal(SignalKind::hangup()).context("installing SIGHUP handler")?,
+        })
+    }
+}
+
+async fn run_until_shutdown(daemon: &Arc<Daemon>, signals: Signals) -> anyhow::Result<()> {
+    let Signals {
+        mut interrupt,
+        mut terminate,
+        mut hangup,
+    } = signals;
     let mut watch = tokio::time::interval(WATCH_INTERVAL);
     let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
     let mut seen = daemon::fingerprint(daemon.policy_dir());
+    // Adopted maps may hold a previous daemon's policy in the inactive slot and counts of
+    // generations it loaded: the same clean-up as after a reload.
+    schedule_after_reload(daemon);
     loop {
         let reload = tokio::select! {
             _ = interrupt.recv() => {
@@ -265,13 +344,7 @@ async fn run_until_shutdown(daemon: &Arc<Daemon>) -> anyhow::Result<()> {
             let outcome = tokio::task::spawn_blocking(move || reloading.reload()).await;
             if let Ok(Ok(took)) = outcome {
                 debug!(took_ms = took.as_secs_f64() * 1000.0, "reload live");
-                let daemon = Arc::clone(daemon);
-                let generation = daemon.generation();
-                tokio::spawn(async move {
-                    tokio::time::sleep(RELOAD_GRACE).await;
-                    let _ =
-                        tokio::task::spawn_blocking(move || daemon.after_reload(generation)).await;
-                });
+                schedule_after_reload(daemon);
             } else if let Err(error) = outcome {
                 warn!(%error, "the reload task failed");
             }

@@ -2,11 +2,11 @@
 //! that judges packets. A reload writes the inactive slot while the active one keeps judging,
 //! then flips [`map_names::ACTIVE`] with one write: every packet is judged entirely by the old
 //! or entirely by the new policy.
-use std::os::fd::AsFd as _;
+use std::{collections::BTreeMap, os::fd::AsFd as _};
 
 use aya::{
-    Ebpf,
-    maps::{Array, HashMap, Map, MapData, MapError, lpm_trie::Key, lpm_trie::LpmTrie},
+    Ebpf, Pod,
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, lpm_trie::Key, lpm_trie::LpmTrie},
 };
 use enforcer_common::{
     AddrInfo, Config, PairKey, PairValue, PortKey, PortValue, SegmentInfo, map_names,
@@ -17,6 +17,8 @@ use policy_compiler::Artifact;
 pub enum PolicyMapError {
     #[error("the eBPF object has no map `{0}`")]
     MissingMap(&'static str),
+    #[error("`{0}` is not a policy map")]
+    NotAPolicyMap(&'static str),
     #[error("map `{map}`: {source}")]
     Map {
         map: &'static str,
@@ -189,4 +191,147 @@ pub fn activate(ebpf: &mut Ebpf, slot: usize) -> Result<(), PolicyMapError> {
     let name = map_names::ACTIVE;
     let mut active: Array<_, u32> = Array::try_from(map_mut(ebpf, name)?).map_err(map_err(name))?;
     active.set(0, slot as u32, 0).map_err(map_err(name))
+}
+
+/// The slot that judges packets, as the maps say (a daemon adopting pinned maps reads it back).
+pub fn read_active(ebpf: &Ebpf) -> Result<usize, PolicyMapError> {
+    let name = map_names::ACTIVE;
+    let map = ebpf.map(name).ok_or(PolicyMapError::MissingMap(name))?;
+    let active: Array<_, u32> = Array::try_from(map).map_err(map_err(name))?;
+    let slot = active.get(&0, 0).map_err(map_err(name))?;
+    Ok(usize::from(slot == 1))
+}
+
+/// `CONFIG[slot]`: the settings and generation of the policy in `slot`.
+pub fn read_config(ebpf: &Ebpf, slot: usize) -> Result<Config, PolicyMapError> {
+    let name = map_names::CONFIG;
+    let map = ebpf.map(name).ok_or(PolicyMapError::MissingMap(name))?;
+    let array: Array<_, Config> = Array::try_from(map).map_err(map_err(name))?;
+    array.get(&(slot as u32), 0).map_err(map_err(name))
+}
+
+fn trie_entries<K: Pod + Ord, V: Pod>(
+    ebpf: &Ebpf,
+    name: &'static str,
+) -> Result<BTreeMap<(u32, K), V>, PolicyMapError> {
+    let map = ebpf.map(name).ok_or(PolicyMapError::MissingMap(name))?;
+    let trie: LpmTrie<_, K, V> = LpmTrie::try_from(map).map_err(map_err(name))?;
+    trie.iter()
+        .map(|entry| {
+            entry
+                .map(|(key, value)| ((key.prefix_len(), key.data()), value))
+                .map_err(map_err(name))
+        })
+        .collect()
+}
+
+fn expected<K: Ord, V>(entries: impl Iterator<Item = (u32, K, V)>) -> BTreeMap<(u32, K), V> {
+    entries
+        .map(|(prefix_len, key, value)| ((prefix_len, key), value))
+        .collect()
+}
+
+/// Whether the policy maps of `slot` hold exactly `artifact` (a restarted daemon whose policy
+/// did not change keeps the slot, its generation and the flows judged under it).
+pub fn slot_holds(ebpf: &Ebpf, slot: usize, artifact: &Artifact) -> Result<bool, PolicyMapError> {
+    if trie_entries::<[u8; 4], AddrInfo>(ebpf, map_names::ADDR_V4[slot])?
+        != expected(artifact.addr_v4_entries())
+        || trie_entries::<[u8; 16], AddrInfo>(ebpf, map_names::ADDR_V6[slot])?
+            != expected(artifact.addr_v6_entries())
+        || trie_entries::<PortKey, PortValue>(ebpf, map_names::PORTS[slot])?
+            != expected(artifact.port_entries())
+    {
+        return Ok(false);
+    }
+    let name = map_names::PAIRS[slot];
+    let map = ebpf.map(name).ok_or(PolicyMapError::MissingMap(name))?;
+    let pairs: HashMap<_, PairKey, PairValue> = HashMap::try_from(map).map_err(map_err(name))?;
+    let held: BTreeMap<PairKey, u32> = pairs
+        .iter()
+        .map(|entry| {
+            entry
+                .map(|(key, value)| (key, value.port_table))
+                .map_err(map_err(name))
+        })
+        .collect::<Result<_, _>>()?;
+    let wanted: BTreeMap<PairKey, u32> = artifact
+        .pair_entries()
+        .map(|(key, value)| (key, value.port_table))
+        .collect();
+    if held != wanted {
+        return Ok(false);
+    }
+    // Entries past the policy's segments are never read (no address maps to them).
+    let name = map_names::SEGMENTS[slot];
+    let map = ebpf.map(name).ok_or(PolicyMapError::MissingMap(name))?;
+    let segments: Array<_, SegmentInfo> = Array::try_from(map).map_err(map_err(name))?;
+    for (id, info) in artifact.segment_infos().into_iter().enumerate() {
+        let id = u32::try_from(id).unwrap_or(u32::MAX);
+        match segments.get(&id, 0) {
+            Ok(held) if held == info => {}
+            Ok(_) | Err(MapError::OutOfBounds { .. }) => return Ok(false),
+            Err(source) => return Err(PolicyMapError::Map { map: name, source }),
+        }
+    }
+    Ok(true)
+}
+
+fn copy_trie<K: Pod, V: Pod>(
+    name: &'static str,
+    from: Map,
+    to: &mut Map,
+) -> Result<(), PolicyMapError> {
+    let from: LpmTrie<_, K, V> = LpmTrie::try_from(from).map_err(map_err(name))?;
+    let mut to: LpmTrie<_, K, V> = LpmTrie::try_from(to).map_err(map_err(name))?;
+    for entry in from.iter() {
+        let (key, value) = entry.map_err(map_err(name))?;
+        to.insert(&key, value, 0).map_err(map_err(name))?;
+    }
+    Ok(())
+}
+
+/// Copies every entry of policy map `name` (a slot's ADDR_V4, ADDR_V6, SEGMENTS, PAIRS, PORTS
+/// or RULE_HITS) from `from` into `to`, a larger map of the same kind. Used when a policy has
+/// outgrown pinned maps: the new programs get larger maps holding what the old ones judge by.
+pub fn copy_policy_map(
+    name: &'static str,
+    from: MapData,
+    to: &mut Map,
+) -> Result<(), PolicyMapError> {
+    let from = Map::from_map_data(from).map_err(map_err(name))?;
+    if map_names::ADDR_V4.contains(&name) {
+        copy_trie::<[u8; 4], AddrInfo>(name, from, to)
+    } else if map_names::ADDR_V6.contains(&name) {
+        copy_trie::<[u8; 16], AddrInfo>(name, from, to)
+    } else if map_names::PORTS.contains(&name) {
+        copy_trie::<PortKey, PortValue>(name, from, to)
+    } else if map_names::PAIRS.contains(&name) {
+        let from: HashMap<_, PairKey, PairValue> =
+            HashMap::try_from(from).map_err(map_err(name))?;
+        let mut to: HashMap<_, PairKey, PairValue> =
+            HashMap::try_from(to).map_err(map_err(name))?;
+        for entry in from.iter() {
+            let (key, value) = entry.map_err(map_err(name))?;
+            to.insert(key, value, 0).map_err(map_err(name))?;
+        }
+        Ok(())
+    } else if map_names::SEGMENTS.contains(&name) {
+        let from: Array<_, SegmentInfo> = Array::try_from(from).map_err(map_err(name))?;
+        let mut to: Array<_, SegmentInfo> = Array::try_from(to).map_err(map_err(name))?;
+        for index in 0..from.len().min(to.len()) {
+            let value = from.get(&index, 0).map_err(map_err(name))?;
+            to.set(index, value, 0).map_err(map_err(name))?;
+        }
+        Ok(())
+    } else if map_names::RULE_HITS.contains(&name) {
+        let from: PerCpuArray<_, u64> = PerCpuArray::try_from(from).map_err(map_err(name))?;
+        let mut to: PerCpuArray<_, u64> = PerCpuArray::try_from(to).map_err(map_err(name))?;
+        for index in 0..from.len().min(to.len()) {
+            let values = from.get(&index, 0).map_err(map_err(name))?;
+            to.set(index, values, 0).map_err(map_err(name))?;
+        }
+        Ok(())
+    } else {
+        Err(PolicyMapError::NotAPolicyMap(name))
+    }
 }

@@ -32,7 +32,7 @@ use std::{
     time::Duration,
 };
 
-pub use enforcer::{Counters, Enforcer, ShutdownCounters, enforcer_bin};
+pub use enforcer::{Counters, Enforcer, NetnsEntry, ShutdownCounters, enforcer_bin};
 pub use metrics::{Metrics, Sample};
 pub use netns::{cleanup_all, cleanup_on_signals, in_netns};
 pub use observer::{ObservedLine, Observer};
@@ -243,6 +243,9 @@ impl Host {
     }
 }
 
+/// Where the BPF file system is mounted; `--persist` daemons of the lab pin under it.
+const BPFFS: &str = "/sys/fs/bpf";
+
 /// Prefix of every namespace the lab creates: `msl<pid>x<n>-<role>`. The pid lets a later run
 /// tell leftovers of a dead process from namespaces of a live one.
 const NETNS_PREFIX: &str = "msl";
@@ -261,6 +264,7 @@ impl Lab {
     pub fn new(specs: &[HostSpec]) -> Result<Self> {
         validate(specs)?;
         netns::remove_stale(NETNS_PREFIX);
+        netns::remove_stale_pins(Path::new(BPFFS), NETNS_PREFIX);
         let id = format!(
             "{NETNS_PREFIX}{}x{}",
             std::process::id(),
@@ -495,11 +499,112 @@ impl Lab {
         policy_dir: &Path,
         args: &[&str],
     ) -> Result<Enforcer<'_>> {
+        self.start_enforcer_entered(host, policy_dir, args, NetnsEntry::IpNetnsExec)
+    }
+
+    /// [`Lab::start_enforcer_with`], entering the host's namespace as `entry` says
+    /// ([`NetnsEntry::NetOnly`] for `--persist`, whose pins must outlive the daemon). Same
+    /// thread caveat.
+    pub fn start_enforcer_entered(
+        &self,
+        host: &str,
+        policy_dir: &Path,
+        args: &[&str],
+        entry: NetnsEntry,
+    ) -> Result<Enforcer<'_>> {
         let bin = enforcer_bin()?;
-        let mut enforcer = Enforcer::spawn(self.host(host)?, &bin, policy_dir, args)?;
+        let host = self.host(host)?;
+        let mut enforcer = Enforcer::spawn_in(
+            &host.name,
+            &host.netns,
+            &self.id,
+            &["eth0"],
+            &bin,
+            policy_dir,
+            args,
+            entry,
+        )?;
         let timeout = ready_timeout();
         enforcer.wait_ready(std::time::Instant::now() + timeout, timeout)?;
         Ok(enforcer)
+    }
+
+    /// A pin directory for a `--persist` daemon on `host`, unique to this lab: under
+    /// /sys/fs/bpf, named like the lab's namespaces so that a later lab removes it if this
+    /// process dies without cleaning up. Not created.
+    pub fn pin_dir(&self, host: &str) -> Result<std::path::PathBuf> {
+        let host = self.host(host)?;
+        Ok(Path::new(BPFFS).join(&host.netns))
+    }
+
+    /// What is attached to `iface` of `host`: XDP programs (`ip -d link`), TC egress filters
+    /// (`tc filter show`) and TCX egress programs (`BPF_PROG_QUERY`, Linux 6.6 and later), one
+    /// line each; empty when nothing is.
+    pub fn bpf_attachments(&self, host: &str, iface: &str) -> Result<Vec<String>> {
+        let netns = self.host(host)?.netns.clone();
+        let run = |program: &str, args: &[&str]| -> Result<String> {
+            let out = Command::new(program)
+                .args(["-n", &netns])
+                .args(args)
+                .output()
+                .map_err(io_error(format!("running {program} (iproute2)")))?;
+            if !out.status.success() {
+                return Err(LabError::Command {
+                    command: format!("{program} -n {netns} {}", args.join(" ")),
+                    status: out.status.to_string(),
+                    stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+                });
+            }
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        };
+        let mut found: Vec<String> = run("ip", &["-d", "link", "show", "dev", iface])?
+            .lines()
+            .filter(|line| line.contains("prog/xdp"))
+            .map(|line| format!("xdp: {}", line.trim()))
+            .collect();
+        found.extend(
+            run("tc", &["filter", "show", "dev", iface, "egress"])?
+                .lines()
+                .filter(|line| !line.trim().is_empty())
+                .map(|line| format!("tc egress filter: {}", line.trim())),
+        );
+        let tcx = in_netns(&netns, || {
+            aya::programs::SchedClassifier::query_tcx(iface, aya::programs::TcAttachType::Egress)
+        })?;
+        match tcx {
+            Ok((_, programs)) => found.extend(programs.iter().map(|program| {
+                format!(
+                    "tcx egress: id {} {}",
+                    program.id(),
+                    program.name_as_str().unwrap_or("?")
+                )
+            })),
+            // Kernels before 6.6 have no TCX to query.
+            Err(error)
+                if aya::util::KernelVersion::current()
+                    .is_ok_and(|version| version >= aya::util::KernelVersion::new(6, 6, 0)) =>
+            {
+                return Err(LabError::Command {
+                    command: format!("BPF_PROG_QUERY tcx egress {iface} in {netns}"),
+                    status: "failed".into(),
+                    stderr: error.to_string(),
+                });
+            }
+            Err(_) => {}
+        }
+        Ok(found)
+    }
+
+    /// Runs `enforcer ARGS` (e.g. `detach --pin-dir DIR`) in `host`'s network namespace only,
+    /// and waits for it.
+    pub fn enforcer_command(&self, host: &str, args: &[&str]) -> Result<std::process::Output> {
+        let bin = enforcer_bin()?;
+        let mut cmd = enforcer::command_in(&self.host(host)?.netns, NetnsEntry::NetOnly, &bin)?;
+        cmd.args(args)
+            .env("NO_COLOR", "1")
+            .stdin(std::process::Stdio::null());
+        cmd.output()
+            .map_err(io_error(format!("running enforcer {}", args.join(" "))))
     }
 
     /// Starts the daemon in the router namespace as a gateway on `ifaces` (see
@@ -530,6 +635,7 @@ impl Lab {
             &bin,
             policy_dir,
             args,
+            NetnsEntry::IpNetnsExec,
         )?;
         let timeout = ready_timeout();
         enforcer.wait_ready(std::time::Instant::now() + timeout, timeout)?;
@@ -570,6 +676,15 @@ impl Drop for Lab {
         let names: Vec<String> = std::iter::once(self.router.clone())
             .chain(self.hosts.iter().map(|h| h.netns.clone()))
             .collect();
+        // Pins a test left behind (its detach guard did not run): without them and without the
+        // namespaces, nothing of the programs remains.
+        for name in &names {
+            let pins = Path::new(BPFFS).join(name);
+            if pins.exists() {
+                tracing::warn!(pins = %pins.display(), "removing pins the lab test left");
+                let _ = std::fs::remove_dir_all(&pins);
+            }
+        }
         netns::delete(&names);
         tracing::info!(lab = %self.id, "lab removed");
     }

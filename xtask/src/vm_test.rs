@@ -2,8 +2,8 @@
 //!
 //! Fleets run older kernels than developers (Debian 12 ships 6.1), and an older verifier can
 //! reject what a newer one accepts. This boots the kernel under TCG with an initramfs holding
-//! the test binaries, the daemon, `ip` and the modules the lab needs; `vm-tests`' `vm-init`
-//! is PID 1, runs the tests with their output on the serial console and ends with
+//! the test binaries, the daemon, `ip`, `tc` and the modules the lab needs; `vm-tests`'
+//! `vm-init` is PID 1, runs the tests with their output on the serial console and ends with
 //! `VM-TEST RESULT: PASS` or `FAIL`, which decides the outcome here.
 
 use std::{
@@ -48,6 +48,8 @@ const TESTS: &[&str] = &[
     "connection_tracking",
     "differential",
     "e2e",
+    // Pinning and adoption through the clsact netlink filter on kernels before 6.6.
+    "e2e_persist",
 ];
 
 /// 2-4 minutes of tests in the VM on a quiet machine, up to 6 on a busy one (TCG shares the
@@ -79,7 +81,7 @@ pub(crate) struct RunOptions {
     #[arg(long, default_value_t = TIMEOUT_SECS)]
     timeout: u64,
     /// Run only these test binaries (repeatable): packet_verdicts, connection_tracking,
-    /// differential, e2e.
+    /// differential, e2e, e2e_persist.
     #[arg(long = "test", value_parser = clap::builder::PossibleValuesParser::new(TESTS))]
     tests: Vec<String>,
 }
@@ -277,6 +279,12 @@ fn build_initramfs(ws: &Workspace, kernel: &Kernel, opts: &RunOptions) -> Result
         .map(PathBuf::from)
         .find(|p| p.is_file())
         .context("`ip` (iproute2) not found; `cargo xtask setup` installs it")?;
+    // The persistence test lists TC filters with it.
+    let tc = ["/usr/sbin/tc", "/sbin/tc", "/usr/bin/tc", "/bin/tc"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .context("`tc` (iproute2) not found; `cargo xtask setup` installs it")?;
 
     let work = ws.target_dir.join("vm-test");
     let stage = work.join("initramfs");
@@ -295,6 +303,7 @@ fn build_initramfs(ws: &Workspace, kernel: &Kernel, opts: &RunOptions) -> Result
     stage.binary(&init, Some(Path::new("/init")))?;
     stage.binary(&enforcer, None)?;
     stage.binary(&ip, Some(Path::new("/usr/sbin/ip")))?;
+    stage.binary(&tc, Some(Path::new("/usr/sbin/tc")))?;
     for test in tests.values() {
         stage.binary(test, None)?;
     }
@@ -327,8 +336,9 @@ fn build_initramfs(ws: &Workspace, kernel: &Kernel, opts: &RunOptions) -> Result
             "differential" => {
                 env.insert("ENFORCER_DIFF_PACKETS", opts.diff_packets.to_string());
             }
-            // Seven daemons verify their programs at once on two emulated CPUs.
-            "e2e" => {
+            // Seven daemons verify their programs at once on two emulated CPUs; the persistence
+            // tests start several too.
+            "e2e" | "e2e_persist" => {
                 env.insert("ENFORCER_READY_TIMEOUT", "240".to_owned());
             }
             _ => {}

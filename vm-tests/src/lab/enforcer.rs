@@ -5,7 +5,7 @@ use std::{
     io::{BufRead as _, BufReader, Read as _},
     marker::PhantomData,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::unix::process::CommandExt as _,
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex, mpsc},
@@ -108,6 +108,45 @@ pub fn enforcer_bin() -> Result<PathBuf> {
     }
 }
 
+/// How a daemon (or another `enforcer` command) enters its host's network namespace.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum NetnsEntry {
+    /// `ip netns exec`: the network namespace, plus a private mount namespace with a fresh
+    /// `/sys` (no BPF file system), whose pins would vanish with the process.
+    #[default]
+    IpNetnsExec,
+    /// Only the network namespace (`setns(CLONE_NEWNET)` before exec, as `nsenter
+    /// --net=/run/netns/NAME` does): the host's mounts, so pins in /sys/fs/bpf outlive the
+    /// daemon as they do on a real host. For `--persist`.
+    NetOnly,
+}
+
+/// `program` to be run in `netns`, entered as `entry` says.
+pub(super) fn command_in(netns: &str, entry: NetnsEntry, program: &Path) -> Result<Command> {
+    match entry {
+        NetnsEntry::IpNetnsExec => {
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", netns]).arg(program);
+            Ok(cmd)
+        }
+        NetnsEntry::NetOnly => {
+            let file = netns::open(netns)?;
+            let mut cmd = Command::new(program);
+            // SAFETY: setns is async-signal-safe; the child is single-threaded, as setns into a
+            // network namespace requires. `file` lives in the closure until exec (CLOEXEC).
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            Ok(cmd)
+        }
+    }
+}
+
 /// The daemon's default `--metrics-addr`.
 const DEFAULT_METRICS_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 9477);
 
@@ -177,11 +216,16 @@ impl Enforcer<'_> {
             bin,
             policy_dir,
             extra,
+            NetnsEntry::IpNetnsExec,
         )
     }
 
-    /// `enforcer run` in namespace `netns` on `ifaces`, with `extra` arguments appended;
-    /// `name` is for logs and errors.
+    /// `enforcer run` in namespace `netns` (entered as `entry` says) on `ifaces`, with `extra`
+    /// arguments appended; `name` is for logs and errors.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "internal; the public API takes fewer"
+    )]
     pub(super) fn spawn_in(
         name: &str,
         netns: &str,
@@ -190,16 +234,14 @@ impl Enforcer<'_> {
         bin: &Path,
         policy_dir: &Path,
         extra: &[&str],
+        entry: NetnsEntry,
     ) -> Result<Self> {
         let metrics_addr = metrics_addr(extra).map_err(|message| LabError::Enforcer {
             host: name.to_owned(),
             message,
         })?;
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", netns])
-            .arg(bin)
-            .args(["run", "--policy"])
-            .arg(policy_dir);
+        let mut cmd = command_in(netns, entry, bin)?;
+        cmd.args(["run", "--policy"]).arg(policy_dir);
         for iface in ifaces {
             cmd.args(["--iface", iface]);
         }
@@ -286,8 +328,9 @@ impl Enforcer<'_> {
         &self.netns
     }
 
-    /// The daemon's process id while it runs. `ip netns exec` execs the program in place, so
-    /// this is the `enforcer` process itself (e.g. for `/proc/PID/status`).
+    /// The daemon's process id while it runs. `ip netns exec` execs the program in place (and
+    /// [`NetnsEntry::NetOnly`] starts it directly), so this is the `enforcer` process itself
+    /// (e.g. for `/proc/PID/status`).
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
@@ -407,6 +450,19 @@ impl Enforcer<'_> {
                 )))
             }
         }
+    }
+
+    /// Kills the daemon with SIGKILL: no clean shutdown, no summary (a crash, an OOM kill).
+    pub fn kill(mut self) -> Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Err(self.error("already stopped".into()));
+        };
+        let pid = child.id() as i32;
+        let killed = child.kill().and_then(|()| child.wait());
+        netns::unregister_daemon(&self.lab_id, pid);
+        let status = killed.map_err(io_error(format!("killing the daemon on {}", self.host)))?;
+        tracing::info!(host = %self.host, %status, "enforcer killed");
+        Ok(())
     }
 
     /// Stops the daemon with SIGTERM (SIGKILL after 10 s) and returns its ingress counters.

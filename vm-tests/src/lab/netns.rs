@@ -167,17 +167,37 @@ pub(super) fn remove_stale(prefix: &str) {
     };
     let stale: Vec<String> = entries
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|name| {
-            let Some(rest) = name.strip_prefix(prefix) else {
-                return false;
-            };
-            let pid: String = rest.chars().take_while(char::is_ascii_digit).collect();
-            !pid.is_empty() && !std::path::Path::new("/proc").join(&pid).exists()
-        })
+        .filter(|name| of_dead_process(name, prefix))
         .collect();
     if !stale.is_empty() {
         tracing::info!(?stale, "removing namespaces left by dead lab processes");
         delete(&stale);
+    }
+}
+
+/// Whether `name` is `<prefix><pid>x…` of a process that is gone.
+fn of_dead_process(name: &str, prefix: &str) -> bool {
+    let Some(rest) = name.strip_prefix(prefix) else {
+        return false;
+    };
+    let pid: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    !pid.is_empty() && !std::path::Path::new("/proc").join(&pid).exists()
+}
+
+/// Removes pin directories `<bpffs>/<prefix><pid>x…` of `--persist` daemons whose lab process
+/// is gone: unpinning releases their maps, programs and links (their namespaces, and the
+/// interfaces the links were on, are removed by [`remove_stale`]).
+pub(super) fn remove_stale_pins(bpffs: &std::path::Path, prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(bpffs) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if of_dead_process(&name, prefix) {
+            let pins = entry.path();
+            tracing::info!(pins = %pins.display(), "removing pins left by a dead lab process");
+            let _ = std::fs::remove_dir_all(pins);
+        }
     }
 }
 
