@@ -286,10 +286,7 @@ impl Daemon {
             report_allowed: options.report_allowed,
             ..EventOptions::default()
         };
-        let mut enforcer = Enforcer::load_with(&loaded.artifact, events)?;
-        for iface in &options.ifaces {
-            enforcer.attach(iface)?;
-        }
+        let enforcer = Enforcer::load_with(&loaded.artifact, events)?;
         let mut namer = EventNamer::new();
         namer.add_policy(policy_names(enforcer.generation(), &loaded));
         let status = Status {
@@ -313,6 +310,14 @@ impl Daemon {
             summarised_denials: Mutex::new(BTreeMap::new()),
             summarised_at: Mutex::new(crate::audit::now_rfc3339()),
         });
+        // Quarantined hosts are isolated before the first packet is judged.
+        daemon.restore_quarantine();
+        {
+            let mut enforcer = daemon.enforcer();
+            for iface in &options.ifaces {
+                enforcer.attach(iface)?;
+            }
+        }
         daemon.audit(
             "daemon_start",
             json!({
@@ -430,7 +435,7 @@ impl Daemon {
         &self.policy_dir
     }
 
-    fn enforcer(&self) -> std::sync::MutexGuard<'_, Enforcer> {
+    pub(crate) fn enforcer(&self) -> std::sync::MutexGuard<'_, Enforcer> {
         self.enforcer
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
