@@ -47,10 +47,8 @@ fn cli(enforcer: &Enforcer<'_>, args: &[&str]) -> Result<String> {
 }
 
 fn quarantined_list(enforcer: &Enforcer<'_>) -> Result<Vec<String>> {
-    let list: Value = serde_json::from_str(&cli(
-        enforcer,
-        &["quarantine", "list", "--output", "json"],
-    )?)?;
+    let list: Value =
+        serde_json::from_str(&cli(enforcer, &["quarantine", "list", "--output", "json"])?)?;
     Ok(list["quarantined"]
         .as_array()
         .context("quarantined list")?
@@ -97,8 +95,14 @@ fn a_quarantined_host_is_isolated_in_seconds_and_stays_isolated() -> Result<()> 
 
     // Healthy: the workstation and the PACS reach each other; the remediation server has no
     // way in.
-    ensure!(lab.tcp_connect("radiology-ws", pacs, 104, PROBE), "ws -> pacs tcp/104 before");
-    ensure!(lab.tcp_connect("pacs", ws_v4, 104, PROBE), "pacs -> ws tcp/104 before");
+    ensure!(
+        lab.tcp_connect("radiology-ws", pacs, 104, PROBE),
+        "ws -> pacs tcp/104 before"
+    );
+    ensure!(
+        lab.tcp_connect("pacs", ws_v4, 104, PROBE),
+        "pacs -> ws tcp/104 before"
+    );
     ensure!(
         !lab.tcp_connect("remediation", ws_v4, 22, PROBE),
         "remediation reached the healthy workstation on tcp/22"
@@ -110,7 +114,10 @@ fn a_quarantined_host_is_isolated_in_seconds_and_stays_isolated() -> Result<()> 
         .context("opening the established DICOM connection")?;
     established.set_read_timeout(Some(Duration::from_millis(1500)))?;
     established.set_write_timeout(Some(Duration::from_millis(1500)))?;
-    ensure!(echoes(&mut established), "the established connection echoes before");
+    ensure!(
+        echoes(&mut established),
+        "the established connection echoes before"
+    );
 
     // Quarantine on the PACS's daemon first: the established connection goes through it.
     let started = Instant::now();
@@ -128,7 +135,10 @@ fn a_quarantined_host_is_isolated_in_seconds_and_stays_isolated() -> Result<()> 
         !lab.tcp_connect("radiology-ws", pacs, 104, PROBE),
         "a new connection ws -> pacs tcp/104 passed right after `quarantine add` returned"
     );
-    eprintln!("`enforcer quarantine add` returned after {took:?}: {}", out.trim());
+    eprintln!(
+        "`enforcer quarantine add` returned after {took:?}: {}",
+        out.trim()
+    );
     // Again: nothing changes, and it says so.
     let again = cli(
         &daemons[0],
@@ -138,10 +148,16 @@ fn a_quarantined_host_is_isolated_in_seconds_and_stays_isolated() -> Result<()> 
 
     // The other daemons, and the workstation's IPv6 address everywhere.
     for daemon in &daemons[1..] {
-        cli(daemon, &["quarantine", "add", &ws_v4.to_string(), "--reason", REASON])?;
+        cli(
+            daemon,
+            &["quarantine", "add", &ws_v4.to_string(), "--reason", REASON],
+        )?;
     }
     for daemon in &daemons {
-        cli(daemon, &["quarantine", "add", &ws_v6.to_string(), "--reason", REASON])?;
+        cli(
+            daemon,
+            &["quarantine", "add", &ws_v6.to_string(), "--reason", REASON],
+        )?;
     }
     check_isolated(&lab, ws_v4, pacs, remediation)?;
     ensure!(
@@ -164,7 +180,9 @@ fn a_quarantined_host_is_isolated_in_seconds_and_stays_isolated() -> Result<()> 
     // The PACS's denials of the workstation name the quarantine segment.
     let flows = daemons[0].http_get("/flows?follow=false&from=quarantine&to=pacs", PROBE)?;
     ensure!(
-        flows.lines().any(|line| line.contains("\"verdict\":\"deny\"")),
+        flows
+            .lines()
+            .any(|line| line.contains("\"verdict\":\"deny\"")),
         "no denied flow from the quarantine segment in /flows:\n{flows}"
     );
 
@@ -209,7 +227,9 @@ fn a_quarantined_host_is_isolated_in_seconds_and_stays_isolated() -> Result<()> 
     let ws_daemon = daemons.remove(1);
     let pacs_daemon = daemons.remove(0);
     pacs_daemon.stop().context("stopping the pacs daemon")?;
-    ws_daemon.stop().context("stopping the workstation's daemon")?;
+    ws_daemon
+        .stop()
+        .context("stopping the workstation's daemon")?;
     let pacs_daemon = lab.start_enforcer("pacs", &policy)?;
     let ws_daemon = lab.start_enforcer("radiology-ws", &policy)?;
     ensure!(
@@ -229,14 +249,30 @@ fn a_quarantined_host_is_isolated_in_seconds_and_stays_isolated() -> Result<()> 
         for addr in [ws_v4, ws_v6] {
             let out = cli(
                 daemon,
-                &["quarantine", "remove", &addr.to_string(), "--reason", "EDR reinstalled"],
+                &[
+                    "quarantine",
+                    "remove",
+                    &addr.to_string(),
+                    "--reason",
+                    "EDR reinstalled",
+                ],
             )?;
             ensure!(out.contains("released"), "{out}");
         }
-        ensure!(quarantined_list(daemon)?.is_empty(), "{} list", daemon.host());
+        ensure!(
+            quarantined_list(daemon)?.is_empty(),
+            "{} list",
+            daemon.host()
+        );
     }
-    ensure!(lab.tcp_connect("radiology-ws", pacs, 104, PROBE), "ws -> pacs after release");
-    ensure!(lab.tcp_connect("pacs", ws_v4, 104, PROBE), "pacs -> ws after release");
+    ensure!(
+        lab.tcp_connect("radiology-ws", pacs, 104, PROBE),
+        "ws -> pacs after release"
+    );
+    ensure!(
+        lab.tcp_connect("pacs", ws_v4, 104, PROBE),
+        "pacs -> ws after release"
+    );
     ensure!(
         !lab.tcp_connect("remediation", ws_v4, 22, PROBE),
         "remediation -> ws tcp/22 after release"
@@ -259,6 +295,31 @@ fn a_quarantined_host_is_isolated_in_seconds_and_stays_isolated() -> Result<()> 
     for daemon in daemons {
         daemon.stop()?;
     }
+    // At stop the daemon audits the denials since the last summary: the restarted PACS daemon
+    // denied the quarantined workstation.
+    let text = std::fs::read_to_string(&pacs_log)?;
+    let summary: Value = text
+        .lines()
+        .rfind(|line| line.contains("\"kind\":\"violations_summary\""))
+        .map(serde_json::from_str)
+        .context("no violations_summary record")??;
+    let from_quarantine = summary["pairs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|pair| pair["from"] == "quarantine" && pair["to"] == "pacs")
+        .filter_map(|pair| pair["denied"].as_u64())
+        .sum::<u64>();
+    ensure!(
+        from_quarantine > 0 && summary["denied_total"].as_u64() >= Some(from_quarantine),
+        "the last violations summary does not count the quarantine -> pacs denials: {summary}"
+    );
+    let verify = audit_verify(&pacs_log)?;
+    ensure!(
+        verify.status.code() == Some(0),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
     Ok(())
 }
 
@@ -266,14 +327,29 @@ fn a_quarantined_host_is_isolated_in_seconds_and_stays_isolated() -> Result<()> 
 fn check_isolated(lab: &Lab, ws: IpAddr, pacs: IpAddr, remediation: IpAddr) -> Result<()> {
     let cases = [
         ("radiology-ws", pacs, 104, false, "ws -> pacs tcp/104"),
-        ("pacs", ws, 104, false, "pacs -> ws tcp/104 (its own daemon)"),
-        ("radiology-ws", remediation, 443, true, "ws -> remediation tcp/443"),
+        (
+            "pacs",
+            ws,
+            104,
+            false,
+            "pacs -> ws tcp/104 (its own daemon)",
+        ),
+        (
+            "radiology-ws",
+            remediation,
+            443,
+            true,
+            "ws -> remediation tcp/443",
+        ),
         ("remediation", ws, 22, true, "remediation -> ws tcp/22"),
     ];
     let mut wrong = Vec::new();
     for (from, to, port, want, what) in cases {
         if lab.tcp_connect(from, to, port, PROBE) != want {
-            wrong.push(format!("{what}: expected {}", if want { "allowed" } else { "denied" }));
+            wrong.push(format!(
+                "{what}: expected {}",
+                if want { "allowed" } else { "denied" }
+            ));
         }
     }
     if !wrong.is_empty() {
