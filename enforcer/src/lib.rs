@@ -2,9 +2,12 @@
 //! attach them), `policy_maps` (write a compiled policy into a slot and switch slots),
 //! `conntrack` (sweep idle flow state), `counters` (read the outcome counters), `events` (the
 //! flow stream), `metrics` (Prometheus), `daemon` (the running enforcer: reload, metrics,
-//! events), `persist` (pinning for `run --persist`, adoption, `enforcer detach`). `main.rs` is
-//! a thin CLI over it.
+//! events), `persist` (pinning for `run --persist`, adoption, `enforcer detach`), `control`
+//! (the Unix control socket), `audit` (the hash-chained audit log), `state` (what survives a
+//! restart), `quarantine`. `main.rs` is a thin CLI over it.
+pub mod audit;
 pub mod conntrack;
+pub mod control;
 pub mod counters;
 pub mod daemon;
 pub mod events;
@@ -12,6 +15,8 @@ pub mod loader;
 pub mod metrics;
 pub mod persist;
 pub mod policy_maps;
+pub mod quarantine;
+pub mod state;
 
 pub use counters::Counters;
 pub use loader::{Attachment, Enforcer, EventOptions, LoadError};

@@ -35,7 +35,11 @@ impl Policy {
     /// The reference verdict on `flow` at CLOCK_MONOTONIC time `now_ns`, with run-time
     /// overrides in force. With no overrides it is [`Policy::evaluate`].
     pub fn evaluate_with(&self, flow: &Flow, overrides: &Overrides, now_ns: u64) -> Decision {
-        let _ = (overrides, now_ns);
-        self.evaluate(flow)
+        let _ = now_ns;
+        // Quarantine: a quarantined address is in the quarantine segment, as source and as
+        // destination (see `crate::model` for what it matches as a source).
+        let src = self.placement(flow.src, &overrides.quarantined);
+        let dst = self.placement(flow.dst, &overrides.quarantined);
+        self.evaluate_placed(flow, src, dst)
     }
 }

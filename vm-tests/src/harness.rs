@@ -7,7 +7,7 @@ use aya::programs::{TestRun as _, TestRunOptions};
 use enforcer::Enforcer;
 use enforcer_common::{counter, direction};
 use policy_compiler::{
-    Policy,
+    Overrides, Policy,
     stateful::{PacketOutcome, StatefulEvaluator},
 };
 
@@ -39,6 +39,8 @@ pub struct KernelHarness {
     shadow: [[u64; counter::COUNT as usize]; direction::COUNT as usize],
     /// Rule hit counts as last read.
     rule_shadow: HashMap<u32, u64>,
+    /// The run-time overrides in force in both.
+    overrides: Overrides,
 }
 
 impl KernelHarness {
@@ -57,7 +59,38 @@ impl KernelHarness {
             reference: StatefulEvaluator::new(policy),
             shadow,
             rule_shadow: HashMap::new(),
+            overrides: Overrides::default(),
         })
+    }
+
+    /// Puts `overrides` in force in the kernel, as the daemon writes them, and in the
+    /// reference. Quarantine: a newly quarantined address goes into the QUARANTINE map and its
+    /// tracked flows and fragments are removed (the daemon's second pass has nothing to find
+    /// here: no packet runs concurrently); a released one leaves the map.
+    pub fn set_overrides(&mut self, overrides: Overrides) -> anyhow::Result<()> {
+        let ebpf = self.enforcer.ebpf_mut();
+        for addr in overrides
+            .quarantined
+            .difference(&self.overrides.quarantined)
+        {
+            enforcer::quarantine::insert(ebpf, *addr)?;
+            enforcer::quarantine::cut_flows(ebpf, *addr)?;
+        }
+        for addr in self
+            .overrides
+            .quarantined
+            .difference(&overrides.quarantined)
+        {
+            enforcer::quarantine::remove(ebpf, *addr)?;
+        }
+        self.reference.set_overrides(overrides.clone());
+        self.overrides = overrides;
+        Ok(())
+    }
+
+    /// The run-time overrides in force.
+    pub fn overrides(&self) -> &Overrides {
+        &self.overrides
     }
 
     /// Loads another policy into the same maps, and into the reference.
