@@ -502,6 +502,8 @@ fn verdict_labels(namer: &EventNamer, key: &PairVerdictKey) -> VerdictLabels {
         counter::AUDIT => ("audit", "none"),
         counter::DROP_FLOW_REVOKED => ("dropped", "revoked"),
         counter::DROP_CONNTRACK_FULL => ("dropped", "conntrack_full"),
+        counter::BREAKGLASS => ("forwarded", "breakglass"),
+        counter::DROP_BREAKGLASS_EXPIRED => ("dropped", "breakglass_expired"),
         _ if counter::is_drop(outcome) => ("dropped", "none"),
         _ => ("forwarded", "none"),
     };

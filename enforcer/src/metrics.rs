@@ -14,7 +14,8 @@ pub struct VerdictLabels {
     /// `forwarded`, `dropped` or `audit`.
     pub action: String,
     /// What decided: `rule` (an allow rule), `none` (no rule: denied or audited),
-    /// `unenforced` (not judged), `revoked` (a tracked flow whose rule is gone), `conntrack_full`.
+    /// `unenforced` (not judged), `revoked` (a tracked flow whose rule is gone), `conntrack_full`,
+    /// `breakglass` (a break-glass grant), `breakglass_expired` (a flow whose grant ended).
     pub match_: String,
 }
 

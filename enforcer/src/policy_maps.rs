@@ -6,8 +6,11 @@ use aya::{
     Ebpf,
     maps::{Array, HashMap, Map, MapData, MapError, lpm_trie::Key, lpm_trie::LpmTrie},
 };
+use std::collections::BTreeMap;
+
 use enforcer_common::{
-    AddrInfo, Config, PairKey, PairValue, PortKey, PortValue, SegmentInfo, map_names,
+    AddrInfo, BreakglassKey, BreakglassValue, Config, PairKey, PairValue, PortKey, PortValue,
+    SegmentInfo, map_names,
 };
 use policy_compiler::Artifact;
 
@@ -80,6 +83,32 @@ pub fn clear(ebpf: &mut Ebpf, slot: usize) -> Result<(), PolicyMapError> {
     let keys: Vec<PairKey> = pairs.keys().filter_map(Result::ok).collect();
     for key in &keys {
         pairs.remove(key).map_err(map_err(map_names::PAIRS[slot]))?;
+    }
+    write_breakglass(ebpf, slot, &BTreeMap::new())
+}
+
+/// Makes the break-glass map of `slot` hold exactly `entries` (see
+/// `policy_compiler::breakglass::kernel_entries`). Only changed pairs are written, each with one
+/// update that packets see entirely or not at all, so this may write the active slot.
+pub fn write_breakglass(
+    ebpf: &mut Ebpf,
+    slot: usize,
+    entries: &BTreeMap<BreakglassKey, BreakglassValue>,
+) -> Result<(), PolicyMapError> {
+    let name = map_names::BREAKGLASS[slot];
+    let mut map: HashMap<_, BreakglassKey, BreakglassValue> =
+        HashMap::try_from(map_mut(ebpf, name)?).map_err(map_err(name))?;
+    let present: Vec<(BreakglassKey, BreakglassValue)> =
+        map.iter().filter_map(Result::ok).collect();
+    for (key, value) in entries {
+        if !present.contains(&(*key, *value)) {
+            map.insert(key, value, 0).map_err(map_err(name))?;
+        }
+    }
+    for (key, _) in &present {
+        if !entries.contains_key(key) {
+            map.remove(key).map_err(map_err(name))?;
+        }
     }
     Ok(())
 }

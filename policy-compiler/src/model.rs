@@ -33,8 +33,12 @@ use crate::prefix::Prefix;
 /// The implicit segment of every address that is in no segment.
 pub const WORLD: &str = "world";
 /// Names that cannot be used for segments: `any` is a keyword of `from`, `quarantine` is kept
-/// for a later built-in segment.
-pub const RESERVED_SEGMENT_NAMES: [&str; 3] = [WORLD, "any", "quarantine"];
+/// for a later built-in segment, `breakglass` would give rule ids (`breakglass/N`) that name
+/// break-glass grants.
+pub const RESERVED_SEGMENT_NAMES: [&str; 4] = [WORLD, "any", "quarantine", BREAKGLASS];
+
+/// The rule id of a flow admitted by break-glass grant N is `breakglass/N`.
+pub const BREAKGLASS: &str = "breakglass";
 
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;

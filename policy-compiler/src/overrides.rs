@@ -20,7 +20,8 @@ pub struct Overrides {
 }
 
 /// A break-glass grant: members of segment `from` may reach members of segment `to` on `ports`
-/// until `expires_ns`.
+/// until `expires_ns` (see [`crate::breakglass`] for the exact semantics). Ids are unique and
+/// never 0.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Grant {
     pub id: u32,
@@ -35,7 +36,8 @@ impl Policy {
     /// The reference verdict on `flow` at CLOCK_MONOTONIC time `now_ns`, with run-time
     /// overrides in force. With no overrides it is [`Policy::evaluate`].
     pub fn evaluate_with(&self, flow: &Flow, overrides: &Overrides, now_ns: u64) -> Decision {
-        let _ = (overrides, now_ns);
-        self.evaluate(flow)
+        let decision = self.evaluate(flow);
+        // Break-glass grants last: they only turn a denial (or audit) into an allow.
+        self.apply_grants(decision, flow, overrides, now_ns)
     }
 }
