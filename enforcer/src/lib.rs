@@ -3,6 +3,7 @@
 //! `conntrack` (sweep idle flow state), `counters` (read the outcome counters), `events` (the
 //! flow stream), `metrics` (Prometheus), `daemon` (the running enforcer: reload, metrics,
 //! events). `main.rs` is a thin CLI over it.
+pub mod breakglass;
 pub mod conntrack;
 pub mod counters;
 pub mod daemon;

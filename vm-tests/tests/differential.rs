@@ -2,13 +2,14 @@
 //! conversations (TCP handshakes, data, FIN, RST; UDP; ICMP echo; other protocols) in both
 //! directions on ingress and egress, ICMP errors quoting earlier packets, fragments in and out
 //! of order, IPv6 extension headers, VLAN tags, adversarial mutations, and policy reloads in
-//! the middle. Every packet's outcome must agree. Needs root.
+//! the middle, with break-glass grants in force (live and expired, granted and revoked along
+//! the way). Every packet's outcome must agree. Needs root.
 //!
 //! Replay a failure with `ENFORCER_TEST_SEED=<seed>`; scale with `ENFORCER_DIFF_PACKETS`.
 use std::net::IpAddr;
 
 use enforcer_common::{counter, direction};
-use policy_compiler::Policy;
+use policy_compiler::{Overrides, Policy};
 use rand::{Rng, SeedableRng, rngs::SmallRng, seq::IndexedRandom as _};
 use vm_tests::{
     harness::KernelHarness,
@@ -19,6 +20,8 @@ use vm_tests::{
 };
 
 const PACKETS_PER_POLICY: usize = 10_000;
+/// At most this many grants at once: 3 port entries each stay within a pair's 16 ranges.
+const MAX_GRANTS: usize = 5;
 
 fn env_number(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|s| s.parse().ok())
@@ -172,6 +175,7 @@ fn kernel_agrees_with_reference_on_generated_packet_sequences() {
     let mut seen = [[0usize; counter::COUNT as usize]; direction::COUNT as usize];
     let mut checked = 0usize;
     let mut reloads = 0usize;
+    let mut grant_changes = 0usize;
     let mut policy_number = 0usize;
     while checked < total {
         let generated = policy_gen::generate(&mut rng);
@@ -180,6 +184,19 @@ fn kernel_agrees_with_reference_on_generated_packet_sequences() {
         });
         let mut sources = generated.sources.clone();
         let mut harness = KernelHarness::load(policy).expect("load the enforcer");
+        let names = &generated.segment_names;
+        let mut grants: Vec<_> = (1..=rng.random_range(0..=3))
+            .map(|id| policy_gen::random_grant(&mut rng, id, names))
+            .collect();
+        let mut next_grant = grants.len() as u32 + 1;
+        let set_grants = |harness: &mut KernelHarness, grants: &[policy_compiler::Grant]| {
+            let overrides = Overrides {
+                grants: grants.to_vec(),
+                ..Overrides::default()
+            };
+            harness.set_overrides(overrides).expect("grants fit");
+        };
+        set_grants(&mut harness, &grants);
         let mut conversations = Vec::new();
         for _ in 0..PACKETS_PER_POLICY.min(total - checked) {
             if rng.random_ratio(1, 2_000) {
@@ -188,14 +205,28 @@ fn kernel_agrees_with_reference_on_generated_packet_sequences() {
                 harness.replace_policy(reloaded).expect("reload");
                 reloads += 1;
             }
+            if rng.random_ratio(1, 500) {
+                if !grants.is_empty() && (grants.len() >= MAX_GRANTS || rng.random_bool(0.5)) {
+                    let revoked = grants.swap_remove(rng.random_range(0..grants.len()));
+                    harness
+                        .revoke_grant(revoked.id)
+                        .unwrap_or_else(|e| panic!("seed {seed}: revoking: {e:#}"));
+                } else {
+                    grants.push(policy_gen::random_grant(&mut rng, next_grant, names));
+                    next_grant += 1;
+                    set_grants(&mut harness, &grants);
+                }
+                grant_changes += 1;
+            }
             let (frame, dir) = next_packet(&mut rng, &mut conversations, &generated.interesting);
             let outcome = harness.check(&frame, dir).unwrap_or_else(|e| {
                 panic!(
-                    "seed {seed}, policy {policy_number}, packet {checked}: {e:#}\npolicy files:\n{}",
+                    "seed {seed}, policy {policy_number}, packet {checked}: {e:#}\npolicy files:\n{}grants: {:?}",
                     sources
                         .iter()
                         .map(|(name, text)| format!("--- {name}\n{text}"))
-                        .collect::<String>()
+                        .collect::<String>(),
+                    harness.reference.overrides().grants,
                 )
             });
             seen[dir as usize][outcome.counter as usize] += 1;
@@ -203,7 +234,9 @@ fn kernel_agrees_with_reference_on_generated_packet_sequences() {
         }
         policy_number += 1;
     }
-    println!("checked {checked} packets over {policy_number} policies and {reloads} reloads");
+    println!(
+        "checked {checked} packets over {policy_number} policies, {reloads} reloads and {grant_changes} grants given or revoked"
+    );
     for dir in 0..direction::COUNT {
         let by_outcome: Vec<String> = counter::NAMES
             .iter()
