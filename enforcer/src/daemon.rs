@@ -3,10 +3,21 @@
 use std::{
     net::SocketAddr,
     path::PathBuf,
-    sync::{Arc, atomic::AtomicBool},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
 };
 
-use crate::{events::EventHub, metrics::MetricsSnapshot};
+use serde_json::{Value, json};
+
+use crate::{
+    audit::AuditLog,
+    control::{ControlError, Peer},
+    events::EventHub,
+    metrics::MetricsSnapshot,
+    state::{State, StateFile},
+};
 
 /// Options of `enforcer run` (flag names are a stable interface).
 #[derive(Clone, Debug)]
@@ -23,6 +34,16 @@ pub struct RunOptions {
     pub flow_log_keep: usize,
     /// `--report-allowed`: report the first packet of every allowed flow too.
     pub report_allowed: bool,
+    /// `--control-socket`: the Unix socket of `enforcer quarantine`, `breakglass`, `status`.
+    pub control_socket: PathBuf,
+    /// `--control-socket-group`: socket mode 0660 with this group instead of 0600.
+    pub control_socket_group: Option<String>,
+    /// `--audit-log`: the tamper-evident audit log (JSON lines, hash-chained).
+    pub audit_log: Option<PathBuf>,
+    /// `--audit-summary-interval`: how often denied counts per segment pair are audited.
+    pub audit_summary_interval: Duration,
+    /// `--state-file`: run-time changes (quarantine, break-glass) kept across restarts.
+    pub state_file: PathBuf,
 }
 
 /// What the HTTP endpoints read.
@@ -79,6 +100,8 @@ pub enum DaemonError {
     EventsTaken,
     #[error("watching the event ring buffer: {0}")]
     EventFd(#[source] std::io::Error),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
 }
 
 /// A validated and compiled policy, with where it came from.
@@ -105,6 +128,29 @@ pub fn load_policy(dir: &Path) -> Result<LoadedPolicy, DaemonError> {
         artifact,
         commit: git_commit(dir),
     })
+}
+
+/// The saved state, or an empty one with the problem when the file cannot be used (it is moved
+/// aside, not overwritten; the daemon still enforces the policy).
+fn load_state(file: &StateFile) -> (State, Option<String>) {
+    match file.load() {
+        Ok(state) => (state, None),
+        Err(error) => {
+            let aside = match &error {
+                crate::state::StateError::Invalid { .. } => file.move_aside().ok(),
+                crate::state::StateError::Io { .. } => None,
+            };
+            let problem = match aside {
+                Some(aside) => format!("{error}; moved to {}", aside.display()),
+                None => error.to_string(),
+            };
+            error!(
+                "{problem}: starting without its run-time changes (quarantined hosts are NOT \
+                 isolated until they are added again)"
+            );
+            (State::default(), Some(problem))
+        }
+    }
 }
 
 fn git_commit(dir: &Path) -> Option<String> {
@@ -187,6 +233,17 @@ pub struct Daemon {
     verdict_base: Mutex<BTreeMap<VerdictLabels, u64>>,
     /// Tracked flows, as of the last sweep.
     conntrack_entries: Mutex<u64>,
+    /// `--audit-log`, when given.
+    audit_log: Option<AuditLog>,
+    /// Audit records that could not be written.
+    audit_failures: AtomicU64,
+    /// Run-time changes in force (quarantine, break-glass), as saved in `state_file`. Handlers
+    /// hold the lock from validation to the kernel update, so changes are serialised.
+    state: Mutex<State>,
+    state_file: StateFile,
+    /// Denied counts per segment pair at the last `violations_summary` record.
+    summarised_denials: Mutex<BTreeMap<VerdictLabels, u64>>,
+    summarised_at: Mutex<String>,
 }
 
 fn policy_names(generation: u32, loaded: &LoadedPolicy) -> Arc<PolicyNames> {
@@ -206,7 +263,25 @@ fn policy_names(generation: u32, loaded: &LoadedPolicy) -> Arc<PolicyNames> {
 impl Daemon {
     /// Loads the policy and the programs and attaches to every interface.
     pub fn start(options: &RunOptions, hub: Arc<EventHub>) -> Result<Arc<Daemon>, DaemonError> {
-        let loaded = load_policy(&options.policy_dir)?;
+        let audit_log = options
+            .audit_log
+            .as_deref()
+            .map(AuditLog::open)
+            .transpose()?;
+        let state_file = StateFile::new(&options.state_file);
+        let (state, state_problem) = load_state(&state_file);
+        let loaded = match load_policy(&options.policy_dir) {
+            Ok(loaded) => loaded,
+            Err(error) => {
+                if let Some(log) = &audit_log {
+                    let _ = log.append(
+                        "policy_load",
+                        json!({"trigger": "start", "outcome": "failure", "error": error.to_string()}),
+                    );
+                }
+                return Err(error);
+            }
+        };
         let events = EventOptions {
             report_allowed: options.report_allowed,
             ..EventOptions::default()
@@ -223,7 +298,7 @@ impl Daemon {
             rules: loaded.policy.written_rule_count() as u64,
             ..Status::default()
         };
-        Ok(Arc::new(Daemon {
+        let daemon = Arc::new(Daemon {
             policy_dir: options.policy_dir.clone(),
             enforcer: Mutex::new(enforcer),
             namer: Mutex::new(namer),
@@ -231,7 +306,124 @@ impl Daemon {
             status: Mutex::new(status),
             verdict_base: Mutex::new(BTreeMap::new()),
             conntrack_entries: Mutex::new(0),
+            audit_log,
+            audit_failures: AtomicU64::new(0),
+            state: Mutex::new(state),
+            state_file,
+            summarised_denials: Mutex::new(BTreeMap::new()),
+            summarised_at: Mutex::new(crate::audit::now_rfc3339()),
+        });
+        daemon.audit(
+            "daemon_start",
+            json!({
+                "version": env!("CARGO_PKG_VERSION"),
+                "pid": std::process::id(),
+                "ifaces": options.ifaces,
+                "policy_dir": options.policy_dir,
+                "control_socket": options.control_socket,
+                "state_file": options.state_file,
+            }),
+        );
+        if let Some(problem) = state_problem {
+            daemon.audit("state_file_unreadable", json!({"error": problem}));
+        }
+        daemon.audit_policy_load("start", &loaded);
+        Ok(daemon)
+    }
+
+    /// Appends a record to the audit log (when `--audit-log` is set). A failed write is logged
+    /// and counted (`enforcer_audit_write_failures_total`), never fatal: enforcement goes on.
+    pub fn audit(&self, kind: &str, fields: Value) {
+        let Some(log) = &self.audit_log else {
+            return;
+        };
+        if let Err(error) = log.append(kind, fields) {
+            self.audit_failures.fetch_add(1, Ordering::Relaxed);
+            error!(%error, kind, "writing the audit log failed");
+        }
+    }
+
+    fn audit_policy_load(&self, trigger: &str, loaded: &LoadedPolicy) {
+        self.audit(
+            "policy_load",
+            json!({
+                "trigger": trigger,
+                "outcome": "success",
+                "revision": loaded.artifact.revision,
+                "commit": loaded.commit,
+                "rules": loaded.policy.written_rule_count(),
+            }),
+        );
+    }
+
+    /// The run-time changes in force.
+    pub fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Saves `state` to the state file (call with the [`Daemon::state`] lock held, before
+    /// changing the kernel).
+    pub fn save_state(&self, state: &State) -> Result<(), ControlError> {
+        self.state_file.save(state).map_err(|error| {
+            ControlError::Failed(format!("nothing changed: saving the state failed: {error}"))
+        })
+    }
+
+    /// `status`: what is in force.
+    pub fn status(&self, _peer: &Peer) -> Result<Value, ControlError> {
+        let status = self
+            .status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let quarantined = self.state().quarantine.len();
+        Ok(json!({
+            "revision": status.revision,
+            "commit": status.commit,
+            "rules": status.rules,
+            "generation": self.generation(),
+            "reload_failing": status.reload_failing,
+            "quarantined": quarantined,
+            // Break-glass fills this in.
+            "active_grants": 0,
         }))
+    }
+
+    /// Audits the denied packets per segment pair since the previous summary
+    /// (`violations_summary`).
+    pub fn audit_violations_summary(&self) {
+        let now = crate::audit::now_rfc3339();
+        let snapshot = self.metrics();
+        let mut last = self
+            .summarised_denials
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut since = self.summarised_at.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pairs = Vec::new();
+        let mut total = 0u64;
+        for (labels, count) in &snapshot.policy_verdicts {
+            if labels.action != "dropped" {
+                continue;
+            }
+            let before = last.get(labels).copied().unwrap_or(0);
+            let denied = count.saturating_sub(before);
+            if denied > 0 {
+                total += denied;
+                pairs.push(json!({
+                    "from": labels.source_segment,
+                    "to": labels.destination_segment,
+                    "direction": labels.direction,
+                    "match": labels.match_,
+                    "denied": denied,
+                }));
+            }
+            last.insert(labels.clone(), *count);
+        }
+        self.audit(
+            "violations_summary",
+            json!({"since": *since, "denied_total": total, "pairs": pairs}),
+        );
+        *since = now;
     }
 
     pub fn policy_dir(&self) -> &Path {
@@ -260,6 +452,8 @@ impl Daemon {
             status.revision = loaded.artifact.revision.clone();
             status.commit = loaded.commit.clone();
             status.rules = loaded.policy.written_rule_count() as u64;
+            drop(status);
+            self.audit_policy_load("reload", &loaded);
             Ok((took, loaded.artifact.revision.clone(), loaded.commit))
         });
         let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
@@ -273,7 +467,13 @@ impl Daemon {
             Err(error) => {
                 status.reloads_failure += 1;
                 status.reload_failing = true;
+                let in_force = status.revision.clone();
+                drop(status);
                 error!("policy reload rejected; the previous policy stays in force: {error}");
+                self.audit(
+                    "policy_reload_failed",
+                    json!({"outcome": "failure", "error": error.to_string(), "in_force": in_force}),
+                );
                 Err(error)
             }
         }
@@ -359,8 +559,13 @@ impl Daemon {
 
     /// Everything `/metrics` shows, read now.
     pub fn metrics(&self) -> MetricsSnapshot {
+        let mut snapshot = MetricsSnapshot {
+            // Before the enforcer lock: handlers take the state lock first.
+            quarantined_hosts: self.state().quarantine.len() as u64,
+            audit_write_failures: self.audit_failures.load(Ordering::Relaxed),
+            ..MetricsSnapshot::default()
+        };
         let enforcer = self.enforcer();
-        let mut snapshot = MetricsSnapshot::default();
         let status = self
             .status
             .lock()

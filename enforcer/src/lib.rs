@@ -3,14 +3,18 @@
 //! `conntrack` (sweep idle flow state), `counters` (read the outcome counters), `events` (the
 //! flow stream), `metrics` (Prometheus), `daemon` (the running enforcer: reload, metrics,
 //! events). `main.rs` is a thin CLI over it.
+pub mod audit;
 pub mod breakglass;
 pub mod conntrack;
+pub mod control;
 pub mod counters;
 pub mod daemon;
 pub mod events;
 pub mod loader;
 pub mod metrics;
 pub mod policy_maps;
+pub mod quarantine;
+pub mod state;
 
 pub use counters::Counters;
 pub use loader::{Attachment, Enforcer, EventOptions, LoadError};

@@ -11,6 +11,8 @@ use std::{
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use enforcer::{
+    audit,
+    control::{self, ControlRequest},
     daemon::{self, Daemon, RunOptions},
     events::EventHub,
     flow_log::{self, FlowLogTarget},
@@ -66,6 +68,36 @@ enum Command {
         /// Report the first packet of every allowed flow too, not only denials and audits.
         #[arg(long)]
         report_allowed: bool,
+        /// The Unix socket `enforcer quarantine`, `breakglass` and `status` talk to (mode 0600;
+        /// its directory is created).
+        #[arg(long, default_value = control::DEFAULT_SOCKET)]
+        control_socket: PathBuf,
+        /// Let members of GROUP use the control socket too (mode 0660, that group).
+        #[arg(long, value_name = "GROUP")]
+        control_socket_group: Option<String>,
+        /// Append the tamper-evident audit log (JSON lines, each with the SHA-256 of the
+        /// previous one) to FILE; check it with `enforcer audit verify FILE`.
+        #[arg(long, value_name = "FILE")]
+        audit_log: Option<PathBuf>,
+        /// How often the audit log gets a summary of denied packets per segment pair.
+        #[arg(long, default_value = "5m", value_parser = parse_interval)]
+        audit_summary_interval: Duration,
+        /// Where run-time changes (quarantined hosts, break-glass grants) are kept across
+        /// restarts.
+        #[arg(long, default_value = enforcer::state::DEFAULT_STATE_FILE)]
+        state_file: PathBuf,
+    },
+    /// What the running daemon enforces: policy revision, quarantined hosts, active grants.
+    Status {
+        #[arg(long, default_value = control::DEFAULT_SOCKET)]
+        control_socket: PathBuf,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// The audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
     },
     /// Follow a running enforcer's flow stream, in the spirit of `hubble observe`.
     Observe {
@@ -92,6 +124,45 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain of an audit log. Exit code 0: intact; 1: a record was edited,
+    /// deleted, reordered or inserted (the line is named); 2: the file cannot be read.
+    Verify {
+        file: PathBuf,
+        /// The log must reach at least this seq (one an external system saw): records deleted
+        /// from the end cannot be seen by the chain alone.
+        #[arg(long, value_name = "N")]
+        expect_seq: Option<u64>,
+        /// SEQ:SHA256 — record SEQ must have this hash (as reported by an earlier verify).
+        #[arg(long, value_name = "SEQ:HASH", value_parser = parse_anchor)]
+        anchor: Option<(u64, String)>,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+}
+
+fn parse_interval(text: &str) -> Result<Duration, String> {
+    let interval = humantime::parse_duration(text).map_err(|error| error.to_string())?;
+    if interval < Duration::from_secs(1) {
+        return Err("must be at least 1s".into());
+    }
+    Ok(interval)
+}
+
+fn parse_anchor(text: &str) -> Result<(u64, String), String> {
+    let (seq, hash) = text
+        .split_once(':')
+        .ok_or("expected SEQ:SHA256, e.g. 42:3f1c…")?;
+    let seq = seq
+        .parse()
+        .map_err(|_| format!("{seq:?} is not a seq number"))?;
+    if hash.len() != 64 || !hash.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(format!("{hash:?} is not a SHA-256 in hex (64 characters)"));
+    }
+    Ok((seq, hash.to_ascii_lowercase()))
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -102,6 +173,7 @@ fn main() -> ExitCode {
         )
         .init();
     let result = match Cli::parse().command {
+        // Client commands print their own errors and choose their exit codes.
         Command::Run {
             policy,
             ifaces,
@@ -110,6 +182,11 @@ fn main() -> ExitCode {
             flow_log_max_bytes,
             flow_log_keep,
             report_allowed,
+            control_socket,
+            control_socket_group,
+            audit_log,
+            audit_summary_interval,
+            state_file,
         } => run(RunOptions {
             policy_dir: policy,
             ifaces,
@@ -118,7 +195,25 @@ fn main() -> ExitCode {
             flow_log_max_bytes,
             flow_log_keep,
             report_allowed,
+            control_socket,
+            control_socket_group,
+            audit_log,
+            audit_summary_interval,
+            state_file,
         }),
+        Command::Status {
+            control_socket,
+            output,
+        } => return status(&control_socket, output),
+        Command::Audit {
+            command:
+                AuditCommand::Verify {
+                    file,
+                    expect_seq,
+                    anchor,
+                    output,
+                },
+        } => return audit_verify(&file, expect_seq, anchor, output),
         Command::Observe {
             addr,
             verdict,
@@ -143,6 +238,97 @@ fn main() -> ExitCode {
             error!("{error:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Sends one request to the daemon; prints the error and exits 1 when it fails.
+fn control_request(
+    socket: &std::path::Path,
+    request: &ControlRequest,
+) -> Result<serde_json::Value, ExitCode> {
+    control::request(socket, request).map_err(|error| {
+        eprintln!("error: {error}");
+        ExitCode::FAILURE
+    })
+}
+
+fn print_json(value: &serde_json::Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_default()
+    );
+}
+
+fn status(socket: &std::path::Path, output: Output) -> ExitCode {
+    let status = match control_request(socket, &ControlRequest::Status) {
+        Ok(status) => status,
+        Err(code) => return code,
+    };
+    match output {
+        Output::Json => print_json(&status),
+        Output::Text => {
+            let field = |name: &str| match &status[name] {
+                serde_json::Value::String(text) => text.clone(),
+                serde_json::Value::Null => "-".into(),
+                other => other.to_string(),
+            };
+            println!("revision:      {}", field("revision"));
+            println!("commit:        {}", field("commit"));
+            println!("rules:         {}", field("rules"));
+            println!("quarantined:   {}", field("quarantined"));
+            println!("active grants: {}", field("active_grants"));
+            if status["reload_failing"] == serde_json::Value::Bool(true) {
+                println!("the newest policy on disk is rejected; an older one is in force");
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn audit_verify(
+    file: &std::path::Path,
+    expect_seq: Option<u64>,
+    anchor: Option<(u64, String)>,
+    output: Output,
+) -> ExitCode {
+    let expect = audit::Expectations {
+        seq: expect_seq,
+        anchor,
+    };
+    let verification = match audit::verify(file, &expect) {
+        Ok(verification) => verification,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string(&verification).unwrap_or_default()
+        ),
+        Output::Text => match &verification.problem {
+            None => println!(
+                "{}: intact, {} records, last seq {}, last record SHA-256 {}",
+                file.display(),
+                verification.records,
+                verification
+                    .last_seq
+                    .map_or("-".to_string(), |seq| seq.to_string()),
+                verification.last_hash
+            ),
+            Some(problem) => println!(
+                "{}: TAMPERED at line {}: {}",
+                file.display(),
+                problem.line,
+                problem.message
+            ),
+        },
+    }
+    if verification.intact() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 
@@ -176,6 +362,22 @@ fn run(options: RunOptions) -> anyhow::Result<()> {
     let hub = Arc::new(EventHub::new(16_384, 10_000));
     let daemon = Daemon::start(&options, Arc::clone(&hub))?;
     let mut tasks = vec![daemon.spawn_event_reader()?];
+    let control_socket = control::bind(
+        &options.control_socket,
+        options.control_socket_group.as_deref(),
+    )
+    .with_context(|| {
+        format!(
+            "serving the control socket {}",
+            options.control_socket.display()
+        )
+    })?;
+    info!(socket = %control_socket.path().display(), "serving the control socket");
+    let handler: control::Handler = {
+        let daemon = Arc::clone(&daemon);
+        Arc::new(move |request, peer| control::dispatch(&daemon, request, peer))
+    };
+    tasks.push(tokio::spawn(control_socket.serve(handler)));
     let state = daemon.shared_state();
     let listener = runtime
         .block_on(http::bind(options.metrics_addr))
@@ -205,10 +407,17 @@ fn run(options: RunOptions) -> anyhow::Result<()> {
         ifaces = ?options.ifaces,
         "enforcer ready"
     );
-    let result = runtime.block_on(run_until_shutdown(&daemon));
+    let result = runtime.block_on(run_until_shutdown(&daemon, options.audit_summary_interval));
     for task in tasks {
         task.abort();
     }
+    daemon.audit_violations_summary();
+    daemon.audit(
+        "daemon_stop",
+        serde_json::json!({
+            "reason": result.as_ref().map_or_else(|error| format!("{error:#}"), |signal| signal.to_string()),
+        }),
+    );
     let counters = daemon.counters().context("reading counters")?;
     drop(daemon);
     drop(runtime);
@@ -221,25 +430,33 @@ fn run(options: RunOptions) -> anyhow::Result<()> {
     });
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{summary}").context("writing the shutdown summary")?;
-    result
+    result.map(|_| ())
 }
 
-async fn run_until_shutdown(daemon: &Arc<Daemon>) -> anyhow::Result<()> {
+/// Runs until a signal asks to stop; returns its name.
+async fn run_until_shutdown(
+    daemon: &Arc<Daemon>,
+    summary_interval: Duration,
+) -> anyhow::Result<&'static str> {
     let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut hangup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     let mut watch = tokio::time::interval(WATCH_INTERVAL);
     let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+    let mut summary = tokio::time::interval_at(
+        tokio::time::Instant::now() + summary_interval,
+        summary_interval,
+    );
     let mut seen = daemon::fingerprint(daemon.policy_dir());
     loop {
         let reload = tokio::select! {
             _ = interrupt.recv() => {
                 info!("SIGINT received");
-                return Ok(());
+                return Ok("SIGINT");
             }
             _ = terminate.recv() => {
                 info!("SIGTERM received");
-                return Ok(());
+                return Ok("SIGTERM");
             }
             _ = hangup.recv() => {
                 info!("SIGHUP received: reloading the policy");
@@ -257,6 +474,11 @@ async fn run_until_shutdown(daemon: &Arc<Daemon>) -> anyhow::Result<()> {
             _ = sweep.tick() => {
                 let daemon = Arc::clone(daemon);
                 let _ = tokio::task::spawn_blocking(move || daemon.sweep()).await;
+                false
+            }
+            _ = summary.tick() => {
+                let daemon = Arc::clone(daemon);
+                let _ = tokio::task::spawn_blocking(move || daemon.audit_violations_summary()).await;
                 false
             }
         };

@@ -52,6 +52,10 @@ pub struct MetricsSnapshot {
     /// `enforcer_policy_last_reload_error` as text is not a metric: the log has it. This is
     /// `enforcer_policy_reload_failing` (1 while the newest policy on disk is rejected).
     pub reload_failing: bool,
+    /// `enforcer_quarantined_hosts`: hosts in the `quarantine` segment.
+    pub quarantined_hosts: u64,
+    /// `enforcer_audit_write_failures_total`: audit records that could not be written.
+    pub audit_write_failures: u64,
 }
 
 /// The content type of [`MetricsSnapshot::render`].
@@ -236,6 +240,32 @@ impl MetricsSnapshot {
             "enforcer_conntrack_entries",
             &[],
             self.conntrack_entries,
+        );
+
+        family(
+            &mut out,
+            "enforcer_quarantined_hosts",
+            "gauge",
+            "Hosts moved into the quarantine segment at run time.",
+        );
+        sample(
+            &mut out,
+            "enforcer_quarantined_hosts",
+            &[],
+            self.quarantined_hosts,
+        );
+
+        family(
+            &mut out,
+            "enforcer_audit_write_failures_total",
+            "counter",
+            "Audit records that could not be written to the audit log.",
+        );
+        sample(
+            &mut out,
+            "enforcer_audit_write_failures_total",
+            &[],
+            self.audit_write_failures,
         );
 
         out

@@ -69,6 +69,8 @@ fn populated_snapshot() -> MetricsSnapshot {
         map_pressure: vec![("conntrack".into(), 0.125), ("policy_rules".into(), 0.5)],
         conntrack_entries: 1234,
         reload_failing: true,
+        quarantined_hosts: 2,
+        audit_write_failures: 1,
     }
 }
 
@@ -133,6 +135,10 @@ fn exposition_has_the_stable_names() {
         "enforcer_policy_rules 42",
         r#"enforcer_bpf_map_pressure{map_name="conntrack"} 0.125"#,
         "enforcer_conntrack_entries 1234",
+        "# TYPE enforcer_quarantined_hosts gauge",
+        "enforcer_quarantined_hosts 2",
+        "# TYPE enforcer_audit_write_failures_total counter",
+        "enforcer_audit_write_failures_total 1",
     ] {
         assert!(
             text.lines().any(|l| l == line),

@@ -32,7 +32,7 @@ use std::{
     time::Duration,
 };
 
-pub use enforcer::{Counters, Enforcer, ShutdownCounters, enforcer_bin};
+pub use enforcer::{Counters, DaemonFiles, Enforcer, ShutdownCounters, enforcer_bin};
 pub use metrics::{Metrics, Sample};
 pub use netns::{cleanup_all, cleanup_on_signals, in_netns};
 pub use observer::{ObservedLine, Observer};
@@ -261,6 +261,7 @@ impl Lab {
     pub fn new(specs: &[HostSpec]) -> Result<Self> {
         validate(specs)?;
         netns::remove_stale(NETNS_PREFIX);
+        remove_stale_run_dirs();
         let id = format!(
             "{NETNS_PREFIX}{}x{}",
             std::process::id(),
@@ -403,6 +404,11 @@ impl Lab {
     /// Unique id of this lab, the prefix of its namespace names.
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// Where this lab's daemons keep their files ([`DaemonFiles`]).
+    pub fn run_dir(&self) -> std::path::PathBuf {
+        run_dir(&self.id)
     }
 
     pub fn hosts(&self) -> &[Host] {
@@ -560,7 +566,31 @@ impl Drop for Lab {
             .chain(self.hosts.iter().map(|h| h.netns.clone()))
             .collect();
         netns::delete(&names);
+        let _ = std::fs::remove_dir_all(run_dir(&self.id));
         tracing::info!(lab = %self.id, "lab removed");
+    }
+}
+
+/// Where the daemons of lab `id` keep their control sockets, state files and audit logs.
+pub fn run_dir(id: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(id)
+}
+
+/// Run directories of labs whose process died without cleaning up.
+fn remove_stale_run_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.filter_map(|e| e.ok()) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(NETNS_PREFIX) else {
+            continue;
+        };
+        let pid: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        let lab_dir = rest[pid.len()..].starts_with('x');
+        if lab_dir && !pid.is_empty() && !Path::new("/proc").join(&pid).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
     }
 }
 

@@ -349,6 +349,24 @@ fn daemonsets_give_the_enforcer_what_it_needs_and_no_more() -> Result<()> {
                 "--policy={policy} is outside the policy mount"
             );
             named(volumes, "policy")?;
+            // Quarantine, grants and the audit chain must outlive the pod: on the node.
+            for name in ["control-socket", "state-file", "audit-log"] {
+                let path = flag(args, name)?;
+                let mount = mounts
+                    .iter()
+                    .filter(|m| {
+                        m["mountPath"]
+                            .as_str()
+                            .is_some_and(|dir| Path::new(path).starts_with(dir))
+                    })
+                    .max_by_key(|m| m["mountPath"].as_str().map_or(0, str::len))
+                    .with_context(|| format!("--{name}={path} is in no volume mount"))?;
+                let volume = named(volumes, str_at(mount, "name")?)?;
+                ensure!(
+                    volume.get("hostPath").is_some() && mount["readOnly"] != true,
+                    "--{name}={path} must be on a writable hostPath volume, not {volume}"
+                );
+            }
             Ok(())
         };
         check().with_context(|| relative(&path))?;
@@ -960,12 +978,31 @@ fn systemd_unit_passes_systemd_analyze() -> Result<()> {
         .filter(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty())
         .filter_map(|l| l.split_once('='))
         .collect();
-    for var in ["POLICY_DIR", "IFACES", "METRICS_ADDR", "FLOW_LOG"] {
+    for var in [
+        "POLICY_DIR",
+        "IFACES",
+        "METRICS_ADDR",
+        "FLOW_LOG",
+        "AUDIT_LOG",
+    ] {
         ensure!(settings.contains_key(var), "enforcer.env lacks {var}");
         ensure!(unit.contains(&format!("${var}")) || unit.contains(&format!("${{{var}}}")));
     }
     ensure!(unit.contains("EnvironmentFile=/etc/enforcer/enforcer.env"));
     ensure!(unit.contains("ExecStart=/usr/local/bin/enforcer run"));
+    for flag in [
+        "--control-socket=/run/enforcer/control.sock",
+        "--state-file=/var/lib/enforcer/state.json",
+        "--audit-log=${AUDIT_LOG}",
+    ] {
+        ensure!(unit.contains(flag), "ExecStart lacks {flag}");
+    }
+    ensure!(
+        settings
+            .get("AUDIT_LOG")
+            .is_some_and(|log| log.starts_with("/var/log/enforcer/")),
+        "the audit log belongs in the LogsDirectory"
+    );
     ensure!(unit.contains("ExecReload=/bin/kill -HUP $MAINPID"));
     ensure!(unit.contains("Restart=on-failure"));
     for line in [
@@ -974,6 +1011,11 @@ fn systemd_unit_passes_systemd_analyze() -> Result<()> {
         "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK",
         "NoNewPrivileges=yes",
         "ProtectSystem=strict",
+        // The control socket, the state file and the audit log (ProtectSystem=strict leaves
+        // only these writable).
+        "RuntimeDirectory=enforcer",
+        "StateDirectory=enforcer",
+        "LogsDirectory=enforcer",
     ] {
         ensure!(unit.lines().any(|l| l == line), "the unit lacks `{line}`");
     }

@@ -141,6 +141,55 @@ fn metrics_addr(args: &[&str]) -> Result<SocketAddr, String> {
     Ok(addr)
 }
 
+/// The value of `--flag VALUE` or `--flag=VALUE` among `args`.
+fn flag_value<'a>(args: &[&'a str], flag: &str) -> Option<&'a str> {
+    args.iter().enumerate().find_map(|(i, arg)| {
+        arg.strip_prefix(flag)
+            .and_then(|rest| rest.strip_prefix('='))
+            .or_else(|| (*arg == flag).then(|| args.get(i + 1).copied()).flatten())
+    })
+}
+
+/// Where a lab daemon keeps its control socket, state file and audit log unless the caller's
+/// arguments say otherwise: `<temp>/<lab id>/<host>/`, removed with the lab. Daemons of one
+/// machine must not share the default `/run/enforcer/control.sock` or state file.
+#[derive(Clone, Debug)]
+pub struct DaemonFiles {
+    pub control_socket: PathBuf,
+    pub state_file: PathBuf,
+    pub audit_log: PathBuf,
+}
+
+impl DaemonFiles {
+    fn for_host(lab_id: &str, name: &str, extra: &[&str]) -> Self {
+        let dir = super::run_dir(lab_id).join(name);
+        let given = |flag: &str, default: &str| {
+            flag_value(extra, flag).map_or_else(|| dir.join(default), PathBuf::from)
+        };
+        DaemonFiles {
+            control_socket: given("--control-socket", "control.sock"),
+            state_file: given("--state-file", "state.json"),
+            audit_log: given("--audit-log", "audit.jsonl"),
+        }
+    }
+
+    /// The arguments for the files `extra` does not name.
+    fn args(&self, extra: &[&str]) -> Vec<std::ffi::OsString> {
+        let mut args = Vec::new();
+        for (flag, path) in [
+            ("--control-socket", &self.control_socket),
+            ("--state-file", &self.state_file),
+            ("--audit-log", &self.audit_log),
+        ] {
+            if flag_value(extra, flag).is_none() {
+                args.push(flag.into());
+                args.push(path.into());
+            }
+        }
+        args
+    }
+}
+
 /// A running daemon. Dropping it kills the daemon (SIGTERM, then SIGKILL); [`Enforcer::stop`]
 /// also collects its counters. It borrows the [`Lab`], so it cannot outlive the namespace.
 pub struct Enforcer<'lab> {
@@ -151,6 +200,7 @@ pub struct Enforcer<'lab> {
     bin: PathBuf,
     /// Where the HTTP endpoints listen, as reached from inside `netns`.
     metrics_addr: SocketAddr,
+    files: DaemonFiles,
     child: Option<Child>,
     stderr: Arc<Mutex<Vec<String>>>,
     ready: mpsc::Receiver<()>,
@@ -203,6 +253,8 @@ impl Enforcer<'_> {
         for iface in ifaces {
             cmd.args(["--iface", iface]);
         }
+        let files = DaemonFiles::for_host(lab_id, name, extra);
+        cmd.args(files.args(extra));
         cmd.args(extra);
         cmd
             // Readiness is read from the info-level log, whatever the caller's RUST_LOG says.
@@ -269,6 +321,7 @@ impl Enforcer<'_> {
             lab_id,
             bin: bin.to_path_buf(),
             metrics_addr,
+            files,
             child: Some(child),
             stderr: stderr_lines,
             ready,
@@ -297,6 +350,22 @@ impl Enforcer<'_> {
     /// by loopback).
     pub fn metrics_addr(&self) -> SocketAddr {
         self.metrics_addr
+    }
+
+    /// The daemon's control socket, state file and audit log.
+    pub fn files(&self) -> &DaemonFiles {
+        &self.files
+    }
+
+    /// Runs the enforcer CLI (`enforcer ARGS --control-socket <this daemon's>`) from the test
+    /// process, as a control client would on the host. The socket is a file: no namespace is
+    /// needed to reach it.
+    pub fn control_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(args)
+            .arg("--control-socket")
+            .arg(&self.files.control_socket);
+        cmd
     }
 
     /// Sends `signal` (e.g. `libc::SIGHUP`) to the daemon.
@@ -475,5 +544,22 @@ mod tests {
         );
         assert_eq!(addr(&["--metrics-addr=[::]:2"]).unwrap(), "[::1]:2");
         assert!(addr(&["--metrics-addr"]).is_err());
+    }
+
+    #[test]
+    fn lab_daemons_get_their_own_files_unless_given() {
+        let files = super::DaemonFiles::for_host("msl1x0", "pacs", &["--audit-log=/x/a.jsonl"]);
+        assert!(files.control_socket.ends_with("msl1x0/pacs/control.sock"));
+        assert_eq!(files.audit_log, std::path::PathBuf::from("/x/a.jsonl"));
+        let args = files.args(&["--audit-log=/x/a.jsonl"]);
+        assert_eq!(args.len(), 4, "{args:?}");
+        assert_eq!(
+            super::flag_value(&["--state-file", "/s"], "--state-file"),
+            Some("/s")
+        );
+        assert_eq!(
+            super::flag_value(&["--state-filex=/s"], "--state-file"),
+            None
+        );
     }
 }

@@ -115,6 +115,11 @@ fn daemon_memory(enforcer: &Path, policy_dir: &Path) -> Result<(u64, u64)> {
         .args(["run", "--policy"])
         .arg(policy_dir)
         .args(["--iface", "eth0"])
+        // Its own files, not the default /run/enforcer and /var/lib/enforcer of this machine.
+        .arg("--control-socket")
+        .arg(std::env::temp_dir().join(format!("{}.sock", netns.name)))
+        .arg("--state-file")
+        .arg(std::env::temp_dir().join(format!("{}.state.json", netns.name)))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
