@@ -13,13 +13,23 @@ use std::{
 
 use policy_compiler::{
     Grant, Mode, Policy, PortMatch,
-    breakglass::parse_ports,
+    breakglass::{parse_ports, rule_id},
     error::closest,
     model::WORLD,
     overrides::QUARANTINE,
     settings::parse_duration,
 };
 use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tracing::{error, info, warn};
+
+use crate::{
+    LoadError,
+    conntrack::monotonic_now_ns,
+    control::{ControlError, Peer},
+    daemon::Daemon,
+    events::FlowEvent,
+};
 
 /// The longest `--reason` accepted, in characters.
 pub const MAX_REASON_CHARS: usize = 1000;
@@ -79,7 +89,7 @@ impl GrantRecord {
     pub fn audit_fields(&self) -> serde_json::Value {
         serde_json::json!({
             "id": self.id,
-            "rule": policy_compiler::breakglass::rule_id(self.id),
+            "rule": rule_id(self.id),
             "from": self.from,
             "to": self.to,
             "ports": self.ports,
@@ -230,9 +240,500 @@ impl UseAudit {
     }
 }
 
-/// RFC 3339, UTC, seconds: the times of grant records.
+/// RFC 3339, UTC, milliseconds: the times of grant records.
 pub fn rfc3339(time: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(time).to_string()
+    humantime::format_rfc3339_millis(time).to_string()
+}
+
+/// The actions of `enforcer_breakglass_events_total`.
+pub const ACTIONS: [&str; 4] = ["grant", "use", "expire", "revoke"];
+
+/// The daemon's break-glass bookkeeping besides the grants (which live in the state).
+#[derive(Debug, Default)]
+pub struct Runtime {
+    uses: UseAudit,
+    events: BTreeMap<&'static str, u64>,
+    /// Segment pairs that have had a grant since the start: their gauge stays, at 0.
+    pairs_seen: BTreeSet<(String, String)>,
+}
+
+impl Runtime {
+    fn count(&mut self, action: &'static str) {
+        *self.events.entry(action).or_default() += 1;
+    }
+
+    /// `enforcer_breakglass_events_total`, every action included.
+    pub fn event_counts(&self) -> Vec<(String, u64)> {
+        ACTIONS
+            .iter()
+            .map(|action| {
+                let count = self.events.get(action).copied().unwrap_or(0);
+                (action.to_string(), count)
+            })
+            .collect()
+    }
+}
+
+/// The actor of what the daemon does by itself (expiry, revocation of a grant whose segment
+/// left the policy).
+fn daemon_actor() -> Value {
+    Peer {
+        // SAFETY: no preconditions.
+        uid: unsafe { libc::geteuid() },
+        // SAFETY: no preconditions.
+        gid: unsafe { libc::getegid() },
+        pid: std::process::id() as i32,
+        user: "enforcer".to_string(),
+    }
+    .actor()
+}
+
+/// The kernel's grants for the live records of `records` at this moment.
+fn kernel_grants(records: &[GrantRecord]) -> Vec<Grant> {
+    let (now, monotonic) = (SystemTime::now(), monotonic_now_ns());
+    records
+        .iter()
+        .filter_map(|record| record.to_grant(now, monotonic))
+        .collect()
+}
+
+fn failed(what: &str) -> impl FnOnce(LoadError) -> ControlError + '_ {
+    move |error| ControlError::Failed(format!("{what}: {error}"))
+}
+
+impl Daemon {
+    /// `breakglass grant`: checks the request against the policy in force, saves the grant and
+    /// puts it in the kernel, then audits it.
+    pub fn breakglass_grant(
+        &self,
+        from: &str,
+        to: &str,
+        ports: &[String],
+        ttl: &str,
+        reason: &str,
+        peer: &Peer,
+    ) -> Result<Value, ControlError> {
+        let request = GrantRequest {
+            from,
+            to,
+            ports,
+            ttl,
+            reason,
+        };
+        let policy = self.policy();
+        let valid =
+            validate(&policy, self.policy_dir(), request).map_err(ControlError::Invalid)?;
+        let mut state = self.state();
+        let now = SystemTime::now();
+        let live = state
+            .breakglass
+            .iter()
+            .filter(|record| !record.remaining(now).is_zero())
+            .count();
+        if live >= MAX_GRANTS {
+            return Err(ControlError::Invalid(format!(
+                "{live} break-glass grants are in force, the most the enforcer keeps; revoke one \
+                 first (`enforcer breakglass list`)"
+            )));
+        }
+        let id = state.breakglass_next_id.max(1);
+        let record = GrantRecord {
+            id,
+            from: valid.from,
+            to: valid.to,
+            ports: port_texts(&valid.ports),
+            reason: valid.reason,
+            granted_by: peer.user.clone(),
+            granted_at: rfc3339(now),
+            expires_at: rfc3339(now + valid.ttl),
+        };
+        let mut next = state.clone();
+        next.breakglass.push(record.clone());
+        next.breakglass_next_id = id + 1;
+        let grants = kernel_grants(&next.breakglass);
+        let unplaced = self
+            .enforcer()
+            .check_grants(&grants)
+            .map_err(|error| ControlError::Invalid(error.to_string()))?;
+        if unplaced.contains(&id) {
+            return Err(ControlError::Invalid(format!(
+                "the policy in force changed meanwhile and has no segment {} or {}; try again",
+                record.from, record.to
+            )));
+        }
+        self.save_state(&next)?;
+        if let Err(error) = self.enforcer().set_grants(grants) {
+            // Back to what is in force; the kernel still holds the previous grants.
+            if let Err(save_error) = self.save_state(&state) {
+                error!(%save_error, "restoring the state file after a failed grant");
+            }
+            return Err(failed("nothing changed: writing the kernel's grants failed")(error));
+        }
+        *state = next;
+        drop(state);
+        let mut fields = record.audit_fields();
+        fields["ttl_seconds"] = valid.ttl.as_secs().into();
+        fields["actor"] = peer.actor();
+        self.audit("breakglass_grant", fields);
+        info!(
+            id,
+            from = %record.from,
+            to = %record.to,
+            ports = %record.ports.join(","),
+            expires_at = %record.expires_at,
+            granted_by = %record.granted_by,
+            reason = %record.reason,
+            "break-glass grant in force"
+        );
+        {
+            let mut runtime = self.breakglass_runtime();
+            runtime.count("grant");
+            runtime
+                .pairs_seen
+                .insert((record.from.clone(), record.to.clone()));
+        }
+        let mut result = record.list_entry(now);
+        result["ttl_seconds"] = valid.ttl.as_secs().into();
+        Ok(result)
+    }
+
+    /// `breakglass list`: the grants in force, oldest first.
+    pub fn breakglass_list(&self, _peer: &Peer) -> Result<Value, ControlError> {
+        let now = SystemTime::now();
+        let grants: Vec<Value> = self
+            .state()
+            .breakglass
+            .iter()
+            .filter(|record| !record.remaining(now).is_zero())
+            .map(|record| record.list_entry(now))
+            .collect();
+        Ok(json!({ "grants": grants }))
+    }
+
+    /// `breakglass revoke`: ends grant `id` now and cuts the flows it admitted.
+    pub fn breakglass_revoke(
+        &self,
+        id: u32,
+        reason: Option<&str>,
+        peer: &Peer,
+    ) -> Result<Value, ControlError> {
+        let reason = reason.map(str::trim).filter(|reason| !reason.is_empty());
+        let flows = self.revoke(id, reason, peer.actor())?;
+        Ok(json!({ "id": id, "rule": rule_id(id), "flows_cut": flows }))
+    }
+
+    /// Removes grant `id` from the state and the kernel and expires its flows; audits it.
+    fn revoke(&self, id: u32, reason: Option<&str>, actor: Value) -> Result<usize, ControlError> {
+        let mut state = self.state();
+        let Some(record) = state
+            .breakglass
+            .iter()
+            .find(|record| record.id == id)
+            .cloned()
+        else {
+            return Err(ControlError::Invalid(format!(
+                "no break-glass grant {id} is in force; `enforcer breakglass list` shows the \
+                 grants"
+            )));
+        };
+        let mut next = state.clone();
+        next.breakglass.retain(|record| record.id != id);
+        self.save_state(&next)?;
+        let mut enforcer = self.enforcer();
+        if let Err(error) = enforcer.set_grants(kernel_grants(&next.breakglass)) {
+            drop(enforcer);
+            if let Err(save_error) = self.save_state(&state) {
+                error!(%save_error, "restoring the state file after a failed revocation");
+            }
+            return Err(failed("nothing changed: writing the kernel's grants failed")(error));
+        }
+        *state = next;
+        let flows = match enforcer.expire_breakglass_flows(id) {
+            Ok(flows) => flows,
+            Err(error) => {
+                // The grant is gone from the kernel: no new flow. Admitted ones keep their
+                // expiry, which still ends them.
+                error!(%error, id, "cutting the flows of a revoked break-glass grant failed");
+                0
+            }
+        };
+        drop(enforcer);
+        drop(state);
+        let mut fields = record.audit_fields();
+        fields["revoke_reason"] = reason.into();
+        fields["flows_cut"] = flows.into();
+        fields["actor"] = actor;
+        self.audit("breakglass_revoke", fields);
+        warn!(id, flows_cut = flows, reason = reason.unwrap_or("-"), "break-glass grant revoked");
+        let mut runtime = self.breakglass_runtime();
+        runtime.count("revoke");
+        runtime.uses.forget(id);
+        Ok(flows)
+    }
+
+    /// Removes grants whose time is up (the kernel already ignores them); audits each.
+    pub fn expire_grants(&self) {
+        let mut state = self.state();
+        let now = SystemTime::now();
+        let (ended, live): (Vec<GrantRecord>, Vec<GrantRecord>) = state
+            .breakglass
+            .iter()
+            .cloned()
+            .partition(|record| record.remaining(now).is_zero());
+        if ended.is_empty() {
+            return;
+        }
+        let mut next = state.clone();
+        next.breakglass = live;
+        if let Err(error) = self.save_state(&next) {
+            error!(%error, "saving the state after break-glass grants expired");
+        }
+        if let Err(error) = self.enforcer().set_grants(kernel_grants(&next.breakglass)) {
+            error!(%error, "removing expired break-glass grants from the kernel (it ignores them)");
+        }
+        *state = next;
+        drop(state);
+        self.audit_expired(&ended, false);
+    }
+
+    fn audit_expired(&self, ended: &[GrantRecord], while_stopped: bool) {
+        for record in ended {
+            let mut fields = record.audit_fields();
+            fields["while_stopped"] = while_stopped.into();
+            fields["actor"] = daemon_actor();
+            self.audit("breakglass_expire", fields);
+            info!(id = record.id, from = %record.from, to = %record.to, "break-glass grant expired");
+            let mut runtime = self.breakglass_runtime();
+            runtime.count("expire");
+            runtime.uses.forget(record.id);
+        }
+    }
+
+    /// At start: puts the saved grants back in force with the time they have left; those that
+    /// ended while the daemon was stopped are audited as expired.
+    pub(crate) fn restore_grants(&self) {
+        let mut state = self.state();
+        if state.breakglass.is_empty() {
+            return;
+        }
+        let now = SystemTime::now();
+        let (ended, live): (Vec<GrantRecord>, Vec<GrantRecord>) = state
+            .breakglass
+            .iter()
+            .cloned()
+            .partition(|record| record.remaining(now).is_zero());
+        let mut next = state.clone();
+        next.breakglass = live;
+        if !ended.is_empty()
+            && let Err(error) = self.save_state(&next)
+        {
+            error!(%error, "saving the state after break-glass grants expired");
+        }
+        match self.enforcer().set_grants(kernel_grants(&next.breakglass)) {
+            Ok(_) => {
+                for record in &next.breakglass {
+                    info!(
+                        id = record.id,
+                        from = %record.from,
+                        to = %record.to,
+                        expires_at = %record.expires_at,
+                        "break-glass grant restored"
+                    );
+                }
+            }
+            Err(error) => error!(%error, "restoring break-glass grants failed"),
+        }
+        {
+            let mut runtime = self.breakglass_runtime();
+            for record in &next.breakglass {
+                runtime
+                    .pairs_seen
+                    .insert((record.from.clone(), record.to.clone()));
+            }
+        }
+        *state = next;
+        drop(state);
+        self.audit_expired(&ended, true);
+        let revision = self.revision();
+        self.revoke_unplaced_grants(&revision);
+    }
+
+    /// Revokes grants that name a segment the policy in force does not have (after a reload
+    /// removed it): a grant must not come back by itself if the segment returns.
+    pub(crate) fn revoke_unplaced_grants(&self, revision: &str) {
+        let unplaced = self.enforcer().unplaced_grants().to_vec();
+        let policy = self.policy();
+        for id in unplaced {
+            let missing = self
+                .state()
+                .breakglass
+                .iter()
+                .find(|record| record.id == id)
+                .map(|record| {
+                    [&record.from, &record.to]
+                        .into_iter()
+                        .filter(|name| *name != WORLD && policy.segment(name).is_none())
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .unwrap_or_default();
+            let reason = format!(
+                "segment {missing} is not in the policy any more (revision {revision})"
+            );
+            warn!(id, %reason, "revoking a break-glass grant");
+            if let Err(error) = self.revoke(id, Some(&reason), daemon_actor()) {
+                error!(%error, id, "revoking a break-glass grant whose segment left the policy");
+            }
+        }
+    }
+
+    /// Audits the first use of grant `grant` by each source (see [`MAX_AUDITED_SOURCES`]).
+    pub(crate) fn audit_breakglass_use(&self, grant: u32, flow: &FlowEvent) {
+        let record = self
+            .state()
+            .breakglass
+            .iter()
+            .find(|record| record.id == grant)
+            .cloned();
+        if !self.breakglass_runtime().uses.first_use(grant, flow.src) {
+            return;
+        }
+        let mut fields = json!({
+            "id": grant,
+            "rule": rule_id(grant),
+            "src": flow.src,
+            "dst": flow.dst,
+            "proto": flow.proto,
+            "sport": flow.sport,
+            "dport": flow.dport,
+            "icmp_type": flow.icmp_type,
+            "src_segment": flow.src_segment,
+            "dst_segment": flow.dst_segment,
+            "iface": flow.iface,
+            "direction": flow.direction,
+            "flow_time": flow.time,
+        });
+        if let Some(record) = record {
+            fields["granted_by"] = record.granted_by.into();
+            fields["reason"] = record.reason.into();
+        }
+        self.audit("breakglass_use", fields);
+        info!(grant, src = %flow.src, dst = %flow.dst, "break-glass grant used");
+        self.breakglass_runtime().count("use");
+    }
+
+    /// Grants in force now.
+    pub fn active_grants(&self) -> usize {
+        let now = SystemTime::now();
+        self.state()
+            .breakglass
+            .iter()
+            .filter(|record| !record.remaining(now).is_zero())
+            .count()
+    }
+
+    /// `enforcer_breakglass_active` by (from, to).
+    pub(crate) fn breakglass_active_metric(&self) -> Vec<((String, String), u64)> {
+        let now = SystemTime::now();
+        let mut active: BTreeMap<(String, String), u64> = BTreeMap::new();
+        for record in &self.state().breakglass {
+            if !record.remaining(now).is_zero() {
+                *active
+                    .entry((record.from.clone(), record.to.clone()))
+                    .or_default() += 1;
+            }
+        }
+        for pair in &self.breakglass_runtime().pairs_seen {
+            active.entry(pair.clone()).or_default();
+        }
+        active.into_iter().collect()
+    }
+}
+
+/// `enforcer breakglass grant`'s text output.
+pub fn format_grant(result: &Value) -> String {
+    format!(
+        "break-glass grant {id} in force: {from} -> {to} on {ports} until {expires} ({ttl})\n\
+         flows it admits show rule {rule}; end it early with `enforcer breakglass revoke {id}`\n",
+        id = result["id"],
+        from = text(&result["from"]),
+        to = text(&result["to"]),
+        ports = ports_text(&result["ports"]),
+        expires = text(&result["expires_at"]),
+        ttl = humantime::format_duration(Duration::from_secs(
+            result["ttl_seconds"].as_u64().unwrap_or(0)
+        )),
+        rule = text(&result["rule"]),
+    )
+}
+
+/// `enforcer breakglass list`'s text output: one line per grant.
+pub fn format_list(result: &Value) -> String {
+    let grants = result["grants"].as_array().cloned().unwrap_or_default();
+    if grants.is_empty() {
+        return "no break-glass grant in force\n".to_string();
+    }
+    let mut rows = vec![[
+        "ID", "FROM", "TO", "PORTS", "GRANTED BY", "GRANTED AT", "EXPIRES AT", "REMAINING",
+        "REASON",
+    ]
+    .map(String::from)];
+    for grant in &grants {
+        rows.push([
+            grant["id"].to_string(),
+            text(&grant["from"]),
+            text(&grant["to"]),
+            ports_text(&grant["ports"]),
+            text(&grant["granted_by"]),
+            text(&grant["granted_at"]),
+            text(&grant["expires_at"]),
+            humantime::format_duration(Duration::from_secs(
+                grant["remaining_seconds"].as_u64().unwrap_or(0),
+            ))
+            .to_string(),
+            text(&grant["reason"]),
+        ]);
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|column| rows.iter().map(|row| row[column].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let last = row.len() - 1;
+        for (column, cell) in row.iter().enumerate() {
+            if column == last {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<width$}  ", width = widths[column]));
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// `enforcer breakglass revoke`'s text output.
+pub fn format_revoke(result: &Value) -> String {
+    format!(
+        "break-glass grant {} revoked; {} connection(s) it admitted cut\n",
+        result["id"], result["flows_cut"]
+    )
+}
+
+fn text(value: &Value) -> String {
+    match value {
+        Value::String(text) => text.clone(),
+        Value::Null => "-".to_string(),
+        other => other.to_string(),
+    }
+}
+
+fn ports_text(value: &Value) -> String {
+    value
+        .as_array()
+        .map(|ports| ports.iter().map(text).collect::<Vec<_>>().join(","))
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

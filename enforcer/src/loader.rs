@@ -265,6 +265,12 @@ impl Enforcer {
         Ok(entries.unplaced)
     }
 
+    /// Whether `grants` would fit the kernel's map under the active policy, without writing
+    /// anything; returns the ids of those that name a segment it does not have.
+    pub fn check_grants(&self, grants: &[Grant]) -> Result<Vec<u32>, CapacityError> {
+        breakglass::kernel_entries(&self.segment_names, grants).map(|entries| entries.unplaced)
+    }
+
     /// The break-glass grants in force (expired ones until they are removed).
     pub fn grants(&self) -> &[Grant] {
         &self.grants

@@ -94,6 +94,11 @@ enum Command {
         #[arg(long, value_enum, default_value = "text")]
         output: Output,
     },
+    /// Break-glass access: let a segment reach another on named ports for a limited time.
+    Breakglass {
+        #[command(subcommand)]
+        command: BreakglassCommand,
+    },
     /// The audit log.
     Audit {
         #[command(subcommand)]
@@ -121,6 +126,54 @@ enum Command {
         /// Stop after the kept flows instead of following live ones.
         #[arg(long)]
         no_follow: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum BreakglassCommand {
+    /// Open FROM -> TO on PORTS for TTL (at most `breakglass.max_ttl` of defaults.yaml);
+    /// prints the grant's id and expiry. Audited; the kernel ends it on time even if the
+    /// daemon is down.
+    Grant {
+        /// The segment of the devices that need access (e.g. icu-telemetry).
+        #[arg(long)]
+        from: String,
+        /// The segment they must reach (e.g. pacs).
+        #[arg(long)]
+        to: String,
+        /// Ports as a rule writes them: tcp/104, tcp/8080-8090, udp/any, icmp/echo-request,
+        /// any; comma-separated or repeated.
+        #[arg(long, required = true, value_delimiter = ',', num_args = 1..)]
+        ports: Vec<String>,
+        /// How long: 90s, 30m, 2h.
+        #[arg(long)]
+        ttl: String,
+        /// Why (goes to the audit log), e.g. "code blue bed 12".
+        #[arg(long)]
+        reason: String,
+        #[arg(long, default_value = control::DEFAULT_SOCKET)]
+        control_socket: PathBuf,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// The grants in force.
+    List {
+        #[arg(long, default_value = control::DEFAULT_SOCKET)]
+        control_socket: PathBuf,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// End a grant now and cut the connections it admitted.
+    Revoke {
+        /// The grant's id (from `grant` or `list`).
+        id: u32,
+        /// Why (goes to the audit log).
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long, default_value = control::DEFAULT_SOCKET)]
+        control_socket: PathBuf,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
     },
 }
 
@@ -205,6 +258,7 @@ fn main() -> ExitCode {
             control_socket,
             output,
         } => return status(&control_socket, output),
+        Command::Breakglass { command } => return breakglass(command),
         Command::Audit {
             command:
                 AuditCommand::Verify {
@@ -285,6 +339,62 @@ fn status(socket: &std::path::Path, output: Output) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+fn breakglass(command: BreakglassCommand) -> ExitCode {
+    use enforcer::breakglass::{format_grant, format_list, format_revoke};
+    let (socket, request, output, format): (_, _, _, fn(&serde_json::Value) -> String) =
+        match command {
+            BreakglassCommand::Grant {
+                from,
+                to,
+                ports,
+                ttl,
+                reason,
+                control_socket,
+                output,
+            } => (
+                control_socket,
+                ControlRequest::BreakglassGrant {
+                    from,
+                    to,
+                    ports,
+                    ttl,
+                    reason,
+                },
+                output,
+                format_grant,
+            ),
+            BreakglassCommand::List {
+                control_socket,
+                output,
+            } => (
+                control_socket,
+                ControlRequest::BreakglassList,
+                output,
+                format_list,
+            ),
+            BreakglassCommand::Revoke {
+                id,
+                reason,
+                control_socket,
+                output,
+            } => (
+                control_socket,
+                ControlRequest::BreakglassRevoke { id, reason },
+                output,
+                format_revoke,
+            ),
+        };
+    let result = match control_request(&socket, &request) {
+        Ok(result) => result,
+        Err(code) => return code,
+    };
+    match output {
+        Output::Json => print_json(&result),
+        Output::Text => print!("{}", format(&result)),
+    }
+    ExitCode::SUCCESS
+}
+
 fn audit_verify(
     file: &std::path::Path,
     expect_seq: Option<u64>,
@@ -350,6 +460,9 @@ fn observe(options: ObserveOptions) -> anyhow::Result<()> {
 
 /// How often the policy directory is checked for changes.
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the daemon looks for break-glass grants whose time is up (the kernel stops
+/// honouring them on time by itself; this removes, logs and audits them).
+const GRANT_EXPIRY_INTERVAL: Duration = Duration::from_secs(1);
 /// How often idle connection state is swept.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 /// How long after a reload the previous policy's maps are emptied: every packet judged by them
@@ -443,6 +556,7 @@ async fn run_until_shutdown(
     let mut hangup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     let mut watch = tokio::time::interval(WATCH_INTERVAL);
     let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+    let mut grant_expiry = tokio::time::interval(GRANT_EXPIRY_INTERVAL);
     let mut summary = tokio::time::interval_at(
         tokio::time::Instant::now() + summary_interval,
         summary_interval,
@@ -474,6 +588,11 @@ async fn run_until_shutdown(
             _ = sweep.tick() => {
                 let daemon = Arc::clone(daemon);
                 let _ = tokio::task::spawn_blocking(move || daemon.sweep()).await;
+                false
+            }
+            _ = grant_expiry.tick() => {
+                let daemon = Arc::clone(daemon);
+                let _ = tokio::task::spawn_blocking(move || daemon.expire_grants()).await;
                 false
             }
             _ = summary.tick() => {
