@@ -162,9 +162,7 @@ pub fn track(
                 return Tracked::Revoked;
             }
             Judgement::Allowed { rule } => (rule, counter::ALLOWED, 0),
-            Judgement::Breakglass { grant, expires_ns } => {
-                (grant, counter::BREAKGLASS, expires_ns)
-            }
+            Judgement::Breakglass { grant, expires_ns } => (grant, counter::BREAKGLASS, expires_ns),
             Judgement::Audit => (NO_RULE, counter::AUDIT, 0),
             Judgement::Unenforced => (NO_RULE, counter::UNENFORCED, 0),
         };

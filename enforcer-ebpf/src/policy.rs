@@ -12,9 +12,14 @@ use crate::maps::PolicySlot;
 
 #[derive(Clone, Copy)]
 pub enum Judgement {
-    Allowed { rule: u32 },
+    Allowed {
+        rule: u32,
+    },
     /// Allowed by break-glass grant `grant`, which ends at `expires_ns`.
-    Breakglass { grant: u32, expires_ns: u64 },
+    Breakglass {
+        grant: u32,
+        expires_ns: u64,
+    },
     Audit,
     Unenforced,
     Denied,

@@ -154,7 +154,10 @@ pub fn validate(
     let ports = parse_ports(request.ports).map_err(|problem| format!("--ports: {problem}"))?;
     let ttl = parse_duration(request.ttl).map_err(|problem| {
         let problem = problem.replace("a timeout must be", "a grant must last");
-        format!("--ttl {}: {problem}; write e.g. 30m, 2h or 90s", request.ttl)
+        format!(
+            "--ttl {}: {problem}; write e.g. 30m, 2h or 90s",
+            request.ttl
+        )
     })?;
     let max_ttl = Duration::from_secs(policy.settings().breakglass_max_ttl);
     if ttl > max_ttl {
@@ -321,8 +324,7 @@ impl Daemon {
             reason,
         };
         let policy = self.policy();
-        let valid =
-            validate(&policy, self.policy_dir(), request).map_err(ControlError::Invalid)?;
+        let valid = validate(&policy, self.policy_dir(), request).map_err(ControlError::Invalid)?;
         let mut state = self.state();
         let now = SystemTime::now();
         let live = state
@@ -367,7 +369,9 @@ impl Daemon {
             if let Err(save_error) = self.save_state(&state) {
                 error!(%save_error, "restoring the state file after a failed grant");
             }
-            return Err(failed("nothing changed: writing the kernel's grants failed")(error));
+            return Err(failed(
+                "nothing changed: writing the kernel's grants failed",
+            )(error));
         }
         *state = next;
         drop(state);
@@ -445,7 +449,9 @@ impl Daemon {
             if let Err(save_error) = self.save_state(&state) {
                 error!(%save_error, "restoring the state file after a failed revocation");
             }
-            return Err(failed("nothing changed: writing the kernel's grants failed")(error));
+            return Err(failed(
+                "nothing changed: writing the kernel's grants failed",
+            )(error));
         }
         *state = next;
         let flows = match enforcer.expire_breakglass_flows(id) {
@@ -464,7 +470,12 @@ impl Daemon {
         fields["flows_cut"] = flows.into();
         fields["actor"] = actor;
         self.audit("breakglass_revoke", fields);
-        warn!(id, flows_cut = flows, reason = reason.unwrap_or("-"), "break-glass grant revoked");
+        warn!(
+            id,
+            flows_cut = flows,
+            reason = reason.unwrap_or("-"),
+            "break-glass grant revoked"
+        );
         let mut runtime = self.breakglass_runtime();
         runtime.count("revoke");
         runtime.uses.forget(id);
@@ -578,9 +589,8 @@ impl Daemon {
                         .join(", ")
                 })
                 .unwrap_or_default();
-            let reason = format!(
-                "segment {missing} is not in the policy any more (revision {revision})"
-            );
+            let reason =
+                format!("segment {missing} is not in the policy any more (revision {revision})");
             warn!(id, %reason, "revoking a break-glass grant");
             if let Err(error) = self.revoke(id, Some(&reason), daemon_actor()) {
                 error!(%error, id, "revoking a break-glass grant whose segment left the policy");
@@ -674,11 +684,20 @@ pub fn format_list(result: &Value) -> String {
     if grants.is_empty() {
         return "no break-glass grant in force\n".to_string();
     }
-    let mut rows = vec![[
-        "ID", "FROM", "TO", "PORTS", "GRANTED BY", "GRANTED AT", "EXPIRES AT", "REMAINING",
-        "REASON",
-    ]
-    .map(String::from)];
+    let mut rows = vec![
+        [
+            "ID",
+            "FROM",
+            "TO",
+            "PORTS",
+            "GRANTED BY",
+            "GRANTED AT",
+            "EXPIRES AT",
+            "REMAINING",
+            "REASON",
+        ]
+        .map(String::from),
+    ];
     for grant in &grants {
         rows.push([
             grant["id"].to_string(),
@@ -696,7 +715,12 @@ pub fn format_list(result: &Value) -> String {
         ]);
     }
     let widths: Vec<usize> = (0..rows[0].len())
-        .map(|column| rows.iter().map(|row| row[column].chars().count()).max().unwrap_or(0))
+        .map(|column| {
+            rows.iter()
+                .map(|row| row[column].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut out = String::new();
     for row in rows {
@@ -745,7 +769,12 @@ mod tests {
         Policy::load_dir(&dir).expect("the example policy is valid")
     }
 
-    fn request<'a>(from: &'a str, to: &'a str, ports: &'a [String], ttl: &'a str) -> GrantRequest<'a> {
+    fn request<'a>(
+        from: &'a str,
+        to: &'a str,
+        ports: &'a [String],
+        ttl: &'a str,
+    ) -> GrantRequest<'a> {
         GrantRequest {
             from,
             to,
@@ -803,7 +832,10 @@ mod tests {
         let error = refused("icu-telemetry", "pacs", &tcp104, "soon", "x");
         assert!(error.contains("--ttl soon"), "{error}");
         let error = refused("icu-telemetry", "pacs", &["104".to_string()], "30m", "x");
-        assert!(error.contains("--ports") && error.contains("tcp/104"), "{error}");
+        assert!(
+            error.contains("--ports") && error.contains("tcp/104"),
+            "{error}"
+        );
         let error = refused("icu-telemetry", "pacs", &[], "30m", "x");
         assert!(error.contains("--ports"), "{error}");
         let error = refused("icu-telemetry", "pacs", &tcp104, "30m", "  ");
@@ -833,7 +865,10 @@ mod tests {
         };
         let grant = record.to_grant(now, 5_000_000_000).unwrap();
         assert_eq!(grant.expires_ns, 95_000_000_000);
-        assert_eq!(record.remaining(now + Duration::from_secs(30)).as_secs(), 60);
+        assert_eq!(
+            record.remaining(now + Duration::from_secs(30)).as_secs(),
+            60
+        );
         assert!(record.to_grant(now + Duration::from_secs(90), 0).is_none());
         assert_eq!(record.list_entry(now)["remaining_seconds"], 90);
     }

@@ -102,9 +102,7 @@ pub fn expire_breakglass_flows(ebpf: &mut Ebpf, grant: u32) -> Result<usize, Swe
     let admitted: Vec<(FlowKey, FlowState)> = table
         .iter()
         .filter_map(Result::ok)
-        .filter(|(_, state)| {
-            state.admitted == counter::BREAKGLASS as u8 && state.rule == grant
-        })
+        .filter(|(_, state)| state.admitted == counter::BREAKGLASS as u8 && state.rule == grant)
         .collect();
     for (key, mut state) in admitted.iter().copied() {
         state.breakglass_expires_ns = 0;

@@ -153,8 +153,7 @@ pub fn kernel_entries(
     let mut result = KernelEntries::default();
     let mut ranges: BTreeMap<BreakglassKey, Vec<BreakglassRange>> = BTreeMap::new();
     for grant in sorted {
-        let (Some(src_segment), Some(dst_segment)) = (id_of(&grant.from), id_of(&grant.to))
-        else {
+        let (Some(src_segment), Some(dst_segment)) = (id_of(&grant.from), id_of(&grant.to)) else {
             result.unplaced.push(grant.id);
             continue;
         };
@@ -239,7 +238,10 @@ mod tests {
             ]
         );
         let error = parse_ports(&["104"]).unwrap_err();
-        assert!(error.contains("'104'") && error.contains("tcp/104"), "{error}");
+        assert!(
+            error.contains("'104'") && error.contains("tcp/104"),
+            "{error}"
+        );
         let error = parse_ports(&["tcp/90-80"]).unwrap_err();
         assert!(error.contains("tcp/80-90"), "{error}");
         assert!(parse_ports::<&str>(&[]).is_err());
@@ -286,6 +288,9 @@ mod tests {
             expires_ns: 1,
         }];
         let error = kernel_entries(&names, &grants).unwrap_err().to_string();
-        assert!(error.contains("icu to pacs") && error.contains("17"), "{error}");
+        assert!(
+            error.contains("icu to pacs") && error.contains("17"),
+            "{error}"
+        );
     }
 }

@@ -76,7 +76,8 @@ struct ConnState {
 
 impl ConnState {
     fn grant_expired(&self, now_ns: u64) -> bool {
-        self.grant.is_some_and(|(_, expires_ns)| now_ns >= expires_ns)
+        self.grant
+            .is_some_and(|(_, expires_ns)| now_ns >= expires_ns)
     }
 }
 
@@ -375,7 +376,9 @@ impl StatefulEvaluator {
         {
             match self.judge(&state.admitted_flow, state.direction) {
                 // Kept as it is: see the module documentation.
-                Judgement::Denied if grant_expired => return Some(counter::DROP_BREAKGLASS_EXPIRED),
+                Judgement::Denied if grant_expired => {
+                    return Some(counter::DROP_BREAKGLASS_EXPIRED);
+                }
                 Judgement::Denied => {
                     self.conntrack.remove(key);
                     return Some(counter::DROP_FLOW_REVOKED);

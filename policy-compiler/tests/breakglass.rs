@@ -5,9 +5,7 @@ mod common;
 use std::net::IpAddr;
 
 use common::{errors_of, example_policy, source};
-use policy_compiler::{
-    Decision, Flow, Grant, Overrides, Policy, Verdict, breakglass::parse_ports,
-};
+use policy_compiler::{Decision, Flow, Grant, Overrides, Policy, Verdict, breakglass::parse_ports};
 
 const TCP: u8 = 6;
 const UDP: u8 = 17;
@@ -170,9 +168,9 @@ fn breakglass_names_are_reserved_in_the_policy() {
         "segment: breakglass\nmembers: [10.0.0.0/8]\n",
     )]);
     assert!(
-        errors
-            .iter()
-            .any(|e| e.to_string().contains("segment name 'breakglass' is reserved")),
+        errors.iter().any(|e| e
+            .to_string()
+            .contains("segment name 'breakglass' is reserved")),
         "{errors:?}"
     );
     let errors = errors_of(&[source(
@@ -193,7 +191,10 @@ fn max_ttl_is_a_setting_of_defaults_yaml() {
     let policy = example_policy();
     assert_eq!(policy.settings().breakglass_max_ttl, 4 * 3600);
     let sources = vec![
-        source("segments/pacs.yaml", "segment: pacs\nmembers: [10.0.0.0/8]\n"),
+        source(
+            "segments/pacs.yaml",
+            "segment: pacs\nmembers: [10.0.0.0/8]\n",
+        ),
         source("segments/defaults.yaml", "breakglass:\n  max_ttl: 30m\n"),
     ];
     assert_eq!(
@@ -204,7 +205,10 @@ fn max_ttl_is_a_setting_of_defaults_yaml() {
         1800
     );
     let errors = errors_of(&[
-        source("segments/pacs.yaml", "segment: pacs\nmembers: [10.0.0.0/8]\n"),
+        source(
+            "segments/pacs.yaml",
+            "segment: pacs\nmembers: [10.0.0.0/8]\n",
+        ),
         source("segments/defaults.yaml", "breakglass:\n  max_tll: 30m\n"),
     ]);
     assert!(
@@ -214,7 +218,10 @@ fn max_ttl_is_a_setting_of_defaults_yaml() {
         "{errors:?}"
     );
     let errors = errors_of(&[
-        source("segments/pacs.yaml", "segment: pacs\nmembers: [10.0.0.0/8]\n"),
+        source(
+            "segments/pacs.yaml",
+            "segment: pacs\nmembers: [10.0.0.0/8]\n",
+        ),
         source("segments/defaults.yaml", "breakglass:\n  max_ttl: 0s\n"),
     ]);
     assert!(

@@ -10,9 +10,7 @@ use enforcer_common::{
 use policy_compiler::{Grant, Overrides, Policy, breakglass::parse_ports};
 use vm_tests::{
     harness::{KernelHarness, hex},
-    packet_builder::{
-        self, PacketSpec, TCP_ACK, TCP_PSH, TCP_SYN, Transport, ip_packet,
-    },
+    packet_builder::{self, PacketSpec, TCP_ACK, TCP_PSH, TCP_SYN, Transport, ip_packet},
 };
 
 const HOUR_NS: u64 = 3_600_000_000_000;
@@ -111,7 +109,13 @@ fn a_grant_opens_exactly_its_segments_protocol_and_ports() {
     expect(&mut h, INGRESS, &dicom, counter::DROP_POLICY_DENIED);
     grants(
         &mut h,
-        vec![grant(7, "icu", "pacs", &["tcp/104", "udp/2000-2010"], HOUR_NS)],
+        vec![grant(
+            7,
+            "icu",
+            "pacs",
+            &["tcp/104", "udp/2000-2010"],
+            HOUR_NS,
+        )],
     );
     expect(&mut h, INGRESS, &dicom, counter::BREAKGLASS);
     expect(
@@ -177,11 +181,7 @@ fn a_grant_turns_audit_into_breakglass_and_applies_to_enforced_egress() {
         counter::BREAKGLASS,
     );
     expect(&mut h, EGRESS, &egress, counter::BREAKGLASS);
-    let other_protocol = PacketSpec::new(
-        ip(ICU),
-        ip(PACS),
-        Transport::Other { proto: 47, len: 8 },
-    );
+    let other_protocol = PacketSpec::new(ip(ICU), ip(PACS), Transport::Other { proto: 47, len: 8 });
     expect(&mut h, EGRESS, &other_protocol, counter::BREAKGLASS);
 }
 
@@ -215,7 +215,10 @@ fn expired_grants_are_ignored() {
 #[test]
 fn an_established_flow_is_cut_in_both_directions_when_its_grant_expires() {
     let mut h = KernelHarness::load(policy("")).unwrap();
-    grants(&mut h, vec![grant(3, "icu", "pacs", &["tcp/104"], 1_000_000_000)]);
+    grants(
+        &mut h,
+        vec![grant(3, "icu", "pacs", &["tcp/104"], 1_000_000_000)],
+    );
     let dicom = tcp(ICU, PACS, 40000, 104, TCP_SYN);
     let reply = dicom.reversed().with_tcp_flags(TCP_ACK | TCP_PSH);
     let (error_quoting, layout) = packet_builder::build(&dicom);
@@ -380,7 +383,10 @@ fn a_pair_holds_at_most_sixteen_port_ranges() {
         })
         .unwrap_err()
         .to_string();
-    assert!(error.contains("icu to pacs") && error.contains("at most 16"), "{error}");
+    assert!(
+        error.contains("icu to pacs") && error.contains("at most 16"),
+        "{error}"
+    );
     // Nothing changed: the previous (empty) grants are in force.
     assert!(h.enforcer.grants().is_empty());
 }

@@ -109,9 +109,7 @@ impl Connection {
 
     fn echoes(&mut self, payload: &[u8; 8]) -> bool {
         let mut got = [0u8; 8];
-        self.0.write_all(payload).is_ok()
-            && self.0.read_exact(&mut got).is_ok()
-            && &got == payload
+        self.0.write_all(payload).is_ok() && self.0.read_exact(&mut got).is_ok() && &got == payload
     }
 }
 
@@ -147,14 +145,27 @@ fn breakglass_grant_opens_exactly_the_port_until_it_expires_or_is_revoked() -> R
     let dicom = SocketAddr::new(pacs.v4.into(), DICOM);
     let connects = |port| lab.tcp_connect(ICU_WS, pacs.v4.into(), port, PROBE);
 
-    ensure!(!connects(DICOM), "icu-telemetry reached pacs tcp/104 before any grant");
+    ensure!(
+        !connects(DICOM),
+        "icu-telemetry reached pacs tcp/104 before any grant"
+    );
 
     // Refused requests change nothing.
     let too_long = run_refused(
         &enforcer,
         &[
-            "breakglass", "grant", "--from", "icu-telemetry", "--to", "pacs", "--ports",
-            "tcp/104", "--ttl", "5h", "--reason", "code blue bed 12",
+            "breakglass",
+            "grant",
+            "--from",
+            "icu-telemetry",
+            "--to",
+            "pacs",
+            "--ports",
+            "tcp/104",
+            "--ttl",
+            "5h",
+            "--reason",
+            "code blue bed 12",
         ],
     )?;
     ensure!(
@@ -164,24 +175,57 @@ fn breakglass_grant_opens_exactly_the_port_until_it_expires_or_is_revoked() -> R
     let unknown = run_refused(
         &enforcer,
         &[
-            "breakglass", "grant", "--from", "icu", "--to", "pacs", "--ports", "tcp/104",
-            "--ttl", "3s", "--reason", "x",
+            "breakglass",
+            "grant",
+            "--from",
+            "icu",
+            "--to",
+            "pacs",
+            "--ports",
+            "tcp/104",
+            "--ttl",
+            "3s",
+            "--reason",
+            "x",
         ],
     )?;
-    ensure!(unknown.contains("did you mean `icu-telemetry`"), "{unknown}");
+    ensure!(
+        unknown.contains("did you mean `icu-telemetry`"),
+        "{unknown}"
+    );
     let bad_port = run_refused(
         &enforcer,
         &[
-            "breakglass", "grant", "--from", "icu-telemetry", "--to", "pacs", "--ports",
-            "104", "--ttl", "3s", "--reason", "x",
+            "breakglass",
+            "grant",
+            "--from",
+            "icu-telemetry",
+            "--to",
+            "pacs",
+            "--ports",
+            "104",
+            "--ttl",
+            "3s",
+            "--reason",
+            "x",
         ],
     )?;
     ensure!(bad_port.contains("tcp/104"), "{bad_port}");
     // A client that may not use the socket gets a clear error.
     let nobody = enforcer
         .control_command(&[
-            "breakglass", "grant", "--from", "icu-telemetry", "--to", "pacs", "--ports",
-            "tcp/104", "--ttl", "3s", "--reason", "x",
+            "breakglass",
+            "grant",
+            "--from",
+            "icu-telemetry",
+            "--to",
+            "pacs",
+            "--ports",
+            "tcp/104",
+            "--ttl",
+            "3s",
+            "--reason",
+            "x",
         ])
         .uid(65534)
         .gid(65534)
@@ -191,15 +235,28 @@ fn breakglass_grant_opens_exactly_the_port_until_it_expires_or_is_revoked() -> R
         !nobody.status.success() && nobody_error.contains("permission denied"),
         "an unprivileged client: {nobody_error}"
     );
-    ensure!(grants_in_force(&enforcer)? == 0, "a refused request left a grant");
+    ensure!(
+        grants_in_force(&enforcer)? == 0,
+        "a refused request left a grant"
+    );
     ensure!(!connects(DICOM), "a refused request opened pacs tcp/104");
 
     // Granted: exactly tcp/104, for a few seconds.
     let granted = run_json(
         &enforcer,
         &[
-            "breakglass", "grant", "--from", "icu-telemetry", "--to", "pacs", "--ports",
-            "tcp/104", "--ttl", "5s", "--reason", "code blue bed 12",
+            "breakglass",
+            "grant",
+            "--from",
+            "icu-telemetry",
+            "--to",
+            "pacs",
+            "--ports",
+            "tcp/104",
+            "--ttl",
+            "5s",
+            "--reason",
+            "code blue bed 12",
         ],
     )?;
     let granted_at = Instant::now();
@@ -207,8 +264,14 @@ fn breakglass_grant_opens_exactly_the_port_until_it_expires_or_is_revoked() -> R
     ensure!(granted["expires_at"].is_string(), "{granted}");
     ensure!(granted["rule"] == format!("breakglass/{id}"), "{granted}");
     let mut open = Connection::open(&lab, dicom)?;
-    ensure!(open.echoes(b"study-01"), "the granted connection does not echo");
-    ensure!(connects(DICOM), "a second connection on the granted port failed");
+    ensure!(
+        open.echoes(b"study-01"),
+        "the granted connection does not echo"
+    );
+    ensure!(
+        connects(DICOM),
+        "a second connection on the granted port failed"
+    );
     ensure!(!connects(DICOM_TLS), "the grant opened tcp/11112 too");
     let listed = run_json(&enforcer, &["breakglass", "list"])?;
     let listed = &listed["grants"][0];
@@ -216,51 +279,107 @@ fn breakglass_grant_opens_exactly_the_port_until_it_expires_or_is_revoked() -> R
         listed["id"] == id && listed["from"] == "icu-telemetry" && listed["to"] == "pacs",
         "{listed}"
     );
-    ensure!(listed["ports"] == serde_json::json!(["tcp/104"]), "{listed}");
-    ensure!(listed["reason"] == "code blue bed 12" && listed["granted_by"] == "root", "{listed}");
+    ensure!(
+        listed["ports"] == serde_json::json!(["tcp/104"]),
+        "{listed}"
+    );
+    ensure!(
+        listed["reason"] == "code blue bed 12" && listed["granted_by"] == "root",
+        "{listed}"
+    );
     let metrics = enforcer.metrics()?;
     ensure!(
         granted_at.elapsed() < Duration::from_secs(5),
         "too slow to check the grant before its expiry"
     );
-    ensure!(active(&metrics) == Some(1.0), "active: {:?}", active(&metrics));
+    ensure!(
+        active(&metrics) == Some(1.0),
+        "active: {:?}",
+        active(&metrics)
+    );
     ensure!(events(&metrics, "grant") == 1.0, "{metrics:?}");
 
     // Expiry: the kernel cuts the open connection on its own, the daemon cleans up.
     thread::sleep(
         Duration::from_secs(5).saturating_sub(granted_at.elapsed()) + Duration::from_millis(500),
     );
-    ensure!(!open.echoes(b"study-02"), "the connection still echoes after the grant expired");
-    ensure!(!connects(DICOM), "a new connection passed after the grant expired");
-    let metrics = wait_metrics(&enforcer, Duration::from_secs(5), "the expiry in /metrics", |m| {
-        active(m) == Some(0.0) && events(m, "expire") == 1.0
-    })?;
+    ensure!(
+        !open.echoes(b"study-02"),
+        "the connection still echoes after the grant expired"
+    );
+    ensure!(
+        !connects(DICOM),
+        "a new connection passed after the grant expired"
+    );
+    let metrics = wait_metrics(
+        &enforcer,
+        Duration::from_secs(5),
+        "the expiry in /metrics",
+        |m| active(m) == Some(0.0) && events(m, "expire") == 1.0,
+    )?;
     ensure!(events(&metrics, "use") >= 1.0, "{metrics:?}");
-    ensure!(grants_in_force(&enforcer)? == 0, "the expired grant is still listed");
+    ensure!(
+        grants_in_force(&enforcer)? == 0,
+        "the expired grant is still listed"
+    );
 
     // Revocation cuts a connection at once.
     let second = run_json(
         &enforcer,
         &[
-            "breakglass", "grant", "--from", "icu-telemetry", "--to", "pacs", "--ports",
-            "tcp/104,tcp/11112", "--ttl", "2m", "--reason", "transfer of prior studies",
+            "breakglass",
+            "grant",
+            "--from",
+            "icu-telemetry",
+            "--to",
+            "pacs",
+            "--ports",
+            "tcp/104,tcp/11112",
+            "--ttl",
+            "2m",
+            "--reason",
+            "transfer of prior studies",
         ],
     )?;
     let second_id = second["id"].as_u64().context("the grant prints its id")?;
-    ensure!(second_id > id, "grant ids are not reused: {second_id} after {id}");
+    ensure!(
+        second_id > id,
+        "grant ids are not reused: {second_id} after {id}"
+    );
     let mut open = Connection::open(&lab, dicom)?;
-    ensure!(open.echoes(b"study-03"), "the second grant's connection does not echo");
-    ensure!(connects(DICOM_TLS), "the second grant did not open tcp/11112");
+    ensure!(
+        open.echoes(b"study-03"),
+        "the second grant's connection does not echo"
+    );
+    ensure!(
+        connects(DICOM_TLS),
+        "the second grant did not open tcp/11112"
+    );
     let revoked = run_json(
         &enforcer,
-        &["breakglass", "revoke", &second_id.to_string(), "--reason", "patient stable"],
+        &[
+            "breakglass",
+            "revoke",
+            &second_id.to_string(),
+            "--reason",
+            "patient stable",
+        ],
     )?;
     ensure!(revoked["flows_cut"].as_u64() >= Some(1), "{revoked}");
-    ensure!(!open.echoes(b"study-04"), "the connection still echoes after the revocation");
-    ensure!(!connects(DICOM), "a new connection passed after the revocation");
-    wait_metrics(&enforcer, Duration::from_secs(3), "the revocation in /metrics", |m| {
-        active(m) == Some(0.0) && events(m, "revoke") == 1.0
-    })?;
+    ensure!(
+        !open.echoes(b"study-04"),
+        "the connection still echoes after the revocation"
+    );
+    ensure!(
+        !connects(DICOM),
+        "a new connection passed after the revocation"
+    );
+    wait_metrics(
+        &enforcer,
+        Duration::from_secs(3),
+        "the revocation in /metrics",
+        |m| active(m) == Some(0.0) && events(m, "revoke") == 1.0,
+    )?;
     let again = run_refused(&enforcer, &["breakglass", "revoke", &second_id.to_string()])?;
     ensure!(again.contains("no break-glass grant"), "{again}");
 
@@ -278,10 +397,14 @@ fn breakglass_grant_opens_exactly_the_port_until_it_expires_or_is_revoked() -> R
     );
     let uses = of_kind(&records, "breakglass_use");
     ensure!(
-        uses.iter().any(|u| u["id"] == id && u["src"] == "10.70.0.20" && u["dport"] == DICOM),
+        uses.iter()
+            .any(|u| u["id"] == id && u["src"] == "10.70.0.20" && u["dport"] == DICOM),
         "use records: {uses:?}"
     );
-    ensure!(uses.len() == 2, "one use record per grant and source: {uses:?}");
+    ensure!(
+        uses.len() == 2,
+        "one use record per grant and source: {uses:?}"
+    );
     let expired = of_kind(&records, "breakglass_expire");
     ensure!(expired.len() == 1 && expired[0]["id"] == id, "{expired:?}");
     let revokes = of_kind(&records, "breakglass_revoke");
@@ -325,6 +448,157 @@ fn breakglass_grant_opens_exactly_the_port_until_it_expires_or_is_revoked() -> R
     ensure!(
         counters.ingress.breakglass >= 4 && counters.ingress.breakglass_expired >= 2,
         "{counters:?}"
+    );
+    Ok(())
+}
+
+/// A copy of the example policy in `dir`, to change during the test.
+fn copy_example_policy(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    for entry in std::fs::read_dir(example_policy_dir())? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|ext| ext == "yaml") {
+            std::fs::copy(&path, dir.join(path.file_name().unwrap_or_default()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Waits until the daemon logs that it reloaded the policy now in `dir`.
+fn wait_reloaded(enforcer: &Enforcer<'_>, dir: &Path) -> Result<()> {
+    let policy = policy_compiler::Policy::load_dir(dir)
+        .map_err(|e| anyhow::anyhow!("the changed policy is invalid: {e}"))?;
+    let revision = policy.revision().to_string();
+    ensure!(
+        enforcer.wait_for_log(&revision, Duration::from_secs(15)),
+        "no reload to revision {revision}:\n{}",
+        enforcer.stderr()
+    );
+    Ok(())
+}
+
+#[test]
+fn grants_survive_a_restart_and_follow_reloads() -> Result<()> {
+    init_test();
+    let lab = Lab::new(&[
+        HostSpec::clinical("pacs", "pacs", 10),
+        HostSpec::clinical(ICU_WS, "icu-telemetry", 20),
+    ])?;
+    let pacs = lab.host("pacs")?.clone();
+    let _services = lab.serve("pacs", &[DICOM, DICOM_TLS], &[])?;
+    let policy_dir = lab.run_dir().join("policy");
+    copy_example_policy(&policy_dir)?;
+    let connects = |port| lab.tcp_connect(ICU_WS, pacs.v4.into(), port, PROBE);
+
+    let enforcer = lab.start_enforcer("pacs", &policy_dir)?;
+    let lasting = run_json(
+        &enforcer,
+        &[
+            "breakglass",
+            "grant",
+            "--from",
+            "icu-telemetry",
+            "--to",
+            "pacs",
+            "--ports",
+            "tcp/104",
+            "--ttl",
+            "10m",
+            "--reason",
+            "night shift imaging",
+        ],
+    )?;
+    let lasting_id = lasting["id"].as_u64().context("grant id")?;
+    let short = run_json(
+        &enforcer,
+        &[
+            "breakglass",
+            "grant",
+            "--from",
+            "icu-telemetry",
+            "--to",
+            "pacs",
+            "--ports",
+            "tcp/11112",
+            "--ttl",
+            "2s",
+            "--reason",
+            "one transfer",
+        ],
+    )?;
+    let short_id = short["id"].as_u64().context("grant id")?;
+    let audit_log = enforcer.files().audit_log.clone();
+    enforcer.stop_all()?;
+    thread::sleep(Duration::from_millis(2500));
+
+    // The restarted daemon puts back what is left of the lasting grant; the short one ended
+    // while it was stopped.
+    let enforcer = lab.start_enforcer("pacs", &policy_dir)?;
+    let listed = run_json(&enforcer, &["breakglass", "list"])?;
+    let grants = listed["grants"].as_array().context("grants")?;
+    ensure!(
+        grants.len() == 1 && grants[0]["id"] == lasting_id,
+        "{listed}"
+    );
+    let remaining = grants[0]["remaining_seconds"].as_u64().unwrap_or(0);
+    ensure!(
+        (500..=597).contains(&remaining),
+        "remaining {remaining}s: the TTL counts on while the daemon is stopped"
+    );
+    ensure!(connects(DICOM), "the restored grant does not open tcp/104");
+    ensure!(
+        !connects(DICOM_TLS),
+        "the grant that expired while stopped is in force"
+    );
+    let records = audit_records(&audit_log)?;
+    let expired = of_kind(&records, "breakglass_expire");
+    ensure!(
+        expired.len() == 1 && expired[0]["id"] == short_id && expired[0]["while_stopped"] == true,
+        "{expired:?}"
+    );
+
+    // A reload renumbers the segments (`aaa` sorts first): the grant follows.
+    std::fs::write(
+        policy_dir.join("aaa.yaml"),
+        "segment: aaa\nmembers: [10.1.0.0/24]\n",
+    )?;
+    wait_reloaded(&enforcer, &policy_dir)?;
+    ensure!(
+        connects(DICOM),
+        "the grant does not open tcp/104 after a reload"
+    );
+
+    // A reload that removes the grant's segment revokes the grant.
+    let ehr = std::fs::read_to_string(policy_dir.join("ehr-core.yaml"))?;
+    let icu = std::fs::read_to_string(policy_dir.join("icu-telemetry.yaml"))?;
+    std::fs::write(
+        policy_dir.join("icu.yaml"),
+        icu.replace("segment: icu-telemetry", "segment: icu"),
+    )?;
+    std::fs::write(
+        policy_dir.join("ehr-core.yaml"),
+        ehr.replace("icu-telemetry", "icu"),
+    )?;
+    std::fs::remove_file(policy_dir.join("icu-telemetry.yaml"))?;
+    wait_reloaded(&enforcer, &policy_dir)?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while grants_in_force(&enforcer)? != 0 {
+        ensure!(
+            Instant::now() < deadline,
+            "the orphaned grant is still in force"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    ensure!(!connects(DICOM), "tcp/104 is still open without the grant");
+    let records = audit_records(&audit_log)?;
+    let revoked = of_kind(&records, "breakglass_revoke");
+    ensure!(
+        revoked.len() == 1
+            && revoked[0]["id"] == lasting_id
+            && revoked[0]["revoke_reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("icu-telemetry is not in the policy any more")),
+        "{revoked:?}"
     );
     Ok(())
 }
