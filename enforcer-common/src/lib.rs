@@ -14,6 +14,8 @@
 //!    fallback entry for rules that match every source ([`CLASS_WILDCARD`]).
 //! 4. [`map_names::PORTS`] is a trie over (port table, protocol key, port): the longest match names the first
 //!    rule (in policy order) that allows the packet; a miss is a denial.
+//! 5. Only then, for a packet that would be denied (or audited), [`map_names::BREAKGLASS`]: the
+//!    live break-glass grants of its (source segment, destination segment) pair.
 //!
 //! A source class groups the source addresses that every rule treats alike: same segment, and
 //! inside the same set of the rules' `from:` CIDRs. The compiler computes classes, so the kernel
