@@ -48,6 +48,8 @@ pub mod map_names {
     pub const EVENTS: &str = "EVENTS";
     pub const EVENT_LIMITER: &str = "EVENT_LIMITER";
     pub const EVENT_COUNTERS: &str = "EVENT_COUNTERS";
+    /// Quarantined addresses ([`crate::QuarantineKey`] -> `u32`, unused), global.
+    pub const QUARANTINE: &str = "QUARANTINE";
 }
 
 /// Program names, as declared in the eBPF object.
@@ -315,8 +317,29 @@ pub struct Config {
     pub event_interval_ns: u64,
     /// [`event_flags`]: which outcomes are reported as events.
     pub event_flags: u32,
+    /// Segment id of the built-in `quarantine` segment in this slot's policy: what an address
+    /// in [`map_names::QUARANTINE`] belongs to, as destination and as source.
+    pub quarantine_segment: u32,
+    /// The source class of a quarantined address in this slot's policy: (quarantine, no rule
+    /// CIDRs), so only rules naming `quarantine` or `any` match it.
+    pub quarantine_class: u32,
     pub _pad2: u32,
 }
+
+/// Key of [`map_names::QUARANTINE`]: a quarantined address (IPv4 in the first 4 bytes, the rest
+/// zero). Global, not per policy slot: the slot's [`Config`] says which segment and class it
+/// stands for, so a reload renumbering segments needs no rewrite.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct QuarantineKey {
+    pub addr: [u8; 16],
+    /// 4 or 6.
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Capacity of [`map_names::QUARANTINE`] (allocated per entry, not up front).
+pub const QUARANTINE_MAX_ENTRIES: u32 = 65_536;
 
 /// Bits of [`Config::event_flags`]. Drops and audits are always reported; allowed first
 /// packets of new flows only when asked for.
@@ -568,4 +591,5 @@ mod pod {
     unsafe impl aya::Pod for BenchFlow {}
     unsafe impl aya::Pod for BreakglassKey {}
     unsafe impl aya::Pod for BreakglassValue {}
+    unsafe impl aya::Pod for QuarantineKey {}
 }

@@ -10,8 +10,8 @@ use aya_ebpf::{
 use enforcer_common::{
     AddrInfo, BREAKGLASS_MAX_PAIRS, BreakglassKey, BreakglassValue, Config, DEFAULT_MAX_ENTRIES,
     EventLimiterKey, FlowKey, FlowState, FragmentKey, FragmentState, PairKey, PairValue,
-    PairVerdictKey, PortKey, PortValue, SegmentInfo, counter, direction, event_counter,
-    protocol_class,
+    PairVerdictKey, PortKey, PortValue, QUARANTINE_MAX_ENTRIES, QuarantineKey, SegmentInfo,
+    counter, direction, event_counter, protocol_class,
 };
 
 use crate::packet::Scratch;
@@ -104,6 +104,14 @@ pub static ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
 /// The settings of the policy in each slot.
 #[map]
 pub static CONFIG: Array<Config> = Array::with_max_entries(2, 0);
+
+/// Quarantined addresses, whatever the slot: `CONFIG[slot]` says which segment and source class
+/// they are judged as. Written rarely, so allocated per entry rather than up front.
+#[map]
+pub static QUARANTINE: HashMap<QuarantineKey, u32> = HashMap::with_max_entries(
+    QUARANTINE_MAX_ENTRIES,
+    aya_ebpf::bindings::BPF_F_NO_PREALLOC,
+);
 
 #[map]
 pub static CONNTRACK: HashMap<FlowKey, FlowState> =

@@ -1,14 +1,15 @@
-//! The policy verdict for a flow's first packet: two address lookups, one pair lookup, one port
-//! lookup. See `enforcer_common` for why this needs no loop over rules. Only a packet the
-//! policy would deny or audit costs one more lookup: the break-glass grants of its segment pair.
+//! The policy verdict for a flow's first packet: two address lookups (each a quarantine hash
+//! probe, then the longest-prefix match), one pair lookup, one port lookup. See
+//! `enforcer_common` for why this needs no loop over rules. Only a packet the policy would deny
+//! or audit costs one more lookup: the break-glass grants of its segment pair.
 use aya_ebpf::maps::lpm_trie::Key;
 use enforcer_common::{
     AddrInfo, BREAKGLASS_ANY_PROTO, BREAKGLASS_MAX_RANGES, BreakglassKey, CLASS_WILDCARD,
-    CLASS_WORLD, Config, PORT_KEY_FIXED_BITS, PairKey, PortKey, SEGMENT_WORLD, direction,
-    segment_mode,
+    CLASS_WORLD, Config, PORT_KEY_FIXED_BITS, PairKey, PortKey, QuarantineKey, SEGMENT_WORLD,
+    direction, segment_mode,
 };
 
-use crate::maps::PolicySlot;
+use crate::maps::{PolicySlot, QUARANTINE};
 
 #[derive(Clone, Copy)]
 pub enum Judgement {
@@ -37,9 +38,22 @@ pub struct Segments {
     pub dst: u32,
 }
 
-/// The segment and source class of `addr` (IPv4 in the first 4 bytes when `family` is 4).
+/// The segment and source class of `addr` (IPv4 in the first 4 bytes when `family` is 4): the
+/// quarantine segment's when it is in `QUARANTINE`, else its longest member prefix's.
 #[inline(always)]
-pub fn lookup(policy: &PolicySlot, addr: &[u8; 16], family: u8) -> AddrInfo {
+pub fn lookup(policy: &PolicySlot, config: &Config, addr: &[u8; 16], family: u8) -> AddrInfo {
+    let key = QuarantineKey {
+        addr: *addr,
+        family,
+        _pad: [0; 3],
+    };
+    // SAFETY: only the presence of the entry is read.
+    if unsafe { QUARANTINE.get(key) }.is_some() {
+        return AddrInfo {
+            segment: config.quarantine_segment,
+            class: config.quarantine_class,
+        };
+    }
     let found = if family == 4 {
         policy
             .addr_v4
@@ -72,7 +86,10 @@ pub fn judge(
     if dir == direction::EGRESS && config.egress_mode == segment_mode::UNENFORCED {
         return Judgement::Unenforced;
     }
-    let (src, dst) = (lookup(policy, src, family), lookup(policy, dst, family));
+    let (src, dst) = (
+        lookup(policy, config, src, family),
+        lookup(policy, config, dst, family),
+    );
     segments.src = src.segment;
     segments.dst = dst.segment;
     let judgement = judge_destination(policy, src, dst, proto_key, port, now);

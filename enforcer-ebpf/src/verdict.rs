@@ -141,8 +141,8 @@ fn account(
     }
     let flow = &scratch.flow;
     if !judged {
-        segments.src = policy::lookup(policy, &flow.src, flow.family).segment;
-        segments.dst = policy::lookup(policy, &flow.dst, flow.family).segment;
+        segments.src = policy::lookup(policy, config, &flow.src, flow.family).segment;
+        segments.dst = policy::lookup(policy, config, &flow.dst, flow.family).segment;
     }
     let event = &mut scratch.event;
     event.time_ns = now;

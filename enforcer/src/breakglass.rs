@@ -202,7 +202,11 @@ fn segment(policy: &Policy, flag: &str, name: &str) -> Result<(), String> {
     if name == WORLD || policy.segment(name).is_some() {
         return Ok(());
     }
-    let names = policy.segment_names();
+    let names: Vec<String> = policy
+        .segment_names()
+        .into_iter()
+        .filter(|known| known != QUARANTINE)
+        .collect();
     let suggestion = closest(name, names.iter().map(String::as_str))
         .or_else(|| {
             names

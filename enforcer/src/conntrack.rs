@@ -128,3 +128,49 @@ pub fn tracked_flows(ebpf: &Ebpf) -> Result<usize, SweepError> {
             .map_err(|source| SweepError::Map { map, source })?;
     Ok(table.keys().filter(Result::is_ok).count())
 }
+
+/// Removes the tracked flows and fragment state that have one of `addrs` (widened, with their
+/// family) as an endpoint; returns how many flows and fragments. Used when a host is
+/// quarantined: its established connections are cut, and its next packets are judged afresh.
+pub fn remove_state_of(
+    ebpf: &mut Ebpf,
+    addrs: &[([u8; 16], u8)],
+) -> Result<(usize, usize), SweepError> {
+    let involves = |a: &[u8; 16], b: &[u8; 16], family: u8| {
+        addrs
+            .iter()
+            .any(|(addr, f)| *f == family && (addr == a || addr == b))
+    };
+    let flows = {
+        let map = map_names::CONNTRACK;
+        let mut table: HashMap<_, FlowKey, FlowState> =
+            HashMap::try_from(ebpf.map_mut(map).ok_or(SweepError::MissingMap(map))?)
+                .map_err(|source| SweepError::Map { map, source })?;
+        let doomed: Vec<FlowKey> = table
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| involves(&key.addr_a, &key.addr_b, key.family))
+            .collect();
+        for key in &doomed {
+            // Gone already (expired, reset): fine.
+            let _ = table.remove(key);
+        }
+        doomed.len()
+    };
+    let fragments = {
+        let map = map_names::FRAGMENTS;
+        let mut table: HashMap<_, FragmentKey, FragmentState> =
+            HashMap::try_from(ebpf.map_mut(map).ok_or(SweepError::MissingMap(map))?)
+                .map_err(|source| SweepError::Map { map, source })?;
+        let doomed: Vec<FragmentKey> = table
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| involves(&key.src, &key.dst, key.family))
+            .collect();
+        for key in &doomed {
+            let _ = table.remove(key);
+        }
+        doomed.len()
+    };
+    Ok((flows, fragments))
+}

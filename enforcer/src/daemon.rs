@@ -290,10 +290,7 @@ impl Daemon {
             report_allowed: options.report_allowed,
             ..EventOptions::default()
         };
-        let mut enforcer = Enforcer::load_with(&loaded.artifact, events)?;
-        for iface in &options.ifaces {
-            enforcer.attach(iface)?;
-        }
+        let enforcer = Enforcer::load_with(&loaded.artifact, events)?;
         let mut namer = EventNamer::new();
         namer.add_policy(policy_names(enforcer.generation(), &loaded));
         let status = Status {
@@ -319,6 +316,14 @@ impl Daemon {
             policy: Mutex::new(Arc::new(loaded.policy.clone())),
             breakglass: Mutex::new(crate::breakglass::Runtime::default()),
         });
+        // Quarantined hosts are isolated before the first packet is judged.
+        daemon.restore_quarantine();
+        {
+            let mut enforcer = daemon.enforcer();
+            for iface in &options.ifaces {
+                enforcer.attach(iface)?;
+            }
+        }
         daemon.audit(
             "daemon_start",
             json!({

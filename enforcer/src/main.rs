@@ -94,15 +94,21 @@ enum Command {
         #[arg(long, value_enum, default_value = "text")]
         output: Output,
     },
+    /// The audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Break-glass access: let a segment reach another on named ports for a limited time.
     Breakglass {
         #[command(subcommand)]
         command: BreakglassCommand,
     },
-    /// The audit log.
-    Audit {
+    /// Move hosts into the built-in `quarantine` segment of the running daemon (isolated in
+    /// seconds, no policy change in Git), list them, give them back their segment.
+    Quarantine {
         #[command(subcommand)]
-        command: AuditCommand,
+        command: QuarantineCommand,
     },
     /// Follow a running enforcer's flow stream, in the spirit of `hubble observe`.
     Observe {
@@ -126,6 +132,41 @@ enum Command {
         /// Stop after the kept flows instead of following live ones.
         #[arg(long)]
         no_follow: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum QuarantineCommand {
+    /// Quarantine ADDRESS: it reaches and is reached only as the quarantine segment's rules
+    /// allow; its established connections are cut. Kept across restarts and reloads, audited.
+    Add {
+        /// One IPv4 or IPv6 host address.
+        address: String,
+        /// Why (kept in the state file and the audit log).
+        #[arg(long)]
+        reason: String,
+        #[arg(long, default_value = control::DEFAULT_SOCKET)]
+        control_socket: PathBuf,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// The quarantined hosts.
+    List {
+        #[arg(long, default_value = control::DEFAULT_SOCKET)]
+        control_socket: PathBuf,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Give ADDRESS its own segment back (for new flows).
+    Remove {
+        address: String,
+        /// Why (kept in the audit log).
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long, default_value = control::DEFAULT_SOCKET)]
+        control_socket: PathBuf,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
     },
 }
 
@@ -258,7 +299,6 @@ fn main() -> ExitCode {
             control_socket,
             output,
         } => return status(&control_socket, output),
-        Command::Breakglass { command } => return breakglass(command),
         Command::Audit {
             command:
                 AuditCommand::Verify {
@@ -268,6 +308,8 @@ fn main() -> ExitCode {
                     output,
                 },
         } => return audit_verify(&file, expect_seq, anchor, output),
+        Command::Quarantine { command } => return quarantine(command),
+        Command::Breakglass { command } => return breakglass(command),
         Command::Observe {
             addr,
             verdict,
@@ -333,6 +375,93 @@ fn status(socket: &std::path::Path, output: Output) -> ExitCode {
             println!("active grants: {}", field("active_grants"));
             if status["reload_failing"] == serde_json::Value::Bool(true) {
                 println!("the newest policy on disk is rejected; an older one is in force");
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn quarantine(command: QuarantineCommand) -> ExitCode {
+    let (socket, request, output) = match command {
+        QuarantineCommand::Add {
+            address,
+            reason,
+            control_socket,
+            output,
+        } => (
+            control_socket,
+            ControlRequest::QuarantineAdd { address, reason },
+            output,
+        ),
+        QuarantineCommand::List {
+            control_socket,
+            output,
+        } => (control_socket, ControlRequest::QuarantineList, output),
+        QuarantineCommand::Remove {
+            address,
+            reason,
+            control_socket,
+            output,
+        } => (
+            control_socket,
+            ControlRequest::QuarantineRemove { address, reason },
+            output,
+        ),
+    };
+    let result = match control_request(&socket, &request) {
+        Ok(result) => result,
+        Err(code) => return code,
+    };
+    if matches!(output, Output::Json) {
+        print_json(&result);
+        return ExitCode::SUCCESS;
+    }
+    let text = |value: &serde_json::Value| value.as_str().unwrap_or("-").to_string();
+    match request {
+        ControlRequest::QuarantineAdd { .. } if result["already_quarantined"] == true => {
+            let entry = &result["entry"];
+            println!(
+                "{} is already quarantined (since {} by {}: {})",
+                text(&result["address"]),
+                text(&entry["since"]),
+                text(&entry["actor"]),
+                text(&entry["reason"])
+            );
+        }
+        ControlRequest::QuarantineAdd { .. } => {
+            println!(
+                "{} quarantined; {} established flows cut",
+                text(&result["address"]),
+                result["flows_cut"]
+            );
+            if let Some(error) = result["cut_error"].as_str() {
+                eprintln!("warning: cutting its established flows failed: {error}");
+            }
+        }
+        ControlRequest::QuarantineRemove { .. } => {
+            println!(
+                "{} released from quarantine (quarantined since {} by {})",
+                text(&result["address"]),
+                text(&result["released"]["since"]),
+                text(&result["released"]["actor"])
+            );
+        }
+        _ => {
+            let hosts = result["quarantined"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            if hosts.is_empty() {
+                println!("no host is quarantined");
+            }
+            for host in hosts {
+                println!(
+                    "{:<40} since {}  by {:<12} {}",
+                    text(&host["address"]),
+                    text(&host["since"]),
+                    text(&host["actor"]),
+                    text(&host["reason"])
+                );
             }
         }
     }

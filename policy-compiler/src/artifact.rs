@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 use crate::model::Mode;
 use crate::settings::{OnPolicyChange, Settings, Timeouts};
 
-/// Bumped whenever the artifact's meaning or layout changes.
-pub const FORMAT_VERSION: u32 = 1;
+/// Bumped whenever the artifact's meaning or layout changes (2: the quarantine ids).
+pub const FORMAT_VERSION: u32 = 2;
 
 #[derive(thiserror::Error, Debug)]
 pub enum ArtifactError {
@@ -35,6 +35,16 @@ pub struct Artifact {
     pub rules: Vec<RuleEntry>,
     pub settings: KernelSettings,
     pub maps: Maps,
+    /// What a quarantined address is judged as.
+    pub quarantine: QuarantineIds,
+}
+
+/// The ids of the built-in `quarantine` segment in this compiled policy.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QuarantineIds {
+    pub segment: u32,
+    /// The source class (quarantine, no rule CIDRs).
+    pub class: u32,
 }
 
 /// The settings of `defaults.yaml` that the kernel programs and the daemon apply.
@@ -181,6 +191,10 @@ impl Artifact {
         {
             return inconsistent("address entry with a bad prefix length or segment".into());
         }
+        let quarantine = self.segments.get(self.quarantine.segment as usize);
+        if quarantine.is_none_or(|segment| segment.name != crate::overrides::QUARANTINE) {
+            return inconsistent("the quarantine segment id does not name `quarantine`".into());
+        }
         if !self
             .maps
             .pairs
@@ -281,6 +295,8 @@ impl Artifact {
             // Event reporting is the daemon's choice, not the policy's.
             event_interval_ns: 0,
             event_flags: 0,
+            quarantine_segment: self.quarantine.segment,
+            quarantine_class: self.quarantine.class,
             _pad2: 0,
         }
     }

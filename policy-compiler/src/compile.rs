@@ -5,6 +5,9 @@
 //!   rules, then one `SEGMENT/intra` pseudo-rule per segment with `intra: allow`.
 //! - Address tries hold every member prefix and every rule CIDR; each entry's value is its
 //!   segment and its source class, the interned (segment, set of rule CIDRs containing it).
+//! - The built-in `quarantine` segment always has an id, and its source class (quarantine, no
+//!   CIDRs) always exists, though no prefix carries it: the kernel gives both to addresses in
+//!   its QUARANTINE map (see [`Artifact::quarantine`]).
 //! - PAIRS maps (destination segment, source class) to a port table, the interned ordered list
 //!   of the destination's rules that the class matches; PORTS maps (table, protocol, port) to the
 //!   first rule of that list allowing it, as aligned power-of-two port blocks.
@@ -15,9 +18,10 @@ use enforcer_common::{CLASS_WILDCARD, CLASS_WORLD, PORT_KEY_FIXED_BITS, SEGMENT_
 
 use crate::artifact::{
     AddrV4Entry, AddrV6Entry, Artifact, FORMAT_VERSION, KernelSettings, Maps, PairEntry, PortEntry,
-    RuleEntry, SegmentEntry,
+    QuarantineIds, RuleEntry, SegmentEntry,
 };
 use crate::model::{Capacities, Mode, Policy, PortMatch, RuleKind, Source, WORLD};
+use crate::overrides::QUARANTINE;
 use crate::prefix::{Family, Prefix};
 
 /// One map that the compiled policy does not fit.
@@ -108,6 +112,13 @@ pub fn compile_with_capacities(
             pairs,
             ports,
         },
+        quarantine: QuarantineIds {
+            segment: segment_ids
+                .get(QUARANTINE)
+                .copied()
+                .unwrap_or(SEGMENT_WORLD),
+            class: addresses.quarantine_class,
+        },
     };
     check_capacities(&artifact, capacities)?;
     tracing::debug!(counts = ?artifact.entry_counts(), "compiled policy");
@@ -153,6 +164,9 @@ struct AddressPlan {
     classes: Vec<Class>,
     /// Sorted distinct rule CIDRs; a CIDR's id is its position.
     cidr_ids: HashMap<Prefix, u32>,
+    /// The class of a quarantined address: (quarantine, no CIDRs). No prefix holds it; the
+    /// kernel gives it to addresses in the QUARANTINE map.
+    quarantine_class: u32,
 }
 
 impl AddressPlan {
@@ -205,6 +219,7 @@ impl AddressPlan {
             v6: Vec::new(),
             classes: Vec::new(),
             cidr_ids,
+            quarantine_class: 0,
         };
         for entry in entries {
             let family_index = usize::from(entry.family() == Family::V6);
@@ -246,6 +261,21 @@ impl AddressPlan {
                 }),
             }
         }
+        let quarantine_key = (
+            segment_ids
+                .get(QUARANTINE)
+                .copied()
+                .unwrap_or(SEGMENT_WORLD),
+            Vec::new(),
+        );
+        plan.quarantine_class = match class_ids.get(&quarantine_key) {
+            Some(class) => *class,
+            None => {
+                let class = to_u32(classes.len(), "source classes")?;
+                classes.push(quarantine_key);
+                class
+            }
+        };
         plan.classes = classes;
         plan.v4.sort();
         plan.v6.sort();

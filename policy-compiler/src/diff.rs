@@ -16,7 +16,9 @@ use serde::{Serialize, Serializer};
 use crate::evaluate::Verdict;
 use crate::model::{Mode, Policy, WORLD};
 use crate::port_set::PortSet;
-use crate::reachability::{Access, Destination, SourceClass, destinations, source_classes};
+use crate::reachability::{
+    Access, Destination, SourceClass, destinations, quarantine_overrides, source_classes,
+};
 
 /// How the verdict on some packets changed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -445,28 +447,43 @@ fn reachability_changes(old: &Policy, new: &Policy) -> Vec<ReachabilityChange> {
         *(if is_new { &mut sides.1 } else { &mut sides.0 }) = Some(destination);
     }
 
-    let mut source_order: Vec<(&String, IpAddr, IpAddr, &SourceClass)> = Vec::new();
+    // (label, old end, new end); an end is an address and whether it stands for a quarantined
+    // host.
+    type End = (IpAddr, bool);
+    let mut source_order: Vec<(&String, End, End, &SourceClass)> = Vec::new();
     for (label, sides) in &sources {
         if let Some((in_old, in_new)) = each_side(sides) {
-            source_order.push((label, in_old.address, in_new.address, in_new));
+            source_order.push((
+                label,
+                (in_old.address, in_old.quarantined),
+                (in_new.address, in_new.quarantined),
+                in_new,
+            ));
         }
     }
     source_order.sort_by(|a, b| a.3.sort_key().cmp(&b.3.sort_key()));
-    let mut destination_order: Vec<(&String, IpAddr, IpAddr)> = Vec::new();
+    let mut destination_order: Vec<(&String, End, End)> = Vec::new();
     for (name, sides) in &destinations_by_name {
         if let Some((in_old, in_new)) = each_side(sides) {
-            destination_order.push((name, in_old.address, in_new.address));
+            destination_order.push((
+                name,
+                (in_old.address, in_old.quarantined),
+                (in_new.address, in_new.quarantined),
+            ));
         }
     }
     // `world` last, like in the reachability model.
     destination_order.sort_by_key(|(name, _, _)| (name.as_str() == WORLD, (*name).clone()));
 
+    let access = |policy: &Policy, src: End, dst: End| {
+        Access::between_with(policy, src.0, dst.0, &quarantine_overrides([src, dst]))
+    };
     let verdicts = [Verdict::Allow, Verdict::Audit, Verdict::Deny];
     let mut changes = Vec::new();
     for (from, old_src, new_src, _) in &source_order {
         for (to, old_dst, new_dst) in &destination_order {
-            let before = Access::between(old, *old_src, *old_dst);
-            let after = Access::between(new, *new_src, *new_dst);
+            let before = access(old, *old_src, *old_dst);
+            let after = access(new, *new_src, *new_dst);
             if before == after {
                 continue;
             }

@@ -35,6 +35,8 @@ pub enum PolicyErrorKind {
     InvalidSegmentName(String),
     #[error("segment name '{0}' is reserved")]
     ReservedSegmentName(String),
+    #[error("`{0}` is not allowed in the quarantine segment")]
+    QuarantineSetting(String),
     #[error("file name '{file_stem}' does not match segment name '{segment}'")]
     FileNameMismatch { file_stem: String, segment: String },
     #[error("duplicate segment '{0}'")]

@@ -3,7 +3,7 @@
 //! It shares nothing with [`crate::compile`] on purpose: differential tests compare the kernel
 //! (running the compiled maps) with this code, so a compiler bug cannot hide in both.
 
-use std::net::IpAddr;
+use std::{collections::BTreeSet, net::IpAddr};
 
 use serde::{Deserialize, Serialize};
 
@@ -11,6 +11,7 @@ use crate::model::{
     Intra, Mode, PROTO_ICMP, PROTO_ICMPV6, Policy, Rule, RuleKind, Segment, Source, WORLD,
     icmp_type_name, proto_name,
 };
+use crate::overrides::QUARANTINE;
 use crate::prefix::Prefix;
 
 /// A packet as the policy sees it.
@@ -48,6 +49,15 @@ pub struct Decision {
     pub reason: String,
 }
 
+/// Where an endpoint of a flow sits for the policy.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Placement<'a> {
+    /// `None` for `world`.
+    pub segment: Option<&'a Segment>,
+    /// Moved into the quarantine segment at run time: rules naming a CIDR do not match it.
+    pub quarantined: bool,
+}
+
 impl Policy {
     /// The segment holding `addr`: the one with the most specific member prefix containing it.
     fn segment_of(&self, addr: IpAddr) -> Option<&Segment> {
@@ -64,10 +74,39 @@ impl Policy {
         best.map(|(_, segment)| segment)
     }
 
+    /// Where `addr` sits: in [`QUARANTINE`] when it is among `quarantined`, whatever its
+    /// prefixes say, else in the segment of its most specific member prefix.
+    pub(crate) fn placement(&self, addr: IpAddr, quarantined: &BTreeSet<IpAddr>) -> Placement<'_> {
+        if quarantined.contains(&addr) {
+            Placement {
+                segment: self.segment(QUARANTINE),
+                quarantined: true,
+            }
+        } else {
+            Placement {
+                segment: self.segment_of(addr),
+                quarantined: false,
+            }
+        }
+    }
+
     /// Judges a flow exactly as the policy says.
     pub fn evaluate(&self, flow: &Flow) -> Decision {
-        let src_segment = self.segment_of(flow.src);
-        let dst_segment = self.segment_of(flow.dst);
+        let nobody = BTreeSet::new();
+        let src = self.placement(flow.src, &nobody);
+        let dst = self.placement(flow.dst, &nobody);
+        self.evaluate_placed(flow, src, dst)
+    }
+
+    /// Judges a flow between endpoints already placed in their segments.
+    pub(crate) fn evaluate_placed(
+        &self,
+        flow: &Flow,
+        src: Placement<'_>,
+        dst: Placement<'_>,
+    ) -> Decision {
+        let src_segment = src.segment;
+        let dst_segment = dst.segment;
         let src_name = src_segment.map_or(WORLD, |segment| segment.name.as_str());
         let dst_name = dst_segment.map_or(WORLD, |segment| segment.name.as_str());
         let decision = |verdict, rule: Option<&Rule>, reason: String| Decision {
@@ -111,7 +150,8 @@ impl Policy {
             let source_matches = from.iter().any(|source| match source {
                 Source::Any => true,
                 Source::Segment(name) => name == src_name,
-                Source::Cidr(prefix) => prefix.contains_addr(flow.src),
+                // A quarantined source lost the trust its address range had.
+                Source::Cidr(prefix) => !src.quarantined && prefix.contains_addr(flow.src),
             });
             let port_matches = ports.iter().any(|port| port.matches(flow.proto, flow.port));
             if source_matches && port_matches {

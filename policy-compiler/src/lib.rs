@@ -35,7 +35,7 @@ mod yaml;
 
 use std::path::Path;
 
-pub use artifact::{Artifact, ArtifactError, EntryCounts, KernelSettings};
+pub use artifact::{Artifact, ArtifactError, EntryCounts, KernelSettings, QuarantineIds};
 pub use compile::{CompileError, compile, compile_with_capacities};
 pub use error::{PolicyError, PolicyErrorKind, PolicyErrors};
 pub use evaluate::{Decision, Flow, Verdict};

@@ -14,9 +14,13 @@ use crate::model::{
     PROTO_TCP, PROTO_UDP, Policy, PortMatch, RESERVED_SEGMENT_NAMES, Rule, RuleKind, Segment,
     Source, WORLD, icmp_type_by_name,
 };
+use crate::overrides::QUARANTINE;
 use crate::prefix::{Family, Prefix, PrefixParseError};
 use crate::settings::{OnPolicyChange, Settings, parse_duration};
 use crate::yaml::{self, Node, Pos, Value};
+
+/// The `file` of the built-in quarantine segment when the policy has no `quarantine.yaml`.
+pub(crate) const BUILT_IN_FILE: &str = "(built-in)";
 
 const SEGMENT_FIELDS: &[&str] = &[
     "segment",
@@ -382,9 +386,11 @@ impl Loader {
         let mut description = None;
         let mut members = None;
         let mut mode = Mode::Enforce;
-        let mut intra = Intra::Allow;
+        let mut intra = None;
         let mut rules = Vec::new();
+        let mut positions: HashMap<&str, Pos> = HashMap::new();
         for (field, value) in fields {
+            positions.insert(field, value.pos);
             match field {
                 "segment" => {
                     name = self
@@ -406,20 +412,21 @@ impl Loader {
                         .unwrap_or(mode);
                 }
                 "intra" => {
-                    intra = self
-                        .keyword(
-                            file,
-                            "intra",
-                            value,
-                            &[("allow", Intra::Allow), ("deny", Intra::Deny)],
-                        )
-                        .unwrap_or(intra);
+                    intra = self.keyword(
+                        file,
+                        "intra",
+                        value,
+                        &[("allow", Intra::Allow), ("deny", Intra::Deny)],
+                    );
                 }
                 "allow" => rules = self.rules(file, value),
                 _ => {}
             }
         }
-        if members.is_none() {
+        let quarantine = name.as_ref().is_some_and(|(name, _)| name == QUARANTINE);
+        if quarantine {
+            self.check_quarantine_file(file, &positions, members.is_some(), mode, intra);
+        } else if members.is_none() {
             let hint = Some("list the segment's addresses, e.g. `members: [10.30.0.0/24]`".into());
             let kind = PolicyErrorKind::MissingField {
                 field: "members",
@@ -452,18 +459,67 @@ impl Loader {
             name,
             name_pos,
             description,
-            members: members.unwrap_or_default(),
-            mode,
-            intra,
+            members: if quarantine {
+                Vec::new()
+            } else {
+                members.unwrap_or_default()
+            },
+            mode: if quarantine { Mode::Enforce } else { mode },
+            intra: if quarantine {
+                Intra::Deny
+            } else {
+                intra.unwrap_or(Intra::Allow)
+            },
             rules,
         })
+    }
+
+    /// `quarantine.yaml` holds an allow-list only: members come at run time, and quarantined
+    /// hosts are always isolated (enforced, not from each other).
+    fn check_quarantine_file(
+        &mut self,
+        file: &str,
+        positions: &HashMap<&str, Pos>,
+        has_members: bool,
+        mode: Mode,
+        intra: Option<Intra>,
+    ) {
+        if has_members {
+            let hint = Some(
+                "hosts are quarantined at run time (`enforcer quarantine add ADDRESS --reason \
+                 TEXT`), not in Git; remove `members:` and keep the allow-list of who may reach \
+                 quarantined hosts"
+                    .to_string(),
+            );
+            let kind = PolicyErrorKind::QuarantineSetting("members".into());
+            self.error(file, positions.get("members").copied(), kind, hint);
+        }
+        if mode == Mode::Monitor {
+            let hint = Some(
+                "quarantine is always enforced: a quarantined host must be isolated, not \
+                 watched; remove `mode:`"
+                    .to_string(),
+            );
+            let kind = PolicyErrorKind::QuarantineSetting("mode: monitor".into());
+            self.error(file, positions.get("mode").copied(), kind, hint);
+        }
+        if intra == Some(Intra::Allow) {
+            let hint = Some(
+                "quarantined hosts must not reach each other: quarantine is always `intra: \
+                 deny` (a rule `from: quarantine` in its allow-list can still open single ports)"
+                    .to_string(),
+            );
+            let kind = PolicyErrorKind::QuarantineSetting("intra: allow".into());
+            self.error(file, positions.get("intra").copied(), kind, hint);
+        }
     }
 
     fn check_segment_name(&mut self, file: &str, name: &str, pos: Pos) {
         if RESERVED_SEGMENT_NAMES.contains(&name) {
             let hint = Some(format!(
-                "{} are reserved; choose another name",
-                RESERVED_SEGMENT_NAMES.join(", ")
+                "{} are reserved; choose another name ({QUARANTINE} is the built-in segment of \
+                 quarantined hosts: its file holds only an allow-list)",
+                RESERVED_SEGMENT_NAMES.join(" and ")
             ));
             let kind = PolicyErrorKind::ReservedSegmentName(name.to_string());
             self.error(file, Some(pos), kind, hint);
@@ -843,6 +899,22 @@ impl Loader {
             }
             by_name.insert(segment.name.clone(), segment);
         }
+        // The built-in quarantine segment exists without a file: no rules, nobody may reach
+        // quarantined hosts (but essential traffic).
+        by_name
+            .entry(QUARANTINE.to_string())
+            .or_insert_with(|| RawSegment {
+                file: BUILT_IN_FILE.to_string(),
+                name: QUARANTINE.to_string(),
+                name_pos: Pos { line: 1, column: 1 },
+                description: Some(
+                    "Built-in: hosts isolated at run time by `enforcer quarantine add`".into(),
+                ),
+                members: Vec::new(),
+                mode: Mode::Enforce,
+                intra: Intra::Deny,
+                rules: Vec::new(),
+            });
 
         self.check_member_prefixes(&by_name);
 

@@ -18,6 +18,13 @@
 //! - Otherwise the first rule (in file order) whose `from` matches the source and whose `ports`
 //!   match the packet allows it; without one the packet is denied, or passed as `audit` when the
 //!   destination segment is in `mode: monitor`.
+//! - The built-in segment `quarantine` always exists: no members in Git (hosts are moved into it
+//!   at run time, see [`crate::overrides`]), always enforced, `intra: deny`. Its optional file
+//!   `quarantine.yaml` holds only its allow-list (who may reach quarantined hosts); other
+//!   segments name `from: quarantine` to let quarantined hosts reach them. A quarantined
+//!   address is in `quarantine` as a destination and as a source, whatever its prefix says;
+//!   as a source it matches rules naming `quarantine` and `any`, never a CIDR rule or its old
+//!   segment (its trust came from where it sat in the network).
 //! - Ports are matched by IP protocol number whatever the IP version. A packet without port
 //!   information (a non-first fragment, or a protocol other than TCP/UDP/ICMP/ICMPv6) matches
 //!   only `any`.
@@ -32,10 +39,11 @@ use crate::prefix::Prefix;
 
 /// The implicit segment of every address that is in no segment.
 pub const WORLD: &str = "world";
-/// Names that cannot be used for segments: `any` is a keyword of `from`, `quarantine` is kept
-/// for a later built-in segment, `breakglass` would give rule ids (`breakglass/N`) that name
-/// break-glass grants.
-pub const RESERVED_SEGMENT_NAMES: [&str; 4] = [WORLD, "any", "quarantine", BREAKGLASS];
+/// Names that cannot be used for segments: `world` is implicit, `any` is a keyword of `from`,
+/// `breakglass` would give rule ids (`breakglass/N`) that name break-glass grants.
+/// (`quarantine` is the built-in segment of quarantined hosts: its file may exist, with an
+/// allow-list but no members.)
+pub const RESERVED_SEGMENT_NAMES: [&str; 3] = [WORLD, "any", BREAKGLASS];
 
 /// The rule id of a flow admitted by break-glass grant N is `breakglass/N`.
 pub const BREAKGLASS: &str = "breakglass";
@@ -388,9 +396,14 @@ impl Policy {
     /// A one-line summary, e.g. `7 segments, 23 rules, revision 1a2b3c4d5e6f`.
     pub fn summary(&self) -> String {
         let revision_start = self.revision.get(..12).unwrap_or(&self.revision);
+        // The built-in quarantine segment is counted when the policy has its file.
+        let written = self
+            .segments
+            .iter()
+            .filter(|segment| segment.file != crate::load::BUILT_IN_FILE)
+            .count();
         format!(
-            "{} segments, {} rules, revision {revision_start}",
-            self.segments.len(),
+            "{written} segments, {} rules, revision {revision_start}",
             self.written_rule_count()
         )
     }

@@ -36,8 +36,13 @@ impl Policy {
     /// The reference verdict on `flow` at CLOCK_MONOTONIC time `now_ns`, with run-time
     /// overrides in force. With no overrides it is [`Policy::evaluate`].
     pub fn evaluate_with(&self, flow: &Flow, overrides: &Overrides, now_ns: u64) -> Decision {
-        let decision = self.evaluate(flow);
-        // Break-glass grants last: they only turn a denial (or audit) into an allow.
+        // Quarantine: a quarantined address is in the quarantine segment, as source and as
+        // destination (see `crate::model` for what it matches as a source).
+        let src = self.placement(flow.src, &overrides.quarantined);
+        let dst = self.placement(flow.dst, &overrides.quarantined);
+        let decision = self.evaluate_placed(flow, src, dst);
+        // Break-glass grants last: they only turn a denial (or audit) into an allow, and see
+        // the segments after quarantine (quarantine wins: no grant names it).
         self.apply_grants(decision, flow, overrides, now_ns)
     }
 }

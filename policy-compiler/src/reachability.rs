@@ -12,6 +12,9 @@
 //!   contains it (`10.99.0.0/16`; `10.10.0.0/25 (radiology)` when the CIDR lies in a segment).
 //! - Destinations are segments (and `world`): a verdict depends only on the destination's
 //!   segment, so one member address stands for all.
+//! - The built-in `quarantine` segment has no members in Git: a host moved into it at run time
+//!   stands for it, as a source class and as a destination (judged with that host quarantined,
+//!   [`Policy::evaluate_with`]).
 //! - Ports: the verdict can only change where a rule's port range starts or ends, so the
 //!   evaluator is asked once per interval between consecutive range boundaries of the
 //!   destination's rules, and once for "every other packet".
@@ -21,8 +24,13 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::evaluate::{Flow, Verdict};
 use crate::model::{Mode, Policy, PortMatch, RuleKind, Source, WORLD};
+use crate::overrides::{Overrides, QUARANTINE};
 use crate::port_set::{PORT_PROTOCOLS, PortSet};
 use crate::prefix::{Family, Prefix};
+
+/// The address that stands for a quarantined host (TEST-NET-1: never a real device); where it
+/// sits in the network does not matter once it is quarantined.
+pub const QUARANTINED_HOST: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
 
 /// An IP protocol without ports that no `ports` entry but `any` can name (GRE), standing for
 /// every packet outside [`PORT_PROTOCOLS`].
@@ -39,6 +47,8 @@ pub struct SourceClass {
     pub cidr: Option<Prefix>,
     /// One address of the class.
     pub address: IpAddr,
+    /// The class of quarantined hosts: `address` is judged as quarantined.
+    pub quarantined: bool,
 }
 
 impl SourceClass {
@@ -60,6 +70,8 @@ pub struct Destination {
     pub mode: Mode,
     /// One address of the segment.
     pub address: IpAddr,
+    /// The quarantine segment: `address` is judged as quarantined.
+    pub quarantined: bool,
 }
 
 /// What one source may send to one destination.
@@ -74,23 +86,41 @@ pub struct Access {
 impl Access {
     /// The verdict on every packet from `src` to `dst`, from the reference evaluator.
     pub fn between(policy: &Policy, src: IpAddr, dst: IpAddr) -> Access {
+        Access::between_with(policy, src, dst, &Overrides::default())
+    }
+
+    /// [`Access::between`] with run-time overrides (quarantined hosts) in force.
+    pub fn between_with(
+        policy: &Policy,
+        src: IpAddr,
+        dst: IpAddr,
+        overrides: &Overrides,
+    ) -> Access {
         let judge = |proto: u8, port: Option<u16>| {
             policy
-                .evaluate(&Flow {
-                    src,
-                    dst,
-                    proto,
-                    port,
-                })
+                .evaluate_with(
+                    &Flow {
+                        src,
+                        dst,
+                        proto,
+                        port,
+                    },
+                    overrides,
+                    0,
+                )
                 .verdict
         };
         let dst_segment = policy
-            .evaluate(&Flow {
-                src,
-                dst,
-                proto: OTHER_PROTOCOL,
-                port: None,
-            })
+            .evaluate_with(
+                &Flow {
+                    src,
+                    dst,
+                    proto: OTHER_PROTOCOL,
+                    port: None,
+                },
+                overrides,
+                0,
+            )
             .dst_segment;
         let boundaries = range_boundaries(policy, &dst_segment);
         let mut access = Access::default();
@@ -199,8 +229,18 @@ pub fn source_classes(policy: &Policy) -> Vec<SourceClass> {
                 segment,
                 cidr,
                 address,
+                quarantined: false,
             });
         }
+    }
+    if policy.segment(QUARANTINE).is_some() {
+        classes.push(SourceClass {
+            label: QUARANTINE.to_string(),
+            segment: QUARANTINE.to_string(),
+            cidr: None,
+            address: QUARANTINED_HOST,
+            quarantined: true,
+        });
     }
     classes.sort_by(|a, b| a.sort_key().cmp(&b.sort_key()));
     classes
@@ -221,6 +261,14 @@ pub fn destinations(policy: &Policy) -> Vec<Destination> {
                 name: segment.name.clone(),
                 mode: segment.mode,
                 address,
+                quarantined: false,
+            });
+        } else if segment.name == QUARANTINE {
+            destinations.push(Destination {
+                name: segment.name.clone(),
+                mode: segment.mode,
+                address: QUARANTINED_HOST,
+                quarantined: true,
             });
         }
     }
@@ -229,6 +277,7 @@ pub fn destinations(policy: &Policy) -> Vec<Destination> {
             name: WORLD.to_string(),
             mode: policy.world_mode(),
             address,
+            quarantined: false,
         });
     }
     destinations
@@ -305,6 +354,18 @@ fn with_bit_set(addr: IpAddr, position: u8) -> IpAddr {
     }
 }
 
+/// The overrides under which a source and a destination, each an address and whether it
+/// stands for a quarantined host, are judged.
+pub(crate) fn quarantine_overrides(ends: [(IpAddr, bool); 2]) -> Overrides {
+    let mut overrides = Overrides::default();
+    for (address, quarantined) in ends {
+        if quarantined {
+            overrides.quarantined.insert(address);
+        }
+    }
+    overrides
+}
+
 /// The whole reachability of one policy: for every source class and destination, its access.
 #[derive(Clone, Debug)]
 pub struct Reachability {
@@ -323,7 +384,18 @@ impl Reachability {
             .map(|source| {
                 destinations
                     .iter()
-                    .map(|destination| Access::between(policy, source.address, destination.address))
+                    .map(|destination| {
+                        let overrides = quarantine_overrides([
+                            (source.address, source.quarantined),
+                            (destination.address, destination.quarantined),
+                        ]);
+                        Access::between_with(
+                            policy,
+                            source.address,
+                            destination.address,
+                            &overrides,
+                        )
+                    })
                     .collect()
             })
             .collect();

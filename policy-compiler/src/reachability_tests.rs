@@ -8,15 +8,21 @@
 //!   to: pacs               # the same
 //!   port: tcp/104          # tcp/N, udp/N, icmp/TYPE, icmpv6/TYPE (a name or a number)
 //!   expect: allow          # allow, deny or audit
+//!   quarantined: 10.10.0.20  # optional: addresses in the quarantine segment for this case
 //! ```
+//!
+//! `quarantined` (one address or a list) judges the case as if those hosts had been moved into
+//! the built-in `quarantine` segment with `enforcer quarantine add`: that segment has no members
+//! in Git, so write the quarantined end as an address and list it there.
 //!
 //! A segment name stands for the first address of its first member prefix (`radiology` with
 //! `members: [10.10.0.0/24, ...]` is 10.10.0.0); when the other end is an address, the first
 //! member prefix of that address's IP version is used. `world` is the lowest address in no
 //! member prefix (IPv4 if there is one). When that address belongs to another segment (a more
 //! specific member prefix elsewhere), the case is an error: write an address instead.
-//! Every verdict comes from the reference evaluator, [`Policy::evaluate`].
+//! Every verdict comes from the reference evaluator, [`Policy::evaluate_with`].
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::net::IpAddr;
 use std::path::Path;
@@ -25,11 +31,12 @@ use crate::error::closest;
 use crate::evaluate::{Decision, Flow, Verdict};
 use crate::load::parse_port;
 use crate::model::{Policy, PortMatch, WORLD};
+use crate::overrides::{Overrides, QUARANTINE};
 use crate::prefix::{Family, Prefix};
 use crate::reachability::world_address;
 use crate::yaml::{self, Node, Pos, Value};
 
-const CASE_FIELDS: &[&str] = &["name", "from", "to", "port", "expect"];
+const CASE_FIELDS: &[&str] = &["name", "from", "to", "port", "expect", "quarantined"];
 
 /// A test file that cannot be read or understood.
 #[derive(thiserror::Error, Clone, Debug, PartialEq, Eq)]
@@ -83,6 +90,8 @@ pub struct TestCase {
     pub expect: Verdict,
     /// The packet, with the addresses the endpoints stand for.
     pub flow: Flow,
+    /// Hosts in the quarantine segment for this case (`quarantined:`).
+    pub quarantined: BTreeSet<IpAddr>,
 }
 
 impl TestCase {
@@ -114,12 +123,16 @@ impl CaseOutcome<'_> {
             Endpoint::Segment(name) => format!("{name} {address}"),
             Endpoint::Address(_) => address.to_string(),
         };
-        let packet = format!(
+        let mut packet = format!(
             "{} -> {} {}",
             end(&case.from, case.flow.src),
             end(&case.to, case.flow.dst),
             case.port
         );
+        if !case.quarantined.is_empty() {
+            let hosts: Vec<String> = case.quarantined.iter().map(IpAddr::to_string).collect();
+            packet.push_str(&format!(", quarantined {}", hosts.join(" ")));
+        }
         let verdict = verdict_name(self.decision.verdict);
         let rule = self
             .decision
@@ -232,9 +245,15 @@ impl TestSuite {
     pub fn run<'a>(&'a self, policy: &Policy) -> Vec<CaseOutcome<'a>> {
         self.cases
             .iter()
-            .map(|case| CaseOutcome {
-                case,
-                decision: policy.evaluate(&case.flow),
+            .map(|case| {
+                let overrides = Overrides {
+                    quarantined: case.quarantined.clone(),
+                    ..Overrides::default()
+                };
+                CaseOutcome {
+                    case,
+                    decision: policy.evaluate_with(&case.flow, &overrides, 0),
+                }
             })
             .collect()
     }
@@ -298,6 +317,7 @@ impl CaseReader<'_> {
             return None;
         };
         let mut fields: Vec<(&str, &str, Pos)> = Vec::new();
+        let mut quarantined = BTreeSet::new();
         let mut complete = true;
         for (key, value) in entries {
             let key_text = match &key.value {
@@ -318,6 +338,10 @@ impl CaseReader<'_> {
                 complete = false;
                 continue;
             };
+            if *field == "quarantined" {
+                complete &= self.quarantined(file, value, &mut quarantined);
+                continue;
+            }
             match &value.value {
                 Value::Scalar(text) => fields.push((field, text, value.pos)),
                 _ => {
@@ -402,7 +426,47 @@ impl CaseReader<'_> {
                 .unwrap_or_default(),
             expect,
             flow,
+            quarantined,
         })
+    }
+
+    /// `quarantined:`, one address or a list of them; `false` on an error.
+    fn quarantined(&mut self, file: &str, node: &Node, into: &mut BTreeSet<IpAddr>) -> bool {
+        let items: Vec<&Node> = match &node.value {
+            Value::Scalar(_) => vec![node],
+            Value::Seq(items) => items.iter().collect(),
+            _ => Vec::new(),
+        };
+        let texts: Vec<(&str, Pos)> = items
+            .iter()
+            .filter_map(|item| match &item.value {
+                Value::Scalar(text) => Some((text.as_str(), item.pos)),
+                _ => None,
+            })
+            .collect();
+        if texts.is_empty() || texts.len() != items.len() {
+            let message = format!(
+                "`quarantined` must be an address or a list of addresses, found {}",
+                node.kind_name()
+            );
+            self.error(file, node.pos, message, None);
+            return false;
+        }
+        let mut ok = true;
+        for (text, pos) in texts {
+            match text.parse::<IpAddr>() {
+                Ok(address) => {
+                    into.insert(address);
+                }
+                Err(_) => {
+                    let hint = Some("one address or a list of addresses, no prefixes".into());
+                    let message = format!("invalid address '{text}' in `quarantined`");
+                    self.error(file, pos, message, hint);
+                    ok = false;
+                }
+            }
+        }
+        ok
     }
 
     fn endpoint(&mut self, file: &str, text: &str, pos: Pos) -> Option<Endpoint> {
@@ -453,7 +517,15 @@ impl CaseReader<'_> {
                 None => "",
             };
             let message = format!("{endpoint} has no {version}address to stand for it");
-            let hint = Some("write both ends as addresses".to_string());
+            let hint = Some(
+                if matches!(endpoint, Endpoint::Segment(name) if name == QUARANTINE) {
+                    "quarantine has no members in Git: write the quarantined host's address and \
+                 list it in `quarantined:`"
+                        .to_string()
+                } else {
+                    "write both ends as addresses".to_string()
+                },
+            );
             self.error(file, pos, message, hint);
         }
         found

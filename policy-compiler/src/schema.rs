@@ -6,6 +6,7 @@
 use serde_json::{Value, json};
 
 use crate::model::RESERVED_SEGMENT_NAMES;
+use crate::overrides::QUARANTINE;
 
 /// `tcp/N`, `tcp/A-B`, `tcp/any`, the same for udp, `icmp/TYPE`, `icmpv6/TYPE`, `any`.
 pub const PORT_PATTERN: &str =
@@ -53,13 +54,28 @@ pub fn policy_schema() -> Value {
         "description": "One segment per file (segments/NAME.yaml with `segment: NAME`), or the policy-wide segments/defaults.yaml. `policy-compiler check` validates what a schema cannot: segment names in `from`, overlapping members, host bits.",
         "oneOf": [
             { "$ref": "#/$defs/segment" },
+            { "$ref": "#/$defs/quarantine" },
             { "$ref": "#/$defs/defaults" }
         ],
         "$defs": {
             "segmentName": {
                 "type": "string",
                 "pattern": SEGMENT_NAME_PATTERN,
-                "not": { "enum": RESERVED_SEGMENT_NAMES }
+                "not": { "enum": RESERVED_SEGMENT_NAMES.iter().chain([&QUARANTINE]).collect::<Vec<_>>() }
+            },
+            "quarantine": {
+                "type": "object",
+                "title": "The built-in quarantine segment (quarantine.yaml)",
+                "description": "Hosts are moved into it at run time (`enforcer quarantine add`), never listed here; it is always enforced and intra: deny. The file only says who may reach quarantined hosts.",
+                "required": ["segment"],
+                "additionalProperties": false,
+                "properties": {
+                    "segment": { "const": QUARANTINE },
+                    "description": optional_text,
+                    "mode": { "const": "enforce" },
+                    "intra": { "const": "deny" },
+                    "allow": { "$ref": "#/$defs/rules" }
+                }
             },
             "address": address,
             "port": {

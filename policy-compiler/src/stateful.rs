@@ -121,8 +121,27 @@ impl StatefulEvaluator {
         &self.policy
     }
 
-    /// Sets the run-time overrides (quarantine, break-glass) in force from now on.
+    /// Sets the run-time overrides (quarantine, break-glass) in force from now on. The tracked
+    /// flows and fragments of an address that becomes quarantined are forgotten, as the daemon
+    /// removes their kernel state: its established connections are cut at once, and its next
+    /// packets are judged as the quarantine segment's.
     pub fn set_overrides(&mut self, overrides: Overrides) {
+        let newly_quarantined: Vec<([u8; 16], u8)> = overrides
+            .quarantined
+            .difference(&self.overrides.quarantined)
+            .map(|addr| widen(*addr))
+            .collect();
+        if !newly_quarantined.is_empty() {
+            let involves = |addr_a: &[u8; 16], addr_b: &[u8; 16], family: u8| {
+                newly_quarantined
+                    .iter()
+                    .any(|(addr, f)| *f == family && (addr == addr_a || addr == addr_b))
+            };
+            self.conntrack
+                .retain(|key, _| !involves(&key.addr_a, &key.addr_b, key.family));
+            self.fragments
+                .retain(|key, _| !involves(&key.src, &key.dst, key.family));
+        }
         self.overrides = overrides;
     }
 
@@ -426,5 +445,86 @@ fn starts_flow(packet: &Packet) -> bool {
         6 => packet.tcp_flags & (TCP_RST | TCP_FIN) == 0,
         1 | 58 => packet.is_echo_request,
         _ => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    /// An Ethernet + IPv4 + TCP frame.
+    fn tcp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+        let mut frame = vec![0u8; 12];
+        frame.extend_from_slice(&0x0800u16.to_be_bytes());
+        frame.extend_from_slice(&[0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0]);
+        frame.extend_from_slice(&src);
+        frame.extend_from_slice(&dst);
+        let mut header = [0u8; 20];
+        header[0..2].copy_from_slice(&sport.to_be_bytes());
+        header[2..4].copy_from_slice(&dport.to_be_bytes());
+        header[12] = 5 << 4;
+        header[13] = flags;
+        frame.extend_from_slice(&header);
+        frame
+    }
+
+    fn quarantining(addr: [u8; 4]) -> Overrides {
+        let mut overrides = Overrides::default();
+        overrides
+            .quarantined
+            .insert(std::net::IpAddr::V4(Ipv4Addr::from(addr)));
+        overrides
+    }
+
+    #[test]
+    fn quarantining_a_host_cuts_its_flows_and_only_its() {
+        let policy = Policy::from_sources(&[(
+            "pacs.yaml".into(),
+            "segment: pacs\nmembers: [10.30.0.0/24]\nallow:\n  - from: [10.10.0.0/24]\n    ports: [tcp/104]\n"
+                .into(),
+        )])
+        .unwrap();
+        let mut model = StatefulEvaluator::new(policy);
+        let (ws, other, pacs) = ([10, 10, 0, 20], [10, 10, 0, 21], [10, 30, 0, 10]);
+        let ingress = direction::INGRESS;
+        for host in [ws, other] {
+            let syn = model.process(&tcp(host, pacs, 40000, 104, TCP_SYN), ingress);
+            assert_eq!(syn.counter, counter::ALLOWED);
+        }
+        assert_eq!(model.tracked_flows(), 2);
+        let ack = tcp(ws, pacs, 40000, 104, TCP_ACK);
+        assert_eq!(model.process(&ack, ingress).counter, counter::ESTABLISHED);
+
+        model.set_overrides(quarantining(ws));
+        assert_eq!(
+            model.tracked_flows(),
+            1,
+            "the quarantined host's flow is cut"
+        );
+        // Its next packet is judged afresh, as the quarantine segment's: denied.
+        assert_eq!(
+            model.process(&ack, ingress).counter,
+            counter::DROP_POLICY_DENIED
+        );
+        let reply = tcp(pacs, ws, 104, 40000, TCP_ACK);
+        assert_eq!(
+            model.process(&reply, direction::INGRESS).counter,
+            counter::DROP_POLICY_DENIED
+        );
+        // The other host's flow goes on.
+        let other_ack = tcp(other, pacs, 40000, 104, TCP_ACK);
+        assert_eq!(
+            model.process(&other_ack, ingress).counter,
+            counter::ESTABLISHED
+        );
+        // Setting the same overrides again cuts nothing more; releasing the host restores its
+        // segment for new flows.
+        model.set_overrides(quarantining(ws));
+        assert_eq!(model.tracked_flows(), 1);
+        model.set_overrides(Overrides::default());
+        let syn = model.process(&tcp(ws, pacs, 40001, 104, TCP_SYN), ingress);
+        assert_eq!(syn.counter, counter::ALLOWED);
     }
 }

@@ -231,3 +231,29 @@ fn max_ttl_is_a_setting_of_defaults_yaml() {
         "{errors:?}"
     );
 }
+
+#[test]
+fn quarantine_wins_over_a_grant_from_the_former_segment() {
+    let policy = example_policy();
+    let mut overrides = with_grants(vec![grant(
+        1,
+        "icu-telemetry",
+        "pacs",
+        &["tcp/104"],
+        u64::MAX,
+    )]);
+    assert_eq!(
+        judge(&policy, &overrides, 0, ICU, PACS, TCP, 104).grant,
+        Some(1)
+    );
+    overrides.quarantined.insert(ICU.parse().unwrap());
+    let decision = judge(&policy, &overrides, 0, ICU, PACS, TCP, 104);
+    assert_eq!(decision.src_segment, "quarantine");
+    assert_eq!(decision.verdict, Verdict::Deny, "{decision:?}");
+    assert_eq!(decision.grant, None);
+    // A quarantined destination is out of reach of grants to its former segment too.
+    overrides.quarantined.insert(PACS.parse().unwrap());
+    let decision = judge(&policy, &overrides, 0, "10.70.0.11", PACS, TCP, 104);
+    assert_eq!(decision.dst_segment, "quarantine");
+    assert_eq!(decision.grant, None);
+}

@@ -35,7 +35,7 @@ fn check_accepts_the_example() {
     let output = run(&["check", &example()]);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
     let stdout = text(&output.stdout);
-    assert!(stdout.starts_with("ok: 7 segments, "), "{stdout}");
+    assert!(stdout.starts_with("ok: 9 segments, "), "{stdout}");
     assert!(stdout.contains(" rules, revision "), "{stdout}");
     assert_eq!(stdout.lines().count(), 1);
 }
@@ -202,12 +202,12 @@ fn compile_writes_identical_bytes_twice() {
     for path in [&first, &second] {
         let output = run(&["compile", &example(), "-o", &path.display().to_string()]);
         assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
-        assert!(text(&output.stdout).starts_with("ok: 7 segments"));
+        assert!(text(&output.stdout).starts_with("ok: 9 segments"));
     }
     let bytes = std::fs::read(&first).unwrap();
     assert_eq!(bytes, std::fs::read(&second).unwrap());
     let artifact = policy_compiler::Artifact::from_json(&bytes).expect("valid artifact");
-    assert_eq!(artifact.format_version, 1);
+    assert_eq!(artifact.format_version, 2);
     assert!(!Path::new(&dir.join(".first.json.tmp")).exists());
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -11,7 +11,7 @@ use enforcer_common::{
     AddrInfo, CLASS_WILDCARD, CLASS_WORLD, PairValue, PortKey, SEGMENT_WORLD, proto_key,
     segment_mode,
 };
-use policy_compiler::{Artifact, Flow, Policy, Verdict, compile};
+use policy_compiler::{Artifact, Flow, Overrides, Policy, Verdict, compile};
 use rand::rngs::SmallRng;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
@@ -44,6 +44,8 @@ struct Kernel {
     pairs: HashMap<(u32, u32), PairValue>,
     /// PORTS entries grouped by (table, proto key) to keep the brute force fast.
     ports: HashMap<(u32, u8), Vec<PortTrieEntry>>,
+    /// What an address of the QUARANTINE map is looked up as (`Config.quarantine_*`).
+    quarantine: AddrInfo,
 }
 
 impl Kernel {
@@ -70,6 +72,10 @@ impl Kernel {
                 .map(|(key, value)| ((key.dst_segment, key.src_class), value))
                 .collect(),
             ports,
+            quarantine: AddrInfo {
+                segment: artifact.kernel_config(1).quarantine_segment,
+                class: artifact.kernel_config(1).quarantine_class,
+            },
         }
     }
 
@@ -94,9 +100,17 @@ impl Kernel {
         })
     }
 
-    fn judge(&self, flow: &Flow) -> (Verdict, Option<u32>) {
-        let dst = self.lookup_addr(flow.dst);
-        let src = self.lookup_addr(flow.src);
+    /// The kernel's lookup with `quarantined` in its QUARANTINE map.
+    fn judge(&self, flow: &Flow, quarantined: &BTreeSet<IpAddr>) -> (Verdict, Option<u32>) {
+        let lookup = |addr: IpAddr| {
+            if quarantined.contains(&addr) {
+                self.quarantine
+            } else {
+                self.lookup_addr(addr)
+            }
+        };
+        let dst = lookup(flow.dst);
+        let src = lookup(flow.src);
         let mode = self
             .modes
             .get(dst.segment as usize)
@@ -183,8 +197,33 @@ fn example_artifact_shape() {
             "lab",
             "pacs",
             "pharmacy",
-            "radiology"
+            "quarantine",
+            "radiology",
+            "remediation"
         ]
+    );
+    // A quarantined address is judged as the quarantine segment and its own class, which no
+    // address entry carries.
+    assert_eq!(artifact.quarantine.segment, 7);
+    let config = artifact.kernel_config(1);
+    assert_eq!(
+        (config.quarantine_segment, config.quarantine_class),
+        (7, artifact.quarantine.class)
+    );
+    assert!(
+        artifact
+            .maps
+            .addr_v4
+            .iter()
+            .all(|e| e.class != artifact.quarantine.class && e.segment != 7)
+    );
+    // `remediation` names `from: quarantine`: the quarantine class has its own pair entry.
+    assert!(
+        artifact
+            .maps
+            .pairs
+            .iter()
+            .any(|e| e.dst_segment == 9 && e.src_class == artifact.quarantine.class)
     );
     assert_eq!(artifact.segment_infos()[0].mode, segment_mode::UNENFORCED);
     assert_eq!(artifact.segment_infos()[3].mode, segment_mode::MONITOR);
@@ -193,10 +232,12 @@ fn example_artifact_shape() {
     let ids = artifact.rule_ids();
     assert_eq!(ids[0], "billing/1");
     assert_eq!(ids[2], "ehr-core/1");
-    assert_eq!(ids[ids.len() - 14], "billing/intra");
-    assert_eq!(ids[ids.len() - 8], "radiology/intra");
-    assert_eq!(ids[ids.len() - 7], "billing/essential");
-    assert_eq!(ids[ids.len() - 1], "radiology/essential");
+    // (quarantine is intra: deny, so it has no intra pseudo-rule.)
+    assert_eq!(ids[ids.len() - 17], "billing/intra");
+    assert_eq!(ids[ids.len() - 10], "remediation/intra");
+    assert_eq!(ids[ids.len() - 9], "billing/essential");
+    assert_eq!(ids[ids.len() - 3], "quarantine/essential");
+    assert_eq!(ids[ids.len() - 1], "remediation/essential");
     // The pacs members' entry: 10.30.0.0/24 in segment 5.
     let pacs = artifact
         .addr_v4_entries()
@@ -226,8 +267,11 @@ fn example_artifact_shape() {
             .any(|e| e.rule == intra && e.proto == proto_key::NO_PORT && e.prefix_len == 64)
     );
     let counts = artifact.entry_counts();
-    assert_eq!(counts.segments, 8);
-    assert_eq!(counts.addr_v4, 8, "7 segments and the NOC CIDR");
+    assert_eq!(counts.segments, 10);
+    assert_eq!(
+        counts.addr_v4, 9,
+        "8 segments with members and the NOC CIDR"
+    );
 }
 
 fn random_ip(rng: &mut SmallRng, v6: bool) -> IpAddr {
@@ -350,6 +394,12 @@ fn random_policy(rng: &mut SmallRng) -> Vec<(String, String)> {
         .collect();
     let mut free: Vec<&String> = pool.iter().collect();
     let mut sources = Vec::new();
+    // Rules may name the built-in quarantine segment too.
+    let sources_names: Vec<String> = names
+        .iter()
+        .cloned()
+        .chain(["quarantine".to_string()])
+        .collect();
     for name in &names {
         let mut members = Vec::new();
         // The pool is larger than 6 segments x 3 members: it never runs dry.
@@ -370,14 +420,22 @@ fn random_policy(rng: &mut SmallRng) -> Vec<(String, String)> {
         let text = format!(
             "segment: {name}\nmembers: [{}]\nmode: {mode}\nintra: {intra}\n{}",
             members.join(", "),
-            random_rules(rng, &names, &pool)
+            random_rules(rng, &sources_names, &pool)
         );
         sources.push(source(&format!("segments/{name}.yaml"), &text));
+    }
+    // The built-in quarantine segment, with an allow-list of its own half of the time.
+    if rng.random_bool(0.5) {
+        let text = format!(
+            "segment: quarantine\n{}",
+            random_rules(rng, &sources_names, &pool)
+        );
+        sources.push(source("segments/quarantine.yaml", &text));
     }
     let world_mode = ["unenforced", "enforce", "monitor"]
         .choose(rng)
         .expect("mode");
-    let world_rules = random_rules(rng, &names, &pool).replace("\n", "\n  ");
+    let world_rules = random_rules(rng, &sources_names, &pool).replace("\n", "\n  ");
     let defaults = format!("world:\n  mode: {world_mode}\n  {}", world_rules.trim_end());
     sources.push(source("segments/defaults.yaml", &defaults));
     sources
@@ -427,14 +485,33 @@ fn cross_check(policy: &Policy, flows: impl Iterator<Item = Flow>, context: &str
     let reparsed = Artifact::from_json(&artifact.to_json()).expect("artifact parses");
     let kernel = Kernel::new(&reparsed);
     let mut checked = 0;
-    for flow in flows {
+    // Deterministic per flow: every fourth source and every third destination is quarantined.
+    for (n, flow) in flows.enumerate() {
         let expected = policy.evaluate(&flow);
-        let got = kernel.judge(&flow);
+        let got = kernel.judge(&flow, &BTreeSet::new());
         assert_eq!(
             got,
             (expected.verdict, expected.rule_index),
             "{context}: kernel lookup disagrees with the evaluator on {flow:?}: {expected:?}"
         );
+        let mut overrides = Overrides::default();
+        if n % 4 == 0 {
+            overrides.quarantined.insert(flow.src);
+        }
+        if n % 3 == 0 {
+            overrides.quarantined.insert(flow.dst);
+        }
+        if !overrides.quarantined.is_empty() {
+            let expected = policy.evaluate_with(&flow, &overrides, 0);
+            let got = kernel.judge(&flow, &overrides.quarantined);
+            assert_eq!(
+                got,
+                (expected.verdict, expected.rule_index),
+                "{context}: kernel lookup disagrees with the evaluator on {flow:?} with {:?} \
+                 quarantined: {expected:?}",
+                overrides.quarantined
+            );
+        }
         checked += 1;
     }
     checked
@@ -532,8 +609,9 @@ fn compiles_a_largish_policy() {
         started.elapsed(),
         artifact.entry_counts()
     );
-    // Written rules, one intra and one essential pseudo-rule per segment.
-    assert_eq!(artifact.rules.len(), 200 * 20 + 200 + 200);
+    // Written rules, one intra and one essential pseudo-rule per segment, and the essential
+    // pseudo-rule of the built-in quarantine segment.
+    assert_eq!(artifact.rules.len(), 200 * 20 + 200 + 200 + 1);
     let pool: Vec<String> = policy
         .members()
         .map(|(prefix, _)| prefix.to_string())

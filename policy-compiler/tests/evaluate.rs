@@ -247,3 +247,145 @@ fn world_rules_when_world_is_enforced() {
     let decision = judge(&p, "2.2.2.2", "1.1.1.1", TCP, Some(80));
     assert_eq!(decision.verdict, Verdict::Audit);
 }
+
+fn judge_with(
+    policy: &Policy,
+    src: &str,
+    dst: &str,
+    proto: u8,
+    port: Option<u16>,
+    quarantined: &[&str],
+) -> Decision {
+    let overrides = policy_compiler::Overrides {
+        quarantined: quarantined.iter().map(|a| ip(a)).collect(),
+        ..Default::default()
+    };
+    policy.evaluate_with(
+        &Flow {
+            src: ip(src),
+            dst: ip(dst),
+            proto,
+            port,
+        },
+        &overrides,
+        0,
+    )
+}
+
+const REMEDIATION: &str = "10.80.0.5";
+const NOC: &str = "10.99.0.7";
+
+#[test]
+fn a_quarantined_host_is_in_the_quarantine_segment_both_ways() {
+    let p = example_policy();
+    // Healthy: radiology reaches the PACS, the PACS reaches radiology.
+    let healthy = judge_with(&p, RADIOLOGY, PACS, TCP, Some(104), &[]);
+    assert_eq!(healthy, judge(&p, RADIOLOGY, PACS, TCP, Some(104)));
+    assert_eq!(healthy.verdict, Verdict::Allow);
+
+    let q = [RADIOLOGY];
+    let out = judge_with(&p, RADIOLOGY, PACS, TCP, Some(104), &q);
+    assert_eq!(out.verdict, Verdict::Deny, "{out:?}");
+    assert_eq!(out.src_segment, "quarantine");
+    assert_eq!(out.dst_segment, "pacs");
+    let inbound = judge_with(&p, PACS, RADIOLOGY, TCP, Some(104), &q);
+    assert_eq!(inbound.verdict, Verdict::Deny, "{inbound:?}");
+    assert_eq!(inbound.dst_segment, "quarantine");
+    // What quarantine.yaml and `from: quarantine` allow.
+    let to_remediation = judge_with(&p, RADIOLOGY, REMEDIATION, TCP, Some(443), &q);
+    assert_eq!(to_remediation.rule.as_deref(), Some("remediation/1"));
+    let repair = judge_with(&p, REMEDIATION, RADIOLOGY, TCP, Some(22), &q);
+    assert_eq!(repair.rule.as_deref(), Some("quarantine/1"));
+    // Essential traffic still reaches it.
+    let pmtu = judge_with(&p, "8.8.8.8", RADIOLOGY, ICMP, Some(3), &q);
+    assert_eq!(pmtu.rule.as_deref(), Some("quarantine/essential"));
+    // Its own segment's intra: allow is gone: quarantined hosts do not reach each other, nor
+    // its old neighbours.
+    let neighbour = "10.10.0.6";
+    assert_eq!(
+        judge_with(&p, RADIOLOGY, neighbour, TCP, Some(445), &[])
+            .rule
+            .as_deref(),
+        Some("radiology/intra")
+    );
+    assert_eq!(
+        judge_with(&p, RADIOLOGY, neighbour, TCP, Some(445), &q).verdict,
+        Verdict::Deny
+    );
+    assert_eq!(
+        judge_with(
+            &p,
+            RADIOLOGY,
+            neighbour,
+            TCP,
+            Some(445),
+            &[RADIOLOGY, neighbour]
+        )
+        .verdict,
+        Verdict::Deny
+    );
+    // Traffic between other hosts is untouched.
+    assert_eq!(
+        judge_with(&p, EHR, PACS, TCP, Some(104), &q),
+        judge(&p, EHR, PACS, TCP, Some(104))
+    );
+}
+
+#[test]
+fn a_quarantined_source_matches_quarantine_and_any_never_a_cidr() {
+    // The NOC reaches the PACS by a CIDR rule; quarantined, it does not.
+    let p = example_policy();
+    assert_eq!(
+        judge_with(&p, NOC, PACS, TCP, Some(22), &[])
+            .rule
+            .as_deref(),
+        Some("noc-monitoring-pacs")
+    );
+    assert_eq!(
+        judge_with(&p, NOC, PACS, TCP, Some(22), &[NOC]).verdict,
+        Verdict::Deny
+    );
+    // `any` still matches it; a monitored destination audits it.
+    let policy = Policy::from_sources(&[
+        source(
+            "segments/web.yaml",
+            "segment: web\nmembers: [10.1.0.0/24]\nallow:\n  - from: [10.0.0.0/8]\n    ports: [tcp/22]\n  - from: any\n    ports: [tcp/443]\n",
+        ),
+        source(
+            "segments/watch.yaml",
+            "segment: watch\nmembers: [10.2.0.0/24]\nmode: monitor\n",
+        ),
+    ])
+    .unwrap();
+    let q = ["10.3.0.1"];
+    assert_eq!(
+        judge_with(&policy, "10.3.0.1", "10.1.0.1", TCP, Some(22), &[]).verdict,
+        Verdict::Allow
+    );
+    assert_eq!(
+        judge_with(&policy, "10.3.0.1", "10.1.0.1", TCP, Some(22), &q).verdict,
+        Verdict::Deny
+    );
+    assert_eq!(
+        judge_with(&policy, "10.3.0.1", "10.1.0.1", TCP, Some(443), &q)
+            .rule
+            .as_deref(),
+        Some("web/2")
+    );
+    let audited = judge_with(&policy, "10.3.0.1", "10.2.0.1", TCP, Some(80), &q);
+    assert_eq!(audited.verdict, Verdict::Audit);
+    // The built-in quarantine segment (no file) is reached by nobody but essential traffic.
+    let inbound = judge_with(&policy, "10.1.0.1", "10.3.0.1", TCP, Some(443), &q);
+    assert_eq!(inbound.verdict, Verdict::Deny);
+    assert_eq!(inbound.dst_segment, "quarantine");
+    // A quarantined address in `world` as well: IPv6 too.
+    let v6 = judge_with(
+        &policy,
+        "2001:db8::1",
+        "10.1.0.1",
+        TCP,
+        Some(443),
+        &["2001:db8::1"],
+    );
+    assert_eq!(v6.src_segment, "quarantine");
+}

@@ -99,20 +99,22 @@ fn reachability_matches_the_evaluator_on_every_port() {
             "lab",
             "pacs",
             "pharmacy",
+            "quarantine",
             "radiology",
+            "remediation",
             "world",
             "10.99.0.0/16",
             "fd00:99::/64"
         ]
     );
     // Exhaustive over TCP ports and ICMP types for a few pairs: the range sets are exact.
-    let radiology = &reachability.sources[6];
+    let radiology = &reachability.sources[7];
     let pacs = reachability
         .destinations
         .iter()
         .position(|d| d.name == "pacs")
         .unwrap();
-    let access = &reachability.access[6][pacs];
+    let access = &reachability.access[7][pacs];
     for port in 0..=u16::MAX {
         let verdict = policy
             .evaluate(&policy_compiler::Flow {
@@ -137,15 +139,61 @@ fn reachability_matches_the_evaluator_on_every_port() {
         .iter()
         .position(|d| d.name == "icu-telemetry")
         .unwrap();
-    let to_icu = &reachability.access[6][icu];
+    let to_icu = &reachability.access[7][icu];
     assert!(to_icu.allowed.union(&to_icu.audited).is_everything());
     assert_eq!(
-        reachability.access[6][6],
+        reachability.access[7][7],
         Access {
             allowed: policy_compiler::port_set::PortSet::everything(),
             audited: Default::default()
         },
         "radiology to itself: intra allow"
+    );
+    // Quarantined hosts, as sources and as a destination: only the remediation servers, both
+    // ways, and essential traffic.
+    let quarantine = 6;
+    assert!(reachability.sources[quarantine].quarantined);
+    let to = |name: &str| {
+        reachability
+            .destinations
+            .iter()
+            .position(|d| d.name == name)
+            .unwrap()
+    };
+    assert_eq!(
+        reachability.destinations[to("quarantine")].name,
+        "quarantine"
+    );
+    let essential =
+        "icmp/destination-unreachable, icmpv6/packet-too-big, icmpv6/133-136".to_string();
+    assert_eq!(
+        reachability.access[quarantine][to("remediation")]
+            .allowed
+            .to_string(),
+        format!("tcp/443, {essential}")
+    );
+    assert_eq!(
+        reachability.access[quarantine][to("pacs")]
+            .allowed
+            .to_string(),
+        essential
+    );
+    assert_eq!(
+        reachability.access[quarantine][to("quarantine")]
+            .allowed
+            .to_string(),
+        essential,
+        "quarantined hosts do not reach each other"
+    );
+    assert_eq!(
+        reachability.access[8][to("quarantine")].allowed.to_string(),
+        format!("tcp/22, tcp/5986, {essential}"),
+        "remediation repairs quarantined hosts"
+    );
+    assert_eq!(
+        reachability.access[7][to("quarantine")].allowed.to_string(),
+        essential,
+        "radiology does not reach a quarantined host"
     );
 }
 
@@ -269,6 +317,9 @@ fn diff_reports_segments_added_removed_and_members() {
             );
             *content = content.replace("[radiology, lab, pharmacy,", "[radiology, pharmacy,");
         }
+        if file.ends_with("/remediation.yaml") {
+            *content = content.replace(" lab,", "");
+        }
         if file.ends_with("/pacs.yaml") {
             *content = content.replace(
                 "members: [10.30.0.0/24,",
@@ -278,7 +329,7 @@ fn diff_reports_segments_added_removed_and_members() {
     }
     sources.push((
         "segments/imaging-ai.yaml".into(),
-        "segment: imaging-ai\nmembers: [10.80.0.0/24]\nallow:\n  - from: [pacs]\n    ports: [tcp/443]\n"
+        "segment: imaging-ai\nmembers: [10.81.0.0/24]\nallow:\n  - from: [pacs]\n    ports: [tcp/443]\n"
             .into(),
     ));
     let new = Policy::from_sources(&sources).unwrap_or_else(|e| panic!("{e}"));
@@ -288,7 +339,7 @@ fn diff_reports_segments_added_removed_and_members() {
         [
             SegmentChange::Added {
                 segment: "imaging-ai".into(),
-                members: vec!["10.80.0.0/24".into()]
+                members: vec!["10.81.0.0/24".into()]
             },
             SegmentChange::Removed {
                 segment: "lab".into(),
@@ -672,7 +723,13 @@ fn graph_dot_and_mermaid_have_the_expected_edges() {
     // No lateral edges, and essential traffic is in the legend, not on edges.
     assert!(!dot.contains("\"radiology\" -> \"billing\""));
     assert!(!dot.contains("\"pacs\" -> \"ehr-core\""));
-    assert_eq!(dot.matches(" -> ").count(), 17, "{dot}");
+    assert_eq!(dot.matches(" -> ").count(), 26, "{dot}");
+    // The built-in quarantine segment: reached only by the remediation servers, reaching only
+    // them; quarantined hosts do not reach each other.
+    assert!(dot.contains("\"quarantine\" -> \"remediation\" [label=\"tcp/443\"];"));
+    assert!(dot.contains("\"remediation\" -> \"quarantine\" [label=\"tcp/22, tcp/5986\"];"));
+    assert!(dot.contains("\"quarantine\" [label=\"quarantine\\nintra: deny\"];"));
+    assert_eq!(dot.matches("\"quarantine\" -> ").count(), 1);
     assert!(!dot.contains("label=\"icmp/destination-unreachable"));
 
     let mermaid = graph.to_mermaid();
@@ -756,7 +813,9 @@ fn graph_svg_is_well_formed_and_names_every_node() {
         "lab",
         "pacs",
         "pharmacy",
+        "quarantine",
         "radiology",
+        "remediation",
         "10.99.0.0/16",
     ] {
         assert!(texts.iter().any(|t| t == name), "no node {name}");
@@ -766,7 +825,7 @@ fn graph_svg_is_well_formed_and_names_every_node() {
         .descendants()
         .filter(|node| node.tag_name().name() == "path" && node.attribute("marker-end").is_some())
         .count();
-    assert_eq!(edges, 17);
+    assert_eq!(edges, 26);
     for format in ["dot", "mermaid"] {
         let output = run(&[
             "graph",
@@ -895,4 +954,90 @@ fn schema_rejects_invalid_documents() {
         let document = yaml_to_json(document);
         assert!(!validator.is_valid(&document), "{why}: accepted {document}");
     }
+}
+
+#[test]
+fn diff_shows_what_a_change_opens_to_and_from_quarantined_hosts() {
+    let new = policy_with(&[(
+        "quarantine.yaml",
+        "ports: [tcp/22, tcp/5986]",
+        "ports: [tcp/22, tcp/3389, tcp/5986]",
+    )]);
+    let diff = diff_of(&new);
+    let rows: Vec<(String, String, ChangeKind, String)> = diff
+        .reachability
+        .iter()
+        .map(|c| (c.from.clone(), c.to.clone(), c.change, c.ports.to_string()))
+        .collect();
+    assert_eq!(
+        rows,
+        [(
+            "remediation".to_string(),
+            "quarantine".to_string(),
+            ChangeKind::Added,
+            "tcp/3389".to_string()
+        )]
+    );
+    let new = policy_with(&[(
+        "pacs.yaml",
+        "  - from: [radiology]\n    ports: [tcp/443]",
+        "  - from: [radiology, quarantine]\n    ports: [tcp/443]",
+    )]);
+    let rows: Vec<(String, String, String)> = diff_of(&new)
+        .reachability
+        .iter()
+        .map(|c| (c.from.clone(), c.to.clone(), c.ports.to_string()))
+        .collect();
+    assert_eq!(
+        rows,
+        [(
+            "quarantine".to_string(),
+            "pacs".to_string(),
+            "tcp/443".to_string()
+        )]
+    );
+}
+
+#[test]
+fn test_cases_can_quarantine_hosts() {
+    let policy = example_policy();
+    let sources = [(
+        "q.yaml".to_string(),
+        "- from: 10.10.0.20\n  to: pacs\n  port: tcp/104\n  quarantined: 10.10.0.20\n  expect: deny\n\
+         - from: 10.10.0.20\n  to: pacs\n  port: tcp/104\n  expect: allow\n\
+         - from: 10.10.0.20\n  to: 10.10.0.21\n  port: tcp/445\n  quarantined: [10.10.0.20, 10.10.0.21]\n  expect: deny\n"
+            .to_string(),
+    )];
+    let suite = TestSuite::from_sources(&sources, &policy).unwrap();
+    let outcomes = suite.run(&policy);
+    assert!(outcomes.iter().all(|o| o.passed()), "{outcomes:#?}");
+    assert_eq!(outcomes[0].decision.src_segment, "quarantine");
+    assert!(
+        outcomes[0].report_line().contains("quarantined 10.10.0.20"),
+        "{}",
+        outcomes[0].report_line()
+    );
+    assert_eq!(suite.cases[2].quarantined.len(), 2);
+
+    let bad = [(
+        "bad.yaml".to_string(),
+        "- from: 10.10.0.20\n  to: pacs\n  port: tcp/104\n  quarantined: 10.10.0.0/24\n  expect: deny\n\
+         - from: quarantine\n  to: pacs\n  port: tcp/104\n  expect: deny\n"
+            .to_string(),
+    )];
+    let errors: Vec<String> = TestSuite::from_sources(&bad, &policy)
+        .unwrap_err()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let errors = errors.join("\n");
+    assert!(
+        errors.contains("bad.yaml:4:16: error: invalid address '10.10.0.0/24' in `quarantined`"),
+        "{errors}"
+    );
+    assert!(
+        errors.contains("quarantine has no address to stand for it")
+            && errors.contains("list it in `quarantined:`"),
+        "{errors}"
+    );
 }

@@ -161,7 +161,7 @@ fn unknown_segment_in_from_suggests_closest() {
         "segments/pacs.yaml",
         4,
         "unknown segment 'finance'",
-        "known segments: world, pacs, radiology",
+        "known segments: world, pacs, quarantine, radiology",
     );
 }
 
@@ -460,15 +460,16 @@ fn over_capacity_names_the_map_and_the_excess() {
     };
     let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
     let text = text.join("\n");
-    assert!(text.contains("segments: error: the policy does not fit the SEGMENTS map: it needs 3 entries, 1 more than its capacity of 2"), "{text}");
+    // world, pacs, radiology and the built-in quarantine.
+    assert!(text.contains("segments: error: the policy does not fit the SEGMENTS map: it needs 4 entries, 2 more than its capacity of 2"), "{text}");
     assert!(
         text.contains("ADDR_V4 map: it needs 3 entries, 1 more"),
         "{text}"
     );
     assert!(
-        // One written rule, one intra and two essential-traffic pseudo-rules (pacs and the
-        // other segment of `with_pacs`).
-        text.contains("rules (RULE_HITS) map: it needs 5 entries, 3 more"),
+        // One written rule, two intra and three essential-traffic pseudo-rules (pacs, the
+        // other segment of `with_pacs` and the built-in quarantine).
+        text.contains("rules (RULE_HITS) map: it needs 6 entries, 4 more"),
         "{text}"
     );
 
@@ -491,7 +492,8 @@ fn over_capacity_names_the_map_and_the_excess() {
 #[test]
 fn example_policy_is_valid() {
     let policy = Policy::from_sources(&example_sources()).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(policy.segments().len(), 7);
+    // Seven clinical segments, remediation and quarantine.
+    assert_eq!(policy.segments().len(), 9);
 }
 
 /// Mutated example files (truncated, bytes flipped, lines deleted or duplicated, junk inserted)
@@ -573,5 +575,93 @@ fn mutated_inputs_never_panic() {
         if let Err(errors) = Policy::from_sources(&sources) {
             let _ = errors.to_string();
         }
+    }
+}
+
+#[test]
+fn the_quarantine_file_holds_an_allow_list_and_nothing_else() {
+    // Members, monitor mode and intra: allow are refused, each at its line, with why.
+    let sources = vec![
+        source("segments/radiology.yaml", RADIOLOGY),
+        source(
+            "segments/quarantine.yaml",
+            "segment: quarantine\nmembers: [10.66.0.0/24]\nmode: monitor\nintra: allow\nallow:\n  - from: [radiology]\n    ports: [tcp/22]\n",
+        ),
+    ];
+    expect_error(
+        &sources,
+        "segments/quarantine.yaml",
+        2,
+        "`members` is not allowed in the quarantine segment",
+        "enforcer quarantine add",
+    );
+    expect_error(
+        &sources,
+        "segments/quarantine.yaml",
+        3,
+        "`mode: monitor` is not allowed in the quarantine segment",
+        "always enforced",
+    );
+    expect_error(
+        &sources,
+        "segments/quarantine.yaml",
+        4,
+        "`intra: allow` is not allowed in the quarantine segment",
+        "must not reach each other",
+    );
+    assert_eq!(errors_of(&sources).len(), 3);
+
+    // Its allow-list alone (and the settings it always has) is valid, and so is naming it.
+    let valid = vec![
+        source(
+            "segments/radiology.yaml",
+            &format!("{RADIOLOGY}allow:\n  - from: [quarantine]\n    ports: [tcp/443]\n"),
+        ),
+        source(
+            "segments/quarantine.yaml",
+            "segment: quarantine\nmode: enforce\nintra: deny\nallow:\n  - from: [radiology]\n    ports: [tcp/22]\n",
+        ),
+    ];
+    let policy = Policy::from_sources(&valid).unwrap_or_else(|e| panic!("{e}"));
+    let quarantine = policy.segment("quarantine").expect("quarantine segment");
+    assert!(quarantine.members.is_empty());
+    assert_eq!(quarantine.intra, policy_compiler::Intra::Deny);
+    assert_eq!(quarantine.mode, policy_compiler::Mode::Enforce);
+    assert_eq!(quarantine.rules.len(), 2, "its rule and essential traffic");
+    assert_eq!(policy.summary().split(',').next(), Some("2 segments"));
+}
+
+#[test]
+fn the_quarantine_segment_exists_without_its_file() {
+    let sources = vec![source(
+        "segments/radiology.yaml",
+        &format!("{RADIOLOGY}allow:\n  - from: [quarantine]\n    ports: [tcp/443]\n"),
+    )];
+    let policy = Policy::from_sources(&sources).unwrap_or_else(|e| panic!("{e}"));
+    let quarantine = policy.segment("quarantine").expect("built in");
+    assert!(quarantine.members.is_empty());
+    assert_eq!(quarantine.intra, policy_compiler::Intra::Deny);
+    assert_eq!(quarantine.mode, policy_compiler::Mode::Enforce);
+    // Only essential traffic reaches it; the summary counts the segments written.
+    let ids: Vec<&str> = quarantine
+        .rules
+        .iter()
+        .map(|&index| policy.rule(index).unwrap().id.as_str())
+        .collect();
+    assert_eq!(ids, ["quarantine/essential"]);
+    assert_eq!(policy.summary().split(',').next(), Some("1 segments"));
+    // `any` and `world` stay reserved.
+    for reserved in ["any", "world"] {
+        let sources = vec![source(
+            &format!("segments/{reserved}.yaml"),
+            &format!("segment: {reserved}\nmembers: [10.0.0.0/8]\n"),
+        )];
+        expect_error(
+            &sources,
+            &format!("segments/{reserved}.yaml"),
+            1,
+            &format!("segment name '{reserved}' is reserved"),
+            "quarantine",
+        );
     }
 }

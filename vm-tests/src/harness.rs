@@ -39,6 +39,8 @@ pub struct KernelHarness {
     shadow: [[u64; counter::COUNT as usize]; direction::COUNT as usize],
     /// Rule hit counts as last read.
     rule_shadow: HashMap<u32, u64>,
+    /// The run-time overrides in force in both.
+    overrides: Overrides,
     /// The kernel's clock (CLOCK_MONOTONIC) when the harness was loaded: the reference model's
     /// time 0. Grant expiries are given in reference time and shifted by it for the kernel.
     epoch_ns: u64,
@@ -60,13 +62,17 @@ impl KernelHarness {
             reference: StatefulEvaluator::new(policy),
             shadow,
             rule_shadow: HashMap::new(),
+            overrides: Overrides::default(),
             epoch_ns: monotonic_now_ns(),
         })
     }
 
-    /// Puts run-time overrides in force in the kernel (through the daemon's loader functions)
-    /// and in the reference. Grant expiries are in reference time (see
-    /// [`KernelHarness::set_time_ns`]). Returns the ids of grants the kernel did not place.
+    /// Puts `overrides` in force in the kernel, as the daemon writes them, and in the
+    /// reference. Quarantine: a newly quarantined address goes into the QUARANTINE map and its
+    /// tracked flows and fragments are removed (the daemon's second pass has nothing to find
+    /// here: no packet runs concurrently); a released one leaves the map. Break-glass: the
+    /// grants replace those in force, their expiries given in reference time (see
+    /// [`KernelHarness::set_time_ns`]); returns the ids of grants the kernel did not place.
     pub fn set_overrides(&mut self, overrides: Overrides) -> anyhow::Result<Vec<u32>> {
         let kernel_grants: Vec<Grant> = overrides
             .grants
@@ -77,14 +83,30 @@ impl KernelHarness {
             })
             .collect();
         let unplaced = self.enforcer.set_grants(kernel_grants)?;
-        self.reference.set_overrides(overrides);
+        let ebpf = self.enforcer.ebpf_mut();
+        for addr in overrides
+            .quarantined
+            .difference(&self.overrides.quarantined)
+        {
+            enforcer::quarantine::insert(ebpf, *addr)?;
+            enforcer::quarantine::cut_flows(ebpf, *addr)?;
+        }
+        for addr in self
+            .overrides
+            .quarantined
+            .difference(&overrides.quarantined)
+        {
+            enforcer::quarantine::remove(ebpf, *addr)?;
+        }
+        self.reference.set_overrides(overrides.clone());
+        self.overrides = overrides;
         Ok(unplaced)
     }
 
     /// Revokes grant `id` as the daemon does: out of the overrides, then its flows expired.
     /// Returns how many flows it had admitted (the kernel and the reference must agree).
     pub fn revoke_grant(&mut self, id: u32) -> anyhow::Result<usize> {
-        let mut overrides = self.reference.overrides().clone();
+        let mut overrides = self.overrides.clone();
         overrides.grants.retain(|grant| grant.id != id);
         self.set_overrides(overrides)?;
         let kernel = self.enforcer.expire_breakglass_flows(id)?;
@@ -100,6 +122,11 @@ impl KernelHarness {
     /// clock runs by itself, so a test sleeps first.
     pub fn set_time_ns(&mut self, now_ns: u64) {
         self.reference.set_time_ns(now_ns);
+    }
+
+    /// The run-time overrides in force.
+    pub fn overrides(&self) -> &Overrides {
+        &self.overrides
     }
 
     /// Loads another policy into the same maps, and into the reference.

@@ -160,6 +160,12 @@ pub fn generate(rng: &mut impl Rng) -> GeneratedPolicy {
     let segment_count = rng.random_range(1..=8);
     let names: Vec<String> = (0..segment_count).map(|i| format!("s{i}")).collect();
     let names_for_grants = names.clone();
+    // Rules may also name the built-in quarantine segment (hosts quarantined at run time).
+    let source_names: Vec<String> = names
+        .iter()
+        .cloned()
+        .chain(["quarantine".to_string()])
+        .collect();
     let mut used = BTreeSet::new();
     let mut interesting = Vec::new();
     let mut sources = Vec::new();
@@ -186,16 +192,27 @@ pub fn generate(rng: &mut impl Rng) -> GeneratedPolicy {
             1 => yaml.push_str("intra: allow\n"),
             _ => {}
         }
-        let rules = random_rules(rng, name, &names, &mut interesting);
+        let rules = random_rules(rng, name, &source_names, &mut interesting);
         yaml.push_str(&rules);
         sources.push((format!("segments/{name}.yaml"), yaml));
+    }
+    // The built-in quarantine segment, with an allow-list of its own half of the time.
+    if rng.random_bool(0.5) {
+        let mut yaml = "segment: quarantine\n".to_string();
+        yaml.push_str(&random_rules(
+            rng,
+            "quarantine",
+            &source_names,
+            &mut interesting,
+        ));
+        sources.push(("segments/quarantine.yaml".to_string(), yaml));
     }
     let mut yaml = random_settings(rng);
     if rng.random_bool(0.6) {
         yaml.push_str("world:\n");
         let mode = *["unenforced", "enforce", "monitor"].choose(rng).unwrap();
         let _ = writeln!(yaml, "  mode: {mode}");
-        let rules = random_rules(rng, "world", &names, &mut interesting);
+        let rules = random_rules(rng, "world", &source_names, &mut interesting);
         for line in rules.lines() {
             let _ = writeln!(yaml, "  {line}");
         }

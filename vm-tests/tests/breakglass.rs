@@ -390,3 +390,28 @@ fn a_pair_holds_at_most_sixteen_port_ranges() {
     // Nothing changed: the previous (empty) grants are in force.
     assert!(h.enforcer.grants().is_empty());
 }
+
+#[test]
+fn quarantine_wins_over_a_grant() {
+    let mut h = KernelHarness::load(policy("")).unwrap();
+    let grant = grant(1, "icu", "pacs", &["tcp/104"], HOUR_NS);
+    let quarantined = Overrides {
+        quarantined: [ip(ICU)].into_iter().collect(),
+        grants: vec![grant.clone()],
+    };
+    h.set_overrides(quarantined).unwrap();
+    expect(
+        &mut h,
+        INGRESS,
+        &tcp(ICU, PACS, 40000, 104, TCP_SYN),
+        counter::DROP_POLICY_DENIED,
+    );
+    // Released, the host's segment is icu again and the grant applies.
+    grants(&mut h, vec![grant]);
+    expect(
+        &mut h,
+        INGRESS,
+        &tcp(ICU, PACS, 40001, 104, TCP_SYN),
+        counter::BREAKGLASS,
+    );
+}

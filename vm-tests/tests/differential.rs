@@ -2,14 +2,18 @@
 //! conversations (TCP handshakes, data, FIN, RST; UDP; ICMP echo; other protocols) in both
 //! directions on ingress and egress, ICMP errors quoting earlier packets, fragments in and out
 //! of order, IPv6 extension headers, VLAN tags, adversarial mutations, and policy reloads in
-//! the middle, with break-glass grants in force (live and expired, granted and revoked along
-//! the way). Every packet's outcome must agree. Needs root.
+//! the middle, hosts quarantined and released at run time (their flows cut as the daemon cuts
+//! them), break-glass grants in force (live and expired, granted and revoked along the way).
+//! Every packet's outcome must agree. Needs root.
 //!
 //! Replay a failure with `ENFORCER_TEST_SEED=<seed>`; scale with `ENFORCER_DIFF_PACKETS`.
 use std::net::IpAddr;
 
 use enforcer_common::{counter, direction};
-use policy_compiler::{Overrides, Policy};
+use policy_compiler::{
+    Overrides, Policy,
+    packet::{FrameOutcome, parse_frame},
+};
 use rand::{Rng, SeedableRng, rngs::SmallRng, seq::IndexedRandom as _};
 use vm_tests::{
     harness::KernelHarness,
@@ -175,7 +179,10 @@ fn kernel_agrees_with_reference_on_generated_packet_sequences() {
     let mut seen = [[0usize; counter::COUNT as usize]; direction::COUNT as usize];
     let mut checked = 0usize;
     let mut reloads = 0usize;
+    let mut quarantine_changes = 0usize;
     let mut grant_changes = 0usize;
+    // IP packets from or to a quarantined host: [otherwise, allowed by a rule].
+    let mut quarantined_seen = [0usize; 2];
     let mut policy_number = 0usize;
     while checked < total {
         let generated = policy_gen::generate(&mut rng);
@@ -184,19 +191,19 @@ fn kernel_agrees_with_reference_on_generated_packet_sequences() {
         });
         let mut sources = generated.sources.clone();
         let mut harness = KernelHarness::load(policy).expect("load the enforcer");
+        // A few of the generator's hosts start quarantined, and a few grants are in force.
+        let mut overrides = Overrides::default();
+        for _ in 0..rng.random_range(0..=2) {
+            overrides
+                .quarantined
+                .insert(*generated.interesting.choose(&mut rng).unwrap());
+        }
         let names = &generated.segment_names;
-        let mut grants: Vec<_> = (1..=rng.random_range(0..=3))
+        overrides.grants = (1..=rng.random_range(0..=3))
             .map(|id| policy_gen::random_grant(&mut rng, id, names))
             .collect();
-        let mut next_grant = grants.len() as u32 + 1;
-        let set_grants = |harness: &mut KernelHarness, grants: &[policy_compiler::Grant]| {
-            let overrides = Overrides {
-                grants: grants.to_vec(),
-                ..Overrides::default()
-            };
-            harness.set_overrides(overrides).expect("grants fit");
-        };
-        set_grants(&mut harness, &grants);
+        let mut next_grant = overrides.grants.len() as u32 + 1;
+        harness.set_overrides(overrides).expect("overrides");
         let mut conversations = Vec::new();
         for _ in 0..PACKETS_PER_POLICY.min(total - checked) {
             if rng.random_ratio(1, 2_000) {
@@ -206,36 +213,60 @@ fn kernel_agrees_with_reference_on_generated_packet_sequences() {
                 reloads += 1;
             }
             if rng.random_ratio(1, 500) {
+                // Quarantine a host of the conversations (cutting its flows), or release one.
+                let mut overrides = harness.overrides().clone();
+                let host = *generated.interesting.choose(&mut rng).unwrap();
+                if !overrides.quarantined.remove(&host) {
+                    overrides.quarantined.insert(host);
+                }
+                harness.set_overrides(overrides).expect("quarantine");
+                quarantine_changes += 1;
+            }
+            if rng.random_ratio(1, 500) {
+                // Revoke a grant (cutting its flows as the daemon does), or give a new one.
+                let grants = &harness.overrides().grants;
                 if !grants.is_empty() && (grants.len() >= MAX_GRANTS || rng.random_bool(0.5)) {
-                    let revoked = grants.swap_remove(rng.random_range(0..grants.len()));
+                    let revoked = grants[rng.random_range(0..grants.len())].id;
                     harness
-                        .revoke_grant(revoked.id)
+                        .revoke_grant(revoked)
                         .unwrap_or_else(|e| panic!("seed {seed}: revoking: {e:#}"));
                 } else {
-                    grants.push(policy_gen::random_grant(&mut rng, next_grant, names));
+                    let mut overrides = harness.overrides().clone();
+                    overrides
+                        .grants
+                        .push(policy_gen::random_grant(&mut rng, next_grant, names));
                     next_grant += 1;
-                    set_grants(&mut harness, &grants);
+                    harness.set_overrides(overrides).expect("grants fit");
                 }
                 grant_changes += 1;
             }
             let (frame, dir) = next_packet(&mut rng, &mut conversations, &generated.interesting);
             let outcome = harness.check(&frame, dir).unwrap_or_else(|e| {
                 panic!(
-                    "seed {seed}, policy {policy_number}, packet {checked}: {e:#}\npolicy files:\n{}grants: {:?}",
+                    "seed {seed}, policy {policy_number}, packet {checked}: {e:#}\nquarantined: {:?}\ngrants: {:?}\npolicy files:\n{}",
+                    harness.overrides().quarantined,
+                    harness.overrides().grants,
                     sources
                         .iter()
                         .map(|(name, text)| format!("--- {name}\n{text}"))
-                        .collect::<String>(),
-                    harness.reference.overrides().grants,
+                        .collect::<String>()
                 )
             });
             seen[dir as usize][outcome.counter as usize] += 1;
+            if let FrameOutcome::Ip(packet) = parse_frame(&frame) {
+                let quarantined = &harness.overrides().quarantined;
+                if quarantined.contains(&packet.flow.src) || quarantined.contains(&packet.flow.dst)
+                {
+                    quarantined_seen[usize::from(outcome.counter == counter::ALLOWED)] += 1;
+                }
+            }
             checked += 1;
         }
         policy_number += 1;
     }
     println!(
-        "checked {checked} packets over {policy_number} policies, {reloads} reloads and {grant_changes} grants given or revoked"
+        "checked {checked} packets over {policy_number} policies, {reloads} reloads, \
+         {quarantine_changes} quarantine changes and {grant_changes} grants given or revoked"
     );
     for dir in 0..direction::COUNT {
         let by_outcome: Vec<String> = counter::NAMES
@@ -249,8 +280,17 @@ fn kernel_agrees_with_reference_on_generated_packet_sequences() {
             by_outcome.join(" ")
         );
     }
+    println!(
+        "packets from or to a quarantined host: {} ({} allowed by a rule)",
+        quarantined_seen[0] + quarantined_seen[1],
+        quarantined_seen[1]
+    );
     // The generator must keep reaching every outcome, or agreement proves little.
     if total >= 1_000_000 {
+        assert!(
+            quarantined_seen[0] >= 1_000 && quarantined_seen[1] >= 100,
+            "quarantined hosts too rarely in the traffic: {quarantined_seen:?}"
+        );
         for (index, name) in counter::NAMES.iter().enumerate() {
             let count = seen[0][index] + seen[1][index];
             assert!(count >= 10, "only {count} packets ended as {name}");
