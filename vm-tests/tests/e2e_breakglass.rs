@@ -569,15 +569,18 @@ fn grants_survive_a_restart_and_follow_reloads() -> Result<()> {
     );
 
     // A reload that removes the grant's segment revokes the grant.
-    let ehr = std::fs::read_to_string(policy_dir.join("ehr-core.yaml"))?;
+    // (icu-telemetry becomes icu, in its file and wherever a rule names it.)
+    for entry in std::fs::read_dir(&policy_dir)? {
+        let path = entry?.path();
+        let text = std::fs::read_to_string(&path)?;
+        if text.contains("icu-telemetry") && !path.ends_with("icu-telemetry.yaml") {
+            std::fs::write(&path, text.replace("icu-telemetry", "icu"))?;
+        }
+    }
     let icu = std::fs::read_to_string(policy_dir.join("icu-telemetry.yaml"))?;
     std::fs::write(
         policy_dir.join("icu.yaml"),
-        icu.replace("segment: icu-telemetry", "segment: icu"),
-    )?;
-    std::fs::write(
-        policy_dir.join("ehr-core.yaml"),
-        ehr.replace("icu-telemetry", "icu"),
+        icu.replace("icu-telemetry", "icu"),
     )?;
     std::fs::remove_file(policy_dir.join("icu-telemetry.yaml"))?;
     wait_reloaded(&enforcer, &policy_dir)?;
