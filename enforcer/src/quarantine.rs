@@ -10,7 +10,7 @@
 //!   denied unless the quarantine rules allow them). A packet judged just before the insert may
 //!   still create state after that first pass; BPF programs run for microseconds, so a second
 //!   pass [`RACE_GRACE`] later removes it. (A flow the quarantine rules allow that starts within
-//!   that moment is cut too and simply re-admitted at its next packet.)
+//!   that moment is cut too and re-admitted at its next packet in the allowed direction.)
 //! - State: kept in the state file (written before the kernel changes, so a restart never
 //!   forgets an isolation it reported), put back into the map at start before the programs are
 //!   attached, audited with the client's identity.

@@ -295,6 +295,31 @@ fn a_quarantined_host_is_isolated_in_seconds_and_stays_isolated() -> Result<()> 
     for daemon in daemons {
         daemon.stop()?;
     }
+    // At stop the daemon audits the denials since the last summary: the restarted PACS daemon
+    // denied the quarantined workstation.
+    let text = std::fs::read_to_string(&pacs_log)?;
+    let summary: Value = text
+        .lines()
+        .rfind(|line| line.contains("\"kind\":\"violations_summary\""))
+        .map(serde_json::from_str)
+        .context("no violations_summary record")??;
+    let from_quarantine = summary["pairs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|pair| pair["from"] == "quarantine" && pair["to"] == "pacs")
+        .filter_map(|pair| pair["denied"].as_u64())
+        .sum::<u64>();
+    ensure!(
+        from_quarantine > 0 && summary["denied_total"].as_u64() >= Some(from_quarantine),
+        "the last violations summary does not count the quarantine -> pacs denials: {summary}"
+    );
+    let verify = audit_verify(&pacs_log)?;
+    ensure!(
+        verify.status.code() == Some(0),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
     Ok(())
 }
 

@@ -46,6 +46,7 @@ const MODULES: &[&str] = &["veth", "bridge", "sch_ingress", "cls_bpf"];
 const TESTS: &[&str] = &[
     "packet_verdicts",
     "connection_tracking",
+    "quarantine_verdicts",
     "differential",
     "e2e",
 ];
@@ -79,7 +80,7 @@ pub(crate) struct RunOptions {
     #[arg(long, default_value_t = TIMEOUT_SECS)]
     timeout: u64,
     /// Run only these test binaries (repeatable): packet_verdicts, connection_tracking,
-    /// differential, e2e.
+    /// quarantine_verdicts, differential, e2e.
     #[arg(long = "test", value_parser = clap::builder::PossibleValuesParser::new(TESTS))]
     tests: Vec<String>,
 }
