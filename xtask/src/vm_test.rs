@@ -47,6 +47,7 @@ const TESTS: &[&str] = &[
     "packet_verdicts",
     "connection_tracking",
     "quarantine_verdicts",
+    "breakglass",
     "differential",
     "e2e",
 ];
@@ -80,7 +81,7 @@ pub(crate) struct RunOptions {
     #[arg(long, default_value_t = TIMEOUT_SECS)]
     timeout: u64,
     /// Run only these test binaries (repeatable): packet_verdicts, connection_tracking,
-    /// quarantine_verdicts, differential, e2e.
+    /// quarantine_verdicts, breakglass, differential, e2e.
     #[arg(long = "test", value_parser = clap::builder::PossibleValuesParser::new(TESTS))]
     tests: Vec<String>,
 }
