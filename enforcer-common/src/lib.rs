@@ -14,6 +14,8 @@
 //!    fallback entry for rules that match every source ([`CLASS_WILDCARD`]).
 //! 4. [`map_names::PORTS`] is a trie over (port table, protocol key, port): the longest match names the first
 //!    rule (in policy order) that allows the packet; a miss is a denial.
+//! 5. Only then, for a packet that would be denied (or audited), [`map_names::BREAKGLASS`]: the
+//!    live break-glass grants of its (source segment, destination segment) pair.
 //!
 //! A source class groups the source addresses that every rule treats alike: same segment, and
 //! inside the same set of the rules' `from:` CIDRs. The compiler computes classes, so the kernel
@@ -31,6 +33,9 @@ pub mod map_names {
     pub const PAIRS: [&str; 2] = ["PAIRS_0", "PAIRS_1"];
     pub const PORTS: [&str; 2] = ["PORTS_0", "PORTS_1"];
     pub const RULE_HITS: [&str; 2] = ["RULE_HITS_0", "RULE_HITS_1"];
+    /// Break-glass grants in force, keyed by the slot's segment ids (see
+    /// [`crate::BreakglassKey`]).
+    pub const BREAKGLASS: [&str; 2] = ["BREAKGLASS_0", "BREAKGLASS_1"];
     /// One [`crate::Config`] per slot.
     pub const CONFIG: &str = "CONFIG";
     /// The slot packets are judged by (one `u32`).
@@ -229,26 +234,31 @@ pub mod counter {
     pub const RELATED: u32 = 5;
     /// Passed: a later fragment whose first fragment passed.
     pub const FRAGMENT: u32 = 6;
+    /// Passed: a new flow allowed by a break-glass grant (the policy would deny or audit it).
+    pub const BREAKGLASS: u32 = 7;
     /// Dropped: no rule allowed it.
-    pub const DROP_POLICY_DENIED: u32 = 7;
+    pub const DROP_POLICY_DENIED: u32 = 8;
     /// Dropped: too short for its headers, or lengths that contradict each other.
-    pub const DROP_MALFORMED: u32 = 8;
+    pub const DROP_MALFORMED: u32 = 9;
     /// Dropped: stacked VLAN tags.
-    pub const DROP_UNSUPPORTED_ENCAP: u32 = 9;
+    pub const DROP_UNSUPPORTED_ENCAP: u32 = 10;
     /// Dropped: a later fragment with no known first fragment.
-    pub const DROP_FRAGMENT_NO_STATE: u32 = 10;
+    pub const DROP_FRAGMENT_NO_STATE: u32 = 11;
     /// Dropped: a later fragment that overlaps the transport header of its first fragment.
-    pub const DROP_FRAGMENT_OVERLAP: u32 = 11;
+    pub const DROP_FRAGMENT_OVERLAP: u32 = 12;
     /// Dropped: a first fragment too small to hold its transport header.
-    pub const DROP_FRAGMENT_TOO_SMALL: u32 = 12;
+    pub const DROP_FRAGMENT_TOO_SMALL: u32 = 13;
     /// Dropped: more IPv6 extension headers than the parser walks.
-    pub const DROP_TOO_MANY_EXT_HEADERS: u32 = 13;
+    pub const DROP_TOO_MANY_EXT_HEADERS: u32 = 14;
     /// Dropped: a new flow needed connection state and the table was full.
-    pub const DROP_CONNTRACK_FULL: u32 = 14;
+    pub const DROP_CONNTRACK_FULL: u32 = 15;
     /// Dropped: a tracked flow whose rule a policy change removed (`on_policy_change: recheck`).
-    pub const DROP_FLOW_REVOKED: u32 = 15;
+    pub const DROP_FLOW_REVOKED: u32 = 16;
+    /// Dropped: a packet of a flow a break-glass grant admitted, after the grant expired or was
+    /// revoked, when nothing else allows the flow now.
+    pub const DROP_BREAKGLASS_EXPIRED: u32 = 17;
     /// Number of counters per direction.
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 18;
 
     pub const NAMES: [&str; COUNT as usize] = [
         "allowed",
@@ -258,6 +268,7 @@ pub mod counter {
         "established",
         "related",
         "fragment",
+        "breakglass",
         "policy_denied",
         "malformed",
         "unsupported_encap",
@@ -267,6 +278,7 @@ pub mod counter {
         "too_many_ext_headers",
         "conntrack_full",
         "flow_revoked",
+        "breakglass_expired",
     ];
 
     /// Whether packets counted under `counter` are dropped.
@@ -416,7 +428,8 @@ pub struct Event {
     pub time_ns: u64,
     pub src: [u8; 16],
     pub dst: [u8; 16],
-    /// Global rule index in the policy of `generation`, or [`NO_RULE`].
+    /// Global rule index in the policy of `generation`, or [`NO_RULE`]; the break-glass grant's
+    /// id when `counter` is [`counter::BREAKGLASS`].
     pub rule: u32,
     pub src_segment: u32,
     pub dst_segment: u32,
@@ -473,11 +486,13 @@ pub struct FlowState {
     pub last_seen_ns: u64,
     /// Policy generation that last judged the flow.
     pub generation: u32,
-    /// The rule that admitted the flow, or [`NO_RULE`].
+    /// The rule that admitted the flow, or [`NO_RULE`]; the grant's id when `admitted` is
+    /// [`counter::BREAKGLASS`].
     pub rule: u32,
     /// Port (or ICMP type) the policy judged, in the initiator-to-responder direction.
     pub policy_port: u16,
-    /// The counter that admitted the flow ([`counter::ALLOWED`], `AUDIT` or `UNENFORCED`).
+    /// The counter that admitted the flow ([`counter::ALLOWED`], `AUDIT`, `UNENFORCED` or
+    /// `BREAKGLASS`, in which case [`FlowState::rule`] is the grant's id).
     pub admitted: u8,
     /// 0 when the endpoint `a` of the key started the flow, 1 when `b` did.
     pub initiator: u8,
@@ -489,10 +504,58 @@ pub struct FlowState {
     pub policy_proto: u8,
     /// The [`direction`] in which the flow was admitted (and is rechecked).
     pub direction: u8,
+    /// For a flow admitted by a break-glass grant: the grant's expiry (`bpf_ktime_get_ns`
+    /// clock). From then on the flow is judged again at each packet, and dropped
+    /// ([`counter::DROP_BREAKGLASS_EXPIRED`]) unless something else allows it. The daemon sets
+    /// it to 0 when it revokes the grant.
+    pub breakglass_expires_ns: u64,
 }
 
 /// [`FlowState::rule`] of a flow no rule admitted.
 pub const NO_RULE: u32 = u32::MAX;
+
+/// Key of the per-slot [`map_names::BREAKGLASS`] hash: a (source segment, destination segment)
+/// pair, in the slot's segment numbering. Consulted only when the policy would deny (or audit) a
+/// new flow, so it costs nothing on the allowed and established paths.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BreakglassKey {
+    pub src_segment: u32,
+    pub dst_segment: u32,
+}
+
+/// Port ranges a pair's [`BreakglassValue`] holds at most, over all of its grants.
+pub const BREAKGLASS_MAX_RANGES: usize = 16;
+/// Segment pairs the [`map_names::BREAKGLASS`] maps hold at most.
+pub const BREAKGLASS_MAX_PAIRS: u32 = 256;
+/// [`BreakglassRange::proto`] of a grant for `any`: every protocol and port.
+pub const BREAKGLASS_ANY_PROTO: u8 = 255;
+
+/// One port range of a grant: policy protocol key ([`proto_key`], or [`BREAKGLASS_ANY_PROTO`])
+/// and ports (or ICMP types) `first..=last`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BreakglassRange {
+    /// `bpf_ktime_get_ns` time at which the grant ends: it applies while `now < expires_ns`.
+    pub expires_ns: u64,
+    /// The grant's id (never 0).
+    pub grant: u32,
+    pub first: u16,
+    pub last: u16,
+    pub proto: u8,
+    pub _pad: [u8; 7],
+}
+
+/// Value of the [`map_names::BREAKGLASS`] hash: the ranges of every grant of a segment pair,
+/// sorted by grant id. The first live range that matches names the grant (the lowest id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BreakglassValue {
+    /// Ranges in use (at most [`BREAKGLASS_MAX_RANGES`]).
+    pub count: u32,
+    pub _pad: u32,
+    pub ranges: [BreakglassRange; BREAKGLASS_MAX_RANGES],
+}
 
 /// Key of the fragment-tracking hash: one IP datagram.
 #[repr(C)]
@@ -533,5 +596,7 @@ mod pod {
     unsafe impl aya::Pod for EventLimiterKey {}
     unsafe impl aya::Pod for Event {}
     unsafe impl aya::Pod for BenchFlow {}
+    unsafe impl aya::Pod for BreakglassKey {}
+    unsafe impl aya::Pod for BreakglassValue {}
     unsafe impl aya::Pod for QuarantineKey {}
 }

@@ -4,6 +4,11 @@
 //! The table is a preallocated hash, not an LRU: LRU eviction would silently forget flows
 //! that were allowed, and drop their replies. When the table is full, a new flow that needs
 //! state is dropped and counted (`conntrack_full`); tracked flows are unaffected.
+//!
+//! A flow admitted by a break-glass grant carries the grant's expiry and is judged again at
+//! every packet from then on; when nothing allows it any more the packet is dropped
+//! (`breakglass_expired`) and the state kept as it is, so the flow stays cut in both
+//! directions without the daemon (see `policy_compiler::stateful`).
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use enforcer_common::{
     Config, FlowKey, FlowState, NO_RULE, counter, policy_change, proto_key, tcp_state, timeout,
@@ -96,12 +101,18 @@ fn expired(state: &FlowState, proto: u8, now: u64, config: &Config) -> bool {
     now.saturating_sub(state.last_seen_ns) > idle_timeout(state, proto, config)
 }
 
+/// Whether the break-glass grant that admitted the flow has ended (or was revoked).
+#[inline(always)]
+fn grant_expired(state: &FlowState, now: u64) -> bool {
+    state.admitted == counter::BREAKGLASS as u8 && now >= state.breakglass_expires_ns
+}
+
 /// Whether `key` is a live tracked flow (for ICMP errors that quote it).
 #[inline(always)]
 pub fn is_tracked(key: &FlowKey, now: u64, config: &Config) -> bool {
     // SAFETY: the value is only read.
     match unsafe { CONNTRACK.get(key) } {
-        Some(state) => !expired(state, key.proto, now, config),
+        Some(state) => !expired(state, key.proto, now, config) && !grant_expired(state, now),
         None => false,
     }
 }
@@ -111,6 +122,9 @@ pub enum Tracked {
     Pass,
     /// The flow's rule is gone and the policy says recheck: drop, and the state is removed.
     Revoked,
+    /// The break-glass grant `grant` that admitted the flow has ended and nothing else allows
+    /// it: drop, and the state stays.
+    GrantExpired { grant: u32 },
     /// No live state: judge the packet as a new flow.
     Untracked,
 }
@@ -137,29 +151,26 @@ pub fn track(
         let _ = CONNTRACK.remove(key);
         return Tracked::Untracked;
     }
-    if state.generation != config.generation {
-        if config.on_policy_change == policy_change::RECHECK {
-            match recheck(policy, key, state, config, segments) {
-                Judgement::Denied => {
-                    let _ = CONNTRACK.remove(key);
-                    return Tracked::Revoked;
-                }
-                Judgement::Allowed { rule } => {
-                    state.rule = rule;
-                    state.admitted = counter::ALLOWED as u8;
-                }
-                Judgement::Audit => {
-                    state.rule = NO_RULE;
-                    state.admitted = counter::AUDIT as u8;
-                }
-                Judgement::Unenforced => {
-                    state.rule = NO_RULE;
-                    state.admitted = counter::UNENFORCED as u8;
-                }
+    let grant_ended = grant_expired(state, now);
+    let policy_changed = state.generation != config.generation;
+    if grant_ended || (policy_changed && config.on_policy_change == policy_change::RECHECK) {
+        let (rule, admitted, expires_ns) = match recheck(policy, key, state, now, config, segments)
+        {
+            Judgement::Denied if grant_ended => return Tracked::GrantExpired { grant: state.rule },
+            Judgement::Denied => {
+                let _ = CONNTRACK.remove(key);
+                return Tracked::Revoked;
             }
-        }
-        state.generation = config.generation;
+            Judgement::Allowed { rule } => (rule, counter::ALLOWED, 0),
+            Judgement::Breakglass { grant, expires_ns } => (grant, counter::BREAKGLASS, expires_ns),
+            Judgement::Audit => (NO_RULE, counter::AUDIT, 0),
+            Judgement::Unenforced => (NO_RULE, counter::UNENFORCED, 0),
+        };
+        state.rule = rule;
+        state.admitted = admitted as u8;
+        state.breakglass_expires_ns = expires_ns;
     }
+    state.generation = config.generation;
     if key.proto == proto_key::TCP {
         let flags = flow.tcp_flags;
         if flags & TCP_RST != 0 {
@@ -203,6 +214,7 @@ fn recheck(
     policy: &PolicySlot,
     key: &FlowKey,
     state: &FlowState,
+    now: u64,
     config: &Config,
     segments: &mut Segments,
 ) -> Judgement {
@@ -219,6 +231,7 @@ fn recheck(
         state.policy_proto,
         state.policy_port,
         u32::from(state.direction),
+        now,
         config,
         segments,
     )
@@ -235,8 +248,9 @@ pub fn starts_flow(flow: &Flow) -> bool {
     }
 }
 
-/// Creates state for a flow admitted under `admitted` (a pass counter). `false` when the table
-/// is full.
+/// Creates state for a flow admitted under `admitted` (a pass counter) by `rule` (a grant id for
+/// [`counter::BREAKGLASS`], which ends at `breakglass_expires_ns`). `false` when the table is
+/// full.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub fn create(
@@ -245,6 +259,7 @@ pub fn create(
     flow: &Flow,
     admitted: u32,
     rule: u32,
+    breakglass_expires_ns: u64,
     direction: u32,
     now: u64,
     config: &Config,
@@ -265,6 +280,7 @@ pub fn create(
         fin_seen: 0,
         policy_proto: flow.proto_key,
         direction: direction as u8,
+        breakglass_expires_ns,
     };
     match CONNTRACK.insert(key, state, BPF_NOEXIST) {
         Ok(()) => true,

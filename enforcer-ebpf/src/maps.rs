@@ -8,15 +8,17 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use enforcer_common::{
-    AddrInfo, Config, DEFAULT_MAX_ENTRIES, EventLimiterKey, FlowKey, FlowState, FragmentKey,
-    FragmentState, PairKey, PairValue, PairVerdictKey, PortKey, PortValue, QUARANTINE_MAX_ENTRIES,
-    QuarantineKey, SegmentInfo, counter, direction, event_counter, protocol_class,
+    AddrInfo, BREAKGLASS_MAX_PAIRS, BreakglassKey, BreakglassValue, Config, DEFAULT_MAX_ENTRIES,
+    EventLimiterKey, FlowKey, FlowState, FragmentKey, FragmentState, PairKey, PairValue,
+    PairVerdictKey, PortKey, PortValue, QUARANTINE_MAX_ENTRIES, QuarantineKey, SegmentInfo,
+    counter, direction, event_counter, protocol_class,
 };
 
 use crate::packet::Scratch;
 
 macro_rules! policy_slot_maps {
-    ($addr_v4:ident, $addr_v6:ident, $segments:ident, $pairs:ident, $ports:ident, $rule_hits:ident) => {
+    ($addr_v4:ident, $addr_v6:ident, $segments:ident, $pairs:ident, $ports:ident, $rule_hits:ident,
+     $breakglass:ident) => {
         #[map]
         pub static $addr_v4: LpmTrie<[u8; 4], AddrInfo> =
             LpmTrie::with_max_entries(DEFAULT_MAX_ENTRIES, 0);
@@ -34,6 +36,9 @@ macro_rules! policy_slot_maps {
         #[map]
         pub static $rule_hits: PerCpuArray<u64> =
             PerCpuArray::with_max_entries(DEFAULT_MAX_ENTRIES, 0);
+        #[map]
+        pub static $breakglass: HashMap<BreakglassKey, BreakglassValue> =
+            HashMap::with_max_entries(BREAKGLASS_MAX_PAIRS, 0);
     };
 }
 
@@ -43,7 +48,8 @@ policy_slot_maps!(
     SEGMENTS_0,
     PAIRS_0,
     PORTS_0,
-    RULE_HITS_0
+    RULE_HITS_0,
+    BREAKGLASS_0
 );
 policy_slot_maps!(
     ADDR_V4_1,
@@ -51,7 +57,8 @@ policy_slot_maps!(
     SEGMENTS_1,
     PAIRS_1,
     PORTS_1,
-    RULE_HITS_1
+    RULE_HITS_1,
+    BREAKGLASS_1
 );
 
 /// The maps of one policy slot.
@@ -62,6 +69,7 @@ pub struct PolicySlot {
     pub pairs: &'static HashMap<PairKey, PairValue>,
     pub ports: &'static LpmTrie<PortKey, PortValue>,
     pub rule_hits: &'static PerCpuArray<u64>,
+    pub breakglass: &'static HashMap<BreakglassKey, BreakglassValue>,
 }
 
 #[inline(always)]
@@ -74,6 +82,7 @@ pub fn policy_slot(slot: u32) -> PolicySlot {
             pairs: &PAIRS_0,
             ports: &PORTS_0,
             rule_hits: &RULE_HITS_0,
+            breakglass: &BREAKGLASS_0,
         }
     } else {
         PolicySlot {
@@ -83,6 +92,7 @@ pub fn policy_slot(slot: u32) -> PolicySlot {
             pairs: &PAIRS_1,
             ports: &PORTS_1,
             rule_hits: &RULE_HITS_1,
+            breakglass: &BREAKGLASS_1,
         }
     }
 }

@@ -1,17 +1,26 @@
 //! The policy verdict for a flow's first packet: two address lookups (each a quarantine hash
 //! probe, then the longest-prefix match), one pair lookup, one port lookup. See
-//! `enforcer_common` for why this needs no loop over rules.
+//! `enforcer_common` for why this needs no loop over rules. Only a packet the policy would deny
+//! or audit costs one more lookup: the break-glass grants of its segment pair.
 use aya_ebpf::maps::lpm_trie::Key;
 use enforcer_common::{
-    AddrInfo, CLASS_WILDCARD, CLASS_WORLD, Config, PORT_KEY_FIXED_BITS, PairKey, PortKey,
-    QuarantineKey, SEGMENT_WORLD, direction, segment_mode,
+    AddrInfo, BREAKGLASS_ANY_PROTO, BREAKGLASS_MAX_RANGES, BreakglassKey, CLASS_WILDCARD,
+    CLASS_WORLD, Config, PORT_KEY_FIXED_BITS, PairKey, PortKey, QuarantineKey, SEGMENT_WORLD,
+    direction, segment_mode,
 };
 
 use crate::maps::{PolicySlot, QUARANTINE};
 
 #[derive(Clone, Copy)]
 pub enum Judgement {
-    Allowed { rule: u32 },
+    Allowed {
+        rule: u32,
+    },
+    /// Allowed by break-glass grant `grant`, which ends at `expires_ns`.
+    Breakglass {
+        grant: u32,
+        expires_ns: u64,
+    },
     Audit,
     Unenforced,
     Denied,
@@ -56,7 +65,7 @@ pub fn lookup(policy: &PolicySlot, config: &Config, addr: &[u8; 16], family: u8)
 }
 
 /// Judges a packet from `src` to `dst` with policy protocol key `proto_key` and port `port`,
-/// seen in `dir`. Egress is judged by the destination's allow-list too, so both
+/// seen in `dir` at `now` (for break-glass expiry). Egress is judged by the destination's allow-list too, so both
 /// ends of a connection check the same rule; `config.egress_mode` says whether it is.
 /// Egress that is not enforced is not judged at all, and its segments are not looked up
 /// (`segments` stays as it was).
@@ -70,6 +79,7 @@ pub fn judge(
     proto_key: u8,
     port: u16,
     dir: u32,
+    now: u64,
     config: &Config,
     segments: &mut Segments,
 ) -> Judgement {
@@ -82,7 +92,7 @@ pub fn judge(
     );
     segments.src = src.segment;
     segments.dst = dst.segment;
-    let judgement = judge_destination(policy, src, dst, proto_key, port);
+    let judgement = judge_destination(policy, src, dst, proto_key, port, now);
     if dir == direction::EGRESS
         && config.egress_mode == segment_mode::MONITOR
         && matches!(judgement, Judgement::Denied)
@@ -99,6 +109,7 @@ fn judge_destination(
     dst: AddrInfo,
     proto_key: u8,
     port: u16,
+    now: u64,
 ) -> Judgement {
     let mode = policy
         .segments
@@ -124,9 +135,47 @@ fn judge_destination(
             }
         }
     }
+    if let Some(judgement) = breakglass(policy, src.segment, dst.segment, proto_key, port, now) {
+        return judgement;
+    }
     if mode == segment_mode::MONITOR {
         Judgement::Audit
     } else {
         Judgement::Denied
     }
+}
+
+/// The first live break-glass range of the segment pair that matches the packet: the grant
+/// with the lowest id, as the ranges are sorted by grant.
+#[inline(always)]
+fn breakglass(
+    policy: &PolicySlot,
+    src_segment: u32,
+    dst_segment: u32,
+    proto_key: u8,
+    port: u16,
+    now: u64,
+) -> Option<Judgement> {
+    let key = BreakglassKey {
+        src_segment,
+        dst_segment,
+    };
+    // SAFETY: the value is only read. A grant or revocation replaces the whole value at once.
+    let grants = unsafe { policy.breakglass.get(key) }?;
+    let count = grants.count as usize;
+    for index in 0..BREAKGLASS_MAX_RANGES {
+        if index >= count {
+            break;
+        }
+        let range = &grants.ranges[index];
+        let matches = range.proto == BREAKGLASS_ANY_PROTO
+            || (range.proto == proto_key && range.first <= port && port <= range.last);
+        if matches && now < range.expires_ns {
+            return Some(Judgement::Breakglass {
+                grant: range.grant,
+                expires_ns: range.expires_ns,
+            });
+        }
+    }
+    None
 }

@@ -129,7 +129,10 @@ fn account(
         counter::DROP_POLICY_DENIED
         | counter::DROP_FLOW_REVOKED
         | counter::DROP_CONNTRACK_FULL
-        | counter::AUDIT => true,
+        | counter::DROP_BREAKGLASS_EXPIRED
+        | counter::AUDIT
+        // A break-glass grant in use: always reported, it is audited.
+        | counter::BREAKGLASS => true,
         counter::ALLOWED => config.event_flags & event_flags::REPORT_ALLOWED != 0,
         _ => false,
     };
@@ -164,7 +167,7 @@ fn account(
     events::emit(event, config.event_interval_ns);
 }
 
-/// The counter for an IP packet, and the rule of a new flow it allows.
+/// The counter for an IP packet, and the rule (or break-glass grant) of a new flow it allows.
 #[inline(always)]
 fn decide_flow(
     policy: &PolicySlot,
@@ -191,6 +194,8 @@ fn decide_flow(
     match conntrack::track(policy, key, src_side, flow, now, config, segments) {
         Tracked::Pass => return (counter::ESTABLISHED, NO_RULE),
         Tracked::Revoked => return (counter::DROP_FLOW_REVOKED, NO_RULE),
+        // The event names the grant that had admitted the flow.
+        Tracked::GrantExpired { grant } => return (counter::DROP_BREAKGLASS_EXPIRED, grant),
         Tracked::Untracked => {}
     }
     let judgement = policy::judge(
@@ -201,17 +206,21 @@ fn decide_flow(
         flow.proto_key,
         flow.port,
         dir,
+        now,
         config,
         segments,
     );
-    let (admitted, rule) = match judgement {
-        Judgement::Allowed { rule } => (counter::ALLOWED, rule),
-        Judgement::Audit => (counter::AUDIT, NO_RULE),
-        Judgement::Unenforced => (counter::UNENFORCED, NO_RULE),
+    let (admitted, rule, expires_ns) = match judgement {
+        Judgement::Allowed { rule } => (counter::ALLOWED, rule, 0),
+        Judgement::Breakglass { grant, expires_ns } => (counter::BREAKGLASS, grant, expires_ns),
+        Judgement::Audit => (counter::AUDIT, NO_RULE, 0),
+        Judgement::Unenforced => (counter::UNENFORCED, NO_RULE, 0),
         Judgement::Denied => return (counter::DROP_POLICY_DENIED, NO_RULE),
     };
     if conntrack::starts_flow(flow)
-        && !conntrack::create(key, src_side, flow, admitted, rule, dir, now, config)
+        && !conntrack::create(
+            key, src_side, flow, admitted, rule, expires_ns, dir, now, config,
+        )
     {
         return (counter::DROP_CONNTRACK_FULL, NO_RULE);
     }

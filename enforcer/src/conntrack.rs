@@ -6,8 +6,8 @@ use aya::{
     maps::{HashMap, MapError},
 };
 use enforcer_common::{
-    Config, FlowKey, FlowState, FragmentKey, FragmentState, map_names, proto_key, tcp_state,
-    timeout,
+    Config, FlowKey, FlowState, FragmentKey, FragmentState, counter, map_names, proto_key,
+    tcp_state, timeout,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +89,36 @@ pub fn sweep(ebpf: &mut Ebpf, config: &Config) -> Result<(usize, usize), SweepEr
     };
     Ok((flows, fragments))
 }
+
+/// Sets the break-glass expiry of every flow that grant `grant` admitted to 0: the kernel judges
+/// such a flow again at its next packet (in either direction) and drops it, keeping the state,
+/// unless something else allows it. Removing the state instead would let the responder's next
+/// packet recreate it through unenforced egress. Returns how many flows.
+pub fn expire_breakglass_flows(ebpf: &mut Ebpf, grant: u32) -> Result<usize, SweepError> {
+    let map = map_names::CONNTRACK;
+    let mut table: HashMap<_, FlowKey, FlowState> =
+        HashMap::try_from(ebpf.map_mut(map).ok_or(SweepError::MissingMap(map))?)
+            .map_err(|source| SweepError::Map { map, source })?;
+    let admitted: Vec<(FlowKey, FlowState)> = table
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(_, state)| state.admitted == counter::BREAKGLASS as u8 && state.rule == grant)
+        .collect();
+    for (key, mut state) in admitted.iter().copied() {
+        state.breakglass_expires_ns = 0;
+        // BPF_EXIST: a flow that ended meanwhile stays ended.
+        match table.insert(key, state, BPF_EXIST) {
+            Ok(()) => {}
+            Err(MapError::SyscallError(error))
+                if error.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(source) => return Err(SweepError::Map { map, source }),
+        }
+    }
+    Ok(admitted.len())
+}
+
+/// `BPF_EXIST`: update an element only if it exists.
+const BPF_EXIST: u64 = 2;
 
 /// Number of tracked flows.
 pub fn tracked_flows(ebpf: &Ebpf) -> Result<usize, SweepError> {

@@ -58,6 +58,22 @@ pub enum ControlRequest {
     },
     /// The quarantined hosts.
     QuarantineList,
+    /// Let members of segment `from` reach members of `to` on `ports` for `ttl`.
+    BreakglassGrant {
+        from: String,
+        to: String,
+        ports: Vec<String>,
+        ttl: String,
+        reason: String,
+    },
+    /// The break-glass grants in force.
+    BreakglassList,
+    /// End grant `id` now.
+    BreakglassRevoke {
+        id: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
 }
 
 /// The one place requests meet the daemon.
@@ -75,6 +91,17 @@ pub fn dispatch(
             daemon.quarantine_remove(&address, reason.as_deref(), peer)
         }
         ControlRequest::QuarantineList => daemon.quarantine_list(peer),
+        ControlRequest::BreakglassGrant {
+            from,
+            to,
+            ports,
+            ttl,
+            reason,
+        } => daemon.breakglass_grant(&from, &to, &ports, &ttl, &reason, peer),
+        ControlRequest::BreakglassList => daemon.breakglass_list(peer),
+        ControlRequest::BreakglassRevoke { id, reason } => {
+            daemon.breakglass_revoke(id, reason.as_deref(), peer)
+        }
     }
 }
 

@@ -263,6 +263,10 @@ pub struct Daemon {
     /// Denied counts per segment pair at the last `violations_summary` record.
     summarised_denials: Mutex<BTreeMap<VerdictLabels, u64>>,
     summarised_at: Mutex<String>,
+    /// The policy in force (break-glass requests are checked against it).
+    policy: Mutex<Arc<Policy>>,
+    /// Break-glass bookkeeping besides the grants in `state`.
+    breakglass: Mutex<crate::breakglass::Runtime>,
 }
 
 /// Hands the memory that reading and compiling a policy used back to the system. The parse
@@ -348,6 +352,8 @@ impl Daemon {
             state_file,
             summarised_denials: Mutex::new(BTreeMap::new()),
             summarised_at: Mutex::new(crate::audit::now_rfc3339()),
+            policy: Mutex::new(Arc::new(loaded.policy.clone())),
+            breakglass: Mutex::new(crate::breakglass::Runtime::default()),
         });
         // Quarantined hosts are isolated before the first packet is judged.
         daemon.restore_quarantine();
@@ -372,6 +378,7 @@ impl Daemon {
             daemon.audit("state_file_unreadable", json!({"error": problem}));
         }
         daemon.audit_policy_load("start", &loaded);
+        daemon.restore_grants();
         drop(loaded);
         release_freed_memory();
         Ok(daemon)
@@ -430,8 +437,7 @@ impl Daemon {
             "generation": self.generation(),
             "reload_failing": status.reload_failing,
             "quarantined": quarantined,
-            // Break-glass fills this in.
-            "active_grants": 0,
+            "active_grants": self.active_grants(),
         }))
     }
 
@@ -481,6 +487,17 @@ impl Daemon {
         self.enforcer().pin_dir().map(Path::to_path_buf)
     }
 
+    /// The policy in force.
+    pub fn policy(&self) -> Arc<Policy> {
+        Arc::clone(&self.policy.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    pub(crate) fn breakglass_runtime(
+        &self,
+    ) -> std::sync::MutexGuard<'_, crate::breakglass::Runtime> {
+        self.breakglass.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub(crate) fn enforcer(&self) -> std::sync::MutexGuard<'_, Enforcer> {
         self.enforcer
             .lock()
@@ -495,6 +512,8 @@ impl Daemon {
             let took = enforcer.replace_policy(&loaded.artifact)?;
             let generation = enforcer.generation();
             drop(enforcer);
+            *self.policy.lock().unwrap_or_else(|p| p.into_inner()) =
+                Arc::new(loaded.policy.clone());
             self.namer
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -514,6 +533,8 @@ impl Daemon {
                 status.reloads_success += 1;
                 status.reload_failing = false;
                 info!(%revision, commit = commit.as_deref().unwrap_or("-"), took_ms = took.as_secs_f64() * 1000.0, "policy reloaded");
+                drop(status);
+                self.revoke_unplaced_grants(&revision);
                 Ok(took)
             }
             Err(error) => {
@@ -616,9 +637,15 @@ impl Daemon {
 
     /// Everything `/metrics` shows, read now.
     pub fn metrics(&self) -> MetricsSnapshot {
+        // Before the enforcer lock: handlers take the state lock first. One lock at a time:
+        // a guard in the struct literal would live to its end.
+        let quarantined_hosts = self.state().quarantine.len() as u64;
+        let breakglass_active = self.breakglass_active_metric();
+        let breakglass_events = self.breakglass_runtime().event_counts();
         let mut snapshot = MetricsSnapshot {
-            // Before the enforcer lock: handlers take the state lock first.
-            quarantined_hosts: self.state().quarantine.len() as u64,
+            quarantined_hosts,
+            breakglass_active,
+            breakglass_events,
             audit_write_failures: self.audit_failures.load(Ordering::Relaxed),
             ..MetricsSnapshot::default()
         };
@@ -717,12 +744,21 @@ impl Daemon {
                 }
                 guard.clear_ready();
                 let namer = daemon.namer.lock().unwrap_or_else(|p| p.into_inner());
+                let mut grant_uses = Vec::new();
                 for event in batch {
                     let iface = iface_names
                         .entry(event.ifindex)
                         .or_insert_with(|| iface_name(event.ifindex))
                         .clone();
-                    daemon.hub.publish(namer.name(&event, iface));
+                    let flow = namer.name(&event, iface);
+                    if u32::from(event.counter) == counter::BREAKGLASS {
+                        grant_uses.push((event.rule, flow.clone()));
+                    }
+                    daemon.hub.publish(flow);
+                }
+                drop(namer);
+                for (grant, flow) in grant_uses {
+                    daemon.audit_breakglass_use(grant, &flow);
                 }
             }
         }))
@@ -810,6 +846,8 @@ fn verdict_labels(namer: &EventNamer, key: &PairVerdictKey) -> VerdictLabels {
         counter::AUDIT => ("audit", "none"),
         counter::DROP_FLOW_REVOKED => ("dropped", "revoked"),
         counter::DROP_CONNTRACK_FULL => ("dropped", "conntrack_full"),
+        counter::BREAKGLASS => ("forwarded", "breakglass"),
+        counter::DROP_BREAKGLASS_EXPIRED => ("dropped", "breakglass_expired"),
         _ if counter::is_drop(outcome) => ("dropped", "none"),
         _ => ("forwarded", "none"),
     };

@@ -37,9 +37,12 @@ pub struct FlowEvent {
     pub dst_segment: String,
     /// `allow`, `deny` or `audit` (the words of `policy-compiler trace`).
     pub verdict: String,
-    /// The outcome: `allowed`, `audit`, `policy_denied`, `flow_revoked`, `conntrack_full`.
+    /// The outcome: `allowed`, `audit`, `policy_denied`, `flow_revoked`, `conntrack_full`,
+    /// `breakglass` (allowed by a break-glass grant), `breakglass_expired` (a flow the grant had
+    /// admitted, cut after it ended or was revoked).
     pub reason: String,
-    /// The id of the rule that allowed the flow, or null.
+    /// The id of the rule that allowed the flow, or null; `breakglass/<id>` names the grant
+    /// (for `breakglass_expired`, the grant that had admitted the flow).
     pub rule: Option<String>,
     /// Revision (content hash) of the policy that judged the packet.
     pub revision: String,
@@ -117,11 +120,18 @@ impl EventNamer {
                 .and_then(|p| p.segments.get(id as usize).cloned())
                 .unwrap_or_else(|| format!("segment#{id}"))
         };
-        let rule = (event.rule != NO_RULE).then(|| {
-            policy
-                .and_then(|p| p.rules.get(event.rule as usize).cloned())
-                .unwrap_or_else(|| format!("rule#{}", event.rule))
-        });
+        let outcome = u32::from(event.counter);
+        let rule = match outcome {
+            // The rule is the id of the grant that admitted the flow.
+            counter::BREAKGLASS | counter::DROP_BREAKGLASS_EXPIRED => {
+                Some(policy_compiler::breakglass::rule_id(event.rule))
+            }
+            _ => (event.rule != NO_RULE).then(|| {
+                policy
+                    .and_then(|p| p.rules.get(event.rule as usize).cloned())
+                    .unwrap_or_else(|| format!("rule#{}", event.rule))
+            }),
+        };
         let addr = |bytes: &[u8; 16]| -> IpAddr {
             if event.family == 4 {
                 IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
@@ -136,7 +146,6 @@ impl EventNamer {
             58 => ("icmpv6".to_string(), false, Some(event.icmp_type)),
             other => (other.to_string(), false, None),
         };
-        let outcome = u32::from(event.counter);
         let verdict = match outcome {
             counter::AUDIT => "audit",
             c if counter::is_drop(c) => "deny",

@@ -6,6 +6,7 @@
 //! (the Unix control socket), `audit` (the hash-chained audit log), `state` (what survives a
 //! restart), `quarantine`. `main.rs` is a thin CLI over it.
 pub mod audit;
+pub mod breakglass;
 pub mod conntrack;
 pub mod control;
 pub mod counters;

@@ -11,7 +11,10 @@ use aya::{
     },
 };
 use enforcer_common::{Config, event_flags, map_names, program_names};
-use policy_compiler::Artifact;
+use policy_compiler::{
+    Artifact, Grant,
+    breakglass::{self, CapacityError},
+};
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -57,6 +60,8 @@ pub enum LoadError {
     },
     #[error(transparent)]
     PolicyMaps(#[from] PolicyMapError),
+    #[error(transparent)]
+    BreakglassCapacity(#[from] CapacityError),
 }
 
 /// How the programs ended up attached to an interface.
@@ -102,6 +107,13 @@ pub struct Enforcer {
     attachments: Vec<Attachment>,
     /// With `--persist`: the pin directory, locked while this enforcer runs.
     pub(crate) pins: Option<crate::persist::PinDir>,
+    /// Break-glass grants in force (expiry in the kernel's clock); every reload writes them
+    /// into the new slot with its segment numbering.
+    grants: Vec<Grant>,
+    /// Segment names of the active policy, indexed by segment id.
+    segment_names: Vec<String>,
+    /// Grants that name a segment the active policy does not have: not in the kernel.
+    unplaced_grants: Vec<u32>,
 }
 
 /// Capacity for `entries` policy map entries, with headroom so that a somewhat larger policy
@@ -226,6 +238,9 @@ impl Enforcer {
             conntrack_capacity,
             attachments: Vec::new(),
             pins: None,
+            grants: Vec::new(),
+            segment_names: Vec::new(),
+            unplaced_grants: Vec::new(),
         }
     }
 
@@ -252,6 +267,7 @@ impl Enforcer {
 
     /// Records `artifact` as the policy in force, when the active slot already holds it.
     pub(crate) fn keep_policy(&mut self, artifact: &Artifact) {
+        self.segment_names = artifact.segments.iter().map(|s| s.name.clone()).collect();
         self.revision = artifact.revision.clone();
         self.usage = usage_of(artifact);
     }
@@ -276,14 +292,56 @@ impl Enforcer {
         let target = 1 - self.active_slot;
         let generation = self.generation + 1;
         let config = self.config_for(artifact, generation);
+        let segment_names: Vec<String> = artifact.segments.iter().map(|s| s.name.clone()).collect();
+        // Renumbering never puts more ranges on a pair, so grants that fit before fit now.
+        let grants = breakglass::kernel_entries(&segment_names, &self.grants)?;
         policy_maps::write(&mut self.ebpf, target, artifact, &config)?;
+        policy_maps::write_breakglass(&mut self.ebpf, target, &grants.entries)?;
         policy_maps::activate(&mut self.ebpf, target)?;
+        self.segment_names = segment_names;
+        self.unplaced_grants = grants.unplaced;
         self.active_slot = target;
         self.generation = generation;
         self.config = config;
         self.revision = artifact.revision.clone();
         self.usage = usage_of(artifact);
         Ok(started.elapsed())
+    }
+
+    /// Puts `grants` in force instead of the grants in force now, in the active slot: each
+    /// segment pair's grants change with one map update. Refused, changing nothing, when they do
+    /// not fit the kernel's map. Returns the ids of grants that name a segment the active
+    /// policy does not have, which are not written. A revoked grant's flows must then be
+    /// expired with [`Enforcer::expire_breakglass_flows`].
+    pub fn set_grants(&mut self, grants: Vec<Grant>) -> Result<Vec<u32>, LoadError> {
+        let entries = breakglass::kernel_entries(&self.segment_names, &grants)?;
+        policy_maps::write_breakglass(&mut self.ebpf, self.active_slot, &entries.entries)?;
+        self.grants = grants;
+        self.unplaced_grants = entries.unplaced.clone();
+        Ok(entries.unplaced)
+    }
+
+    /// Whether `grants` would fit the kernel's map under the active policy, without writing
+    /// anything; returns the ids of those that name a segment it does not have.
+    pub fn check_grants(&self, grants: &[Grant]) -> Result<Vec<u32>, CapacityError> {
+        breakglass::kernel_entries(&self.segment_names, grants).map(|entries| entries.unplaced)
+    }
+
+    /// The break-glass grants in force (expired ones until they are removed).
+    pub fn grants(&self) -> &[Grant] {
+        &self.grants
+    }
+
+    /// Grants that name a segment the active policy does not have (after a reload that removed
+    /// it): they open nothing.
+    pub fn unplaced_grants(&self) -> &[u32] {
+        &self.unplaced_grants
+    }
+
+    /// Expires the tracked flows that break-glass grant `grant` admitted: their next packet is
+    /// judged again, and dropped unless something else allows the flow. Returns how many.
+    pub fn expire_breakglass_flows(&mut self, grant: u32) -> Result<usize, SweepError> {
+        conntrack::expire_breakglass_flows(&mut self.ebpf, grant)
     }
 
     /// Entries the loaded policy uses in each policy map (by slot-0 name).

@@ -117,6 +117,11 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Break-glass access: let a segment reach another on named ports for a limited time.
+    Breakglass {
+        #[command(subcommand)]
+        command: BreakglassCommand,
+    },
     /// Move hosts into the built-in `quarantine` segment of the running daemon (isolated in
     /// seconds, no policy change in Git), list them, give them back their segment.
     Quarantine {
@@ -174,6 +179,54 @@ enum QuarantineCommand {
     Remove {
         address: String,
         /// Why (kept in the audit log).
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long, default_value = control::DEFAULT_SOCKET)]
+        control_socket: PathBuf,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+}
+
+#[derive(Subcommand)]
+enum BreakglassCommand {
+    /// Open FROM -> TO on PORTS for TTL (at most `breakglass.max_ttl` of defaults.yaml);
+    /// prints the grant's id and expiry. Audited; the kernel ends it on time even if the
+    /// daemon is down.
+    Grant {
+        /// The segment of the devices that need access (e.g. icu-telemetry).
+        #[arg(long)]
+        from: String,
+        /// The segment they must reach (e.g. pacs).
+        #[arg(long)]
+        to: String,
+        /// Ports as a rule writes them: tcp/104, tcp/8080-8090, udp/any, icmp/echo-request,
+        /// any; comma-separated or repeated.
+        #[arg(long, required = true, value_delimiter = ',', num_args = 1..)]
+        ports: Vec<String>,
+        /// How long: 90s, 30m, 2h.
+        #[arg(long)]
+        ttl: String,
+        /// Why (goes to the audit log), e.g. "code blue bed 12".
+        #[arg(long)]
+        reason: String,
+        #[arg(long, default_value = control::DEFAULT_SOCKET)]
+        control_socket: PathBuf,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// The grants in force.
+    List {
+        #[arg(long, default_value = control::DEFAULT_SOCKET)]
+        control_socket: PathBuf,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// End a grant now and cut the connections it admitted.
+    Revoke {
+        /// The grant's id (from `grant` or `list`).
+        id: u32,
+        /// Why (goes to the audit log).
         #[arg(long)]
         reason: Option<String>,
         #[arg(long, default_value = control::DEFAULT_SOCKET)]
@@ -279,6 +332,7 @@ fn main() -> ExitCode {
                 },
         } => return audit_verify(&file, expect_seq, anchor, output),
         Command::Quarantine { command } => return quarantine(command),
+        Command::Breakglass { command } => return breakglass(command),
         Command::Observe {
             addr,
             verdict,
@@ -447,6 +501,62 @@ fn quarantine(command: QuarantineCommand) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+fn breakglass(command: BreakglassCommand) -> ExitCode {
+    use enforcer::breakglass::{format_grant, format_list, format_revoke};
+    let (socket, request, output, format): (_, _, _, fn(&serde_json::Value) -> String) =
+        match command {
+            BreakglassCommand::Grant {
+                from,
+                to,
+                ports,
+                ttl,
+                reason,
+                control_socket,
+                output,
+            } => (
+                control_socket,
+                ControlRequest::BreakglassGrant {
+                    from,
+                    to,
+                    ports,
+                    ttl,
+                    reason,
+                },
+                output,
+                format_grant,
+            ),
+            BreakglassCommand::List {
+                control_socket,
+                output,
+            } => (
+                control_socket,
+                ControlRequest::BreakglassList,
+                output,
+                format_list,
+            ),
+            BreakglassCommand::Revoke {
+                id,
+                reason,
+                control_socket,
+                output,
+            } => (
+                control_socket,
+                ControlRequest::BreakglassRevoke { id, reason },
+                output,
+                format_revoke,
+            ),
+        };
+    let result = match control_request(&socket, &request) {
+        Ok(result) => result,
+        Err(code) => return code,
+    };
+    match output {
+        Output::Json => print_json(&result),
+        Output::Text => print!("{}", format(&result)),
+    }
+    ExitCode::SUCCESS
+}
+
 fn audit_verify(
     file: &std::path::Path,
     expect_seq: Option<u64>,
@@ -512,6 +622,9 @@ fn observe(options: ObserveOptions) -> anyhow::Result<()> {
 
 /// How often the policy directory is checked for changes.
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the daemon looks for break-glass grants whose time is up (the kernel stops
+/// honouring them on time by itself; this removes, logs and audits them).
+const GRANT_EXPIRY_INTERVAL: Duration = Duration::from_secs(1);
 /// How often idle connection state is swept.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 /// How long after a reload the previous policy's maps are emptied: every packet judged by them
@@ -653,6 +766,7 @@ async fn run_until_shutdown(
     } = signals;
     let mut watch = tokio::time::interval(WATCH_INTERVAL);
     let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+    let mut grant_expiry = tokio::time::interval(GRANT_EXPIRY_INTERVAL);
     let mut summary = tokio::time::interval_at(
         tokio::time::Instant::now() + summary_interval,
         summary_interval,
@@ -687,6 +801,11 @@ async fn run_until_shutdown(
             _ = sweep.tick() => {
                 let daemon = Arc::clone(daemon);
                 let _ = tokio::task::spawn_blocking(move || daemon.sweep()).await;
+                false
+            }
+            _ = grant_expiry.tick() => {
+                let daemon = Arc::clone(daemon);
+                let _ = tokio::task::spawn_blocking(move || daemon.expire_grants()).await;
                 false
             }
             _ = summary.tick() => {

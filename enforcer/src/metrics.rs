@@ -14,7 +14,8 @@ pub struct VerdictLabels {
     /// `forwarded`, `dropped` or `audit`.
     pub action: String,
     /// What decided: `rule` (an allow rule), `none` (no rule: denied or audited),
-    /// `unenforced` (not judged), `revoked` (a tracked flow whose rule is gone), `conntrack_full`.
+    /// `unenforced` (not judged), `revoked` (a tracked flow whose rule is gone), `conntrack_full`,
+    /// `breakglass` (a break-glass grant), `breakglass_expired` (a flow whose grant ended).
     pub match_: String,
 }
 
@@ -55,6 +56,12 @@ pub struct MetricsSnapshot {
     pub quarantined_hosts: u64,
     /// `enforcer_audit_write_failures_total`: audit records that could not be written.
     pub audit_write_failures: u64,
+    /// `enforcer_breakglass_active{source_segment, destination_segment}`: break-glass grants
+    /// in force per segment pair (a pair stays, at 0, once its grants have ended).
+    pub breakglass_active: Vec<((String, String), u64)>,
+    /// `enforcer_breakglass_events_total{action}`: `grant`, `use` (first uses audited),
+    /// `expire`, `revoke`.
+    pub breakglass_events: Vec<(String, u64)>,
 }
 
 /// The content type of [`MetricsSnapshot::render`].
@@ -253,6 +260,37 @@ impl MetricsSnapshot {
             &[],
             self.quarantined_hosts,
         );
+
+        family(
+            &mut out,
+            "enforcer_breakglass_active",
+            "gauge",
+            "Break-glass grants in force, by segment pair.",
+        );
+        let mut active: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+        for ((from, to), grants) in &self.breakglass_active {
+            *active.entry((from, to)).or_default() += grants;
+        }
+        for ((from, to), grants) in active {
+            sample(
+                &mut out,
+                "enforcer_breakglass_active",
+                &[("source_segment", from), ("destination_segment", to)],
+                grants,
+            );
+        }
+
+        family(
+            &mut out,
+            "enforcer_breakglass_events_total",
+            "counter",
+            "Break-glass grants given, first uses audited, grants expired and revoked.",
+        );
+        let events = self
+            .breakglass_events
+            .iter()
+            .map(|(action, v)| (vec![("action", action.as_str())], *v));
+        counter_samples(&mut out, "enforcer_breakglass_events_total", events);
 
         family(
             &mut out,

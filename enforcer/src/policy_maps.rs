@@ -8,8 +8,10 @@ use aya::{
     Ebpf, Pod,
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, lpm_trie::Key, lpm_trie::LpmTrie},
 };
+
 use enforcer_common::{
-    AddrInfo, Config, PairKey, PairValue, PortKey, PortValue, SegmentInfo, map_names,
+    AddrInfo, BreakglassKey, BreakglassValue, Config, PairKey, PairValue, PortKey, PortValue,
+    SegmentInfo, map_names,
 };
 use policy_compiler::Artifact;
 
@@ -130,7 +132,34 @@ pub fn clear(ebpf: &mut Ebpf, slot: usize) -> Result<(), PolicyMapError> {
             clear_trie::<PortKey, PortValue>(ports_map, ports)
         }),
         Box::new(move || clear_hash::<PairKey, PairValue>(pairs_map, pairs)),
-    ])
+    ])?;
+    write_breakglass(ebpf, slot, &BTreeMap::new())
+}
+
+/// Makes the break-glass map of `slot` hold exactly `entries` (see
+/// `policy_compiler::breakglass::kernel_entries`). Only changed pairs are written, each with one
+/// update that packets see entirely or not at all, so this may write the active slot.
+pub fn write_breakglass(
+    ebpf: &mut Ebpf,
+    slot: usize,
+    entries: &BTreeMap<BreakglassKey, BreakglassValue>,
+) -> Result<(), PolicyMapError> {
+    let name = map_names::BREAKGLASS[slot];
+    let mut map: HashMap<_, BreakglassKey, BreakglassValue> =
+        HashMap::try_from(map_mut(ebpf, name)?).map_err(map_err(name))?;
+    let present: Vec<(BreakglassKey, BreakglassValue)> =
+        map.iter().filter_map(Result::ok).collect();
+    for (key, value) in entries {
+        if !present.contains(&(*key, *value)) {
+            map.insert(key, value, 0).map_err(map_err(name))?;
+        }
+    }
+    for (key, _) in &present {
+        if !entries.contains_key(key) {
+            map.remove(key).map_err(map_err(name))?;
+        }
+    }
+    Ok(())
 }
 
 /// Writes `artifact` into the policy maps of `slot` (which must not be the active one) and its

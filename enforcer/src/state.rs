@@ -50,6 +50,13 @@ pub struct State {
     /// Quarantined hosts, in the order they were added.
     #[serde(default)]
     pub quarantine: Vec<QuarantineEntry>,
+    /// Break-glass grants in force (an expired one until the daemon removes it), by id.
+    #[serde(default)]
+    pub breakglass: Vec<crate::breakglass::GrantRecord>,
+    /// The id of the next break-glass grant: ids are never reused, so an audit record's
+    /// `breakglass/<id>` names one grant.
+    #[serde(default)]
+    pub breakglass_next_id: u32,
 }
 
 /// Where the state lives.
@@ -168,6 +175,7 @@ mod tests {
                 actor: "root".into(),
                 since: "2024-05-01T10:00:00.000Z".into(),
             }],
+            ..State::default()
         };
         file.save(&state).unwrap();
         assert_eq!(file.load().unwrap(), state);

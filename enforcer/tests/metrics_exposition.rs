@@ -71,6 +71,16 @@ fn populated_snapshot() -> MetricsSnapshot {
         reload_failing: true,
         quarantined_hosts: 2,
         audit_write_failures: 1,
+        breakglass_active: vec![
+            (("icu-telemetry".into(), "pacs".into()), 1),
+            (("lab".into(), "pacs".into()), 0),
+        ],
+        breakglass_events: vec![
+            ("grant".into(), 3),
+            ("use".into(), 2),
+            ("expire".into(), 1),
+            ("revoke".into(), 1),
+        ],
     }
 }
 
@@ -135,6 +145,12 @@ fn exposition_has_the_stable_names() {
         "enforcer_policy_rules 42",
         r#"enforcer_bpf_map_pressure{map_name="conntrack"} 0.125"#,
         "enforcer_conntrack_entries 1234",
+        "# TYPE enforcer_breakglass_active gauge",
+        r#"enforcer_breakglass_active{source_segment="icu-telemetry",destination_segment="pacs"} 1"#,
+        r#"enforcer_breakglass_active{source_segment="lab",destination_segment="pacs"} 0"#,
+        "# TYPE enforcer_breakglass_events_total counter",
+        r#"enforcer_breakglass_events_total{action="grant"} 3"#,
+        r#"enforcer_breakglass_events_total{action="revoke"} 1"#,
         "# TYPE enforcer_quarantined_hosts gauge",
         "enforcer_quarantined_hosts 2",
         "# TYPE enforcer_audit_write_failures_total counter",

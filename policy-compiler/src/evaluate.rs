@@ -41,6 +41,9 @@ pub struct Decision {
     pub rule: Option<String>,
     /// Global index of that rule (the kernel's per-rule counter index).
     pub rule_index: Option<u32>,
+    /// The break-glass grant that allowed the flow (`rule` is then `breakglass/<id>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant: Option<u32>,
     pub src_segment: String,
     pub dst_segment: String,
     pub reason: String,
@@ -110,6 +113,7 @@ impl Policy {
             verdict,
             rule: rule.map(|rule| rule.id.clone()),
             rule_index: rule.map(|rule| rule.index),
+            grant: None,
             src_segment: src_name.to_string(),
             dst_segment: dst_name.to_string(),
             reason,

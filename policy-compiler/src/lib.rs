@@ -16,6 +16,7 @@
 //! This crate never depends on aya and makes no Linux-specific calls, so it runs in plain CI.
 
 pub mod artifact;
+pub mod breakglass;
 pub mod compile;
 pub mod diff;
 pub mod error;

@@ -38,6 +38,7 @@ const DEFAULTS_FIELDS: &[&str] = &[
     "essential_traffic",
     "conntrack",
     "fragments",
+    "breakglass",
 ];
 const CONNTRACK_FIELDS: &[&str] = &[
     "max_entries",
@@ -49,6 +50,7 @@ const CONNTRACK_FIELDS: &[&str] = &[
     "other_timeout",
 ];
 const FRAGMENTS_FIELDS: &[&str] = &["max_entries", "timeout"];
+const BREAKGLASS_FIELDS: &[&str] = &["max_ttl"];
 const WORLD_FIELDS: &[&str] = &["mode", "allow"];
 const DEFAULTS_STEM: &str = "defaults";
 
@@ -702,7 +704,15 @@ impl Loader {
             && name
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'));
-        if !valid {
+        if name.starts_with("breakglass/") {
+            let hint = Some("`breakglass/N` names break-glass grant N; choose another name".into());
+            self.error(
+                file,
+                Some(pos),
+                PolicyErrorKind::InvalidRuleName(name.into()),
+                hint,
+            );
+        } else if !valid {
             let hint = Some("use letters, digits and `-`, `_`, `.`, `/`".into());
             self.error(
                 file,
@@ -855,6 +865,17 @@ impl Loader {
                     };
                     if let Some(seconds) = self.duration(file, field, value) {
                         *slot = seconds;
+                    }
+                }
+            }
+            "breakglass" => {
+                let Some(fields) = self.fields(file, node, "`breakglass`", BREAKGLASS_FIELDS)
+                else {
+                    return;
+                };
+                for (field, value) in fields {
+                    if let Some(seconds) = self.duration(file, field, value) {
+                        settings.breakglass_max_ttl = seconds;
                     }
                 }
             }

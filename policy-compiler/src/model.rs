@@ -39,10 +39,14 @@ use crate::prefix::Prefix;
 
 /// The implicit segment of every address that is in no segment.
 pub const WORLD: &str = "world";
-/// Names that cannot be used for segments: `world` is implicit, `any` is a keyword of `from`.
+/// Names that cannot be used for segments: `world` is implicit, `any` is a keyword of `from`,
+/// `breakglass` would give rule ids (`breakglass/N`) that name break-glass grants.
 /// (`quarantine` is the built-in segment of quarantined hosts: its file may exist, with an
 /// allow-list but no members.)
-pub const RESERVED_SEGMENT_NAMES: [&str; 2] = [WORLD, "any"];
+pub const RESERVED_SEGMENT_NAMES: [&str; 3] = [WORLD, "any", BREAKGLASS];
+
+/// The rule id of a flow admitted by break-glass grant N is `breakglass/N`.
+pub const BREAKGLASS: &str = "breakglass";
 
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;

@@ -20,7 +20,8 @@ pub struct Overrides {
 }
 
 /// A break-glass grant: members of segment `from` may reach members of segment `to` on `ports`
-/// until `expires_ns`.
+/// until `expires_ns` (see [`crate::breakglass`] for the exact semantics). Ids are unique and
+/// never 0.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Grant {
     pub id: u32,
@@ -35,11 +36,13 @@ impl Policy {
     /// The reference verdict on `flow` at CLOCK_MONOTONIC time `now_ns`, with run-time
     /// overrides in force. With no overrides it is [`Policy::evaluate`].
     pub fn evaluate_with(&self, flow: &Flow, overrides: &Overrides, now_ns: u64) -> Decision {
-        let _ = now_ns;
         // Quarantine: a quarantined address is in the quarantine segment, as source and as
         // destination (see `crate::model` for what it matches as a source).
         let src = self.placement(flow.src, &overrides.quarantined);
         let dst = self.placement(flow.dst, &overrides.quarantined);
-        self.evaluate_placed(flow, src, dst)
+        let decision = self.evaluate_placed(flow, src, dst);
+        // Break-glass grants last: they only turn a denial (or audit) into an allow, and see
+        // the segments after quarantine (quarantine wins: no grant names it).
+        self.apply_grants(decision, flow, overrides, now_ns)
     }
 }

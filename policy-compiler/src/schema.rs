@@ -176,7 +176,17 @@ pub fn policy_schema() -> Value {
                         "additionalProperties": false,
                         "properties": {
                             "max_entries": table_size,
-                            "timeout": duration
+                            "timeout": duration.clone()
+                        }
+                    },
+                    "breakglass": {
+                        "type": ["object", "null"],
+                        "additionalProperties": false,
+                        "properties": {
+                            "max_ttl": {
+                                "allOf": [duration],
+                                "description": "the longest TTL `enforcer breakglass grant` accepts (default 4h)"
+                            }
                         }
                     }
                 }

@@ -23,6 +23,8 @@
 //! fragments:
 //!   max_entries: 16384
 //!   timeout: 30s
+//! breakglass:
+//!   max_ttl: 4h               # longest TTL `enforcer breakglass grant --ttl` accepts
 //! ```
 use std::time::Duration;
 
@@ -95,7 +97,13 @@ pub struct Settings {
     pub conntrack_max_entries: u32,
     pub fragments_max_entries: u32,
     pub timeouts: Timeouts,
+    /// `breakglass.max_ttl`: the longest a break-glass grant may last, in seconds.
+    pub breakglass_max_ttl: u64,
 }
+
+/// Default of `breakglass.max_ttl`: long enough for an emergency procedure and the handover
+/// after it, short enough that a forgotten grant does not outlive a shift.
+pub const DEFAULT_BREAKGLASS_MAX_TTL_SECONDS: u64 = 4 * 3600;
 
 /// ICMP 3; ICMPv6 2, 133, 134, 135, 136: path-MTU discovery and neighbour discovery.
 pub fn default_essential_traffic() -> Vec<PortMatch> {
@@ -123,6 +131,7 @@ impl Default for Settings {
             conntrack_max_entries: 262_144,
             fragments_max_entries: 16_384,
             timeouts: Timeouts::default(),
+            breakglass_max_ttl: DEFAULT_BREAKGLASS_MAX_TTL_SECONDS,
         }
     }
 }

@@ -12,8 +12,15 @@
 //!   `on_policy_change: recheck`, a flow is judged again, as its first packet, on its first
 //!   packet after a policy load; if its rule is gone the state is removed and the packet dropped
 //!   (`flow_revoked`).
-//! - Any other packet is judged by the policy (egress only when `egress` is not unenforced; a
-//!   denial on monitored egress is audit). When it passes and starts a flow (not a TCP RST or
+//! - A flow admitted by a break-glass grant carries the grant's expiry. At its first packet from
+//!   then on (or after the daemon revoked the grant, see [`StatefulEvaluator::expire_grant_flows`])
+//!   it is judged again, as its first packet; when nothing allows it now the packet is dropped
+//!   (`breakglass_expired`) and the state stays, unrefreshed, so that every later packet in
+//!   either direction is judged the same way until the state idles out: removing it would let
+//!   the responder's next packet, leaving through unenforced egress, recreate the flow. Such a
+//!   flow is no longer `related` to ICMP errors.
+//! - Any other packet is judged by the policy and its run-time overrides (egress only when
+//!   `egress` is not unenforced; a denial on monitored egress is audit). When it passes and starts a flow (not a TCP RST or
 //!   FIN; for ICMP only an echo request), state is created; if the table is full the packet is
 //!   dropped (`conntrack_full`). A first fragment that passes is remembered, or dropped
 //!   (`conntrack_full`) when the fragment table is full.
@@ -63,10 +70,20 @@ struct ConnState {
     /// The admitting packet as the policy judged it, and where.
     admitted_flow: Flow,
     direction: u32,
+    /// (id, expiry) of the break-glass grant that admitted the flow.
+    grant: Option<(u32, u64)>,
+}
+
+impl ConnState {
+    fn grant_expired(&self, now_ns: u64) -> bool {
+        self.grant
+            .is_some_and(|(_, expires_ns)| now_ns >= expires_ns)
+    }
 }
 
 enum Judgement {
     Allowed(u32),
+    Breakglass { grant: u32, expires_ns: u64 },
     Audit,
     Unenforced,
     Denied,
@@ -136,6 +153,27 @@ impl StatefulEvaluator {
     /// Tracked flows.
     pub fn tracked_flows(&self) -> usize {
         self.conntrack.len()
+    }
+
+    /// The run-time overrides in force.
+    pub fn overrides(&self) -> &Overrides {
+        &self.overrides
+    }
+
+    /// What the daemon does to the flows of a grant it revokes (after removing the grant from
+    /// the overrides): their expiry becomes 0, so their next packet is judged again. Returns
+    /// how many flows the grant admitted.
+    pub fn expire_grant_flows(&mut self, grant: u32) -> usize {
+        let mut expired = 0;
+        for state in self.conntrack.values_mut() {
+            if let Some((id, expires_ns)) = &mut state.grant
+                && *id == grant
+            {
+                *expires_ns = 0;
+                expired += 1;
+            }
+        }
+        expired
     }
 
     /// Removes idle flows, as the daemon's periodic sweep does; returns how many.
@@ -230,6 +268,15 @@ impl StatefulEvaluator {
         let decision = self
             .policy
             .evaluate_with(flow, &self.overrides, self.now_ns);
+        if let Some(grant) = decision.grant {
+            let expires_ns = self
+                .overrides
+                .grants
+                .iter()
+                .find(|candidate| candidate.id == grant)
+                .map_or(0, |granting| granting.expires_ns);
+            return Judgement::Breakglass { grant, expires_ns };
+        }
         match (decision.verdict, decision.rule_index) {
             (Verdict::Allow, Some(rule)) => Judgement::Allowed(rule),
             (Verdict::Allow, None) => Judgement::Unenforced,
@@ -259,6 +306,7 @@ impl StatefulEvaluator {
     fn is_tracked(&self, key: &FlowKey) -> bool {
         self.conntrack.get(key).is_some_and(|state| {
             self.now_ns.saturating_sub(state.last_seen_ns) <= self.idle_timeout_ns(state, key.proto)
+                && !state.grant_expired(self.now_ns)
         })
     }
 
@@ -281,8 +329,16 @@ impl StatefulEvaluator {
         if let Some(outcome) = self.track(&key, src_side, packet) {
             return PacketOutcome::of(outcome);
         }
+        let mut grant = None;
         let (admitted, rule) = match self.judge(&packet.flow, dir) {
             Judgement::Allowed(rule) => (counter::ALLOWED, Some(rule)),
+            Judgement::Breakglass {
+                grant: id,
+                expires_ns,
+            } => {
+                grant = Some((id, expires_ns));
+                (counter::BREAKGLASS, None)
+            }
             Judgement::Audit => (counter::AUDIT, None),
             Judgement::Unenforced => (counter::UNENFORCED, None),
             Judgement::Denied => return PacketOutcome::of(counter::DROP_POLICY_DENIED),
@@ -307,6 +363,7 @@ impl StatefulEvaluator {
                     fin_seen: 0,
                     admitted_flow: packet.flow,
                     direction: dir,
+                    grant,
                 },
             );
         }
@@ -330,18 +387,30 @@ impl StatefulEvaluator {
             return None;
         }
         let mut state = state;
-        if state.generation != self.generation {
-            if self.policy.settings().on_policy_change == OnPolicyChange::Recheck
-                && matches!(
-                    self.judge(&state.admitted_flow, state.direction),
-                    Judgement::Denied
-                )
-            {
-                self.conntrack.remove(key);
-                return Some(counter::DROP_FLOW_REVOKED);
+        let grant_expired = state.grant_expired(self.now_ns);
+        let policy_changed = state.generation != self.generation;
+        if grant_expired
+            || (policy_changed
+                && self.policy.settings().on_policy_change == OnPolicyChange::Recheck)
+        {
+            match self.judge(&state.admitted_flow, state.direction) {
+                // Kept as it is: see the module documentation.
+                Judgement::Denied if grant_expired => {
+                    return Some(counter::DROP_BREAKGLASS_EXPIRED);
+                }
+                Judgement::Denied => {
+                    self.conntrack.remove(key);
+                    return Some(counter::DROP_FLOW_REVOKED);
+                }
+                Judgement::Breakglass { grant, expires_ns } => {
+                    state.grant = Some((grant, expires_ns));
+                }
+                Judgement::Allowed(_) | Judgement::Audit | Judgement::Unenforced => {
+                    state.grant = None;
+                }
             }
-            state.generation = self.generation;
         }
+        state.generation = self.generation;
         if key.proto == 6 {
             let flags = packet.tcp_flags;
             if flags & TCP_RST != 0 {

@@ -4,10 +4,10 @@
 use std::collections::HashMap;
 
 use aya::programs::{TestRun as _, TestRunOptions};
-use enforcer::Enforcer;
+use enforcer::{Enforcer, conntrack::monotonic_now_ns};
 use enforcer_common::{counter, direction};
 use policy_compiler::{
-    Overrides, Policy,
+    Grant, Overrides, Policy,
     stateful::{PacketOutcome, StatefulEvaluator},
 };
 
@@ -41,6 +41,9 @@ pub struct KernelHarness {
     rule_shadow: HashMap<u32, u64>,
     /// The run-time overrides in force in both.
     overrides: Overrides,
+    /// The kernel's clock (CLOCK_MONOTONIC) when the harness was loaded: the reference model's
+    /// time 0. Grant expiries are given in reference time and shifted by it for the kernel.
+    epoch_ns: u64,
 }
 
 impl KernelHarness {
@@ -60,14 +63,26 @@ impl KernelHarness {
             shadow,
             rule_shadow: HashMap::new(),
             overrides: Overrides::default(),
+            epoch_ns: monotonic_now_ns(),
         })
     }
 
     /// Puts `overrides` in force in the kernel, as the daemon writes them, and in the
     /// reference. Quarantine: a newly quarantined address goes into the QUARANTINE map and its
     /// tracked flows and fragments are removed (the daemon's second pass has nothing to find
-    /// here: no packet runs concurrently); a released one leaves the map.
-    pub fn set_overrides(&mut self, overrides: Overrides) -> anyhow::Result<()> {
+    /// here: no packet runs concurrently); a released one leaves the map. Break-glass: the
+    /// grants replace those in force, their expiries given in reference time (see
+    /// [`KernelHarness::set_time_ns`]); returns the ids of grants the kernel did not place.
+    pub fn set_overrides(&mut self, overrides: Overrides) -> anyhow::Result<Vec<u32>> {
+        let kernel_grants: Vec<Grant> = overrides
+            .grants
+            .iter()
+            .map(|grant| Grant {
+                expires_ns: grant.expires_ns.saturating_add(self.epoch_ns),
+                ..grant.clone()
+            })
+            .collect();
+        let unplaced = self.enforcer.set_grants(kernel_grants)?;
         let ebpf = self.enforcer.ebpf_mut();
         for addr in overrides
             .quarantined
@@ -85,7 +100,28 @@ impl KernelHarness {
         }
         self.reference.set_overrides(overrides.clone());
         self.overrides = overrides;
-        Ok(())
+        Ok(unplaced)
+    }
+
+    /// Revokes grant `id` as the daemon does: out of the overrides, then its flows expired.
+    /// Returns how many flows it had admitted (the kernel and the reference must agree).
+    pub fn revoke_grant(&mut self, id: u32) -> anyhow::Result<usize> {
+        let mut overrides = self.overrides.clone();
+        overrides.grants.retain(|grant| grant.id != id);
+        self.set_overrides(overrides)?;
+        let kernel = self.enforcer.expire_breakglass_flows(id)?;
+        let reference = self.reference.expire_grant_flows(id);
+        anyhow::ensure!(
+            kernel == reference,
+            "grant {id} had admitted {kernel} flows in the kernel, {reference} in the reference"
+        );
+        Ok(kernel)
+    }
+
+    /// Sets the reference model's clock: `now_ns` after the harness was loaded. The kernel's
+    /// clock runs by itself, so a test sleeps first.
+    pub fn set_time_ns(&mut self, now_ns: u64) {
+        self.reference.set_time_ns(now_ns);
     }
 
     /// The run-time overrides in force.

@@ -8,12 +8,15 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
+use policy_compiler::{Grant, breakglass::parse_ports};
 use rand::{Rng, seq::IndexedRandom as _};
 
 /// A generated policy: its files, and addresses worth sending packets to and from.
 pub struct GeneratedPolicy {
     pub sources: Vec<(String, String)>,
     pub interesting: Vec<IpAddr>,
+    /// The segments' names.
+    pub segment_names: Vec<String>,
 }
 
 #[derive(Clone, Copy)]
@@ -156,6 +159,7 @@ fn random_port_entry<R: Rng>(rng: &mut R) -> String {
 pub fn generate(rng: &mut impl Rng) -> GeneratedPolicy {
     let segment_count = rng.random_range(1..=8);
     let names: Vec<String> = (0..segment_count).map(|i| format!("s{i}")).collect();
+    let names_for_grants = names.clone();
     // Rules may also name the built-in quarantine segment (hosts quarantined at run time).
     let source_names: Vec<String> = names
         .iter()
@@ -223,6 +227,28 @@ pub fn generate(rng: &mut impl Rng) -> GeneratedPolicy {
     GeneratedPolicy {
         sources,
         interesting,
+        segment_names: names_for_grants,
+    }
+}
+
+/// A random break-glass grant between the policy's segments (sometimes `world`, or a segment
+/// the policy does not have), live (expiry `u64::MAX`) or expired (0) in reference time.
+pub fn random_grant<R: Rng>(rng: &mut R, id: u32, segment_names: &[String]) -> Grant {
+    let segment = |rng: &mut R| match rng.random_range(0..10) {
+        0 => "world".to_string(),
+        1 => "gone".to_string(),
+        _ => segment_names.choose(rng).unwrap().clone(),
+    };
+    let (from, to) = (segment(rng), segment(rng));
+    let entries: Vec<String> = (0..rng.random_range(1..=3))
+        .map(|_| random_port_entry(rng))
+        .collect();
+    Grant {
+        id,
+        from,
+        to,
+        ports: parse_ports(&entries).expect("generated port entries are valid"),
+        expires_ns: if rng.random_bool(0.8) { u64::MAX } else { 0 },
     }
 }
 

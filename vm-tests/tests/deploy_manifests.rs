@@ -32,9 +32,8 @@ use serde_json::{Value, json};
 const KUBERNETES_VERSIONS: [&str; 2] = ["1.37.0", "1.29.0"];
 /// API group of the Prometheus Operator's CRDs.
 const MONITORING_API: &str = "monitoring.coreos.com/v1";
-/// Metrics the alerts may use besides the daemon's: Prometheus's own `up`, and
-/// `enforcer_breakglass_active`, exported once break-glass access exists.
-const RULE_METRICS_NOT_EXPORTED: [&str; 2] = ["up", "enforcer_breakglass_active"];
+/// Metrics the alerts may use besides the daemon's: Prometheus's own `up`.
+const RULE_METRICS_NOT_EXPORTED: [&str; 1] = ["up"];
 /// The capabilities the enforcer container adds (see the comments in the DaemonSet).
 const ENFORCER_CAPABILITIES: [&str; 3] = ["BPF", "NET_ADMIN", "PERFMON"];
 
@@ -780,7 +779,7 @@ tests:
         values: '0 0 1x18'
       - series: 'enforcer_lost_events_total{node="n1"}'
         values: '0+0x5 0+10x14'
-      - series: 'enforcer_breakglass_active{node="n1"}'
+      - series: 'enforcer_breakglass_active{source_segment="icu-telemetry",destination_segment="pacs",node="n1"}'
         values: '0x5 1x14'
     alert_rule_test:
       # Pending for its 2 minutes first.
@@ -850,12 +849,17 @@ tests:
         exp_alerts:
           - exp_labels:
               severity: critical
+              source_segment: icu-telemetry
+              destination_segment: pacs
               node: n1
             exp_annotations:
-              summary: Break-glass access is active on n1
+              summary: Break-glass access from icu-telemetry to pacs is active on n1
               description: >-
-                An emergency override of the segmentation policy is in force. Make sure it is
-                intended and that it is withdrawn when the emergency ends.
+                1 emergency grant(s) override the segmentation policy from segment
+                icu-telemetry to segment pacs. `enforcer breakglass list` on the node shows
+                who granted them, why and until when; the audit log has every use. Make sure
+                it is intended, and revoke it (`enforcer breakglass revoke ID`) when the
+                emergency ends.
 "#;
 
 #[test]

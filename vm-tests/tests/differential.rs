@@ -3,7 +3,8 @@
 //! directions on ingress and egress, ICMP errors quoting earlier packets, fragments in and out
 //! of order, IPv6 extension headers, VLAN tags, adversarial mutations, and policy reloads in
 //! the middle, hosts quarantined and released at run time (their flows cut as the daemon cuts
-//! them). Every packet's outcome must agree. Needs root.
+//! them), break-glass grants in force (live and expired, granted and revoked along the way).
+//! Every packet's outcome must agree. Needs root.
 //!
 //! Replay a failure with `ENFORCER_TEST_SEED=<seed>`; scale with `ENFORCER_DIFF_PACKETS`.
 use std::net::IpAddr;
@@ -23,6 +24,8 @@ use vm_tests::{
 };
 
 const PACKETS_PER_POLICY: usize = 10_000;
+/// At most this many grants at once: 3 port entries each stay within a pair's 16 ranges.
+const MAX_GRANTS: usize = 5;
 
 fn env_number(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|s| s.parse().ok())
@@ -177,6 +180,7 @@ fn kernel_agrees_with_reference_on_generated_packet_sequences() {
     let mut checked = 0usize;
     let mut reloads = 0usize;
     let mut quarantine_changes = 0usize;
+    let mut grant_changes = 0usize;
     // IP packets from or to a quarantined host: [otherwise, allowed by a rule].
     let mut quarantined_seen = [0usize; 2];
     let mut policy_number = 0usize;
@@ -187,14 +191,19 @@ fn kernel_agrees_with_reference_on_generated_packet_sequences() {
         });
         let mut sources = generated.sources.clone();
         let mut harness = KernelHarness::load(policy).expect("load the enforcer");
-        // A few of the generator's hosts start quarantined.
+        // A few of the generator's hosts start quarantined, and a few grants are in force.
         let mut overrides = Overrides::default();
         for _ in 0..rng.random_range(0..=2) {
             overrides
                 .quarantined
                 .insert(*generated.interesting.choose(&mut rng).unwrap());
         }
-        harness.set_overrides(overrides).expect("quarantine");
+        let names = &generated.segment_names;
+        overrides.grants = (1..=rng.random_range(0..=3))
+            .map(|id| policy_gen::random_grant(&mut rng, id, names))
+            .collect();
+        let mut next_grant = overrides.grants.len() as u32 + 1;
+        harness.set_overrides(overrides).expect("overrides");
         let mut conversations = Vec::new();
         for _ in 0..PACKETS_PER_POLICY.min(total - checked) {
             if rng.random_ratio(1, 2_000) {
@@ -213,11 +222,30 @@ fn kernel_agrees_with_reference_on_generated_packet_sequences() {
                 harness.set_overrides(overrides).expect("quarantine");
                 quarantine_changes += 1;
             }
+            if rng.random_ratio(1, 500) {
+                // Revoke a grant (cutting its flows as the daemon does), or give a new one.
+                let grants = &harness.overrides().grants;
+                if !grants.is_empty() && (grants.len() >= MAX_GRANTS || rng.random_bool(0.5)) {
+                    let revoked = grants[rng.random_range(0..grants.len())].id;
+                    harness
+                        .revoke_grant(revoked)
+                        .unwrap_or_else(|e| panic!("seed {seed}: revoking: {e:#}"));
+                } else {
+                    let mut overrides = harness.overrides().clone();
+                    overrides
+                        .grants
+                        .push(policy_gen::random_grant(&mut rng, next_grant, names));
+                    next_grant += 1;
+                    harness.set_overrides(overrides).expect("grants fit");
+                }
+                grant_changes += 1;
+            }
             let (frame, dir) = next_packet(&mut rng, &mut conversations, &generated.interesting);
             let outcome = harness.check(&frame, dir).unwrap_or_else(|e| {
                 panic!(
-                    "seed {seed}, policy {policy_number}, packet {checked}: {e:#}\nquarantined: {:?}\npolicy files:\n{}",
+                    "seed {seed}, policy {policy_number}, packet {checked}: {e:#}\nquarantined: {:?}\ngrants: {:?}\npolicy files:\n{}",
                     harness.overrides().quarantined,
+                    harness.overrides().grants,
                     sources
                         .iter()
                         .map(|(name, text)| format!("--- {name}\n{text}"))
@@ -237,8 +265,8 @@ fn kernel_agrees_with_reference_on_generated_packet_sequences() {
         policy_number += 1;
     }
     println!(
-        "checked {checked} packets over {policy_number} policies, {reloads} reloads and \
-         {quarantine_changes} quarantine changes"
+        "checked {checked} packets over {policy_number} policies, {reloads} reloads, \
+         {quarantine_changes} quarantine changes and {grant_changes} grants given or revoked"
     );
     for dir in 0..direction::COUNT {
         let by_outcome: Vec<String> = counter::NAMES

@@ -47,6 +47,7 @@ const TESTS: &[&str] = &[
     "packet_verdicts",
     "connection_tracking",
     "quarantine_verdicts",
+    "breakglass",
     "differential",
     "e2e",
     // Pinning and adoption through the clsact netlink filter on kernels before 6.6.
@@ -82,7 +83,7 @@ pub(crate) struct RunOptions {
     #[arg(long, default_value_t = TIMEOUT_SECS)]
     timeout: u64,
     /// Run only these test binaries (repeatable): packet_verdicts, connection_tracking,
-    /// quarantine_verdicts, differential, e2e, e2e_persist.
+    /// quarantine_verdicts, breakglass, differential, e2e, e2e_persist.
     #[arg(long = "test", value_parser = clap::builder::PossibleValuesParser::new(TESTS))]
     tests: Vec<String>,
 }

@@ -33,6 +33,7 @@ pub struct Counters {
     pub established: u64,
     pub related: u64,
     pub fragment: u64,
+    pub breakglass: u64,
     pub policy_denied: u64,
     pub malformed: u64,
     pub unsupported_encap: u64,
@@ -42,6 +43,7 @@ pub struct Counters {
     pub too_many_ext_headers: u64,
     pub conntrack_full: u64,
     pub flow_revoked: u64,
+    pub breakglass_expired: u64,
 }
 
 impl Counters {
@@ -56,6 +58,7 @@ impl Counters {
             + self.too_many_ext_headers
             + self.conntrack_full
             + self.flow_revoked
+            + self.breakglass_expired
     }
 }
 
