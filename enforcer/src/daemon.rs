@@ -264,6 +264,7 @@ pub struct Daemon {
     summarised_denials: Mutex<BTreeMap<VerdictLabels, u64>>,
     summarised_at: Mutex<String>,
     /// The policy in force (break-glass requests are checked against it).
+    /// The policy in force, without its rules (`Policy::outline`): enough to validate requests.
     policy: Mutex<Arc<Policy>>,
     /// Break-glass bookkeeping besides the grants in `state`.
     breakglass: Mutex<crate::breakglass::Runtime>,
@@ -352,7 +353,7 @@ impl Daemon {
             state_file,
             summarised_denials: Mutex::new(BTreeMap::new()),
             summarised_at: Mutex::new(crate::audit::now_rfc3339()),
-            policy: Mutex::new(Arc::new(loaded.policy.clone())),
+            policy: Mutex::new(Arc::new(loaded.policy.outline())),
             breakglass: Mutex::new(crate::breakglass::Runtime::default()),
         });
         // Quarantined hosts are isolated before the first packet is judged.
@@ -487,7 +488,7 @@ impl Daemon {
         self.enforcer().pin_dir().map(Path::to_path_buf)
     }
 
-    /// The policy in force.
+    /// The policy in force, without its rules ([`Policy::outline`]).
     pub fn policy(&self) -> Arc<Policy> {
         Arc::clone(&self.policy.lock().unwrap_or_else(|p| p.into_inner()))
     }
@@ -513,7 +514,7 @@ impl Daemon {
             let generation = enforcer.generation();
             drop(enforcer);
             *self.policy.lock().unwrap_or_else(|p| p.into_inner()) =
-                Arc::new(loaded.policy.clone());
+                Arc::new(loaded.policy.outline());
             self.namer
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())

@@ -787,6 +787,8 @@ async fn run_until_shutdown(
             }
             _ = hangup.recv() => {
                 info!("SIGHUP received: reloading the policy");
+                // The files this reload reads: the watcher must not load them a second time.
+                seen = daemon::fingerprint(daemon.policy_dir());
                 true
             }
             _ = watch.tick() => {
