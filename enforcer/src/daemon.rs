@@ -290,7 +290,12 @@ fn policy_names(generation: u32, loaded: &LoadedPolicy) -> Arc<PolicyNames> {
             .iter()
             .map(|s| s.name.clone())
             .collect(),
-        rules: loaded.artifact.rule_ids(),
+        rules: loaded
+            .artifact
+            .rule_ids()
+            .into_iter()
+            .map(Arc::from)
+            .collect(),
     })
 }
 

@@ -61,8 +61,9 @@ pub struct PolicyNames {
     pub revision: String,
     /// Indexed by segment id (`world` is 0).
     pub segments: Vec<String>,
-    /// Indexed by global rule index.
-    pub rules: Vec<String>,
+    /// Indexed by global rule index. Shared with the previous generation where ids are equal:
+    /// a daemon keeps several generations, and a 100k-rule policy's ids take several MiB each.
+    pub rules: Vec<Arc<str>>,
 }
 
 /// Turns kernel events into [`FlowEvent`]s, with the names of the policy generation that
@@ -99,6 +100,20 @@ impl EventNamer {
     }
 
     pub fn add_policy(&mut self, names: Arc<PolicyNames>) {
+        let names = match self.policies.back() {
+            Some(previous) => {
+                let known: std::collections::HashMap<&str, &Arc<str>> =
+                    previous.rules.iter().map(|id| (&**id, id)).collect();
+                let mut names = Arc::unwrap_or_clone(names);
+                for id in &mut names.rules {
+                    if let Some(shared) = known.get(&**id) {
+                        *id = Arc::clone(shared);
+                    }
+                }
+                Arc::new(names)
+            }
+            None => names,
+        };
         self.policies.push_back(names);
         while self.policies.len() > KEPT_GENERATIONS {
             self.policies.pop_front();
@@ -128,7 +143,7 @@ impl EventNamer {
             }
             _ => (event.rule != NO_RULE).then(|| {
                 policy
-                    .and_then(|p| p.rules.get(event.rule as usize).cloned())
+                    .and_then(|p| p.rules.get(event.rule as usize).map(|id| id.to_string()))
                     .unwrap_or_else(|| format!("rule#{}", event.rule))
             }),
         };
@@ -237,5 +252,36 @@ impl EventHub {
 
     pub fn lagged(&self) -> u64 {
         self.lagged.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::{EventNamer, PolicyNames};
+
+    fn names(generation: u32, rules: &[&str]) -> Arc<PolicyNames> {
+        Arc::new(PolicyNames {
+            generation,
+            revision: format!("r{generation}"),
+            segments: vec!["world".into()],
+            rules: rules.iter().map(|&id| Arc::from(id)).collect(),
+        })
+    }
+
+    #[test]
+    fn generations_share_the_rule_ids_they_have_in_common() {
+        let mut namer = EventNamer::new();
+        namer.add_policy(names(1, &["pacs/1", "pacs/2", "lab/1"]));
+        namer.add_policy(names(2, &["pacs/2", "pacs/1", "lab/9"]));
+        let (old, new) = (namer.policy(1).unwrap(), namer.policy(2).unwrap());
+        assert!(Arc::ptr_eq(&old.rules[0], &new.rules[1]));
+        assert!(Arc::ptr_eq(&old.rules[1], &new.rules[0]));
+        assert_eq!(&*new.rules[2], "lab/9");
+        assert_eq!(
+            new.rules.iter().map(|id| &**id).collect::<Vec<_>>(),
+            ["pacs/2", "pacs/1", "lab/9"]
+        );
     }
 }

@@ -40,7 +40,7 @@ pub fn run(opts: &Options, report: &mut Report) -> Result<()> {
         generation: enforcer.generation(),
         revision: artifact.revision.clone(),
         segments: artifact.segments.iter().map(|s| s.name.clone()).collect(),
-        rules: artifact.rule_ids(),
+        rules: artifact.rule_ids().into_iter().map(Arc::from).collect(),
     }));
 
     // Distinct flows (source, destination, port): more than the 65,536 entries of the event
