@@ -236,3 +236,28 @@ impl KernelHarness {
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// Runs the frame built from `spec` through the kernel and the reference model (see
+/// [`KernelHarness::check`]) and asserts the outcome is counter `want`.
+#[track_caller]
+pub fn expect(
+    h: &mut KernelHarness,
+    dir: u32,
+    spec: &crate::packet_builder::PacketSpec,
+    want: u32,
+) {
+    let (frame, _) = crate::packet_builder::build(spec);
+    expect_frame(h, dir, &frame, want);
+}
+
+/// [`expect`] for a frame built by hand.
+#[track_caller]
+pub fn expect_frame(h: &mut KernelHarness, dir: u32, frame: &[u8], want: u32) {
+    let got = h.check(frame, dir).unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(
+        counter::NAMES[got.counter as usize],
+        counter::NAMES[want as usize],
+        "frame {}",
+        hex(frame)
+    );
+}

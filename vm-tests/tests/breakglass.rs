@@ -9,7 +9,7 @@ use enforcer_common::{
 };
 use policy_compiler::{Grant, Overrides, Policy, breakglass::parse_ports};
 use vm_tests::{
-    harness::{KernelHarness, hex},
+    harness::{KernelHarness, expect},
     packet_builder::{self, PacketSpec, TCP_ACK, TCP_PSH, TCP_SYN, Transport, ip_packet},
 };
 
@@ -83,23 +83,6 @@ fn grants(h: &mut KernelHarness, grants: Vec<Grant>) {
         })
         .unwrap();
     assert!(unplaced.is_empty(), "unplaced grants {unplaced:?}");
-}
-
-#[track_caller]
-fn expect(h: &mut KernelHarness, dir: u32, spec: &PacketSpec, want: u32) {
-    let (frame, _) = packet_builder::build(spec);
-    expect_frame(h, dir, &frame, want);
-}
-
-#[track_caller]
-fn expect_frame(h: &mut KernelHarness, dir: u32, frame: &[u8], want: u32) {
-    let got = h.check(frame, dir).unwrap_or_else(|e| panic!("{e:#}"));
-    assert_eq!(
-        counter::NAMES[got.counter as usize],
-        counter::NAMES[want as usize],
-        "frame {}",
-        hex(frame)
-    );
 }
 
 #[test]

@@ -9,7 +9,7 @@ use enforcer_common::{
 };
 use policy_compiler::Policy;
 use vm_tests::{
-    harness::{KernelHarness, hex},
+    harness::{KernelHarness, expect, expect_frame},
     packet_builder::{
         self, PacketSpec, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, Transport, ip_packet,
     },
@@ -40,23 +40,6 @@ const PACS: &str = "10.30.0.10";
 
 fn dicom(flags: u8) -> PacketSpec {
     PacketSpec::new(ip(RADIOLOGY), ip(PACS), Transport::tcp(40000, 104, flags))
-}
-
-#[track_caller]
-fn expect(h: &mut KernelHarness, dir: u32, spec: &PacketSpec, want: u32) {
-    let (frame, _) = packet_builder::build(spec);
-    expect_frame(h, dir, &frame, want);
-}
-
-#[track_caller]
-fn expect_frame(h: &mut KernelHarness, dir: u32, frame: &[u8], want: u32) {
-    let got = h.check(frame, dir).unwrap_or_else(|e| panic!("{e:#}"));
-    assert_eq!(
-        counter::NAMES[got.counter as usize],
-        counter::NAMES[want as usize],
-        "frame {}",
-        hex(frame)
-    );
 }
 
 #[test]
