@@ -4,16 +4,22 @@
 //!
 //! # How a packet is judged
 //!
-//! 1. The destination and source addresses are looked up in the address trie of their family
-//!    ([`map_names::ADDR_V4`], [`map_names::ADDR_V6`]): longest prefix wins, and the value ([`AddrInfo`]) gives the
-//!    address's segment and its *source class*. A miss means segment [`SEGMENT_WORLD`] and class
-//!    [`CLASS_WORLD`].
+//! 1. The destination and source addresses are looked up first in the exact-match host table
+//!    of their family ([`map_names::HOSTS_V4`], [`map_names::HOSTS_V6`]: the policy's /32 and
+//!    /128 entries), then, on a miss, in the address trie of the other prefixes
+//!    ([`map_names::ADDR_V4`], [`map_names::ADDR_V6`]): longest prefix wins. A host entry is the
+//!    longest prefix any address can match, so the two steps give exactly the longest match over
+//!    all of the policy's prefixes, and a host costs one hash lookup however large the policy.
+//!    The value ([`AddrInfo`]) gives the address's segment and its *source class*. A miss means
+//!    segment [`SEGMENT_WORLD`] and class [`CLASS_WORLD`].
 //! 2. The destination segment's [`SegmentInfo`] says whether it is enforced, monitored or not
 //!    enforced at all.
 //! 3. [`map_names::PAIRS`] maps (destination segment, source class) to a *port table*, with a
 //!    fallback entry for rules that match every source ([`CLASS_WILDCARD`]).
-//! 4. [`map_names::PORTS`] is a trie over (port table, protocol key, port): the longest match names the first
-//!    rule (in policy order) that allows the packet; a miss is a denial.
+//! 4. The port table is looked up with (port table, protocol key, port): first in
+//!    [`map_names::PORTS_EXACT`], the table's single ports, then on a miss in the trie
+//!    [`map_names::PORTS`], its ranges (longest match). Either names the first rule (in policy
+//!    order) that allows the packet; a miss in both is a denial.
 //! 5. Only then, for a packet that would be denied (or audited), [`map_names::BREAKGLASS`]: the
 //!    live break-glass grants of its (source segment, destination segment) pair.
 //!
@@ -29,9 +35,16 @@
 pub mod map_names {
     pub const ADDR_V4: [&str; 2] = ["ADDR_V4_0", "ADDR_V4_1"];
     pub const ADDR_V6: [&str; 2] = ["ADDR_V6_0", "ADDR_V6_1"];
+    /// The /32 entries of the policy (see [`crate::HOST_PREFIX_V4`]), out of the trie.
+    pub const HOSTS_V4: [&str; 2] = ["HOSTS_V4_0", "HOSTS_V4_1"];
+    /// The /128 entries of the policy (see [`crate::HOST_PREFIX_V6`]), out of the trie.
+    pub const HOSTS_V6: [&str; 2] = ["HOSTS_V6_0", "HOSTS_V6_1"];
     pub const SEGMENTS: [&str; 2] = ["SEGMENTS_0", "SEGMENTS_1"];
     pub const PAIRS: [&str; 2] = ["PAIRS_0", "PAIRS_1"];
     pub const PORTS: [&str; 2] = ["PORTS_0", "PORTS_1"];
+    /// The single-port entries of the port tables (see [`crate::PORT_EXACT_PREFIX`]), out of
+    /// the trie.
+    pub const PORTS_EXACT: [&str; 2] = ["PORTS_EXACT_0", "PORTS_EXACT_1"];
     pub const RULE_HITS: [&str; 2] = ["RULE_HITS_0", "RULE_HITS_1"];
     /// Break-glass grants in force, keyed by the slot's segment ids (see
     /// [`crate::BreakglassKey`]).
@@ -57,7 +70,10 @@ pub mod map_names {
 /// is the same (and every map's type, key size and value size agree). Bump it when a key or value
 /// changes its meaning without changing its size (a field repurposed, a counter renumbered, a
 /// slot or index scheme changed), so that a new binary refuses to reuse maps it would misread.
-pub const MAP_LAYOUT_VERSION: u32 = 1;
+///
+/// 2: host addresses and single ports moved out of the tries into exact-match hashes; a
+/// version-1 program would miss them in the tries.
+pub const MAP_LAYOUT_VERSION: u32 = 2;
 
 /// Program names, as declared in the eBPF object.
 pub mod program_names {
@@ -155,6 +171,9 @@ pub struct PairKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PairValue {
     pub port_table: u32,
+    /// Non-zero when the table has entries in [`map_names::PORTS`] (port ranges): a port that
+    /// misses [`map_names::PORTS_EXACT`] is looked up in the trie only then.
+    pub has_ranges: u32,
 }
 
 /// Protocol keys used in [`PortKey`]. TCP and UDP match on the destination port, ICMP and
@@ -198,7 +217,18 @@ impl PortKey {
     }
 }
 
-/// Value of the [`map_names::PORTS`] trie: the global index of the rule that allows the packet.
+/// Prefix length of a [`map_names::PORTS`] entry with every port bit fixed: such entries are
+/// stored in [`map_names::PORTS_EXACT`] instead (key: the [`PortKey`] alone).
+pub const PORT_EXACT_PREFIX: u32 = PORT_KEY_FIXED_BITS + 16;
+
+/// Prefix length of an IPv4 host: such entries are stored in [`map_names::HOSTS_V4`] (key: the
+/// address alone) instead of the trie.
+pub const HOST_PREFIX_V4: u32 = 32;
+/// Prefix length of an IPv6 host: such entries are stored in [`map_names::HOSTS_V6`].
+pub const HOST_PREFIX_V6: u32 = 128;
+
+/// Value of the [`map_names::PORTS`] trie and [`map_names::PORTS_EXACT`]: the global index of
+/// the rule that allows the packet.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PortValue {
@@ -317,7 +347,9 @@ pub struct Config {
     pub on_policy_change: u8,
     /// How packets leaving through an interface are judged: one of [`segment_mode`].
     pub egress_mode: u8,
-    pub _pad: [u8; 2],
+    /// [`lookup_flags`]: which address tries of this slot hold entries.
+    pub lookup_flags: u8,
+    pub _pad: u8,
     /// Idle timeouts by [`timeout`] index, in nanoseconds.
     pub timeouts_ns: [u64; timeout::COUNT],
     /// At most one event per flow (see [`EventLimiterKey`]) per this many nanoseconds.
@@ -331,6 +363,13 @@ pub struct Config {
     /// CIDRs), so only rules naming `quarantine` or `any` match it.
     pub quarantine_class: u32,
     pub _pad2: u32,
+}
+
+/// Bits of [`Config::lookup_flags`]: an address that misses the host table is looked up in
+/// its family's trie only when the trie holds prefixes, so a policy of hosts never walks one.
+pub mod lookup_flags {
+    pub const V4_PREFIXES: u8 = 1;
+    pub const V6_PREFIXES: u8 = 2;
 }
 
 /// Key of [`map_names::QUARANTINE`]: a quarantined address (IPv4 in the first 4 bytes, the rest

@@ -4,6 +4,7 @@
 //! The policy maps exist in two slots; [`ACTIVE`] says which one judges packets, so a reload
 //! can fill the other slot and switch in one write (see [`PolicySlot`]).
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
@@ -16,9 +17,17 @@ use enforcer_common::{
 
 use crate::packet::Scratch;
 
+// The exact-match hashes are allocated per entry, like the tries they relieve: a slot's memory
+// follows its policy, and the inactive slot, emptied after a switch, costs nothing.
 macro_rules! policy_slot_maps {
-    ($addr_v4:ident, $addr_v6:ident, $segments:ident, $pairs:ident, $ports:ident, $rule_hits:ident,
-     $breakglass:ident) => {
+    ($hosts_v4:ident, $hosts_v6:ident, $addr_v4:ident, $addr_v6:ident, $segments:ident,
+     $pairs:ident, $ports_exact:ident, $ports:ident, $rule_hits:ident, $breakglass:ident) => {
+        #[map]
+        pub static $hosts_v4: HashMap<[u8; 4], AddrInfo> =
+            HashMap::with_max_entries(DEFAULT_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+        #[map]
+        pub static $hosts_v6: HashMap<[u8; 16], AddrInfo> =
+            HashMap::with_max_entries(DEFAULT_MAX_ENTRIES, BPF_F_NO_PREALLOC);
         #[map]
         pub static $addr_v4: LpmTrie<[u8; 4], AddrInfo> =
             LpmTrie::with_max_entries(DEFAULT_MAX_ENTRIES, 0);
@@ -30,6 +39,9 @@ macro_rules! policy_slot_maps {
         #[map]
         pub static $pairs: HashMap<PairKey, PairValue> =
             HashMap::with_max_entries(DEFAULT_MAX_ENTRIES, 0);
+        #[map]
+        pub static $ports_exact: HashMap<PortKey, PortValue> =
+            HashMap::with_max_entries(DEFAULT_MAX_ENTRIES, BPF_F_NO_PREALLOC);
         #[map]
         pub static $ports: LpmTrie<PortKey, PortValue> =
             LpmTrie::with_max_entries(DEFAULT_MAX_ENTRIES, 0);
@@ -43,19 +55,25 @@ macro_rules! policy_slot_maps {
 }
 
 policy_slot_maps!(
+    HOSTS_V4_0,
+    HOSTS_V6_0,
     ADDR_V4_0,
     ADDR_V6_0,
     SEGMENTS_0,
     PAIRS_0,
+    PORTS_EXACT_0,
     PORTS_0,
     RULE_HITS_0,
     BREAKGLASS_0
 );
 policy_slot_maps!(
+    HOSTS_V4_1,
+    HOSTS_V6_1,
     ADDR_V4_1,
     ADDR_V6_1,
     SEGMENTS_1,
     PAIRS_1,
+    PORTS_EXACT_1,
     PORTS_1,
     RULE_HITS_1,
     BREAKGLASS_1
@@ -63,10 +81,13 @@ policy_slot_maps!(
 
 /// The maps of one policy slot.
 pub struct PolicySlot {
+    pub hosts_v4: &'static HashMap<[u8; 4], AddrInfo>,
+    pub hosts_v6: &'static HashMap<[u8; 16], AddrInfo>,
     pub addr_v4: &'static LpmTrie<[u8; 4], AddrInfo>,
     pub addr_v6: &'static LpmTrie<[u8; 16], AddrInfo>,
     pub segments: &'static Array<SegmentInfo>,
     pub pairs: &'static HashMap<PairKey, PairValue>,
+    pub ports_exact: &'static HashMap<PortKey, PortValue>,
     pub ports: &'static LpmTrie<PortKey, PortValue>,
     pub rule_hits: &'static PerCpuArray<u64>,
     pub breakglass: &'static HashMap<BreakglassKey, BreakglassValue>,
@@ -76,20 +97,26 @@ pub struct PolicySlot {
 pub fn policy_slot(slot: u32) -> PolicySlot {
     if slot == 0 {
         PolicySlot {
+            hosts_v4: &HOSTS_V4_0,
+            hosts_v6: &HOSTS_V6_0,
             addr_v4: &ADDR_V4_0,
             addr_v6: &ADDR_V6_0,
             segments: &SEGMENTS_0,
             pairs: &PAIRS_0,
+            ports_exact: &PORTS_EXACT_0,
             ports: &PORTS_0,
             rule_hits: &RULE_HITS_0,
             breakglass: &BREAKGLASS_0,
         }
     } else {
         PolicySlot {
+            hosts_v4: &HOSTS_V4_1,
+            hosts_v6: &HOSTS_V6_1,
             addr_v4: &ADDR_V4_1,
             addr_v6: &ADDR_V6_1,
             segments: &SEGMENTS_1,
             pairs: &PAIRS_1,
+            ports_exact: &PORTS_EXACT_1,
             ports: &PORTS_1,
             rule_hits: &RULE_HITS_1,
             breakglass: &BREAKGLASS_1,
@@ -108,10 +135,8 @@ pub static CONFIG: Array<Config> = Array::with_max_entries(2, 0);
 /// Quarantined addresses, whatever the slot: `CONFIG[slot]` says which segment and source class
 /// they are judged as. Written rarely, so allocated per entry rather than up front.
 #[map]
-pub static QUARANTINE: HashMap<QuarantineKey, u32> = HashMap::with_max_entries(
-    QUARANTINE_MAX_ENTRIES,
-    aya_ebpf::bindings::BPF_F_NO_PREALLOC,
-);
+pub static QUARANTINE: HashMap<QuarantineKey, u32> =
+    HashMap::with_max_entries(QUARANTINE_MAX_ENTRIES, BPF_F_NO_PREALLOC);
 
 #[map]
 pub static CONNTRACK: HashMap<FlowKey, FlowState> =

@@ -1,12 +1,14 @@
 //! The policy verdict for a flow's first packet: two address lookups (each a quarantine hash
-//! probe, then the longest-prefix match), one pair lookup, one port lookup. See
+//! probe, then the host hash, then only for an address that is no policy host the
+//! longest-prefix match), one pair lookup, one port lookup (single ports by hash, ranges by
+//! trie). See
 //! `enforcer_common` for why this needs no loop over rules. Only a packet the policy would deny
 //! or audit costs one more lookup: the break-glass grants of its segment pair.
 use aya_ebpf::maps::lpm_trie::Key;
 use enforcer_common::{
     AddrInfo, BREAKGLASS_ANY_PROTO, BREAKGLASS_MAX_RANGES, BreakglassKey, CLASS_WILDCARD,
-    CLASS_WORLD, Config, PORT_KEY_FIXED_BITS, PairKey, PortKey, QuarantineKey, SEGMENT_WORLD,
-    direction, segment_mode,
+    CLASS_WORLD, Config, PORT_EXACT_PREFIX, PairKey, PortKey, QuarantineKey, SEGMENT_WORLD,
+    direction, lookup_flags, segment_mode,
 };
 
 use crate::maps::{PolicySlot, QUARANTINE};
@@ -54,14 +56,28 @@ pub fn lookup(policy: &PolicySlot, config: &Config, addr: &[u8; 16], family: u8)
             class: config.quarantine_class,
         };
     }
+    // A host entry is the longest match there can be; the tries hold only shorter prefixes.
     let found = if family == 4 {
-        policy
-            .addr_v4
-            .get(Key::new(32, [addr[0], addr[1], addr[2], addr[3]]))
+        let host = [addr[0], addr[1], addr[2], addr[3]];
+        // SAFETY: the value is copied out at once.
+        match unsafe { policy.hosts_v4.get(&host) } {
+            Some(info) => Some(*info),
+            None if config.lookup_flags & lookup_flags::V4_PREFIXES != 0 => {
+                policy.addr_v4.get(Key::new(32, host)).copied()
+            }
+            None => None,
+        }
     } else {
-        policy.addr_v6.get(Key::new(128, *addr))
+        // SAFETY: as above.
+        match unsafe { policy.hosts_v6.get(addr) } {
+            Some(info) => Some(*info),
+            None if config.lookup_flags & lookup_flags::V6_PREFIXES != 0 => {
+                policy.addr_v6.get(Key::new(128, *addr)).copied()
+            }
+            None => None,
+        }
     };
-    found.copied().unwrap_or(WORLD)
+    found.unwrap_or(WORLD)
 }
 
 /// Judges a packet from `src` to `dst` with policy protocol key `proto_key` and port `port`,
@@ -125,12 +141,15 @@ fn judge_destination(
             src_class,
         };
         // SAFETY: the value is copied out at once.
-        if let Some(table) = unsafe { policy.pairs.get(pair) }.map(|v| v.port_table) {
-            let key = Key::new(
-                PORT_KEY_FIXED_BITS + 16,
-                PortKey::new(table, proto_key, port),
-            );
-            if let Some(hit) = policy.ports.get(key) {
+        if let Some(table) = unsafe { policy.pairs.get(pair) }.copied() {
+            let key = PortKey::new(table.port_table, proto_key, port);
+            // SAFETY: the value is copied out at once.
+            if let Some(hit) = unsafe { policy.ports_exact.get(&key) } {
+                return Judgement::Allowed { rule: hit.rule };
+            }
+            if table.has_ranges != 0
+                && let Some(hit) = policy.ports.get(Key::new(PORT_EXACT_PREFIX, key))
+            {
                 return Judgement::Allowed { rule: hit.rule };
             }
         }

@@ -10,7 +10,10 @@ use aya::{
         Program, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode, tc, xdp::XdpLinkId,
     },
 };
-use enforcer_common::{Config, event_flags, map_names, program_names};
+use enforcer_common::{
+    Config, HOST_PREFIX_V4, HOST_PREFIX_V6, PORT_EXACT_PREFIX, event_flags, map_names,
+    program_names,
+};
 use policy_compiler::{
     Artifact, Grant,
     breakglass::{self, CapacityError},
@@ -151,14 +154,20 @@ where
         .map_err(program_error(name))
 }
 
-/// Each policy map (both slots' names) with the entries `artifact` puts into it.
-pub(crate) fn policy_needs(artifact: &Artifact) -> [(&'static [&'static str; 2], usize); 6] {
+/// Each policy map (both slots' names) with the entries `artifact` may put into it. A host
+/// table and its family's trie (the single-port table and the port trie) share the family's
+/// entries in a proportion the policy decides: both get room for all of them, which costs
+/// nothing up front, as all four allocate per entry.
+pub(crate) fn policy_needs(artifact: &Artifact) -> [(&'static [&'static str; 2], usize); 9] {
     let counts = artifact.entry_counts();
     [
+        (&map_names::HOSTS_V4, counts.addr_v4),
+        (&map_names::HOSTS_V6, counts.addr_v6),
         (&map_names::ADDR_V4, counts.addr_v4),
         (&map_names::ADDR_V6, counts.addr_v6),
         (&map_names::SEGMENTS, counts.segments),
         (&map_names::PAIRS, counts.pairs),
+        (&map_names::PORTS_EXACT, counts.ports),
         (&map_names::PORTS, counts.ports),
         (&map_names::RULE_HITS, counts.rules),
     ]
@@ -524,10 +533,37 @@ impl Enforcer {
     }
 }
 
+/// Entries each policy map holds: unlike [`policy_needs`], split between a host table and its
+/// trie as `policy_maps::write` splits them.
 fn usage_of(artifact: &Artifact) -> Vec<(&'static str, usize)> {
+    let full = |prefix_len: u32, full: u32| prefix_len == full;
+    let hosts_v4 = artifact
+        .addr_v4_entries()
+        .filter(|e| full(e.0, HOST_PREFIX_V4))
+        .count();
+    let hosts_v6 = artifact
+        .addr_v6_entries()
+        .filter(|e| full(e.0, HOST_PREFIX_V6))
+        .count();
+    let ports_exact = artifact
+        .port_entries()
+        .filter(|e| full(e.0, PORT_EXACT_PREFIX))
+        .count();
+    let counts = artifact.entry_counts();
     policy_needs(artifact)
         .iter()
-        .map(|(names, used)| (names[0], *used))
+        .map(|&(names, needed)| {
+            let used = match names[0] {
+                name if name == map_names::HOSTS_V4[0] => hosts_v4,
+                name if name == map_names::HOSTS_V6[0] => hosts_v6,
+                name if name == map_names::ADDR_V4[0] => counts.addr_v4 - hosts_v4,
+                name if name == map_names::ADDR_V6[0] => counts.addr_v6 - hosts_v6,
+                name if name == map_names::PORTS_EXACT[0] => ports_exact,
+                name if name == map_names::PORTS[0] => counts.ports - ports_exact,
+                _ => needed,
+            };
+            (names[0], used)
+        })
         .collect()
 }
 

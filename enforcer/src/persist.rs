@@ -71,10 +71,13 @@ const PROGRAMS_PINNED: [&str; 2] = [program_names::XDP_INGRESS, program_names::T
 /// differ in size from the object's definition.
 fn sized_by_loader(name: &str) -> bool {
     [
+        &map_names::HOSTS_V4,
+        &map_names::HOSTS_V6,
         &map_names::ADDR_V4,
         &map_names::ADDR_V6,
         &map_names::SEGMENTS,
         &map_names::PAIRS,
+        &map_names::PORTS_EXACT,
         &map_names::PORTS,
         &map_names::RULE_HITS,
     ]
@@ -1197,6 +1200,8 @@ mod tests {
         assert!(shape_mismatch("COUNTERS", SHAPE, larger, false).is_some());
         assert!(sized_by_loader(map_names::CONNTRACK));
         assert!(sized_by_loader(map_names::PORTS[1]));
+        assert!(sized_by_loader(map_names::HOSTS_V6[0]));
+        assert!(sized_by_loader(map_names::PORTS_EXACT[1]));
         assert!(!sized_by_loader(map_names::COUNTERS));
         assert!(!sized_by_loader(map_names::ACTIVE));
     }

@@ -6,12 +6,15 @@ use std::{collections::BTreeMap, os::fd::AsFd as _};
 
 use aya::{
     Ebpf, Pod,
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, lpm_trie::Key, lpm_trie::LpmTrie},
+    maps::{
+        Array, HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray, lpm_trie::Key,
+        lpm_trie::LpmTrie,
+    },
 };
 
 use enforcer_common::{
-    AddrInfo, BreakglassKey, BreakglassValue, Config, PairKey, PairValue, PortKey, PortValue,
-    SegmentInfo, map_names,
+    AddrInfo, BreakglassKey, BreakglassValue, Config, HOST_PREFIX_V4, HOST_PREFIX_V6,
+    PORT_EXACT_PREFIX, PairKey, PairValue, PortKey, PortValue, SegmentInfo, map_names,
 };
 use policy_compiler::Artifact;
 
@@ -59,6 +62,129 @@ fn own_handle(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, PolicyMapError
     Map::from_map_data(data).map_err(map_err(name))
 }
 
+/// The entries of `entries` (prefix length, key, value) with every key bit fixed (`full`):
+/// what the kernel keeps in an exact-match hash rather than in the trie.
+fn exact<K, V>(
+    entries: impl Iterator<Item = (u32, K, V)>,
+    full: u32,
+) -> impl Iterator<Item = (K, V)> {
+    entries.filter_map(move |(prefix_len, key, value)| (prefix_len == full).then_some((key, value)))
+}
+
+/// The entries of `entries` with fewer than `full` fixed bits: what the trie keeps.
+fn shorter<K, V>(
+    entries: impl Iterator<Item = (u32, K, V)>,
+    full: u32,
+) -> impl Iterator<Item = (u32, K, V)> {
+    entries.filter(move |(prefix_len, _, _)| *prefix_len < full)
+}
+
+/// Entries per `BPF_MAP_UPDATE_BATCH` call: large enough that the syscall cost vanishes, small
+/// enough that the kernel's copy of one batch stays modest.
+const BATCH_ENTRIES: usize = 8192;
+
+/// `union bpf_attr` as the `BPF_MAP_*_BATCH` commands read it (linux/bpf.h).
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+
+/// Writes `keys[i] -> values[i]` into the hash map `fd` (`BPF_MAP_UPDATE_BATCH`), or with
+/// `values` `None` deletes `keys` (`BPF_MAP_DELETE_BATCH`), one syscall per [`BATCH_ENTRIES`]
+/// (Linux 5.6): a reload of a large policy writes hundreds of thousands of entries, and one
+/// syscall each was most of its time. `Err` with the number of entries done when the kernel
+/// refuses.
+fn batch<K: Pod, V: Pod>(
+    fd: std::os::fd::BorrowedFd<'_>,
+    keys: &[K],
+    values: Option<&[V]>,
+) -> Result<(), (usize, std::io::Error)> {
+    use std::os::fd::AsRawFd as _;
+    let mut done = 0;
+    for (index, keys) in keys.chunks(BATCH_ENTRIES).enumerate() {
+        let values = values.map(|values| &values[index * BATCH_ENTRIES..][..keys.len()]);
+        let mut attr = BatchAttr {
+            keys: keys.as_ptr() as u64,
+            values: values.map_or(0, |values| values.as_ptr() as u64),
+            count: keys.len() as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        let command = if values.is_some() {
+            BPF_MAP_UPDATE_BATCH
+        } else {
+            BPF_MAP_DELETE_BATCH
+        };
+        // SAFETY: `attr` points at `count` keys (and values) of the map's key and value sizes
+        // (the `Pod` types the map was opened with), alive for the call.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                command,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>() as u32,
+            )
+        };
+        if ret != 0 {
+            let error = std::io::Error::last_os_error();
+            return Err((done + attr.count as usize, error));
+        }
+        done += keys.len();
+    }
+    Ok(())
+}
+
+/// Entries a batch operation did, or the error to report: a kernel without batch operations
+/// for the map leaves the rest to one syscall per entry.
+fn batch_done(
+    name: &'static str,
+    call: &'static str,
+    result: Result<(), (usize, std::io::Error)>,
+    all: usize,
+) -> Result<usize, PolicyMapError> {
+    match result {
+        Ok(()) => Ok(all),
+        Err((done, error))
+            if matches!(
+                error.raw_os_error(),
+                Some(libc::EINVAL | libc::ENOTSUP | 524)
+            ) =>
+        {
+            Ok(done)
+        }
+        Err((_, io_error)) => Err(PolicyMapError::Map {
+            map: name,
+            source: MapError::SyscallError(aya::sys::SyscallError { call, io_error }),
+        }),
+    }
+}
+
+fn fill_hash<K: aya::Pod, V: aya::Pod>(
+    map: Map,
+    name: &'static str,
+    entries: impl Iterator<Item = (K, V)>,
+) -> Result<(), PolicyMapError> {
+    let mut hash: HashMap<MapData, K, V> = HashMap::try_from(map).map_err(map_err(name))?;
+    let (keys, values): (Vec<K>, Vec<V>) = entries.unzip();
+    let result = batch(hash.map().fd().as_fd(), &keys, Some(&values));
+    let written = batch_done(name, "bpf_map_update_batch", result, keys.len())?;
+    for (key, value) in keys.iter().zip(&values).skip(written) {
+        hash.insert(key, value, 0).map_err(map_err(name))?;
+    }
+    Ok(())
+}
+
 fn fill_trie<K: aya::Pod, V: aya::Pod>(
     map: Map,
     name: &'static str,
@@ -90,7 +216,9 @@ fn clear_hash<K: aya::Pod, V: aya::Pod>(
 ) -> Result<(), PolicyMapError> {
     let mut hash: HashMap<MapData, K, V> = HashMap::try_from(map).map_err(map_err(name))?;
     let keys: Vec<K> = hash.keys().filter_map(Result::ok).collect();
-    for key in &keys {
+    let result = batch::<K, V>(hash.map().fd().as_fd(), &keys, None);
+    let deleted = batch_done(name, "bpf_map_delete_batch", result, keys.len())?;
+    for key in keys.iter().skip(deleted) {
         hash.remove(key).map_err(map_err(name))?;
     }
     Ok(())
@@ -117,20 +245,30 @@ fn in_parallel(
 
 /// Empties the policy maps of `slot` (which must not be the active one).
 pub fn clear(ebpf: &mut Ebpf, slot: usize) -> Result<(), PolicyMapError> {
-    let (v4, v6, ports, pairs) = (
+    let (hosts_v4, hosts_v6, v4, v6) = (
+        map_names::HOSTS_V4[slot],
+        map_names::HOSTS_V6[slot],
         map_names::ADDR_V4[slot],
         map_names::ADDR_V6[slot],
+    );
+    let (ports_exact, ports, pairs) = (
+        map_names::PORTS_EXACT[slot],
         map_names::PORTS[slot],
         map_names::PAIRS[slot],
     );
+    let (hosts_v4_map, hosts_v6_map) = (own_handle(ebpf, hosts_v4)?, own_handle(ebpf, hosts_v6)?);
     let (v4_map, v6_map) = (own_handle(ebpf, v4)?, own_handle(ebpf, v6)?);
-    let (ports_map, pairs_map) = (own_handle(ebpf, ports)?, own_handle(ebpf, pairs)?);
+    let (ports_exact_map, ports_map) = (own_handle(ebpf, ports_exact)?, own_handle(ebpf, ports)?);
+    let pairs_map = own_handle(ebpf, pairs)?;
     in_parallel(vec![
         Box::new(move || {
+            clear_hash::<[u8; 4], AddrInfo>(hosts_v4_map, hosts_v4)?;
+            clear_hash::<[u8; 16], AddrInfo>(hosts_v6_map, hosts_v6)?;
             clear_trie::<[u8; 4], AddrInfo>(v4_map, v4)?;
             clear_trie::<[u8; 16], AddrInfo>(v6_map, v6)?;
             clear_trie::<PortKey, PortValue>(ports_map, ports)
         }),
+        Box::new(move || clear_hash::<PortKey, PortValue>(ports_exact_map, ports_exact)),
         Box::new(move || clear_hash::<PairKey, PairValue>(pairs_map, pairs)),
     ])?;
     write_breakglass(ebpf, slot, &BTreeMap::new())
@@ -171,29 +309,46 @@ pub fn write(
     config: &Config,
 ) -> Result<(), PolicyMapError> {
     clear(ebpf, slot)?;
-    // The pair table and the port trie hold nearly all entries of a large policy: one thread
-    // each halves the time a reload takes to go live.
-    let (pairs, ports, v4, v6) = (
-        map_names::PAIRS[slot],
-        map_names::PORTS[slot],
+    // Host addresses, pairs and single ports hold nearly all entries of a large policy: one
+    // thread each shortens the time a reload takes to go live.
+    let (hosts_v4, hosts_v6, v4, v6) = (
+        map_names::HOSTS_V4[slot],
+        map_names::HOSTS_V6[slot],
         map_names::ADDR_V4[slot],
         map_names::ADDR_V6[slot],
     );
-    let (pairs_map, ports_map) = (own_handle(ebpf, pairs)?, own_handle(ebpf, ports)?);
+    let (ports_exact, ports, pairs) = (
+        map_names::PORTS_EXACT[slot],
+        map_names::PORTS[slot],
+        map_names::PAIRS[slot],
+    );
+    let (hosts_v4_map, hosts_v6_map) = (own_handle(ebpf, hosts_v4)?, own_handle(ebpf, hosts_v6)?);
     let (v4_map, v6_map) = (own_handle(ebpf, v4)?, own_handle(ebpf, v6)?);
+    let (ports_exact_map, ports_map) = (own_handle(ebpf, ports_exact)?, own_handle(ebpf, ports)?);
+    let pairs_map = own_handle(ebpf, pairs)?;
     in_parallel(vec![
+        Box::new(move || fill_hash(pairs_map, pairs, artifact.pair_entries())),
         Box::new(move || {
-            let mut map: HashMap<MapData, PairKey, PairValue> =
-                HashMap::try_from(pairs_map).map_err(map_err(pairs))?;
-            for (key, value) in artifact.pair_entries() {
-                map.insert(key, value, 0).map_err(map_err(pairs))?;
-            }
-            Ok(())
+            let entries = exact(artifact.port_entries(), PORT_EXACT_PREFIX);
+            fill_hash(ports_exact_map, ports_exact, entries)?;
+            let entries = shorter(artifact.port_entries(), PORT_EXACT_PREFIX);
+            fill_trie(ports_map, ports, entries)
         }),
         Box::new(move || {
-            fill_trie(v4_map, v4, artifact.addr_v4_entries())?;
-            fill_trie(v6_map, v6, artifact.addr_v6_entries())?;
-            fill_trie(ports_map, ports, artifact.port_entries())
+            let entries = exact(artifact.addr_v4_entries(), HOST_PREFIX_V4);
+            fill_hash(hosts_v4_map, hosts_v4, entries)?;
+            let entries = exact(artifact.addr_v6_entries(), HOST_PREFIX_V6);
+            fill_hash(hosts_v6_map, hosts_v6, entries)?;
+            fill_trie(
+                v4_map,
+                v4,
+                shorter(artifact.addr_v4_entries(), HOST_PREFIX_V4),
+            )?;
+            fill_trie(
+                v6_map,
+                v6,
+                shorter(artifact.addr_v6_entries(), HOST_PREFIX_V6),
+            )
         }),
     ])?;
     {
@@ -260,33 +415,45 @@ fn expected<K: Ord, V>(entries: impl Iterator<Item = (u32, K, V)>) -> BTreeMap<(
         .collect()
 }
 
+fn hash_entries<K: Pod + Ord, V: Pod>(
+    ebpf: &Ebpf,
+    name: &'static str,
+) -> Result<BTreeMap<K, V>, PolicyMapError> {
+    let map = ebpf.map(name).ok_or(PolicyMapError::MissingMap(name))?;
+    let hash: HashMap<_, K, V> = HashMap::try_from(map).map_err(map_err(name))?;
+    hash.iter()
+        .map(|entry| entry.map_err(map_err(name)))
+        .collect()
+}
+
 /// Whether the policy maps of `slot` hold exactly `artifact` (a restarted daemon whose policy
 /// did not change keeps the slot, its generation and the flows judged under it).
 pub fn slot_holds(ebpf: &Ebpf, slot: usize, artifact: &Artifact) -> Result<bool, PolicyMapError> {
-    if trie_entries::<[u8; 4], AddrInfo>(ebpf, map_names::ADDR_V4[slot])?
-        != expected(artifact.addr_v4_entries())
+    let v4 = Artifact::addr_v4_entries;
+    let v6 = Artifact::addr_v6_entries;
+    let ports = Artifact::port_entries;
+    if hash_entries::<[u8; 4], AddrInfo>(ebpf, map_names::HOSTS_V4[slot])?
+        != exact(v4(artifact), HOST_PREFIX_V4).collect()
+        || hash_entries::<[u8; 16], AddrInfo>(ebpf, map_names::HOSTS_V6[slot])?
+            != exact(v6(artifact), HOST_PREFIX_V6).collect()
+        || trie_entries::<[u8; 4], AddrInfo>(ebpf, map_names::ADDR_V4[slot])?
+            != expected(shorter(v4(artifact), HOST_PREFIX_V4))
         || trie_entries::<[u8; 16], AddrInfo>(ebpf, map_names::ADDR_V6[slot])?
-            != expected(artifact.addr_v6_entries())
+            != expected(shorter(v6(artifact), HOST_PREFIX_V6))
+        || hash_entries::<PortKey, PortValue>(ebpf, map_names::PORTS_EXACT[slot])?
+            != exact(ports(artifact), PORT_EXACT_PREFIX).collect()
         || trie_entries::<PortKey, PortValue>(ebpf, map_names::PORTS[slot])?
-            != expected(artifact.port_entries())
+            != expected(shorter(ports(artifact), PORT_EXACT_PREFIX))
     {
         return Ok(false);
     }
-    let name = map_names::PAIRS[slot];
-    let map = ebpf.map(name).ok_or(PolicyMapError::MissingMap(name))?;
-    let pairs: HashMap<_, PairKey, PairValue> = HashMap::try_from(map).map_err(map_err(name))?;
-    let held: BTreeMap<PairKey, u32> = pairs
-        .iter()
-        .map(|entry| {
-            entry
-                .map(|(key, value)| (key, value.port_table))
-                .map_err(map_err(name))
-        })
-        .collect::<Result<_, _>>()?;
-    let wanted: BTreeMap<PairKey, u32> = artifact
-        .pair_entries()
-        .map(|(key, value)| (key, value.port_table))
-        .collect();
+    let pair = |(key, value): (PairKey, PairValue)| (key, (value.port_table, value.has_ranges));
+    let held: BTreeMap<PairKey, (u32, u32)> =
+        hash_entries::<PairKey, PairValue>(ebpf, map_names::PAIRS[slot])?
+            .into_iter()
+            .map(pair)
+            .collect();
+    let wanted: BTreeMap<PairKey, (u32, u32)> = artifact.pair_entries().map(pair).collect();
     if held != wanted {
         return Ok(false);
     }
@@ -319,31 +486,43 @@ fn copy_trie<K: Pod, V: Pod>(
     Ok(())
 }
 
-/// Copies every entry of policy map `name` (a slot's ADDR_V4, ADDR_V6, SEGMENTS, PAIRS, PORTS
-/// or RULE_HITS) from `from` into `to`, a larger map of the same kind. Used when a policy has
-/// outgrown pinned maps: the new programs get larger maps holding what the old ones judge by.
+fn copy_hash<K: Pod, V: Pod>(
+    name: &'static str,
+    from: Map,
+    to: &mut Map,
+) -> Result<(), PolicyMapError> {
+    let from: HashMap<_, K, V> = HashMap::try_from(from).map_err(map_err(name))?;
+    let mut to: HashMap<_, K, V> = HashMap::try_from(to).map_err(map_err(name))?;
+    for entry in from.iter() {
+        let (key, value) = entry.map_err(map_err(name))?;
+        to.insert(key, value, 0).map_err(map_err(name))?;
+    }
+    Ok(())
+}
+
+/// Copies every entry of policy map `name` (one of a slot's maps that the loader sizes) from
+/// `from` into `to`, a larger map of the same kind. Used when a policy has outgrown pinned
+/// maps: the new programs get larger maps holding what the old ones judge by.
 pub fn copy_policy_map(
     name: &'static str,
     from: MapData,
     to: &mut Map,
 ) -> Result<(), PolicyMapError> {
     let from = Map::from_map_data(from).map_err(map_err(name))?;
-    if map_names::ADDR_V4.contains(&name) {
+    if map_names::HOSTS_V4.contains(&name) {
+        copy_hash::<[u8; 4], AddrInfo>(name, from, to)
+    } else if map_names::HOSTS_V6.contains(&name) {
+        copy_hash::<[u8; 16], AddrInfo>(name, from, to)
+    } else if map_names::ADDR_V4.contains(&name) {
         copy_trie::<[u8; 4], AddrInfo>(name, from, to)
     } else if map_names::ADDR_V6.contains(&name) {
         copy_trie::<[u8; 16], AddrInfo>(name, from, to)
+    } else if map_names::PORTS_EXACT.contains(&name) {
+        copy_hash::<PortKey, PortValue>(name, from, to)
     } else if map_names::PORTS.contains(&name) {
         copy_trie::<PortKey, PortValue>(name, from, to)
     } else if map_names::PAIRS.contains(&name) {
-        let from: HashMap<_, PairKey, PairValue> =
-            HashMap::try_from(from).map_err(map_err(name))?;
-        let mut to: HashMap<_, PairKey, PairValue> =
-            HashMap::try_from(to).map_err(map_err(name))?;
-        for entry in from.iter() {
-            let (key, value) = entry.map_err(map_err(name))?;
-            to.insert(key, value, 0).map_err(map_err(name))?;
-        }
-        Ok(())
+        copy_hash::<PairKey, PairValue>(name, from, to)
     } else if map_names::SEGMENTS.contains(&name) {
         let from: Array<_, SegmentInfo> = Array::try_from(from).map_err(map_err(name))?;
         let mut to: Array<_, SegmentInfo> = Array::try_from(to).map_err(map_err(name))?;

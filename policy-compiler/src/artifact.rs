@@ -3,7 +3,8 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use enforcer_common::{
-    AddrInfo, Config, PORT_KEY_FIXED_BITS, PairKey, PairValue, PortKey, PortValue, SegmentInfo,
+    AddrInfo, Config, HOST_PREFIX_V4, HOST_PREFIX_V6, PORT_EXACT_PREFIX, PORT_KEY_FIXED_BITS,
+    PairKey, PairValue, PortKey, PortValue, SegmentInfo, lookup_flags,
 };
 use serde::{Deserialize, Serialize};
 
@@ -236,7 +237,14 @@ impl Artifact {
     }
 
     pub fn pair_entries(&self) -> impl Iterator<Item = (PairKey, PairValue)> + '_ {
-        self.maps.pairs.iter().map(|e| {
+        let with_ranges: std::collections::HashSet<u32> = self
+            .maps
+            .ports
+            .iter()
+            .filter(|e| e.prefix_len < PORT_EXACT_PREFIX)
+            .map(|e| e.table)
+            .collect();
+        self.maps.pairs.iter().map(move |e| {
             let key = PairKey {
                 dst_segment: e.dst_segment,
                 src_class: e.src_class,
@@ -245,6 +253,7 @@ impl Artifact {
                 key,
                 PairValue {
                     port_table: e.port_table,
+                    has_ranges: u32::from(with_ranges.contains(&e.port_table)),
                 },
             )
         })
@@ -286,11 +295,29 @@ impl Artifact {
             Mode::Enforce => enforcer_common::segment_mode::ENFORCE,
             Mode::Monitor => enforcer_common::segment_mode::MONITOR,
         };
+        let mut flags = 0;
+        if self
+            .maps
+            .addr_v4
+            .iter()
+            .any(|e| e.prefix_len < HOST_PREFIX_V4)
+        {
+            flags |= lookup_flags::V4_PREFIXES;
+        }
+        if self
+            .maps
+            .addr_v6
+            .iter()
+            .any(|e| e.prefix_len < HOST_PREFIX_V6)
+        {
+            flags |= lookup_flags::V6_PREFIXES;
+        }
         Config {
             generation,
             on_policy_change: policy_change,
             egress_mode,
-            _pad: [0; 2],
+            lookup_flags: flags,
+            _pad: 0,
             timeouts_ns: settings.timeouts.as_kernel_ns(),
             // Event reporting is the daemon's choice, not the policy's.
             event_interval_ns: 0,

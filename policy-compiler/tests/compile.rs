@@ -8,8 +8,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use common::{example_policy, example_sources, source};
 use enforcer_common::{
-    AddrInfo, CLASS_WILDCARD, CLASS_WORLD, PairValue, PortKey, SEGMENT_WORLD, proto_key,
-    segment_mode,
+    AddrInfo, CLASS_WILDCARD, CLASS_WORLD, HOST_PREFIX_V4, HOST_PREFIX_V6, PORT_EXACT_PREFIX,
+    PairValue, PortKey, SEGMENT_WORLD, lookup_flags, proto_key, segment_mode,
 };
 use policy_compiler::{Artifact, Flow, Overrides, Policy, Verdict, compile};
 use rand::rngs::SmallRng;
@@ -46,6 +46,33 @@ struct Kernel {
     ports: HashMap<(u32, u8), Vec<PortTrieEntry>>,
     /// What an address of the QUARANTINE map is looked up as (`Config.quarantine_*`).
     quarantine: AddrInfo,
+    /// `Config.lookup_flags`: which tries the kernel consults after a host-table miss.
+    lookup_flags: u8,
+}
+
+/// The kernel's two-step lookup: the entry with every bit fixed (`full`), as its exact-match
+/// hash finds it; otherwise, only when `trie_used`, the longest shorter prefix, as its trie does.
+fn two_step<'a, K, V>(
+    entries: impl Iterator<Item = &'a (u32, K, V)> + Clone,
+    matches: impl Fn(&K, u32) -> bool,
+    full: u32,
+    trie_used: bool,
+) -> Option<&'a V>
+where
+    K: 'a,
+    V: 'a,
+{
+    let candidates = entries.filter(|(len, key, _)| matches(key, *len));
+    if let Some((_, _, value)) = candidates.clone().find(|(len, _, _)| *len == full) {
+        return Some(value);
+    }
+    if !trie_used {
+        return None;
+    }
+    candidates
+        .filter(|(len, _, _)| *len < full)
+        .max_by_key(|(len, _, _)| *len)
+        .map(|(_, _, value)| value)
 }
 
 impl Kernel {
@@ -76,25 +103,26 @@ impl Kernel {
                 segment: artifact.kernel_config(1).quarantine_segment,
                 class: artifact.kernel_config(1).quarantine_class,
             },
+            lookup_flags: artifact.kernel_config(1).lookup_flags,
         }
     }
 
     fn lookup_addr(&self, addr: IpAddr) -> AddrInfo {
         let best = match addr {
-            IpAddr::V4(v4) => self
-                .addr_v4
-                .iter()
-                .filter(|(len, key, _)| prefix_matches(key, &v4.octets(), *len))
-                .max_by_key(|(len, _, _)| *len)
-                .map(|(_, _, info)| *info),
-            IpAddr::V6(v6) => self
-                .addr_v6
-                .iter()
-                .filter(|(len, key, _)| prefix_matches(key, &v6.octets(), *len))
-                .max_by_key(|(len, _, _)| *len)
-                .map(|(_, _, info)| *info),
+            IpAddr::V4(v4) => two_step(
+                self.addr_v4.iter(),
+                |key, len| prefix_matches(key, &v4.octets(), len),
+                HOST_PREFIX_V4,
+                self.lookup_flags & lookup_flags::V4_PREFIXES != 0,
+            ),
+            IpAddr::V6(v6) => two_step(
+                self.addr_v6.iter(),
+                |key, len| prefix_matches(key, &v6.octets(), len),
+                HOST_PREFIX_V6,
+                self.lookup_flags & lookup_flags::V6_PREFIXES != 0,
+            ),
         };
-        best.unwrap_or(AddrInfo {
+        best.copied().unwrap_or(AddrInfo {
             segment: SEGMENT_WORLD,
             class: CLASS_WORLD,
         })
@@ -136,14 +164,16 @@ impl Kernel {
                 continue;
             };
             let key = port_key_bytes(&PortKey::new(pair.port_table, proto, port));
-            let best = self
-                .ports
-                .get(&(pair.port_table, proto))
-                .into_iter()
-                .flatten()
-                .filter(|(len, entry, _)| prefix_matches(entry, &key, *len))
-                .max_by_key(|(len, _, _)| *len);
-            if let Some((_, _, rule)) = best {
+            let best = two_step(
+                self.ports
+                    .get(&(pair.port_table, proto))
+                    .into_iter()
+                    .flatten(),
+                |entry, len| prefix_matches(entry, &key, len),
+                PORT_EXACT_PREFIX,
+                pair.has_ranges != 0,
+            );
+            if let Some(rule) = best {
                 return (Verdict::Allow, Some(*rule));
             }
         }
