@@ -60,7 +60,7 @@ pub fn lookup(policy: &PolicySlot, config: &Config, addr: &[u8; 16], family: u8)
     let found = if family == 4 {
         let host = [addr[0], addr[1], addr[2], addr[3]];
         // SAFETY: the value is copied out at once.
-        match unsafe { policy.hosts_v4.get(&host) } {
+        match unsafe { policy.hosts_v4.get(host) } {
             Some(info) => Some(*info),
             None if config.lookup_flags & lookup_flags::V4_PREFIXES != 0 => {
                 policy.addr_v4.get(Key::new(32, host)).copied()
@@ -144,7 +144,7 @@ fn judge_destination(
         if let Some(table) = unsafe { policy.pairs.get(pair) }.copied() {
             let key = PortKey::new(table.port_table, proto_key, port);
             // SAFETY: the value is copied out at once.
-            if let Some(hit) = unsafe { policy.ports_exact.get(&key) } {
+            if let Some(hit) = unsafe { policy.ports_exact.get(key) } {
                 return Judgement::Allowed { rule: hit.rule };
             }
             if table.has_ranges != 0
