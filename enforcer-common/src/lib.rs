@@ -63,6 +63,10 @@ pub mod map_names {
     pub const EVENT_COUNTERS: &str = "EVENT_COUNTERS";
     /// Quarantined addresses ([`crate::QuarantineKey`] -> `u32`, unused), global.
     pub const QUARANTINE: &str = "QUARANTINE";
+    /// One `u32`: non-zero while [`QUARANTINE`] may hold an address. The kernel probes the
+    /// quarantine only then; the daemon sets it before the first insert and clears it only
+    /// after seeing the map empty, so a quarantined address is never skipped.
+    pub const QUARANTINE_IN_USE: &str = "QUARANTINE_IN_USE";
 }
 
 /// Version of the maps' layouts and meanings, as far as a pinned enforcer (`enforcer run

@@ -138,6 +138,10 @@ pub static CONFIG: Array<Config> = Array::with_max_entries(2, 0);
 pub static QUARANTINE: HashMap<QuarantineKey, u32> =
     HashMap::with_max_entries(QUARANTINE_MAX_ENTRIES, BPF_F_NO_PREALLOC);
 
+/// Non-zero while `QUARANTINE` may hold an address (see `map_names::QUARANTINE_IN_USE`).
+#[map]
+pub static QUARANTINE_IN_USE: Array<u32> = Array::with_max_entries(1, 0);
+
 #[map]
 pub static CONNTRACK: HashMap<FlowKey, FlowState> =
     HashMap::with_max_entries(DEFAULT_MAX_ENTRIES, 0);

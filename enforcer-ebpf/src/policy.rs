@@ -11,7 +11,7 @@ use enforcer_common::{
     direction, lookup_flags, segment_mode,
 };
 
-use crate::maps::{PolicySlot, QUARANTINE};
+use crate::maps::{PolicySlot, QUARANTINE, QUARANTINE_IN_USE};
 
 #[derive(Clone, Copy)]
 pub enum Judgement {
@@ -44,13 +44,15 @@ pub struct Segments {
 /// quarantine segment's when it is in `QUARANTINE`, else its longest member prefix's.
 #[inline(always)]
 pub fn lookup(policy: &PolicySlot, config: &Config, addr: &[u8; 16], family: u8) -> AddrInfo {
+    // Probed unless nothing is quarantined; an unreadable flag counts as "in use".
+    let in_use = QUARANTINE_IN_USE.get(0).is_none_or(|in_use| *in_use != 0);
     let key = QuarantineKey {
         addr: *addr,
         family,
         _pad: [0; 3],
     };
     // SAFETY: only the presence of the entry is read.
-    if unsafe { QUARANTINE.get(key) }.is_some() {
+    if in_use && unsafe { QUARANTINE.get(key) }.is_some() {
         return AddrInfo {
             segment: config.quarantine_segment,
             class: config.quarantine_class,

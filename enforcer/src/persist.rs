@@ -160,6 +160,8 @@ pub enum PersistError {
     Iface { iface: String, message: String },
     #[error(transparent)]
     Load(#[from] LoadError),
+    #[error(transparent)]
+    Quarantine(#[from] crate::quarantine::QuarantineError),
 }
 
 fn io_error(context: impl Into<String>) -> impl FnOnce(io::Error) -> PersistError {
@@ -628,6 +630,8 @@ pub fn start(
         .load(loader::ebpf_object())
         .map_err(LoadError::from)?;
     loader::load_programs(&mut ebpf)?;
+    // Adopted quarantine entries must be probed for from the first packet on.
+    crate::quarantine::sync_in_use(&mut ebpf)?;
 
     // A policy that outgrew the pinned maps: larger maps holding the same entries, so the new
     // programs judge exactly as the old ones until the policy switch below.

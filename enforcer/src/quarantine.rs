@@ -23,7 +23,7 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{HashMap, MapError},
+    maps::{Array, HashMap, MapError},
 };
 use enforcer_common::{QUARANTINE_MAX_ENTRIES, QuarantineKey, map_names};
 use serde_json::{Value, json};
@@ -89,8 +89,26 @@ fn table(
         .map_err(|source| QuarantineError::Map { map, source })
 }
 
+/// Says whether the kernel must probe the quarantine for every judged address.
+fn set_in_use(ebpf: &mut Ebpf, in_use: bool) -> Result<(), QuarantineError> {
+    let map = map_names::QUARANTINE_IN_USE;
+    let mut flag: Array<_, u32> =
+        Array::try_from(ebpf.map_mut(map).ok_or(QuarantineError::MissingMap(map))?)
+            .map_err(|source| QuarantineError::Map { map, source })?;
+    flag.set(0, u32::from(in_use), 0)
+        .map_err(|source| QuarantineError::Map { map, source })
+}
+
+/// Sets the in-use flag from what the quarantine map holds: for maps another daemon pinned.
+pub fn sync_in_use(ebpf: &mut Ebpf) -> Result<(), QuarantineError> {
+    let in_use = table(ebpf)?.keys().next().is_some();
+    set_in_use(ebpf, in_use)
+}
+
 /// Puts `addr` into the kernel's quarantine (no flows are cut: see [`cut_flows`]).
 pub fn insert(ebpf: &mut Ebpf, addr: IpAddr) -> Result<(), QuarantineError> {
+    // The flag first: a program that sees the address in the map must also probe for it.
+    set_in_use(ebpf, true)?;
     let map = map_names::QUARANTINE;
     table(ebpf)?
         .insert(key_of(addr), 1, 0)
@@ -101,14 +119,17 @@ pub fn insert(ebpf: &mut Ebpf, addr: IpAddr) -> Result<(), QuarantineError> {
 pub fn remove(ebpf: &mut Ebpf, addr: IpAddr) -> Result<(), QuarantineError> {
     let map = map_names::QUARANTINE;
     match table(ebpf)?.remove(&key_of(addr)) {
-        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Ok(()) | Err(MapError::KeyNotFound) => {}
         Err(MapError::SyscallError(error))
-            if error.io_error.raw_os_error() == Some(libc::ENOENT) =>
-        {
-            Ok(())
-        }
-        Err(source) => Err(QuarantineError::Map { map, source }),
+            if error.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+        Err(source) => return Err(QuarantineError::Map { map, source }),
     }
+    // Cleared only once the map is seen empty: callers hold `ebpf` mutably, so no insert can
+    // run in between.
+    if table(ebpf)?.keys().next().is_none() {
+        set_in_use(ebpf, false)?;
+    }
+    Ok(())
 }
 
 /// The addresses in the kernel's quarantine.

@@ -314,3 +314,53 @@ fn a_reload_that_renumbers_segments_keeps_the_quarantine() {
     );
     assert_eq!(rule.as_deref(), Some("quarantine/1"));
 }
+
+/// The kernel skips the quarantine probe while nothing is quarantined: the flag must follow
+/// the map through releasing one of two hosts, releasing the last, and quarantining again.
+#[test]
+fn the_quarantine_probe_follows_every_add_and_remove() {
+    let mut h = KernelHarness::load(example_policy()).expect("load the enforcer");
+    let in_use = |h: &mut KernelHarness| -> u32 {
+        let map = h
+            .enforcer
+            .ebpf_mut()
+            .map_mut(map_names::QUARANTINE_IN_USE)
+            .expect("flag map");
+        aya::maps::Array::<_, u32>::try_from(map)
+            .expect("array")
+            .get(&0, 0)
+            .expect("flag")
+    };
+    assert_eq!(in_use(&mut h), 0, "nothing quarantined after a load");
+    let syn = |n: u16| tcp(WORKSTATION, PACS, 41000 + n, 104, TCP_SYN);
+    case(&mut h, "healthy", &syn(0), INGRESS, counter::ALLOWED);
+
+    h.set_overrides(quarantining(&[WORKSTATION, "10.10.0.21"]))
+        .expect("quarantine two");
+    assert_eq!(in_use(&mut h), 1);
+    case(&mut h, "two", &syn(1), INGRESS, counter::DROP_POLICY_DENIED);
+    // Releasing the other host leaves the workstation isolated.
+    h.set_overrides(quarantining(&[WORKSTATION]))
+        .expect("release one");
+    assert_eq!(in_use(&mut h), 1, "one host still quarantined");
+    case(
+        &mut h,
+        "one left",
+        &syn(2),
+        INGRESS,
+        counter::DROP_POLICY_DENIED,
+    );
+    h.set_overrides(Overrides::default()).expect("release all");
+    assert_eq!(in_use(&mut h), 0, "the map is empty");
+    case(&mut h, "released", &syn(3), INGRESS, counter::ALLOWED);
+    h.set_overrides(quarantining(&[WORKSTATION]))
+        .expect("quarantine again");
+    assert_eq!(in_use(&mut h), 1);
+    case(
+        &mut h,
+        "again",
+        &syn(4),
+        INGRESS,
+        counter::DROP_POLICY_DENIED,
+    );
+}
