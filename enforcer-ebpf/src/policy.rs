@@ -1,8 +1,8 @@
-//! The policy verdict for a flow's first packet: two address lookups (each a quarantine hash
-//! probe, then the host hash, then only for an address that is no policy host the
-//! longest-prefix match), one pair lookup, one port lookup (single ports by hash, ranges by
-//! trie). See
-//! `enforcer_common` for why this needs no loop over rules. Only a packet the policy would deny
+//! The policy verdict for a flow's first packet: two address lookups, one pair lookup, one port
+//! lookup. An address is probed in the quarantine (only while a host is quarantined), then in
+//! the host hash, and only on a miss in the prefix trie; a port in the single-port hash, and
+//! only on a miss in the range trie. See `enforcer_common` for why this needs no loop over
+//! rules. Only a packet the policy would deny
 //! or audit costs one more lookup: the break-glass grants of its segment pair.
 use aya_ebpf::maps::lpm_trie::Key;
 use enforcer_common::{
