@@ -49,6 +49,10 @@ pub mod map_names {
     /// Break-glass grants in force, keyed by the slot's segment ids (see
     /// [`crate::BreakglassKey`]).
     pub const BREAKGLASS: [&str; 2] = ["BREAKGLASS_0", "BREAKGLASS_1"];
+    /// One `u32` per slot: non-zero while that slot's [`BREAKGLASS`] map may hold a grant. The
+    /// kernel looks up grants only then; the daemon sets it before the first insert and clears
+    /// it only once the map holds nothing, so a grant in force is never skipped.
+    pub const BREAKGLASS_IN_USE: &str = "BREAKGLASS_IN_USE";
     /// One [`crate::Config`] per slot.
     pub const CONFIG: &str = "CONFIG";
     /// The slot packets are judged by (one `u32`).
@@ -195,7 +199,7 @@ pub mod proto_key {
 /// Data part of the [`map_names::PORTS`] LPM-trie key (`Key<PortKey>`). Bits are matched from the first
 /// byte, so every field is big-endian and the prefix length is `48 + k` where `k` is the number
 /// of leading port bits that are fixed (0..=16).
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PortKey {
     /// Port table id, big-endian.
@@ -379,7 +383,7 @@ pub mod lookup_flags {
 /// Key of [`map_names::QUARANTINE`]: a quarantined address (IPv4 in the first 4 bytes, the rest
 /// zero). Global, not per policy slot: the slot's [`Config`] says which segment and class it
 /// stands for, so a reload renumbering segments needs no rewrite.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct QuarantineKey {
     pub addr: [u8; 16],
@@ -452,7 +456,7 @@ pub mod event_counter {
 
 /// Key of the [`map_names::EVENT_LIMITER`] LRU hash: a flow as far as event rate limiting is
 /// concerned (source, destination, protocol, destination port).
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct EventLimiterKey {
     pub src: [u8; 16],
@@ -467,7 +471,7 @@ pub struct EventLimiterKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Event {
-    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC).
+    /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC_COARSE).
     pub time_ns: u64,
     pub src: [u8; 16],
     pub dst: [u8; 16],
@@ -497,7 +501,7 @@ pub struct Event {
 /// (`(addr_a, port_a) <= (addr_b, port_b)`), so a packet and its reply find the same entry with
 /// one lookup. IPv4 addresses fill the first 4 bytes. ICMP echo uses its identifier as both
 /// ports; protocols without ports use 0.
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FlowKey {
     pub addr_a: [u8; 16],
@@ -547,7 +551,7 @@ pub struct FlowState {
     pub policy_proto: u8,
     /// The [`direction`] in which the flow was admitted (and is rechecked).
     pub direction: u8,
-    /// For a flow admitted by a break-glass grant: the grant's expiry (`bpf_ktime_get_ns`
+    /// For a flow admitted by a break-glass grant: the grant's expiry (`bpf_ktime_get_coarse_ns`
     /// clock). From then on the flow is judged again at each packet, and dropped
     /// ([`counter::DROP_BREAKGLASS_EXPIRED`]) unless something else allows it. The daemon sets
     /// it to 0 when it revokes the grant.
@@ -579,7 +583,7 @@ pub const BREAKGLASS_ANY_PROTO: u8 = 255;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BreakglassRange {
-    /// `bpf_ktime_get_ns` time at which the grant ends: it applies while `now < expires_ns`.
+    /// `bpf_ktime_get_coarse_ns` time at which the grant ends: it applies while `now < expires_ns`.
     pub expires_ns: u64,
     /// The grant's id (never 0).
     pub grant: u32,
@@ -601,7 +605,7 @@ pub struct BreakglassValue {
 }
 
 /// Key of the fragment-tracking hash: one IP datagram.
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FragmentKey {
     pub src: [u8; 16],

@@ -13,7 +13,6 @@ use crate::{
     eth,
     maps::SCRATCH,
     packet::{Frame, Parsed},
-    verdict::EMPTY_FLOW,
 };
 
 #[map]
@@ -38,7 +37,7 @@ fn parse(ctx: &XdpContext) -> Option<bool> {
     let scratch = SCRATCH.get_ptr_mut(0)?;
     // SAFETY: this CPU's scratch slot; a program runs to completion on one CPU.
     let scratch = unsafe { &mut *scratch };
-    scratch.flow = EMPTY_FLOW;
+    scratch.flow.clear();
     Some(!matches!(eth::parse(&frame, scratch), Parsed::Drop(_)))
 }
 

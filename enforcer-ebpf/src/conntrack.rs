@@ -9,14 +9,14 @@
 //! every packet from then on; when nothing allows it any more the packet is dropped
 //! (`breakglass_expired`) and the state kept as it is, so the flow stays cut in both
 //! directions without the daemon (see `policy_compiler::stateful`).
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use enforcer_common::{
     Config, FlowKey, FlowState, NO_RULE, counter, policy_change, proto_key, tcp_state, timeout,
 };
 
 use crate::{
     maps::{CONNTRACK, PolicySlot},
-    packet::Flow,
+    packet::{Addr, Flow},
     policy::{self, Judgement, Segments},
 };
 
@@ -27,16 +27,21 @@ const TCP_ACK: u8 = 0x10;
 const BPF_NOEXIST: u64 = 1;
 const EEXIST: i32 = 17;
 
+/// CLOCK_MONOTONIC_COARSE: it advances once per scheduler tick (1-4 ms), which is plenty for
+/// timeouts and grants measured in seconds, and reading it costs a few ns where the fine clock
+/// costs about 30 (a TSC read, slower still in a VM) on every packet. The daemon reads the
+/// same clock (`enforcer::conntrack::monotonic_now_ns`).
 #[inline(always)]
 pub fn now_ns() -> u64 {
     // SAFETY: no preconditions.
-    unsafe { bpf_ktime_get_ns() }
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// Orders two endpoints: address (as big-endian numbers), then port.
 #[inline(always)]
-fn endpoint_le(a: &[u8; 16], a_port: u16, b: &[u8; 16], b_port: u16) -> bool {
-    let half = |addr: &[u8; 16], i: usize| {
+fn endpoint_le(a: &Addr, a_port: u16, b: &Addr, b_port: u16) -> bool {
+    let half = |addr: &Addr, i: usize| {
+        let addr = &addr.0;
         u64::from_be_bytes([
             addr[i],
             addr[i + 1],
@@ -56,23 +61,23 @@ fn endpoint_le(a: &[u8; 16], a_port: u16, b: &[u8; 16], b_port: u16) -> bool {
 #[inline(always)]
 pub fn fill_key(
     key: &mut FlowKey,
-    src: &[u8; 16],
+    src: &Addr,
     sport: u16,
-    dst: &[u8; 16],
+    dst: &Addr,
     dport: u16,
     proto: u8,
     family: u8,
 ) -> u8 {
     let src_is_a = endpoint_le(src, sport, dst, dport);
     if src_is_a {
-        key.addr_a = *src;
+        key.addr_a = src.0;
         key.port_a = sport;
-        key.addr_b = *dst;
+        key.addr_b = dst.0;
         key.port_b = dport;
     } else {
-        key.addr_a = *dst;
+        key.addr_a = dst.0;
         key.port_a = dport;
-        key.addr_b = *src;
+        key.addr_b = src.0;
         key.port_b = sport;
     }
     key.proto = proto;
@@ -132,8 +137,7 @@ pub enum Tracked {
 /// Looks up the flow of a packet whose source is side `src_side` of `key`, and updates its
 /// state (TCP progress, idle time, policy generation).
 #[inline(always)]
-pub fn track(
-    policy: &PolicySlot,
+pub fn track<P: PolicySlot>(
     key: &FlowKey,
     src_side: u8,
     flow: &Flow,
@@ -154,8 +158,7 @@ pub fn track(
     let grant_ended = grant_expired(state, now);
     let policy_changed = state.generation != config.generation;
     if grant_ended || (policy_changed && config.on_policy_change == policy_change::RECHECK) {
-        let (rule, admitted, expires_ns) = match recheck(policy, key, state, now, config, segments)
-        {
+        let (rule, admitted, expires_ns) = match recheck::<P>(key, state, now, config, segments) {
             Judgement::Denied if grant_ended => return Tracked::GrantExpired { grant: state.rule },
             Judgement::Denied => {
                 let _ = CONNTRACK.remove(key);
@@ -210,21 +213,20 @@ fn reopens(state: &FlowState, proto: u8, tcp_flags: u8) -> bool {
 
 /// Judges a tracked flow again, as its first packet, under the current policy.
 #[inline(always)]
-fn recheck(
-    policy: &PolicySlot,
+fn recheck<P: PolicySlot>(
     key: &FlowKey,
     state: &FlowState,
     now: u64,
     config: &Config,
     segments: &mut Segments,
 ) -> Judgement {
+    let (addr_a, addr_b) = Addr::of_key(key);
     let (initiator, responder) = if state.initiator == 0 {
-        (&key.addr_a, &key.addr_b)
+        (addr_a, addr_b)
     } else {
-        (&key.addr_b, &key.addr_a)
+        (addr_b, addr_a)
     };
-    policy::judge(
-        policy,
+    policy::judge::<P>(
         initiator,
         responder,
         key.family,

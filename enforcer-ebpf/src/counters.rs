@@ -27,8 +27,8 @@ pub fn drop_by_protocol(dir: u32, index: u32, class: u32) {
 }
 
 #[inline(always)]
-pub fn rule_hit(policy: &PolicySlot, rule: u32) {
-    bump(policy.rule_hits.get_ptr_mut(rule));
+pub fn rule_hit<P: PolicySlot>(rule: u32) {
+    bump(P::rule_hits().get_ptr_mut(rule));
 }
 
 #[inline(always)]

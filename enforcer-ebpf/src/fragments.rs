@@ -27,8 +27,8 @@ pub fn follow(key: &FragmentKey, now: u64, config: &Config) -> u32 {
 /// the table is full.
 #[inline(always)]
 pub fn remember(key: &mut FragmentKey, flow: &Flow, now: u64) -> bool {
-    key.src = flow.src;
-    key.dst = flow.dst;
+    key.src = flow.src.0;
+    key.dst = flow.dst.0;
     key.id = flow.frag_id;
     key.proto = flow.frag_proto;
     key.family = flow.family;

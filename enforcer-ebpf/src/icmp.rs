@@ -5,7 +5,7 @@ use enforcer_common::proto_key;
 use crate::{
     conntrack,
     ipv4::{self, widen},
-    packet::{Flow, Frame},
+    packet::{Addr, Flow, Frame},
     transport::HEAD_LEN,
 };
 
@@ -74,8 +74,8 @@ fn quote(frame: &Frame, flow: &mut Flow, q: usize, end: usize) -> bool {
         if hdr[0] >> 4 != 4 || hdr_len < ipv4::MIN_HDR_LEN {
             return false;
         }
-        let src = widen([hdr[12], hdr[13], hdr[14], hdr[15]]);
-        let dst = widen([hdr[16], hdr[17], hdr[18], hdr[19]]);
+        let src = Addr(widen([hdr[12], hdr[13], hdr[14], hdr[15]]));
+        let dst = Addr(widen([hdr[16], hdr[17], hdr[18], hdr[19]]));
         (src, dst, hdr[9], q + hdr_len)
     } else {
         // One 40-byte copy: smaller reads let LLVM keep parts in registers in a shape the
@@ -86,10 +86,10 @@ fn quote(frame: &Frame, flow: &mut Flow, q: usize, end: usize) -> bool {
         if hdr[0] >> 4 != 6 {
             return false;
         }
-        let mut src = [0u8; 16];
-        let mut dst = [0u8; 16];
-        src.copy_from_slice(&hdr[8..24]);
-        dst.copy_from_slice(&hdr[24..40]);
+        let mut src = Addr([0; 16]);
+        let mut dst = Addr([0; 16]);
+        src.0.copy_from_slice(&hdr[8..24]);
+        dst.0.copy_from_slice(&hdr[24..40]);
         (src, dst, hdr[6], q + 40)
     };
     if src != flow.dst {

@@ -2,7 +2,7 @@
 use enforcer_common::counter;
 
 use crate::{
-    packet::{Frame, Parsed, Scratch},
+    packet::{Addr, Frame, Parsed, Scratch},
     transport,
 };
 
@@ -36,8 +36,8 @@ pub fn parse(frame: &Frame, l3: usize, scratch: &mut Scratch) -> Parsed {
     if end > frame.len() {
         return Parsed::Drop(counter::DROP_MALFORMED);
     }
-    scratch.flow.src = src;
-    scratch.flow.dst = dst;
+    scratch.flow.src = Addr(src);
+    scratch.flow.dst = Addr(dst);
     scratch.flow.family = 6;
     let mut next = hdr[6];
     let mut offset = l3 + HDR_LEN;

@@ -79,50 +79,104 @@ policy_slot_maps!(
     BREAKGLASS_1
 );
 
-/// The maps of one policy slot.
-pub struct PolicySlot {
-    pub hosts_v4: &'static HashMap<[u8; 4], AddrInfo>,
-    pub hosts_v6: &'static HashMap<[u8; 16], AddrInfo>,
-    pub addr_v4: &'static LpmTrie<[u8; 4], AddrInfo>,
-    pub addr_v6: &'static LpmTrie<[u8; 16], AddrInfo>,
-    pub segments: &'static Array<SegmentInfo>,
-    pub pairs: &'static HashMap<PairKey, PairValue>,
-    pub ports_exact: &'static HashMap<PortKey, PortValue>,
-    pub ports: &'static LpmTrie<PortKey, PortValue>,
-    pub rule_hits: &'static PerCpuArray<u64>,
-    pub breakglass: &'static HashMap<BreakglassKey, BreakglassValue>,
+/// The maps of one policy slot, as a type: code generic over it names each map as a constant,
+/// which lets the verifier inline the hash and array lookups. A slot chosen at run time (a
+/// struct of map references) makes every lookup a helper call through a function pointer.
+pub trait PolicySlot {
+    /// The slot's index in `CONFIG` and `ACTIVE`.
+    const INDEX: u32;
+    fn hosts_v4() -> &'static HashMap<[u8; 4], AddrInfo>;
+    fn hosts_v6() -> &'static HashMap<[u8; 16], AddrInfo>;
+    fn addr_v4() -> &'static LpmTrie<[u8; 4], AddrInfo>;
+    fn addr_v6() -> &'static LpmTrie<[u8; 16], AddrInfo>;
+    fn segments() -> &'static Array<SegmentInfo>;
+    fn pairs() -> &'static HashMap<PairKey, PairValue>;
+    fn ports_exact() -> &'static HashMap<PortKey, PortValue>;
+    fn ports() -> &'static LpmTrie<PortKey, PortValue>;
+    fn rule_hits() -> &'static PerCpuArray<u64>;
+    fn breakglass() -> &'static HashMap<BreakglassKey, BreakglassValue>;
 }
 
-#[inline(always)]
-pub fn policy_slot(slot: u32) -> PolicySlot {
-    if slot == 0 {
-        PolicySlot {
-            hosts_v4: &HOSTS_V4_0,
-            hosts_v6: &HOSTS_V6_0,
-            addr_v4: &ADDR_V4_0,
-            addr_v6: &ADDR_V6_0,
-            segments: &SEGMENTS_0,
-            pairs: &PAIRS_0,
-            ports_exact: &PORTS_EXACT_0,
-            ports: &PORTS_0,
-            rule_hits: &RULE_HITS_0,
-            breakglass: &BREAKGLASS_0,
+macro_rules! impl_policy_slot {
+    ($slot:ident, $index:literal, $hosts_v4:ident, $hosts_v6:ident, $addr_v4:ident,
+     $addr_v6:ident, $segments:ident, $pairs:ident, $ports_exact:ident, $ports:ident,
+     $rule_hits:ident, $breakglass:ident) => {
+        pub struct $slot;
+
+        impl PolicySlot for $slot {
+            const INDEX: u32 = $index;
+            #[inline(always)]
+            fn hosts_v4() -> &'static HashMap<[u8; 4], AddrInfo> {
+                &$hosts_v4
+            }
+            #[inline(always)]
+            fn hosts_v6() -> &'static HashMap<[u8; 16], AddrInfo> {
+                &$hosts_v6
+            }
+            #[inline(always)]
+            fn addr_v4() -> &'static LpmTrie<[u8; 4], AddrInfo> {
+                &$addr_v4
+            }
+            #[inline(always)]
+            fn addr_v6() -> &'static LpmTrie<[u8; 16], AddrInfo> {
+                &$addr_v6
+            }
+            #[inline(always)]
+            fn segments() -> &'static Array<SegmentInfo> {
+                &$segments
+            }
+            #[inline(always)]
+            fn pairs() -> &'static HashMap<PairKey, PairValue> {
+                &$pairs
+            }
+            #[inline(always)]
+            fn ports_exact() -> &'static HashMap<PortKey, PortValue> {
+                &$ports_exact
+            }
+            #[inline(always)]
+            fn ports() -> &'static LpmTrie<PortKey, PortValue> {
+                &$ports
+            }
+            #[inline(always)]
+            fn rule_hits() -> &'static PerCpuArray<u64> {
+                &$rule_hits
+            }
+            #[inline(always)]
+            fn breakglass() -> &'static HashMap<BreakglassKey, BreakglassValue> {
+                &$breakglass
+            }
         }
-    } else {
-        PolicySlot {
-            hosts_v4: &HOSTS_V4_1,
-            hosts_v6: &HOSTS_V6_1,
-            addr_v4: &ADDR_V4_1,
-            addr_v6: &ADDR_V6_1,
-            segments: &SEGMENTS_1,
-            pairs: &PAIRS_1,
-            ports_exact: &PORTS_EXACT_1,
-            ports: &PORTS_1,
-            rule_hits: &RULE_HITS_1,
-            breakglass: &BREAKGLASS_1,
-        }
-    }
+    };
 }
+
+impl_policy_slot!(
+    Slot0,
+    0,
+    HOSTS_V4_0,
+    HOSTS_V6_0,
+    ADDR_V4_0,
+    ADDR_V6_0,
+    SEGMENTS_0,
+    PAIRS_0,
+    PORTS_EXACT_0,
+    PORTS_0,
+    RULE_HITS_0,
+    BREAKGLASS_0
+);
+impl_policy_slot!(
+    Slot1,
+    1,
+    HOSTS_V4_1,
+    HOSTS_V6_1,
+    ADDR_V4_1,
+    ADDR_V6_1,
+    SEGMENTS_1,
+    PAIRS_1,
+    PORTS_EXACT_1,
+    PORTS_1,
+    RULE_HITS_1,
+    BREAKGLASS_1
+);
 
 /// The slot that judges packets.
 #[map]
@@ -141,6 +195,11 @@ pub static QUARANTINE: HashMap<QuarantineKey, u32> =
 /// Non-zero while `QUARANTINE` may hold an address (see `map_names::QUARANTINE_IN_USE`).
 #[map]
 pub static QUARANTINE_IN_USE: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Per slot, non-zero while its break-glass map may hold a grant (see
+/// `map_names::BREAKGLASS_IN_USE`).
+#[map]
+pub static BREAKGLASS_IN_USE: Array<u32> = Array::with_max_entries(2, 0);
 
 #[map]
 pub static CONNTRACK: HashMap<FlowKey, FlowState> =

@@ -3,7 +3,7 @@
 //! The parsed packet lives in a per-CPU scratch map ([`crate::maps::SCRATCH`]) and parsers fill
 //! it in place: passed by value, it and the keys derived from it would not fit the 512-byte BPF
 //! stack together.
-use core::mem::size_of;
+use core::mem::{align_of, offset_of, size_of};
 
 use enforcer_common::{Event, FlowKey, FragmentKey};
 
@@ -49,12 +49,39 @@ impl Frame {
     }
 }
 
+/// An address as the programs hold it: 16 bytes, IPv4 in the first 4 and the rest zero. Its
+/// alignment lets the compiler copy and compare it as two words: a plain `[u8; 16]` behind a
+/// reference is copied byte by byte.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Addr(pub [u8; 16]);
+
+impl Addr {
+    /// The two addresses of a connection-tracking key.
+    #[inline(always)]
+    pub fn of_key(key: &FlowKey) -> (&Addr, &Addr) {
+        const _: () = assert!(
+            align_of::<FlowKey>() >= align_of::<Addr>()
+                && offset_of!(FlowKey, addr_a).is_multiple_of(align_of::<Addr>())
+                && offset_of!(FlowKey, addr_b).is_multiple_of(align_of::<Addr>())
+        );
+        let a = (&key.addr_a as *const [u8; 16]).cast::<Addr>();
+        let b = (&key.addr_b as *const [u8; 16]).cast::<Addr>();
+        // SAFETY: `Addr` is a `[u8; 16]` with a stricter alignment, which both fields have (see
+        // the assertion above); the borrows last as long as `key`'s.
+        unsafe { (&*a, &*b) }
+    }
+}
+
 /// What the programs need to know about an IP packet. Every field is written for every packet.
-#[repr(C)]
+///
+/// Aligned like the keys built from it, so that the compiler copies and clears it eight bytes
+/// at a time; at alignment 1 it does so byte by byte, or calls a byte-wise `memset`.
+#[repr(C, align(8))]
 pub struct Flow {
     /// Addresses, IPv4 in the first 4 bytes.
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
+    pub src: Addr,
+    pub dst: Addr,
     /// For an ICMP error whose `has_quoted` is set: the connection-tracking key of the packet
     /// it quotes.
     pub quoted: FlowKey,
@@ -80,6 +107,22 @@ pub struct Flow {
     /// name the protocol).
     pub first_fragment: bool,
     pub frag_proto: u8,
+}
+
+impl Flow {
+    /// Resets every field to zero (`false`, no port, no protocol).
+    #[inline(always)]
+    pub fn clear(&mut self) {
+        const WORDS: usize = size_of::<Flow>() / 8;
+        const _: () = assert!(size_of::<Flow>().is_multiple_of(8) && align_of::<Flow>() == 8);
+        let words = (self as *mut Flow).cast::<u64>();
+        for i in 0..WORDS {
+            // SAFETY: inside `self`, which is 8-byte aligned and a whole number of words; zero
+            // is a valid value of every field. Volatile, because plain zero writes are merged
+            // into a `memset` call, which BPF runs byte by byte in a subprogram.
+            unsafe { words.add(i).write_volatile(0) };
+        }
+    }
 }
 
 /// Per-CPU working memory of one packet's decision.

@@ -3,7 +3,8 @@
 //! the host hash, and only on a miss in the prefix trie; a port in the single-port hash, and
 //! only on a miss in the range trie. See `enforcer_common` for why this needs no loop over
 //! rules. Only a packet the policy would deny
-//! or audit costs one more lookup: the break-glass grants of its segment pair.
+//! or audit costs one more lookup, and only while the slot holds a grant: the break-glass
+//! grants of its segment pair.
 use aya_ebpf::maps::lpm_trie::Key;
 use enforcer_common::{
     AddrInfo, BREAKGLASS_ANY_PROTO, BREAKGLASS_MAX_RANGES, BreakglassKey, CLASS_WILDCARD,
@@ -11,7 +12,10 @@ use enforcer_common::{
     direction, lookup_flags, segment_mode,
 };
 
-use crate::maps::{PolicySlot, QUARANTINE, QUARANTINE_IN_USE};
+use crate::{
+    maps::{BREAKGLASS_IN_USE, PolicySlot, QUARANTINE, QUARANTINE_IN_USE},
+    packet::Addr,
+};
 
 #[derive(Clone, Copy)]
 pub enum Judgement {
@@ -43,16 +47,12 @@ pub struct Segments {
 /// The segment and source class of `addr` (IPv4 in the first 4 bytes when `family` is 4): the
 /// quarantine segment's when it is in `QUARANTINE`, else its longest member prefix's.
 #[inline(always)]
-pub fn lookup(policy: &PolicySlot, config: &Config, addr: &[u8; 16], family: u8) -> AddrInfo {
+pub fn lookup<P: PolicySlot>(config: &Config, addr: &Addr, family: u8) -> AddrInfo {
+    let addr = &addr.0;
     // Probed unless nothing is quarantined; an unreadable flag counts as "in use".
     let in_use = QUARANTINE_IN_USE.get(0).is_none_or(|in_use| *in_use != 0);
-    let key = QuarantineKey {
-        addr: *addr,
-        family,
-        _pad: [0; 3],
-    };
-    // SAFETY: only the presence of the entry is read.
-    if in_use && unsafe { QUARANTINE.get(key) }.is_some() {
+    // The key is built only when probed: even its padding costs a call to `memset`.
+    if in_use && is_quarantined(addr, family) {
         return AddrInfo {
             segment: config.quarantine_segment,
             class: config.quarantine_class,
@@ -62,24 +62,35 @@ pub fn lookup(policy: &PolicySlot, config: &Config, addr: &[u8; 16], family: u8)
     let found = if family == 4 {
         let host = [addr[0], addr[1], addr[2], addr[3]];
         // SAFETY: the value is copied out at once.
-        match unsafe { policy.hosts_v4.get(host) } {
+        match unsafe { P::hosts_v4().get(host) } {
             Some(info) => Some(*info),
             None if config.lookup_flags & lookup_flags::V4_PREFIXES != 0 => {
-                policy.addr_v4.get(Key::new(32, host)).copied()
+                P::addr_v4().get(Key::new(32, host)).copied()
             }
             None => None,
         }
     } else {
         // SAFETY: as above.
-        match unsafe { policy.hosts_v6.get(addr) } {
+        match unsafe { P::hosts_v6().get(addr) } {
             Some(info) => Some(*info),
             None if config.lookup_flags & lookup_flags::V6_PREFIXES != 0 => {
-                policy.addr_v6.get(Key::new(128, *addr)).copied()
+                P::addr_v6().get(Key::new(128, *addr)).copied()
             }
             None => None,
         }
     };
     found.unwrap_or(WORLD)
+}
+
+#[inline(always)]
+fn is_quarantined(addr: &[u8; 16], family: u8) -> bool {
+    let key = QuarantineKey {
+        addr: *addr,
+        family,
+        _pad: [0; 3],
+    };
+    // SAFETY: only the presence of the entry is read.
+    unsafe { QUARANTINE.get(key) }.is_some()
 }
 
 /// Judges a packet from `src` to `dst` with policy protocol key `proto_key` and port `port`,
@@ -89,10 +100,9 @@ pub fn lookup(policy: &PolicySlot, config: &Config, addr: &[u8; 16], family: u8)
 /// (`segments` stays as it was).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-pub fn judge(
-    policy: &PolicySlot,
-    src: &[u8; 16],
-    dst: &[u8; 16],
+pub fn judge<P: PolicySlot>(
+    src: &Addr,
+    dst: &Addr,
     family: u8,
     proto_key: u8,
     port: u16,
@@ -105,12 +115,12 @@ pub fn judge(
         return Judgement::Unenforced;
     }
     let (src, dst) = (
-        lookup(policy, config, src, family),
-        lookup(policy, config, dst, family),
+        lookup::<P>(config, src, family),
+        lookup::<P>(config, dst, family),
     );
     segments.src = src.segment;
     segments.dst = dst.segment;
-    let judgement = judge_destination(policy, src, dst, proto_key, port, now);
+    let judgement = judge_destination::<P>(src, dst, proto_key, port, now);
     if dir == direction::EGRESS
         && config.egress_mode == segment_mode::MONITOR
         && matches!(judgement, Judgement::Denied)
@@ -121,16 +131,14 @@ pub fn judge(
 }
 
 #[inline(always)]
-fn judge_destination(
-    policy: &PolicySlot,
+fn judge_destination<P: PolicySlot>(
     src: AddrInfo,
     dst: AddrInfo,
     proto_key: u8,
     port: u16,
     now: u64,
 ) -> Judgement {
-    let mode = policy
-        .segments
+    let mode = P::segments()
         .get(dst.segment)
         .map_or(segment_mode::ENFORCE, |info| info.mode);
     if mode == segment_mode::UNENFORCED {
@@ -143,20 +151,26 @@ fn judge_destination(
             src_class,
         };
         // SAFETY: the value is copied out at once.
-        if let Some(table) = unsafe { policy.pairs.get(pair) }.copied() {
+        if let Some(table) = unsafe { P::pairs().get(pair) }.copied() {
             let key = PortKey::new(table.port_table, proto_key, port);
             // SAFETY: the value is copied out at once.
-            if let Some(hit) = unsafe { policy.ports_exact.get(key) } {
+            if let Some(hit) = unsafe { P::ports_exact().get(key) } {
                 return Judgement::Allowed { rule: hit.rule };
             }
             if table.has_ranges != 0
-                && let Some(hit) = policy.ports.get(Key::new(PORT_EXACT_PREFIX, key))
+                && let Some(hit) = P::ports().get(Key::new(PORT_EXACT_PREFIX, key))
             {
                 return Judgement::Allowed { rule: hit.rule };
             }
         }
     }
-    if let Some(judgement) = breakglass(policy, src.segment, dst.segment, proto_key, port, now) {
+    // Probed unless the slot has no grant; an unreadable flag counts as "in use".
+    let grants_in_use = BREAKGLASS_IN_USE
+        .get(P::INDEX)
+        .is_none_or(|in_use| *in_use != 0);
+    if grants_in_use
+        && let Some(judgement) = breakglass::<P>(src.segment, dst.segment, proto_key, port, now)
+    {
         return judgement;
     }
     if mode == segment_mode::MONITOR {
@@ -169,8 +183,7 @@ fn judge_destination(
 /// The first live break-glass range of the segment pair that matches the packet: the grant
 /// with the lowest id, as the ranges are sorted by grant.
 #[inline(always)]
-fn breakglass(
-    policy: &PolicySlot,
+fn breakglass<P: PolicySlot>(
     src_segment: u32,
     dst_segment: u32,
     proto_key: u8,
@@ -182,7 +195,7 @@ fn breakglass(
         dst_segment,
     };
     // SAFETY: the value is only read. A grant or revocation replaces the whole value at once.
-    let grants = unsafe { policy.breakglass.get(key) }?;
+    let grants = unsafe { P::breakglass().get(key) }?;
     let count = grants.count as usize;
     for index in 0..BREAKGLASS_MAX_RANGES {
         if index >= count {

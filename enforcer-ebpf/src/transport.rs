@@ -64,8 +64,8 @@ pub fn later_fragment(scratch: &mut Scratch, id: u32, proto: u8, offset: usize) 
         return Parsed::Drop(counter::DROP_FRAGMENT_OVERLAP);
     }
     let key = &mut scratch.fragment;
-    key.src = scratch.flow.src;
-    key.dst = scratch.flow.dst;
+    key.src = scratch.flow.src.0;
+    key.dst = scratch.flow.dst.0;
     key.id = id;
     key.proto = proto;
     key.family = scratch.flow.family;

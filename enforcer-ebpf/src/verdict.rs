@@ -6,101 +6,99 @@ use enforcer_common::{Config, NO_RULE, PairVerdictKey, counter, event_flags, pro
 use crate::{
     conntrack::{self, Tracked},
     counters, eth, events, fragments,
-    maps::{ACTIVE, CONFIG, PolicySlot, SCRATCH, policy_slot},
-    packet::{Flow, Frame, Parsed, Scratch},
+    maps::{ACTIVE, CONFIG, PolicySlot, SCRATCH, Slot0, Slot1},
+    packet::{Frame, Parsed, Scratch},
     policy::{self, Judgement, Segments},
-};
-
-pub const EMPTY_FLOW: Flow = Flow {
-    src: [0; 16],
-    dst: [0; 16],
-    quoted: enforcer_common::FlowKey {
-        addr_a: [0; 16],
-        addr_b: [0; 16],
-        port_a: 0,
-        port_b: 0,
-        proto: 0,
-        family: 0,
-        _pad: [0; 2],
-    },
-    frag_id: 0,
-    port: 0,
-    sport: 0,
-    dport: 0,
-    family: 0,
-    proto: 0,
-    proto_key: 0,
-    tcp_flags: 0,
-    is_echo_request: false,
-    has_quoted: false,
-    first_fragment: false,
-    frag_proto: 0,
 };
 
 /// Segment ids not looked up (yet).
 const UNKNOWN: u32 = u32::MAX;
+
+/// Returned by [`decide_ip`] when the program cannot read its own maps.
+const ABORTED: u32 = u32::MAX;
 
 /// The counter (and so the verdict) for `frame`, seen in direction `dir` on `ifindex`.
 #[inline(always)]
 pub fn decide(frame: &Frame, dir: u32, ifindex: u32) -> Result<u32, ()> {
     // Read once: the whole decision uses one policy, whatever a reload does meanwhile.
     let slot = ACTIVE.get(0).copied().unwrap_or(0) & 1;
-    let config = CONFIG.get(slot).ok_or(())?;
-    let policy = policy_slot(slot);
     let scratch = SCRATCH.get_ptr_mut(0).ok_or(())?;
     // SAFETY: this CPU's scratch slot; a program runs to completion on one CPU.
     let scratch: &mut Scratch = unsafe { &mut *scratch };
-    scratch.flow = EMPTY_FLOW;
+    scratch.flow.clear();
     let now = conntrack::now_ns();
+    let outcome = match eth::parse(frame, scratch) {
+        Parsed::NonIp => counter::NON_IP,
+        Parsed::Drop(reason) => reason,
+        Parsed::LaterFragment => {
+            let config = CONFIG.get(slot).ok_or(())?;
+            fragments::follow(&scratch.fragment, now, config)
+        }
+        Parsed::Flow => {
+            let outcome = if slot == 0 {
+                decide_ip::<Slot0>(dir, ifindex, now)
+            } else {
+                decide_ip::<Slot1>(dir, ifindex, now)
+            };
+            return if outcome == ABORTED {
+                Err(())
+            } else {
+                Ok(outcome)
+            };
+        }
+    };
+    if counter::is_drop(outcome) {
+        let class = protocol_class::of(scratch.flow.proto, false);
+        counters::drop_by_protocol(dir, outcome, class);
+    }
+    Ok(outcome)
+}
+
+/// The counter for the IP packet parsed into `SCRATCH`, judged by the policy in slot `P`, and
+/// its accounting; [`ABORTED`] when a map cannot be read.
+///
+/// One copy per slot, each a separate function that takes only scalars: the maps of slot `P`
+/// are then constants in it, and the compiler cannot fold the two copies back into one that
+/// picks its maps at run time.
+#[inline(never)]
+fn decide_ip<P: PolicySlot>(dir: u32, ifindex: u32, now: u64) -> u32 {
+    let (Some(config), Some(scratch)) = (CONFIG.get(P::INDEX), SCRATCH.get_ptr_mut(0)) else {
+        return ABORTED;
+    };
+    // SAFETY: this CPU's scratch slot, as in `decide`.
+    let scratch: &mut Scratch = unsafe { &mut *scratch };
     let mut segments = Segments {
         src: UNKNOWN,
         dst: UNKNOWN,
     };
-    let (outcome, rule, is_flow) = match eth::parse(frame, scratch) {
-        Parsed::NonIp => (counter::NON_IP, NO_RULE, false),
-        Parsed::Drop(reason) => (reason, NO_RULE, false),
-        Parsed::LaterFragment => (
-            fragments::follow(&scratch.fragment, now, config),
-            NO_RULE,
-            false,
-        ),
-        Parsed::Flow => {
-            let (outcome, rule) = decide_flow(&policy, scratch, dir, now, config, &mut segments);
-            if scratch.flow.first_fragment
-                && !counter::is_drop(outcome)
-                && !fragments::remember(&mut scratch.fragment, &scratch.flow, now)
-            {
-                (counter::DROP_CONNTRACK_FULL, NO_RULE, true)
-            } else {
-                (outcome, rule, true)
-            }
-        }
-    };
+    let (mut outcome, mut rule) = decide_flow::<P>(scratch, dir, now, config, &mut segments);
+    if scratch.flow.first_fragment
+        && !counter::is_drop(outcome)
+        && !fragments::remember(&mut scratch.fragment, &scratch.flow, now)
+    {
+        (outcome, rule) = (counter::DROP_CONNTRACK_FULL, NO_RULE);
+    }
     if counter::is_drop(outcome) {
-        let class = protocol_class::of(scratch.flow.proto, is_flow);
+        let class = protocol_class::of(scratch.flow.proto, true);
         counters::drop_by_protocol(dir, outcome, class);
     }
-    if is_flow {
-        account(
-            &policy,
-            scratch,
-            config,
-            dir,
-            ifindex,
-            now,
-            outcome,
-            rule,
-            &mut segments,
-        );
-    }
-    Ok(outcome)
+    account::<P>(
+        scratch,
+        config,
+        dir,
+        ifindex,
+        now,
+        outcome,
+        rule,
+        &mut segments,
+    );
+    outcome
 }
 
 /// Rule hits, segment-pair verdicts and the event of an IP packet whose outcome is final.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn account(
-    policy: &PolicySlot,
+fn account<P: PolicySlot>(
     scratch: &mut Scratch,
     config: &Config,
     dir: u32,
@@ -112,7 +110,7 @@ fn account(
 ) {
     // Credited only once the packet is sure to pass.
     if outcome == counter::ALLOWED {
-        counters::rule_hit(policy, rule);
+        counters::rule_hit::<P>(rule);
     }
     let judged = segments.src != UNKNOWN;
     if judged {
@@ -141,13 +139,13 @@ fn account(
     }
     let flow = &scratch.flow;
     if !judged {
-        segments.src = policy::lookup(policy, config, &flow.src, flow.family).segment;
-        segments.dst = policy::lookup(policy, config, &flow.dst, flow.family).segment;
+        segments.src = policy::lookup::<P>(config, &flow.src, flow.family).segment;
+        segments.dst = policy::lookup::<P>(config, &flow.dst, flow.family).segment;
     }
     let event = &mut scratch.event;
     event.time_ns = now;
-    event.src = flow.src;
-    event.dst = flow.dst;
+    event.src = flow.src.0;
+    event.dst = flow.dst.0;
     event.rule = rule;
     event.src_segment = segments.src;
     event.dst_segment = segments.dst;
@@ -169,8 +167,7 @@ fn account(
 
 /// The counter for an IP packet, and the rule (or break-glass grant) of a new flow it allows.
 #[inline(always)]
-fn decide_flow(
-    policy: &PolicySlot,
+fn decide_flow<P: PolicySlot>(
     scratch: &mut Scratch,
     dir: u32,
     now: u64,
@@ -191,15 +188,14 @@ fn decide_flow(
         flow.proto,
         flow.family,
     );
-    match conntrack::track(policy, key, src_side, flow, now, config, segments) {
+    match conntrack::track::<P>(key, src_side, flow, now, config, segments) {
         Tracked::Pass => return (counter::ESTABLISHED, NO_RULE),
         Tracked::Revoked => return (counter::DROP_FLOW_REVOKED, NO_RULE),
         // The event names the grant that had admitted the flow.
         Tracked::GrantExpired { grant } => return (counter::DROP_BREAKGLASS_EXPIRED, grant),
         Tracked::Untracked => {}
     }
-    let judgement = policy::judge(
-        policy,
+    let judgement = policy::judge::<P>(
         &flow.src,
         &flow.dst,
         flow.family,

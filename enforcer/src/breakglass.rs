@@ -1,6 +1,6 @@
 //! Break-glass grants as the daemon manages them: a request checked against the policy in
 //! force, the record the state file keeps (wall-clock expiry, so a restart knows how much of
-//! the TTL is left), the kernel's CLOCK_MONOTONIC expiry, and which uses are audited.
+//! the TTL is left), the kernel's CLOCK_MONOTONIC_COARSE expiry, and which uses are audited.
 //!
 //! The kernel enforces the expiry by itself (see `policy_compiler::breakglass`); the daemon
 //! removes expired grants, audits them and keeps the metrics.

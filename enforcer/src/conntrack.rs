@@ -22,14 +22,16 @@ pub enum SweepError {
     },
 }
 
-/// The clock of `bpf_ktime_get_ns`.
+/// The kernel programs' clock (`bpf_ktime_get_coarse_ns`): CLOCK_MONOTONIC_COARSE, which
+/// advances once per tick. Reading the fine CLOCK_MONOTONIC here instead would put the daemon up
+/// to a tick ahead of the kernel, and a sweep could remove a flow the kernel still counts live.
 pub fn monotonic_now_ns() -> u64 {
     let mut now = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: valid pointer; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    // SAFETY: valid pointer; CLOCK_MONOTONIC_COARSE always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut now) };
     (now.tv_sec as u64) * 1_000_000_000 + now.tv_nsec as u64
 }
 

@@ -72,21 +72,11 @@ pub struct PolicyNames {
 #[derive(Default)]
 pub struct EventNamer {
     policies: VecDeque<Arc<PolicyNames>>,
-    /// Wall-clock time minus `CLOCK_MONOTONIC`, to date kernel timestamps.
+    /// Wall-clock time minus the kernel programs' clock, to date kernel timestamps.
     wall_offset: Duration,
 }
 
 const KEPT_GENERATIONS: usize = 8;
-
-fn monotonic_now() -> Duration {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid pointer; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
-}
 
 impl EventNamer {
     pub fn new() -> Self {
@@ -95,7 +85,8 @@ impl EventNamer {
             .unwrap_or_default();
         EventNamer {
             policies: VecDeque::new(),
-            wall_offset: wall.saturating_sub(monotonic_now()),
+            wall_offset: wall
+                .saturating_sub(Duration::from_nanos(crate::conntrack::monotonic_now_ns())),
         }
     }
 

@@ -632,6 +632,8 @@ pub fn start(
     loader::load_programs(&mut ebpf)?;
     // Adopted quarantine entries must be probed for from the first packet on.
     crate::quarantine::sync_in_use(&mut ebpf)?;
+    // Likewise adopted break-glass grants.
+    policy_maps::sync_breakglass_in_use(&mut ebpf).map_err(LoadError::PolicyMaps)?;
 
     // A policy that outgrew the pinned maps: larger maps holding the same entries, so the new
     // programs judge exactly as the old ones until the policy switch below.

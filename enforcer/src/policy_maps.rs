@@ -282,6 +282,10 @@ pub fn write_breakglass(
     slot: usize,
     entries: &BTreeMap<BreakglassKey, BreakglassValue>,
 ) -> Result<(), PolicyMapError> {
+    // The flag first: a program that finds a grant must also have looked for it.
+    if !entries.is_empty() {
+        set_breakglass_in_use(ebpf, slot, true)?;
+    }
     let name = map_names::BREAKGLASS[slot];
     let mut map: HashMap<_, BreakglassKey, BreakglassValue> =
         HashMap::try_from(map_mut(ebpf, name)?).map_err(map_err(name))?;
@@ -296,6 +300,31 @@ pub fn write_breakglass(
         if !entries.contains_key(key) {
             map.remove(key).map_err(map_err(name))?;
         }
+    }
+    // Cleared only once the map is seen empty.
+    if map.keys().next().is_none() {
+        set_breakglass_in_use(ebpf, slot, false)?;
+    }
+    Ok(())
+}
+
+/// Says whether the kernel must look up grants in slot `slot`'s break-glass map.
+fn set_breakglass_in_use(ebpf: &mut Ebpf, slot: usize, in_use: bool) -> Result<(), PolicyMapError> {
+    let name = map_names::BREAKGLASS_IN_USE;
+    let mut flags: Array<_, u32> = Array::try_from(map_mut(ebpf, name)?).map_err(map_err(name))?;
+    flags
+        .set(slot as u32, u32::from(in_use), 0)
+        .map_err(map_err(name))
+}
+
+/// Sets both slots' break-glass flags from what their maps hold: for maps another daemon
+/// pinned, possibly before the flags existed.
+pub fn sync_breakglass_in_use(ebpf: &mut Ebpf) -> Result<(), PolicyMapError> {
+    for (slot, name) in map_names::BREAKGLASS.into_iter().enumerate() {
+        let map: HashMap<_, BreakglassKey, BreakglassValue> =
+            HashMap::try_from(map_mut(ebpf, name)?).map_err(map_err(name))?;
+        let in_use = map.keys().next().is_some();
+        set_breakglass_in_use(ebpf, slot, in_use)?;
     }
     Ok(())
 }

@@ -32,7 +32,7 @@ pub fn rule_id(id: u32) -> String {
 }
 
 impl Grant {
-    /// Whether the grant is in force at CLOCK_MONOTONIC time `now_ns`.
+    /// Whether the grant is in force at CLOCK_MONOTONIC_COARSE time `now_ns`.
     pub fn is_live(&self, now_ns: u64) -> bool {
         now_ns < self.expires_ns
     }

@@ -28,12 +28,12 @@ pub struct Grant {
     pub from: String,
     pub to: String,
     pub ports: Vec<PortMatch>,
-    /// CLOCK_MONOTONIC time (what the kernel's `bpf_ktime_get_ns` reads) at which it ends.
+    /// CLOCK_MONOTONIC_COARSE time (what the kernel's `bpf_ktime_get_coarse_ns` reads) at which it ends.
     pub expires_ns: u64,
 }
 
 impl Policy {
-    /// The reference verdict on `flow` at CLOCK_MONOTONIC time `now_ns`, with run-time
+    /// The reference verdict on `flow` at CLOCK_MONOTONIC_COARSE time `now_ns`, with run-time
     /// overrides in force. With no overrides it is [`Policy::evaluate`].
     pub fn evaluate_with(&self, flow: &Flow, overrides: &Overrides, now_ns: u64) -> Decision {
         // Quarantine: a quarantined address is in the quarantine segment, as source and as

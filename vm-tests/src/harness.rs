@@ -41,7 +41,7 @@ pub struct KernelHarness {
     rule_shadow: HashMap<u32, u64>,
     /// The run-time overrides in force in both.
     overrides: Overrides,
-    /// The kernel's clock (CLOCK_MONOTONIC) when the harness was loaded: the reference model's
+    /// The kernel programs' clock (CLOCK_MONOTONIC_COARSE) when the harness was loaded: the reference model's
     /// time 0. Grant expiries are given in reference time and shifted by it for the kernel.
     epoch_ns: u64,
 }

@@ -398,3 +398,55 @@ fn quarantine_wins_over_a_grant() {
         counter::BREAKGLASS,
     );
 }
+
+/// `BREAKGLASS_IN_USE[slot]`, as the kernel reads it.
+fn grants_flag(h: &mut KernelHarness, slot: usize) -> u32 {
+    let map = h
+        .enforcer
+        .ebpf_mut()
+        .map_mut(enforcer_common::map_names::BREAKGLASS_IN_USE)
+        .unwrap();
+    let flags: aya::maps::Array<_, u32> = aya::maps::Array::try_from(map).unwrap();
+    flags.get(&(slot as u32), 0).unwrap()
+}
+
+#[test]
+fn grants_are_looked_up_only_while_the_slot_holds_one_and_a_new_daemon_resyncs_the_flag() {
+    let mut h = KernelHarness::load(policy("")).unwrap();
+    let slot = h.enforcer.active_slot();
+    let dicom = |sport| tcp(ICU, PACS, sport, 104, TCP_SYN);
+    assert_eq!(grants_flag(&mut h, slot), 0, "no grant yet");
+    grants(&mut h, vec![grant(3, "icu", "pacs", &["tcp/104"], HOUR_NS)]);
+    assert_eq!(grants_flag(&mut h, slot), 1, "set with the first grant");
+    expect(&mut h, INGRESS, &dicom(40000), counter::BREAKGLASS);
+    grants(&mut h, vec![]);
+    assert_eq!(grants_flag(&mut h, slot), 0, "cleared with the last grant");
+    expect(&mut h, INGRESS, &dicom(40001), counter::DROP_POLICY_DENIED);
+
+    // Grants in maps whose flag says nothing (a daemon adopting maps pinned before the flag
+    // existed): the kernel skips them, which is what the resync is for.
+    grants(&mut h, vec![grant(4, "icu", "pacs", &["tcp/104"], HOUR_NS)]);
+    {
+        let map = h
+            .enforcer
+            .ebpf_mut()
+            .map_mut(enforcer_common::map_names::BREAKGLASS_IN_USE)
+            .unwrap();
+        let mut flags: aya::maps::Array<_, u32> = aya::maps::Array::try_from(map).unwrap();
+        flags.set(slot as u32, 0, 0).unwrap();
+    }
+    let (frame, _) = packet_builder::build(&dicom(40002));
+    assert_eq!(
+        h.run_kernel(&frame, INGRESS).unwrap(),
+        vm_tests::harness::action(INGRESS, false),
+        "with the flag cleared the grant is not looked up"
+    );
+    enforcer::policy_maps::sync_breakglass_in_use(h.enforcer.ebpf_mut()).unwrap();
+    assert_eq!(grants_flag(&mut h, slot), 1, "resynced from the map");
+    assert_eq!(
+        grants_flag(&mut h, 1 - slot),
+        0,
+        "the other slot holds no grant"
+    );
+    expect(&mut h, INGRESS, &dicom(40003), counter::BREAKGLASS);
+}
