@@ -1,12 +1,45 @@
 //! Events for the daemon's flow stream: denied, audited and (optionally) allowed first packets,
-//! at most one per flow per interval, so a flood cannot drown the daemon. Events the ring
-//! buffer has no room for are counted as lost.
-use enforcer_common::{Event, EventLimiterKey, event_counter};
+//! at most one per flow per interval on each CPU, so a flood cannot drown the daemon. Events
+//! the ring buffer has no room for are counted as lost.
+use core::mem::{align_of, size_of};
+
+use enforcer_common::{Event, EventLimiterKey, RECENT_EVENT_SLOTS, event_counter};
 
 use crate::{
     counters,
-    maps::{EVENT_LIMITER, EVENTS},
+    maps::{EVENTS, RECENT_EVENTS},
 };
+
+const KEY_WORDS: usize = size_of::<EventLimiterKey>() / 4;
+
+/// The key as words, to hash and compare it without byte loops or a `bcmp` subprogram.
+#[inline(always)]
+fn words(key: &EventLimiterKey) -> &[u32; KEY_WORDS] {
+    const _: () = assert!(
+        size_of::<EventLimiterKey>().is_multiple_of(4) && align_of::<EventLimiterKey>() >= 4
+    );
+    // SAFETY: same size; the key is 4-byte aligned and holds only integers.
+    unsafe { &*(key as *const EventLimiterKey).cast::<[u32; KEY_WORDS]>() }
+}
+
+/// The first of the key's two slots in `RECENT_EVENTS`.
+#[inline(always)]
+fn slots_of(key: &[u32; KEY_WORDS]) -> u32 {
+    let mut hash: u32 = 0;
+    for word in key {
+        hash = (hash ^ word).wrapping_mul(0x9e37_79b1);
+    }
+    (hash ^ (hash >> 16)) & (RECENT_EVENT_SLOTS - 2)
+}
+
+#[inline(always)]
+fn same(a: &[u32; KEY_WORDS], b: &[u32; KEY_WORDS]) -> bool {
+    let mut diff = 0;
+    for i in 0..KEY_WORDS {
+        diff |= a[i] ^ b[i];
+    }
+    diff == 0
+}
 
 #[inline(always)]
 pub fn emit(event: &Event, interval_ns: u64) {
@@ -17,20 +50,39 @@ pub fn emit(event: &Event, interval_ns: u64) {
         proto: event.proto,
         counter: event.counter,
     };
-    // SAFETY: the value is copied out at once.
-    if let Some(last) = unsafe { EVENT_LIMITER.get(key) }.copied()
-        && event.time_ns.saturating_sub(last) < interval_ns
-    {
-        counters::event(event_counter::RATE_LIMITED);
+    let key_words = words(&key);
+    let first = slots_of(key_words);
+    let (Some(a), Some(b)) = (
+        RECENT_EVENTS.get_ptr_mut(first),
+        RECENT_EVENTS.get_ptr_mut(first + 1),
+    ) else {
         return;
-    }
-    let _ = EVENT_LIMITER.insert(key, event.time_ns, 0);
-    match EVENTS.reserve::<Event>(0) {
-        Some(mut entry) => {
-            entry.write(*event);
-            entry.submit(0);
-            counters::event(event_counter::SENT);
+    };
+    // SAFETY: this CPU's elements of a per-CPU array; a program runs to completion on it.
+    let (a, b) = unsafe { (&mut *a, &mut *b) };
+    for recent in [&*a, &*b] {
+        if recent.reported_ns != 0
+            && same(words(&recent.key), key_words)
+            && event.time_ns.saturating_sub(recent.reported_ns) < interval_ns
+        {
+            counters::event(event_counter::RATE_LIMITED);
+            return;
         }
-        None => counters::event(event_counter::LOST),
+    }
+    // The flow's own slot if it has one, else the one reported longer ago.
+    let recent = if same(words(&a.key), key_words) {
+        a
+    } else if same(words(&b.key), key_words) || b.reported_ns < a.reported_ns {
+        b
+    } else {
+        a
+    };
+    recent.key = key;
+    recent.reported_ns = event.time_ns;
+    // One helper call that copies the event in; reserving and writing it here would copy
+    // it through a `memmove` subprogram.
+    match EVENTS.output::<Event>(event, 0) {
+        Ok(()) => counters::event(event_counter::SENT),
+        Err(_) => counters::event(event_counter::LOST),
     }
 }

@@ -6,12 +6,12 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use enforcer_common::{
     AddrInfo, BREAKGLASS_MAX_PAIRS, BreakglassKey, BreakglassValue, Config, DEFAULT_MAX_ENTRIES,
-    EventLimiterKey, FlowKey, FlowState, FragmentKey, FragmentState, PairKey, PairValue,
-    PairVerdictKey, PortKey, PortValue, QUARANTINE_MAX_ENTRIES, QuarantineKey, SegmentInfo,
+    FlowKey, FlowState, FragmentKey, FragmentState, PairKey, PairValue, PairVerdictKey, PortKey,
+    PortValue, QUARANTINE_MAX_ENTRIES, QuarantineKey, RECENT_EVENT_SLOTS, RecentEvent, SegmentInfo,
     counter, direction, event_counter, protocol_class,
 };
 
@@ -225,9 +225,10 @@ pub static PAIR_VERDICTS: PerCpuHashMap<PairVerdictKey, u64> =
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 * 1024 * 1024, 0);
 
+/// The event rate limiter (see `enforcer_common::RECENT_EVENT_SLOTS`).
 #[map]
-pub static EVENT_LIMITER: LruHashMap<EventLimiterKey, u64> =
-    LruHashMap::with_max_entries(65_536, 0);
+pub static RECENT_EVENTS: PerCpuArray<RecentEvent> =
+    PerCpuArray::with_max_entries(RECENT_EVENT_SLOTS, 0);
 
 #[map]
 pub static EVENT_COUNTERS: PerCpuArray<u64> =

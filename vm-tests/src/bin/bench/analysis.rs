@@ -6,36 +6,38 @@ use crate::report::{Figure, Section};
 /// Why a target family is missed and what would close it, from what the benchmarks show.
 fn explanation(name: &str) -> &'static str {
     if name.starts_with("per") {
-        "Why: the per-packet cost no longer grows with the policy (1M against 1k: 1.06 for the \
-         mixed corpus, 1.15 for the judged one; it was 1.30 and 1.51 with one LPM trie per \
-         address), because a host address and a single port are now found by one exact-match hash \
+        "Why: the per-packet cost does not grow with the policy (1M against 1k, in the table \
+         above), because a host address and a single port are found by one exact-match hash \
          lookup whatever the policy size, and the tries are walked only for the subnets and port \
-         ranges a policy has (none in these policies). What is left is a fixed cost per packet: \
-         the parser (the parse-only arm, about 60 ns above the empty program, most of it \
-         resetting and filling the per-CPU scratch record), then for a judged packet about ten \
-         map operations at 15-50 ns each on this VM: the connection-table lookup (40-byte key), \
-         two quarantine probes, two host lookups, the segment array, one or two PAIRS and \
-         PORTS_EXACT lookups, the break-glass probe of a denied pair, and the accounting (per-CPU \
-         PAIR_VERDICTS hash, DROPS_BY_PROTOCOL, the EVENT_LIMITER LRU lookup of a denial). 50 ns \
-         above the empty program leaves room for two or three of them. What would close more of \
-         it: fewer map operations per judged packet (one hash keyed by (destination segment, \
-         class, protocol, port) instead of PAIRS then PORTS_EXACT; skipping the quarantine and \
-         break-glass probes while nothing is quarantined or granted, with a generation-checked \
-         flag so a new quarantine can never be missed; per-CPU arrays indexed by segment pair \
-         instead of the PAIR_VERDICTS hash), and a parser that fills only the fields a decision \
-         reads."
+         ranges a policy has. What is left is a fixed cost per packet, which session 5 cut by \
+         about a third (side by side with the previous build, `cargo xtask bench --only \
+         per-packet`: at 100k, 325 to about 210 ns above the empty program for the mixed corpus, \
+         773 to about 510 ns for the judged one; the parse-only arm 78 to about 30 ns): every \
+         map of a policy slot is now a constant in its code, so the verifier inlines the hash \
+         and array lookups (a slot picked at run time made each one a helper call through a \
+         retpoline); no byte-by-byte `memset` subprogram to clear the per-packet record or widen \
+         IPv4 addresses; addresses and keys aligned, so they are copied as words; the coarse \
+         clock (a TSC read costs about 30 ns in this VM); the break-glass probe only while a slot \
+         holds a grant; the event rate limiter a per-CPU array instead of an LRU hash. `perf` over \
+         a loop of the judged corpus now shows about a third of the time in the kernel's hash \
+         code (jhash and the bucket walk) for the six to eight hash lookups of a judged packet \
+         (connection table, two hosts, one or two PAIRS and PORTS_EXACT, PAIR_VERDICTS) and a \
+         quarter in the program body; 50 ns above the empty program leaves room for about two \
+         lookups. What would close more of it: one hash keyed by (destination segment, class, \
+         protocol, port) with the wildcard class merged into every class's table by the \
+         compiler, instead of PAIRS then PORTS_EXACT twice; a DIR-24-8 table for IPv4 hosts and \
+         prefixes (an array index, no hashing); PAIR_VERDICTS as a per-CPU array over dense pair \
+         ids."
     } else if name.starts_with("e2e") {
-        "Why (not profiled; what the figures point at): in front of a veth every frame is a \
-         different flow, so unlike the repeated frame of BPF_PROG_TEST_RUN the maps are not in \
-         cache. The hash lookups made the 100k arm 1.6 times faster than with tries (0.24 to 0.39 \
-         Mpps) and the enforcer now matches nftables' hash maps (1.24) and nearly its interval \
-         sets (0.87), but every judged packet still makes about ten map accesses, several of them \
-         cache misses at 100k entries on a shared 2-CPU VM (host, pair and port hashes, the \
-         connection table, PAIR_VERDICTS, the event limiter), where the parse-and-drop floor \
-         makes one. What would close it: the same reduction of map operations per judged packet \
-         as for the per-packet cost, above all for denials, which this benchmark sends \
-         exclusively: count them per segment pair in a per-CPU array and check the event limiter \
-         only for the first denial of a flow per interval."
+        "Why: in front of a veth every frame is a different flow, so unlike the repeated frame \
+         of BPF_PROG_TEST_RUN the maps are not in cache, and each hash lookup of a judged packet \
+         costs a cache miss or two (the bucket array, then the element): the host hashes of a \
+         100k policy (allocated per element), the 1M-bucket connection table of these policies, \
+         PAIRS and PORTS_EXACT, PAIR_VERDICTS. The parse-and-drop floor touches no map. Session 5 \
+         moved the enforcer from 0.24 to about 0.3 of the floor at 10 and 1k rules and from 0.87 \
+         to about 1.2 times nftables' interval sets at 100k (same benchmark, previous build). \
+         What would close it: fewer map accesses per judged packet, as for the per-packet cost, \
+         above all for denials, which this benchmark sends exclusively."
     } else if name.starts_with("reload") {
         "Why: time to live is validation + compilation in user space (split in the section 3 \
          table: about 1 s of the 1.3 s at 100k rules) plus writing the maps. The writes are now \
@@ -48,11 +50,17 @@ fn explanation(name: &str) -> &'static str {
          time), incremental compilation of the segments that changed, and map-in-map slots so a \
          reload writes fresh inner maps and never clears."
     } else if name.starts_with("events") {
-        "Why: the packets here come through BPF_PROG_TEST_RUN one syscall each, so the event rate \
-         is bounded by the syscall rate (see packets/s at 100% denied); the reader kept up (0 \
-         lost). What would close it: measuring with a live-frames generator (as in section 2) \
-         rather than one syscall per packet, and on the reader side batching serialization; the \
-         kernel side is one LRU lookup and one ring-buffer reserve per denial."
+        "Why: in the live-frames measurement every event the kernel sent was a denied packet and \
+         the kernel side is the bound: the generator, the veth transmit and the enforcer's denial \
+         (connection-table miss, policy lookups, PAIR_VERDICTS, the limiter slot, the ring-buffer \
+         copy) share one CPU, about 1.1 µs per event; session 5 raised it from about 0.56M to \
+         0.8-0.9M events/s by replacing the LRU limiter (its insert and eviction were a sixth of \
+         the time) and copying events with one `bpf_ringbuf_output`. The reader, on the other \
+         CPU, names and serializes an event in about 330 ns and loses some (counted) at this \
+         rate when it sleeps between polls of the ring. What would close it: fewer map \
+         operations per denial, as for the per-packet cost, and a reader woken by the ring \
+         buffer's epoll rather than polling. The BPF_PROG_TEST_RUN figures are bounded by one \
+         syscall per packet."
     } else if name.starts_with("daemon") {
         "Why: the daemon keeps only the outline of the policy in force and returns the compiler's \
          heap to the system after every load (`malloc_trim`, two malloc arenas); VmHWM, the peak \

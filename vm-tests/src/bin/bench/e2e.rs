@@ -55,11 +55,11 @@ struct Arm {
     samples: Vec<f64>,
 }
 
-fn mac(side: u8, i: usize) -> [u8; 6] {
+pub fn mac(side: u8, i: usize) -> [u8; 6] {
     [0x02, side, 0, 0, (i >> 8) as u8, i as u8]
 }
 
-fn mac_text(m: [u8; 6]) -> String {
+pub fn mac_text(m: [u8; 6]) -> String {
     m.iter()
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
@@ -177,7 +177,7 @@ fn nft_ruleset(p: &BenchPolicy, kind: Kind, table: &str, device: &str) -> String
     out
 }
 
-fn frame(gen_mac: [u8; 6], rx_mac: [u8; 6]) -> Vec<u8> {
+pub fn frame(gen_mac: [u8; 6], rx_mac: [u8; 6]) -> Vec<u8> {
     let (mut frame, _) = packet_builder::build(&PacketSpec::new(
         "10.0.0.1".parse().unwrap(),
         "10.0.0.2".parse().unwrap(),
@@ -195,7 +195,7 @@ fn frame(gen_mac: [u8; 6], rx_mac: [u8; 6]) -> Vec<u8> {
 }
 
 /// `struct xdp_md` for a live-frames run injected on `ifindex`.
-fn xdp_md(ifindex: u32) -> Vec<u8> {
+pub fn xdp_md(ifindex: u32) -> Vec<u8> {
     [0u32, FRAME_LEN as u32, 0, ifindex, 0, 0]
         .iter()
         .flat_map(|v| v.to_ne_bytes())
@@ -350,7 +350,7 @@ fn measure(
                 Kind::Floor => &flow_sets[flow_sets.len() - 1],
                 _ => &flow_sets[sizes.iter().position(|&s| s == arms[a].size).unwrap()],
             };
-            write_flows(&mut generator, flows)?;
+            write_flows(&mut generator, flows, FLOWS)?;
             let tx: &Xdp = crate::common::xdp(&generator, bench::TX)?;
             let arm = &arms[a];
             let count = |arm: &Arm, generator: &aya::Ebpf| -> Result<u64> {
@@ -513,10 +513,11 @@ fn attach(ebpf: &mut aya::Ebpf, name: &str, netns: &Netns, iface: &str) -> Resul
     Ok(())
 }
 
-fn write_flows(ebpf: &mut aya::Ebpf, flows: &[BenchFlow]) -> Result<()> {
+/// Fills the generator's table of `capacity` flows, repeating `flows` as needed.
+pub fn write_flows(ebpf: &mut aya::Ebpf, flows: &[BenchFlow], capacity: usize) -> Result<()> {
     let mut table: Array<_, BenchFlow> =
         Array::try_from(ebpf.map_mut(bench::FLOWS).context("flows map")?)?;
-    for i in 0..FLOWS {
+    for i in 0..capacity {
         table.set(i as u32, flows[i % flows.len()], 0)?;
     }
     Ok(())

@@ -3,6 +3,7 @@
 //!    from the ring buffer as the daemon does, named with `EventNamer`, serialized with serde).
 use std::{
     fmt::Write as _,
+    net::IpAddr,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -12,16 +13,24 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
+use aya::{
+    EbpfLoader,
+    maps::{MapData, RingBuf},
+    programs::{TestRun as _, TestRunAttrs, TestRunOptions, Xdp},
+};
 use enforcer::{
     Enforcer,
     events::{EventNamer, PolicyNames},
 };
-use enforcer_common::{Event, event_counter, map_names, program_names};
+use enforcer_common::{
+    BenchFlow, Event, bench, counter, direction, event_counter, map_names, program_names,
+};
 use vm_tests::packet_builder::{self, PacketSpec, TCP_RST, Transport};
 
 use crate::{
     Options,
-    common::{Parking, median, other_cpu, pin_to, run_once},
+    common::{Netns, Parking, median, other_cpu, pin_to, run_once},
+    e2e::{frame, mac, mac_text, write_flows, xdp_md},
     policy,
     report::{Figure, Report, Section},
 };
@@ -34,17 +43,11 @@ pub fn run(opts: &Options, report: &mut Report) -> Result<()> {
     let mut enforcer = Enforcer::load(&artifact)?;
     let mut parking = Parking::new("events")?;
     parking.park(enforcer.ebpf_mut(), program_names::XDP_INGRESS)?;
-    let mut ring = enforcer.take_events().context("event ring buffer")?;
-    let mut namer = EventNamer::new();
-    namer.add_policy(Arc::new(PolicyNames {
-        generation: enforcer.generation(),
-        revision: artifact.revision.clone(),
-        segments: artifact.segments.iter().map(|s| s.name.clone()).collect(),
-        rules: artifact.rule_ids().into_iter().map(Arc::from).collect(),
-    }));
+    let ring = enforcer.take_events().context("event ring buffer")?;
+    let namer = namer_for(&enforcer, &artifact);
 
-    // Distinct flows (source, destination, port): more than the 65,536 entries of the event
-    // rate limiter, so a flow's entry is evicted before the flow comes round again.
+    // Distinct flows (source, destination, port): far more than the event rate limiter's
+    // slots, so a flow's slot is taken by others before the flow comes round again.
     let frames_per_corpus = if opts.quick { 70_000 } else { 200_000 };
     let tcp_rules: Vec<_> = p.rules.iter().filter(|r| r.tcp).collect();
     let build = |i: usize, denied: bool| {
@@ -72,47 +75,8 @@ pub fn run(opts: &Options, report: &mut Report) -> Result<()> {
         })
         .collect();
 
-    let delivered = Arc::new(AtomicU64::new(0));
-    let bytes = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let reader = {
-        let (delivered, bytes, stop) = (delivered.clone(), bytes.clone(), stop.clone());
-        thread::spawn(move || -> Result<()> {
-            pin_to(other_cpu())?;
-            let mut out = Vec::with_capacity(1 << 20);
-            while !stop.load(Ordering::Relaxed) {
-                let mut got = 0;
-                while let Some(item) = ring.next() {
-                    if item.len() >= size_of::<Event>() {
-                        // SAFETY: the kernel wrote an `Event` there; read unaligned.
-                        let event = unsafe { (item.as_ptr() as *const Event).read_unaligned() };
-                        serde_json::to_writer(&mut out, &namer.name(&event, "bench0".into()))?;
-                        out.push(b'\n');
-                        got += 1;
-                    }
-                }
-                if got == 0 {
-                    thread::sleep(Duration::from_micros(50));
-                }
-                // The JSON output: counted, then discarded.
-                bytes.fetch_add(out.len() as u64, Ordering::Relaxed);
-                out.clear();
-                delivered.fetch_add(got, Ordering::Relaxed);
-            }
-            Ok(())
-        })
-    };
-
-    let event_counters = |e: &Enforcer| -> Result<[u64; 3]> {
-        let array: aya::maps::PerCpuArray<_, u64> = aya::maps::PerCpuArray::try_from(
-            e.ebpf().map(map_names::EVENT_COUNTERS).context("map")?,
-        )?;
-        let mut sums = [0u64; 3];
-        for (i, sum) in sums.iter_mut().enumerate() {
-            *sum = array.get(&(i as u32), 0)?.iter().sum();
-        }
-        Ok(sums)
-    };
+    let reader = Reader::spawn(ring, namer)?;
+    let delivered = reader.delivered.clone();
 
     // samples[fraction] = (pps, events/s, lost, rate limited)
     let mut samples = vec![(Vec::new(), Vec::new(), 0u64, 0u64); FRACTIONS.len()];
@@ -149,10 +113,7 @@ pub fn run(opts: &Options, report: &mut Report) -> Result<()> {
         }
         Ok(())
     })();
-    stop.store(true, Ordering::Relaxed);
-    reader
-        .join()
-        .map_err(|_| anyhow::anyhow!("reader panicked"))??;
+    reader.stop()?;
     result?;
 
     let mut text = String::new();
@@ -161,8 +122,8 @@ pub fn run(opts: &Options, report: &mut Report) -> Result<()> {
         "Method: a policy of 1k prefixes and rules; for each denied share a corpus of \
          {frames_per_corpus} frames (TCP RST, so every packet is judged and none creates \
          connection state; allowed ones on a rule's port, denied ones on one of 10,000 ports no \
-         rule allows, so the corpus holds more distinct flows than the 65,536-entry event rate \
-         limiter remembers and nearly every denial is reported). The corpus is run through the \
+         rule allows, so the corpus holds far more distinct flows than the event rate limiter's \
+         16,384 slots per CPU and nearly every denial is reported). The corpus is run through the \
          enforcer's XDP program with `BPF_PROG_TEST_RUN`, one packet per call (repeat would \
          replay one flow, which the limiter reports once a second), on CPU {}. A reader thread \
          on CPU {} drains the ring buffer as `enforcer/src/daemon.rs` does, names each event \
@@ -193,22 +154,230 @@ pub fn run(opts: &Options, report: &mut Report) -> Result<()> {
             Figure::new(format!("events_{pct}pct_denied_pps"), pps, "packets/s")
                 .vs("0% denied (ratio: this / 0%)", pps / median(&samples[0].0)),
         );
-        let mut figure = Figure::new(format!("events_{pct}pct_denied_delivered"), eps, "events/s");
-        if pct == 100 {
-            figure = figure
-                .vs("target 1,000,000 events/s", eps / 1e6)
-                .target("≥ 1,000,000 events/s delivered, loss counted", eps >= 1e6);
-        }
-        report.figures.push(figure);
+        report.figures.push(Figure::new(
+            format!("events_{pct}pct_denied_delivered"),
+            eps,
+            "events/s",
+        ));
         report.figures.push(Figure::new(
             format!("events_{pct}pct_denied_lost"),
             *lost as f64,
             "events",
         ));
     }
+    live(opts, report, &mut text)?;
     report.sections.push(Section {
         title: "4. Flow events".to_string(),
         text,
     });
+    Ok(())
+}
+
+/// The kernel's event counters (sent, lost, rate-limited), summed over CPUs.
+fn event_counters(e: &Enforcer) -> Result<[u64; 3]> {
+    let array: aya::maps::PerCpuArray<_, u64> =
+        aya::maps::PerCpuArray::try_from(e.ebpf().map(map_names::EVENT_COUNTERS).context("map")?)?;
+    let mut sums = [0u64; 3];
+    for (i, sum) in sums.iter_mut().enumerate() {
+        *sum = array.get(&(i as u32), 0)?.iter().sum();
+    }
+    Ok(sums)
+}
+
+/// A thread on the other CPU that drains the ring buffer as `enforcer/src/daemon.rs` does,
+/// names each event with `EventNamer` and serializes it as a JSON line (counted, discarded).
+struct Reader {
+    delivered: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: thread::JoinHandle<Result<()>>,
+}
+
+impl Reader {
+    fn spawn(mut ring: RingBuf<MapData>, namer: EventNamer) -> Result<Self> {
+        let delivered = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (delivered, stop) = (delivered.clone(), stop.clone());
+            thread::spawn(move || -> Result<()> {
+                pin_to(other_cpu())?;
+                let mut out = Vec::with_capacity(1 << 20);
+                while !stop.load(Ordering::Relaxed) {
+                    let mut got = 0;
+                    while let Some(item) = ring.next() {
+                        if item.len() >= size_of::<Event>() {
+                            // SAFETY: the kernel wrote an `Event` there; read unaligned.
+                            let event = unsafe { (item.as_ptr() as *const Event).read_unaligned() };
+                            serde_json::to_writer(&mut out, &namer.name(&event, "bench0".into()))?;
+                            out.push(b'\n');
+                            got += 1;
+                        }
+                    }
+                    if got == 0 {
+                        thread::sleep(Duration::from_micros(50));
+                    }
+                    // The JSON output: counted, then discarded.
+                    out.clear();
+                    delivered.fetch_add(got, Ordering::Relaxed);
+                }
+                Ok(())
+            })
+        };
+        Ok(Reader {
+            delivered,
+            stop,
+            thread,
+        })
+    }
+
+    fn stop(self) -> Result<()> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("reader panicked"))?
+    }
+}
+
+fn namer_for(enforcer: &Enforcer, artifact: &policy_compiler::Artifact) -> EventNamer {
+    let mut namer = EventNamer::new();
+    namer.add_policy(Arc::new(PolicyNames {
+        generation: enforcer.generation(),
+        revision: artifact.revision.clone(),
+        segments: artifact.segments.iter().map(|s| s.name.clone()).collect(),
+        rules: artifact.rule_ids().into_iter().map(Arc::from).collect(),
+    }));
+    namer
+}
+
+/// Distinct denied flows for the live measurement: far more than the event rate limiter's
+/// slots, so a flow's slot is taken before it comes round again and every denial is reported,
+/// as in a scan.
+const LIVE_FLOWS: usize = 262_144;
+
+/// Denials of distinct flows arriving on a veth, every one reported: the kernel side (the
+/// generator and the enforcer, in the same softirq) on one CPU, the reader on the other.
+fn live(opts: &Options, report: &mut Report, text: &mut String) -> Result<()> {
+    let p = policy::generate(1_000, false, 0, false);
+    let artifact = p.compile()?;
+    let mut enforcer = Enforcer::load(&artifact)?;
+    let namer = namer_for(&enforcer, &artifact);
+    let ring = enforcer.take_events().context("event ring buffer")?;
+    let netns = Netns::create("evl")?;
+    netns.ip_batch(&[
+        "link set lo up".to_string(),
+        format!(
+            "link add gen0 address {} type veth peer name rx0 address {}",
+            mac_text(mac(1, 0)),
+            mac_text(mac(2, 0))
+        ),
+        "link set gen0 up".to_string(),
+        "link set rx0 up".to_string(),
+    ])?;
+    netns.run(|| enforcer.attach("rx0"))??;
+    let mut generator = EbpfLoader::new()
+        .map_max_entries(bench::FLOWS, LIVE_FLOWS as u32)
+        .load(enforcer::loader::ebpf_object())
+        .context("loading the benchmark programs")?;
+    crate::common::load_xdp(&mut generator, bench::TX)?;
+    // A UDP port no rule allows (rule ports are 1024-41023), different per round of sources.
+    let flows: Vec<BenchFlow> = (0..LIVE_FLOWS)
+        .map(|i| {
+            let a = i % p.size;
+            let mut b = (i.wrapping_mul(40_503) + 7) % p.size;
+            while p.segment_of(b) == p.segment_of(a) {
+                b = (b + 1) % p.size;
+            }
+            let (IpAddr::V4(src), IpAddr::V4(dst)) = (p.hosts[a], p.hosts[b]) else {
+                unreachable!("the live events policy is IPv4 only")
+            };
+            BenchFlow {
+                src: src.octets(),
+                dst: dst.octets(),
+                dport: (45_000 + (i / p.size) as u16).to_be_bytes(),
+                _pad: [0; 2],
+            }
+        })
+        .collect();
+    write_flows(&mut generator, &flows, LIVE_FLOWS)?;
+    let gen_ifindex = netns.run(|| {
+        let name = std::ffi::CString::new("gen0").unwrap();
+        // SAFETY: valid NUL-terminated name.
+        unsafe { libc::if_nametoindex(name.as_ptr()) }
+    })?;
+    let reader = Reader::spawn(ring, namer)?;
+    let packets: u32 = if opts.quick { 300_000 } else { 2_000_000 };
+    let data = frame(mac(1, 0), mac(2, 0));
+    let ctx = xdp_md(gen_ifindex);
+    let tx: &Xdp = crate::common::xdp(&generator, bench::TX)?;
+    let (mut eps, mut pps) = (Vec::new(), Vec::new());
+    let (mut lost, mut limited, mut sent_total) = (0u64, 0u64, 0u64);
+    let result = (|| -> Result<()> {
+        for _ in 0..opts.runs {
+            let before = event_counters(&enforcer)?;
+            let denied_before =
+                enforcer.counter(direction::INGRESS, counter::DROP_POLICY_DENIED)?;
+            let delivered_before = reader.delivered.load(Ordering::Relaxed);
+            let started = Instant::now();
+            netns.run(|| {
+                tx.test_run(TestRunOptions {
+                    data_in: Some(&data),
+                    ctx_in: Some(&ctx),
+                    repeat: packets,
+                    attrs: TestRunAttrs::new().xdp_live_frames(64),
+                    ..TestRunOptions::default()
+                })
+            })??;
+            let injected_in = started.elapsed();
+            let after = event_counters(&enforcer)?;
+            let sent = after[event_counter::SENT as usize] - before[event_counter::SENT as usize];
+            while reader.delivered.load(Ordering::Relaxed) - delivered_before < sent
+                && started.elapsed() < injected_in + Duration::from_secs(5)
+            {
+                thread::sleep(Duration::from_micros(100));
+            }
+            let took = started.elapsed();
+            let got = reader.delivered.load(Ordering::Relaxed) - delivered_before;
+            let denied =
+                enforcer.counter(direction::INGRESS, counter::DROP_POLICY_DENIED)? - denied_before;
+            eps.push(got as f64 / took.as_secs_f64());
+            pps.push(denied as f64 / injected_in.as_secs_f64());
+            sent_total += sent;
+            lost += after[event_counter::LOST as usize] - before[event_counter::LOST as usize];
+            limited += after[event_counter::RATE_LIMITED as usize]
+                - before[event_counter::RATE_LIMITED as usize];
+        }
+        Ok(())
+    })();
+    reader.stop()?;
+    result?;
+    drop(enforcer);
+    drop(netns);
+    let (eps, pps) = (median(&eps), median(&pps));
+    let _ = writeln!(
+        text,
+        "\n**Live frames** (the figure with the target): the generator of section 2 \
+         (`bench_tx`, `BPF_F_TEST_XDP_LIVE_FRAMES`) sends {packets} 64-byte UDP frames per run \
+         into a veth pair whose other end runs the enforcer (native XDP, a 1k-rule IPv4 \
+         policy); the frames cycle through {LIVE_FLOWS} distinct denied flows (source, \
+         destination, port), far more than the event rate limiter's slots, so each denial \
+         takes a limiter slot and is an event, as in a scan. Receive NAPI is not threaded, so the \
+         enforcer runs in the softirq of the generator's CPU ({}); the reader of section 4 \
+         runs on CPU {}. Events/s = events delivered as JSON lines / time from the first frame \
+         until the reader has delivered every event the kernel sent. {} runs.\n\n\
+         | denied packets/s | events/s delivered | events sent | events lost | rate-limited |\n|---|---|---|---|---|\n\
+         | {pps:.0} | {eps:.0} | {sent_total} | {lost} | {limited} |",
+        crate::common::bench_cpu(),
+        other_cpu(),
+        opts.runs,
+    );
+    report.figures.push(
+        Figure::new("events_live_100pct_denied_delivered", eps, "events/s")
+            .vs("target 1,000,000 events/s", eps / 1e6)
+            .target("≥ 1,000,000 events/s delivered, loss counted", eps >= 1e6),
+    );
+    report.figures.push(Figure::new(
+        "events_live_100pct_denied_lost",
+        lost as f64,
+        "events",
+    ));
     Ok(())
 }
