@@ -11,8 +11,8 @@ fn explanation(name: &str) -> &'static str {
          lookup whatever the policy size, and the tries are walked only for the subnets and port \
          ranges a policy has. What is left is a fixed cost per packet, which session 5 cut by \
          about a third (side by side with the previous build, `cargo xtask bench --only \
-         per-packet`: at 100k, 325 to about 210 ns above the empty program for the mixed corpus, \
-         773 to about 510 ns for the judged one; the parse-only arm 78 to about 30 ns): every \
+         per-packet`: at 100k, 325 to 210-220 ns above the empty program for the mixed corpus, \
+         773 to 465-510 ns for the judged one; the parse-only arm 78 to 30-40 ns): every \
          map of a policy slot is now a constant in its code, so the verifier inlines the hash \
          and array lookups (a slot picked at run time made each one a helper call through a \
          retpoline); no byte-by-byte `memset` subprogram to clear the per-packet record or widen \
@@ -34,8 +34,9 @@ fn explanation(name: &str) -> &'static str {
          costs a cache miss or two (the bucket array, then the element): the host hashes of a \
          100k policy (allocated per element), the 1M-bucket connection table of these policies, \
          PAIRS and PORTS_EXACT, PAIR_VERDICTS. The parse-and-drop floor touches no map. Session 5 \
-         moved the enforcer from 0.24 to about 0.3 of the floor at 10 and 1k rules and from 0.87 \
-         to about 1.2 times nftables' interval sets at 100k (same benchmark, previous build). \
+         moved the enforcer from 0.24 to 0.3-0.4 of the floor at 10 and 1k rules and from 0.87 to \
+         1.2-1.8 times nftables' interval sets at 100k (same benchmark, previous build; the \
+         range is across today's runs). \
          What would close it: fewer map accesses per judged packet, as for the per-packet cost, \
          above all for denials, which this benchmark sends exclusively."
     } else if name.starts_with("reload") {
@@ -53,8 +54,8 @@ fn explanation(name: &str) -> &'static str {
         "Why: in the live-frames measurement every event the kernel sent was a denied packet and \
          the kernel side is the bound: the generator, the veth transmit and the enforcer's denial \
          (connection-table miss, policy lookups, PAIR_VERDICTS, the limiter slot, the ring-buffer \
-         copy) share one CPU, about 1.1 µs per event; session 5 raised it from about 0.56M to \
-         0.8-0.9M events/s by replacing the LRU limiter (its insert and eviction were a sixth of \
+         copy) share one CPU, about 0.9 µs per event; session 5 raised it from about 0.56M to \
+         0.9-1.14M events/s (quick and full runs) by replacing the LRU limiter (its insert and eviction were a sixth of \
          the time) and copying events with one `bpf_ringbuf_output`. The reader, on the other \
          CPU, names and serializes an event in about 330 ns and loses some (counted) at this \
          rate when it sleeps between polls of the ring. What would close it: fewer map \
