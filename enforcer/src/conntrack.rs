@@ -51,6 +51,11 @@ pub fn idle_timeout_ns(key: &FlowKey, state: &FlowState, config: &Config) -> u64
 }
 
 /// Removes expired flows and fragments; returns how many of each.
+///
+/// Listing a large table takes a while, and meanwhile a packet may find a listed flow expired
+/// (the kernel then removes it itself) and create fresh state under the same key. Each entry
+/// is therefore read again just before its removal and removed only if still expired, so that
+/// a new flow's state is not swept with the old one's (its replies would be judged as new).
 pub fn sweep(ebpf: &mut Ebpf, config: &Config) -> Result<(usize, usize), SweepError> {
     let now = monotonic_now_ns();
     let flows = {
@@ -61,16 +66,16 @@ pub fn sweep(ebpf: &mut Ebpf, config: &Config) -> Result<(usize, usize), SweepEr
         let expired: Vec<FlowKey> = table
             .iter()
             .filter_map(Result::ok)
-            .filter(|(key, state)| {
-                now.saturating_sub(state.last_seen_ns) > idle_timeout_ns(key, state, config)
-            })
+            .filter(|(key, state)| flow_expired(key, state, now, config))
             .map(|(key, _)| key)
             .collect();
+        let mut removed = 0;
         for key in &expired {
-            // A packet may have refreshed or removed it meanwhile: either is fine.
-            let _ = table.remove(key);
+            if remove_flow_if_expired(&mut table, key, now, config) {
+                removed += 1;
+            }
         }
-        expired.len()
+        removed
     };
     let fragments = {
         let map = map_names::FRAGMENTS;
@@ -78,18 +83,46 @@ pub fn sweep(ebpf: &mut Ebpf, config: &Config) -> Result<(usize, usize), SweepEr
             HashMap::try_from(ebpf.map_mut(map).ok_or(SweepError::MissingMap(map))?)
                 .map_err(|source| SweepError::Map { map, source })?;
         let limit = config.timeouts_ns[timeout::FRAGMENT];
+        let is_expired = |state: &FragmentState| now.saturating_sub(state.first_seen_ns) > limit;
         let expired: Vec<FragmentKey> = table
             .iter()
             .filter_map(Result::ok)
-            .filter(|(_, state)| now.saturating_sub(state.first_seen_ns) > limit)
+            .filter(|(_, state)| is_expired(state))
             .map(|(key, _)| key)
             .collect();
+        let mut removed = 0;
         for key in &expired {
-            let _ = table.remove(key);
+            // Read again, as for flows: a new first fragment may have reused the key.
+            let still_expired = table.get(key, 0).is_ok_and(|state| is_expired(&state));
+            if still_expired && table.remove(key).is_ok() {
+                removed += 1;
+            }
         }
-        expired.len()
+        removed
     };
     Ok((flows, fragments))
+}
+
+fn flow_expired(key: &FlowKey, state: &FlowState, now: u64, config: &Config) -> bool {
+    now.saturating_sub(state.last_seen_ns) > idle_timeout_ns(key, state, config)
+}
+
+/// Removes the flow `key` if its state, read now, is expired at `now`; `true` if it did. A
+/// flow a packet refreshed or recreated since it was listed stays. (A packet between this read
+/// and the removal remains possible, in a window of microseconds rather than a whole listing.)
+pub fn remove_flow_if_expired<T>(
+    table: &mut HashMap<T, FlowKey, FlowState>,
+    key: &FlowKey,
+    now: u64,
+    config: &Config,
+) -> bool
+where
+    T: std::borrow::BorrowMut<aya::maps::MapData>,
+{
+    let still_expired = table
+        .get(key, 0)
+        .is_ok_and(|state| flow_expired(key, &state, now, config));
+    still_expired && table.remove(key).is_ok()
 }
 
 /// Sets the break-glass expiry of every flow that grant `grant` admitted to 0: the kernel judges

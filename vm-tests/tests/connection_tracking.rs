@@ -402,6 +402,46 @@ fn a_full_table_refuses_new_flows_and_keeps_the_tracked_ones() {
 }
 
 #[test]
+fn a_flow_recreated_after_the_sweeper_listed_its_predecessor_is_not_swept() {
+    let mut h = KernelHarness::load(policy("conntrack:\n  udp_timeout: 1s\n")).unwrap();
+    let syslog = PacketSpec::new(ip(RADIOLOGY), ip(PACS), Transport::udp(5514, 514));
+    expect(&mut h, INGRESS, &syslog, counter::ALLOWED);
+    thread::sleep(Duration::from_millis(1500));
+    // The sweeper lists the flow as expired at this time ...
+    let listed_at = enforcer::conntrack::monotonic_now_ns();
+    let config = *h.enforcer.config();
+    let key = {
+        let map = h
+            .enforcer
+            .ebpf_mut()
+            .map_mut(enforcer_common::map_names::CONNTRACK)
+            .unwrap();
+        let table: aya::maps::HashMap<_, enforcer_common::FlowKey, enforcer_common::FlowState> =
+            aya::maps::HashMap::try_from(map).unwrap();
+        let keys: Vec<_> = table.keys().map(Result::unwrap).collect();
+        assert_eq!(keys.len(), 1);
+        keys[0]
+    };
+    // ... then, before it removes it, the next datagram finds it expired and starts a new flow
+    // under the same key.
+    h.reference.set_time_ns(1_600_000_000);
+    expect(&mut h, INGRESS, &syslog, counter::ALLOWED);
+    let map = h
+        .enforcer
+        .ebpf_mut()
+        .map_mut(enforcer_common::map_names::CONNTRACK)
+        .unwrap();
+    let mut table: aya::maps::HashMap<_, enforcer_common::FlowKey, enforcer_common::FlowState> =
+        aya::maps::HashMap::try_from(map).unwrap();
+    assert!(
+        !enforcer::conntrack::remove_flow_if_expired(&mut table, &key, listed_at, &config),
+        "the new flow was swept with the old one"
+    );
+    // Its replies pass.
+    expect(&mut h, INGRESS, &syslog.reversed(), counter::ESTABLISHED);
+}
+
+#[test]
 fn idle_flows_expire_and_the_sweeper_removes_them() {
     let mut h = KernelHarness::load(policy("conntrack:\n  udp_timeout: 1s\n")).unwrap();
     let syslog = PacketSpec::new(ip(RADIOLOGY), ip(PACS), Transport::udp(5514, 514));
