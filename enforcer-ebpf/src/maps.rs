@@ -19,9 +19,10 @@ use crate::packet::Scratch;
 
 // The exact-match hashes are allocated per entry, like the tries they relieve: a slot's memory
 // follows its policy, and the inactive slot, emptied after a switch, costs nothing.
-macro_rules! policy_slot_maps {
-    ($hosts_v4:ident, $hosts_v6:ident, $addr_v4:ident, $addr_v6:ident, $segments:ident,
-     $pairs:ident, $ports_exact:ident, $ports:ident, $rule_hits:ident, $breakglass:ident) => {
+macro_rules! policy_slot {
+    ($slot:ident, $index:literal, $hosts_v4:ident, $hosts_v6:ident, $addr_v4:ident,
+     $addr_v6:ident, $segments:ident, $pairs:ident, $ports_exact:ident, $ports:ident,
+     $rule_hits:ident, $breakglass:ident) => {
         #[map]
         pub static $hosts_v4: HashMap<[u8; 4], AddrInfo> =
             HashMap::with_max_entries(DEFAULT_MAX_ENTRIES, BPF_F_NO_PREALLOC);
@@ -51,33 +52,23 @@ macro_rules! policy_slot_maps {
         #[map]
         pub static $breakglass: HashMap<BreakglassKey, BreakglassValue> =
             HashMap::with_max_entries(BREAKGLASS_MAX_PAIRS, 0);
+
+        impl_policy_slot!(
+            $slot,
+            $index,
+            $hosts_v4,
+            $hosts_v6,
+            $addr_v4,
+            $addr_v6,
+            $segments,
+            $pairs,
+            $ports_exact,
+            $ports,
+            $rule_hits,
+            $breakglass
+        );
     };
 }
-
-policy_slot_maps!(
-    HOSTS_V4_0,
-    HOSTS_V6_0,
-    ADDR_V4_0,
-    ADDR_V6_0,
-    SEGMENTS_0,
-    PAIRS_0,
-    PORTS_EXACT_0,
-    PORTS_0,
-    RULE_HITS_0,
-    BREAKGLASS_0
-);
-policy_slot_maps!(
-    HOSTS_V4_1,
-    HOSTS_V6_1,
-    ADDR_V4_1,
-    ADDR_V6_1,
-    SEGMENTS_1,
-    PAIRS_1,
-    PORTS_EXACT_1,
-    PORTS_1,
-    RULE_HITS_1,
-    BREAKGLASS_1
-);
 
 /// The maps of one policy slot, as a type: code generic over it names each map as a constant,
 /// which lets the verifier inline the hash and array lookups. A slot chosen at run time (a
@@ -149,7 +140,8 @@ macro_rules! impl_policy_slot {
     };
 }
 
-impl_policy_slot!(
+// Slot 0 and its maps.
+policy_slot!(
     Slot0,
     0,
     HOSTS_V4_0,
@@ -163,7 +155,8 @@ impl_policy_slot!(
     RULE_HITS_0,
     BREAKGLASS_0
 );
-impl_policy_slot!(
+// Slot 1 and its maps.
+policy_slot!(
     Slot1,
     1,
     HOSTS_V4_1,

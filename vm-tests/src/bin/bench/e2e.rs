@@ -368,15 +368,7 @@ fn measure(
             let data = frame(mac(1, a), mac(2, a));
             let ctx = xdp_md(arm.gen_ifindex);
             let started = Instant::now();
-            netns.run(|| {
-                tx.test_run(TestRunOptions {
-                    data_in: Some(&data),
-                    ctx_in: Some(&ctx),
-                    repeat: packets,
-                    attrs: TestRunAttrs::new().xdp_live_frames(64),
-                    ..TestRunOptions::default()
-                })
-            })??;
+            inject(tx, netns, &data, &ctx, packets)?;
             let took = started.elapsed();
             let after = count(arm, &generator)?;
             let mpps = (after - before) as f64 / took.as_secs_f64() / 1e6;
@@ -510,6 +502,21 @@ fn attach(ebpf: &mut aya::Ebpf, name: &str, netns: &Netns, iface: &str) -> Resul
     netns
         .run(|| program.attach(iface, XdpMode::Driver))?
         .with_context(|| format!("attaching {name} to {iface}"))?;
+    Ok(())
+}
+
+/// Sends `packets` frames from the generator `tx` out of the interface `ctx` names (live
+/// frames: each `XDP_TX` is a real transmit on the veth).
+pub fn inject(tx: &Xdp, netns: &Netns, data: &[u8], ctx: &[u8], packets: u32) -> Result<()> {
+    netns.run(|| {
+        tx.test_run(TestRunOptions {
+            data_in: Some(data),
+            ctx_in: Some(ctx),
+            repeat: packets,
+            attrs: TestRunAttrs::new().xdp_live_frames(64),
+            ..TestRunOptions::default()
+        })
+    })??;
     Ok(())
 }
 

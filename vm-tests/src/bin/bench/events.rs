@@ -16,7 +16,7 @@ use anyhow::{Context as _, Result};
 use aya::{
     EbpfLoader,
     maps::{MapData, RingBuf},
-    programs::{TestRun as _, TestRunAttrs, TestRunOptions, Xdp},
+    programs::Xdp,
 };
 use enforcer::{
     Enforcer,
@@ -30,7 +30,7 @@ use vm_tests::packet_builder::{self, PacketSpec, TCP_RST, Transport};
 use crate::{
     Options,
     common::{Netns, Parking, median, other_cpu, pin_to, run_once},
-    e2e::{frame, mac, mac_text, write_flows, xdp_md},
+    e2e::{frame, inject, mac, mac_text, write_flows, xdp_md},
     policy,
     report::{Figure, Report, Section},
 };
@@ -317,15 +317,7 @@ fn live(opts: &Options, report: &mut Report, text: &mut String) -> Result<()> {
                 enforcer.counter(direction::INGRESS, counter::DROP_POLICY_DENIED)?;
             let delivered_before = reader.delivered.load(Ordering::Relaxed);
             let started = Instant::now();
-            netns.run(|| {
-                tx.test_run(TestRunOptions {
-                    data_in: Some(&data),
-                    ctx_in: Some(&ctx),
-                    repeat: packets,
-                    attrs: TestRunAttrs::new().xdp_live_frames(64),
-                    ..TestRunOptions::default()
-                })
-            })??;
+            inject(tx, &netns, &data, &ctx, packets)?;
             let injected_in = started.elapsed();
             let after = event_counters(&enforcer)?;
             let sent = after[event_counter::SENT as usize] - before[event_counter::SENT as usize];
