@@ -165,8 +165,23 @@ pub mod segment_mode {
 pub struct SegmentInfo {
     /// One of [`segment_mode`].
     pub mode: u8,
-    pub _pad: [u8; 3],
+    /// Bit [`wildcard_bit`]`(p)` is set when no rule for protocol `p` admits every source into
+    /// the segment (its [`CLASS_WILDCARD`] port table has no entry for `p`, or it has none), so
+    /// the kernel skips that probe. A clear bit, as in maps written before this field existed,
+    /// means "probe".
+    pub no_wildcard_rules: u8,
+    pub _pad: [u8; 2],
 }
+
+/// The bit of [`SegmentInfo::no_wildcard_rules`] for policy protocol key `proto_key` (one of
+/// [`proto_key`]).
+#[inline(always)]
+pub const fn wildcard_bit(proto_key: u8) -> u8 {
+    1 << (protocol_class::of(proto_key, true) - 1)
+}
+
+/// Every bit [`wildcard_bit`] can return.
+pub const NO_WILDCARD_RULES_AT_ALL: u8 = 0x1f;
 
 /// Key of the [`map_names::PAIRS`] hash map.
 #[repr(C)]

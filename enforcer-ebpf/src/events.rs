@@ -52,33 +52,41 @@ pub fn emit(event: &Event, interval_ns: u64) {
     };
     let key_words = words(&key);
     let first = slots_of(key_words);
-    let (Some(a), Some(b)) = (
+    // Always readable (the index is masked into the array); the check is for the verifier. An
+    // unreadable pair would leave the event unlimited rather than drop it silently.
+    if let (Some(a), Some(b)) = (
         RECENT_EVENTS.get_ptr_mut(first),
         RECENT_EVENTS.get_ptr_mut(first + 1),
-    ) else {
-        return;
-    };
-    // SAFETY: this CPU's elements of a per-CPU array; a program runs to completion on it.
-    let (a, b) = unsafe { (&mut *a, &mut *b) };
-    for recent in [&*a, &*b] {
-        if recent.reported_ns != 0
-            && same(words(&recent.key), key_words)
+    ) {
+        // SAFETY: this CPU's elements of a per-CPU array; a program runs to completion on it.
+        let (a, b) = unsafe { (&mut *a, &mut *b) };
+        let (in_a, in_b) = (
+            same(words(&a.key), key_words),
+            same(words(&b.key), key_words),
+        );
+        let own = if in_a {
+            Some(&*a)
+        } else if in_b {
+            Some(&*b)
+        } else {
+            None
+        };
+        if let Some(recent) = own
+            && recent.reported_ns != 0
             && event.time_ns.saturating_sub(recent.reported_ns) < interval_ns
         {
             counters::event(event_counter::RATE_LIMITED);
             return;
         }
+        // The flow's own slot if it has one, else the one reported longer ago.
+        let recent = if in_a || (!in_b && a.reported_ns <= b.reported_ns) {
+            a
+        } else {
+            b
+        };
+        recent.key = key;
+        recent.reported_ns = event.time_ns;
     }
-    // The flow's own slot if it has one, else the one reported longer ago.
-    let recent = if same(words(&a.key), key_words) {
-        a
-    } else if same(words(&b.key), key_words) || b.reported_ns < a.reported_ns {
-        b
-    } else {
-        a
-    };
-    recent.key = key;
-    recent.reported_ns = event.time_ns;
     // One helper call that copies the event in; reserving and writing it here would copy
     // it through a `memmove` subprogram.
     match EVENTS.output::<Event>(event, 0) {

@@ -9,7 +9,7 @@ use aya_ebpf::maps::lpm_trie::Key;
 use enforcer_common::{
     AddrInfo, BREAKGLASS_ANY_PROTO, BREAKGLASS_MAX_RANGES, BreakglassKey, CLASS_WILDCARD,
     CLASS_WORLD, Config, PORT_EXACT_PREFIX, PairKey, PortKey, QuarantineKey, SEGMENT_WORLD,
-    direction, lookup_flags, segment_mode,
+    direction, lookup_flags, segment_mode, wildcard_bit,
 };
 
 use crate::{
@@ -46,13 +46,17 @@ pub struct Segments {
 
 /// The segment and source class of `addr` (IPv4 in the first 4 bytes when `family` is 4): the
 /// quarantine segment's when it is in `QUARANTINE`, else its longest member prefix's.
+/// `QUARANTINE` is probed only when `quarantine_in_use` (read once per packet) says so.
 #[inline(always)]
-pub fn lookup<P: PolicySlot>(config: &Config, addr: &Addr, family: u8) -> AddrInfo {
+pub fn lookup<P: PolicySlot>(
+    config: &Config,
+    addr: &Addr,
+    family: u8,
+    quarantine_in_use: bool,
+) -> AddrInfo {
     let addr = &addr.0;
-    // Probed unless nothing is quarantined; an unreadable flag counts as "in use".
-    let in_use = QUARANTINE_IN_USE.get(0).is_none_or(|in_use| *in_use != 0);
     // The key is built only when probed: even its padding costs a call to `memset`.
-    if in_use && is_quarantined(addr, family) {
+    if quarantine_in_use && is_quarantined(addr, family) {
         return AddrInfo {
             segment: config.quarantine_segment,
             class: config.quarantine_class,
@@ -80,6 +84,12 @@ pub fn lookup<P: PolicySlot>(config: &Config, addr: &Addr, family: u8) -> AddrIn
         }
     };
     found.unwrap_or(WORLD)
+}
+
+/// Whether `QUARANTINE` may hold an address; an unreadable flag counts as "in use".
+#[inline(always)]
+pub fn quarantine_in_use() -> bool {
+    QUARANTINE_IN_USE.get(0).is_none_or(|in_use| *in_use != 0)
 }
 
 #[inline(always)]
@@ -114,9 +124,10 @@ pub fn judge<P: PolicySlot>(
     if dir == direction::EGRESS && config.egress_mode == segment_mode::UNENFORCED {
         return Judgement::Unenforced;
     }
+    let quarantine = quarantine_in_use();
     let (src, dst) = (
-        lookup::<P>(config, src, family),
-        lookup::<P>(config, dst, family),
+        lookup::<P>(config, src, family, quarantine),
+        lookup::<P>(config, dst, family, quarantine),
     );
     segments.src = src.segment;
     segments.dst = dst.segment;
@@ -138,14 +149,22 @@ fn judge_destination<P: PolicySlot>(
     port: u16,
     now: u64,
 ) -> Judgement {
-    let mode = P::segments()
+    let (mode, no_wildcard_rules) = P::segments()
         .get(dst.segment)
-        .map_or(segment_mode::ENFORCE, |info| info.mode);
+        .map_or((segment_mode::ENFORCE, 0), |info| {
+            (info.mode, info.no_wildcard_rules)
+        });
     if mode == segment_mode::UNENFORCED {
         return Judgement::Unenforced;
     }
-    // The source class's own table first, then the destination's wildcard table.
-    for src_class in [src.class, CLASS_WILDCARD] {
+    // The source class's own table first, then the destination's wildcard table if it has one:
+    // on a gateway most denied packets would otherwise pay for that probe's cache misses.
+    let classes = if no_wildcard_rules & wildcard_bit(proto_key) != 0 {
+        1
+    } else {
+        2
+    };
+    for src_class in [src.class, CLASS_WILDCARD].into_iter().take(classes) {
         let pair = PairKey {
             dst_segment: dst.segment,
             src_class,

@@ -139,8 +139,9 @@ fn account<P: PolicySlot>(
     }
     let flow = &scratch.flow;
     if !judged {
-        segments.src = policy::lookup::<P>(config, &flow.src, flow.family).segment;
-        segments.dst = policy::lookup::<P>(config, &flow.dst, flow.family).segment;
+        let quarantine = policy::quarantine_in_use();
+        segments.src = policy::lookup::<P>(config, &flow.src, flow.family, quarantine).segment;
+        segments.dst = policy::lookup::<P>(config, &flow.dst, flow.family, quarantine).segment;
     }
     let event = &mut scratch.event;
     event.time_ns = now;

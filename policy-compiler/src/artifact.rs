@@ -1,10 +1,12 @@
 //! The compiled policy: what the daemon loads into the kernel maps, as deterministic JSON.
 
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use enforcer_common::{
-    AddrInfo, Config, HOST_PREFIX_V4, HOST_PREFIX_V6, PORT_EXACT_PREFIX, PORT_KEY_FIXED_BITS,
-    PairKey, PairValue, PortKey, PortValue, SegmentInfo, lookup_flags,
+    AddrInfo, CLASS_WILDCARD, Config, HOST_PREFIX_V4, HOST_PREFIX_V6, NO_WILDCARD_RULES_AT_ALL,
+    PORT_EXACT_PREFIX, PORT_KEY_FIXED_BITS, PairKey, PairValue, PortKey, PortValue, SegmentInfo,
+    lookup_flags, wildcard_bit,
 };
 use serde::{Deserialize, Serialize};
 
@@ -269,11 +271,34 @@ impl Artifact {
 
     /// SEGMENTS array contents, indexed by segment id.
     pub fn segment_infos(&self) -> Vec<SegmentInfo> {
+        // Destination segment -> the protocols its wildcard port table has entries for.
+        let wildcard_tables: BTreeMap<u32, u32> = self
+            .maps
+            .pairs
+            .iter()
+            .filter(|e| e.src_class == CLASS_WILDCARD)
+            .map(|e| (e.port_table, e.dst_segment))
+            .collect();
+        let mut wildcard_protos: BTreeMap<u32, u8> = BTreeMap::new();
+        for entry in &self.maps.ports {
+            if let Some(segment) = wildcard_tables.get(&entry.table) {
+                *wildcard_protos.entry(*segment).or_default() |= wildcard_bit(entry.proto);
+            }
+        }
         self.segments
             .iter()
-            .map(|segment| SegmentInfo {
-                mode: segment.mode.kernel_value(),
-                _pad: [0; 3],
+            .enumerate()
+            .map(|(id, segment)| {
+                let protos = u32::try_from(id)
+                    .ok()
+                    .and_then(|id| wildcard_protos.get(&id))
+                    .copied()
+                    .unwrap_or(0);
+                SegmentInfo {
+                    mode: segment.mode.kernel_value(),
+                    no_wildcard_rules: NO_WILDCARD_RULES_AT_ALL & !protos,
+                    _pad: [0; 2],
+                }
             })
             .collect()
     }

@@ -9,7 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use common::{example_policy, example_sources, source};
 use enforcer_common::{
     AddrInfo, CLASS_WILDCARD, CLASS_WORLD, HOST_PREFIX_V4, HOST_PREFIX_V6, PORT_EXACT_PREFIX,
-    PairValue, PortKey, SEGMENT_WORLD, lookup_flags, proto_key, segment_mode,
+    PairValue, PortKey, SEGMENT_WORLD, lookup_flags, proto_key, segment_mode, wildcard_bit,
 };
 use policy_compiler::{Artifact, Flow, Overrides, Policy, Verdict, compile};
 use rand::rngs::SmallRng;
@@ -40,7 +40,8 @@ type PortTrieEntry = (u32, [u8; 8], u32);
 struct Kernel {
     addr_v4: Vec<(u32, [u8; 4], AddrInfo)>,
     addr_v6: Vec<(u32, [u8; 16], AddrInfo)>,
-    modes: Vec<u8>,
+    /// Mode and `no_wildcard_rules`, by segment id.
+    modes: Vec<(u8, u8)>,
     pairs: HashMap<(u32, u32), PairValue>,
     /// PORTS entries grouped by (table, proto key) to keep the brute force fast.
     ports: HashMap<(u32, u8), Vec<PortTrieEntry>>,
@@ -92,7 +93,7 @@ impl Kernel {
             modes: artifact
                 .segment_infos()
                 .iter()
-                .map(|info| info.mode)
+                .map(|info| (info.mode, info.no_wildcard_rules))
                 .collect(),
             pairs: artifact
                 .pair_entries()
@@ -139,7 +140,7 @@ impl Kernel {
         };
         let dst = lookup(flow.dst);
         let src = lookup(flow.src);
-        let mode = self
+        let (mode, no_wildcard_rules) = self
             .modes
             .get(dst.segment as usize)
             .copied()
@@ -158,8 +159,13 @@ impl Kernel {
             }
             _ => (proto_key::NO_PORT, 0),
         };
-        // The source class's own table, then the destination's wildcard table.
+        // The source class's own table, then the destination's wildcard table unless the
+        // segment's flags say it has nothing for this protocol.
+        let skip_wildcard = no_wildcard_rules & wildcard_bit(proto) != 0;
         for class in [src.class, CLASS_WILDCARD] {
+            if class == CLASS_WILDCARD && skip_wildcard {
+                continue;
+            }
             let Some(pair) = self.pairs.get(&(dst.segment, class)) else {
                 continue;
             };

@@ -3,7 +3,7 @@
 //! kernel agrees with the reference model. Needs root.
 use std::{net::IpAddr, path::PathBuf};
 
-use enforcer_common::{counter, direction::INGRESS};
+use enforcer_common::{counter, direction::INGRESS, proto_key, wildcard_bit};
 use policy_compiler::Policy;
 use vm_tests::{
     harness::{KernelHarness, hex},
@@ -196,5 +196,153 @@ fn example_policy_clinical_flows() {
         "nine extension headers",
         &deep,
         counter::DROP_TOO_MANY_EXT_HEADERS,
+    );
+}
+
+/// `SegmentInfo::no_wildcard_rules` of segment `id` in the active slot.
+fn no_wildcard_rules(h: &mut KernelHarness, id: u32) -> u8 {
+    let slot = h.enforcer.active_slot();
+    let map = h
+        .enforcer
+        .ebpf_mut()
+        .map_mut(enforcer_common::map_names::SEGMENTS[slot])
+        .unwrap();
+    let segments: aya::maps::Array<_, enforcer_common::SegmentInfo> =
+        aya::maps::Array::try_from(map).unwrap();
+    segments.get(&id, 0).unwrap().no_wildcard_rules
+}
+
+#[test]
+fn the_wildcard_probe_is_skipped_only_for_segments_without_rules_for_any_source() {
+    let sources = [
+        (
+            "segments/dns.yaml",
+            "segment: dns\nmembers: [10.1.0.0/24]\nallow:\n  - from: any\n    ports: [udp/53]\n",
+        ),
+        (
+            "segments/ehr.yaml",
+            "segment: ehr\nmembers: [10.2.0.0/24]\nallow:\n  - from: [ward]\n    ports: [tcp/443]\n",
+        ),
+        ("segments/ward.yaml", "segment: ward\nmembers: [10.3.0.0/24]\n"),
+    ]
+    .map(|(name, text)| (name.to_string(), text.to_string()));
+    let policy = Policy::from_sources(&sources).unwrap_or_else(|e| panic!("{e}"));
+    let artifact = policy_compiler::compile(&policy).unwrap();
+    let id = |name: &str| {
+        artifact
+            .segments
+            .iter()
+            .position(|s| s.name == name)
+            .unwrap() as u32
+    };
+    let (dns, ehr, ward) = (id("dns"), id("ehr"), id("ward"));
+    let mut h = KernelHarness::load(policy).expect("load the enforcer");
+    let skipped = |h: &mut KernelHarness, segment, proto| {
+        no_wildcard_rules(h, segment) & wildcard_bit(proto) != 0
+    };
+    assert!(
+        !skipped(&mut h, dns, proto_key::UDP),
+        "dns admits any source on udp/53"
+    );
+    assert!(skipped(&mut h, dns, proto_key::TCP), "but on no TCP port");
+    for segment in [ehr, ward] {
+        assert!(
+            skipped(&mut h, segment, proto_key::TCP),
+            "{segment}: no TCP rule for any source"
+        );
+        assert!(
+            skipped(&mut h, segment, proto_key::UDP),
+            "{segment}: no UDP rule for any source"
+        );
+        assert!(
+            skipped(&mut h, segment, proto_key::NO_PORT),
+            "{segment}: nor for other protocols"
+        );
+        // The default essential traffic (ICMP "fragmentation needed", ICMPv6 "packet too big"
+        // and neighbour discovery) is admitted from any source.
+        assert!(
+            !skipped(&mut h, segment, proto_key::ICMP),
+            "{segment}: essential ICMP"
+        );
+        assert!(
+            !skipped(&mut h, segment, proto_key::ICMPV6),
+            "{segment}: essential ICMPv6"
+        );
+    }
+
+    let (ward_host, ehr_host, dns_host) = ("10.3.0.5", "10.2.0.5", "10.1.0.5");
+    case(
+        &mut h,
+        "ward to dns",
+        &udp(ward_host, dns_host, 53),
+        counter::ALLOWED,
+    );
+    case(
+        &mut h,
+        "ehr to dns",
+        &udp(ehr_host, dns_host, 53),
+        counter::ALLOWED,
+    );
+    case(
+        &mut h,
+        "outside to dns",
+        &udp("192.0.2.9", dns_host, 53),
+        counter::ALLOWED,
+    );
+    case(
+        &mut h,
+        "outside to dns, TCP",
+        &tcp("192.0.2.9", dns_host, 53),
+        counter::DROP_POLICY_DENIED,
+    );
+    case(
+        &mut h,
+        "ward to ehr",
+        &tcp(ward_host, ehr_host, 443),
+        counter::ALLOWED,
+    );
+    case(
+        &mut h,
+        "dns to ehr",
+        &tcp(dns_host, ehr_host, 443),
+        counter::DROP_POLICY_DENIED,
+    );
+    case(
+        &mut h,
+        "ward to ehr, other port",
+        &tcp(ward_host, ehr_host, 53),
+        counter::DROP_POLICY_DENIED,
+    );
+    case(
+        &mut h,
+        "outside to ehr, fragmentation needed",
+        &icmp("192.0.2.9", ehr_host, 3),
+        counter::ALLOWED,
+    );
+
+    // With the flag set by hand on dns, its rule for any source is no longer found: the flag
+    // really gates the probe, so the compiler must leave it 0 wherever such a rule exists.
+    {
+        let slot = h.enforcer.active_slot();
+        let map = h
+            .enforcer
+            .ebpf_mut()
+            .map_mut(enforcer_common::map_names::SEGMENTS[slot])
+            .unwrap();
+        let mut segments: aya::maps::Array<_, enforcer_common::SegmentInfo> =
+            aya::maps::Array::try_from(map).unwrap();
+        let mut info = segments.get(&dns, 0).unwrap();
+        info.no_wildcard_rules |= wildcard_bit(proto_key::UDP);
+        segments.set(dns, info, 0).unwrap();
+    }
+    let (frame, _) = packet_builder::build(&PacketSpec::new(
+        ip(ehr_host),
+        ip(dns_host),
+        Transport::udp(40001, 53),
+    ));
+    assert_eq!(
+        h.run_kernel(&frame, INGRESS).unwrap(),
+        vm_tests::harness::action(INGRESS, false),
+        "with the flag set, the rule for any source is skipped"
     );
 }

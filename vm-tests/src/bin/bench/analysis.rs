@@ -9,36 +9,44 @@ fn explanation(name: &str) -> &'static str {
         "Why: the per-packet cost does not grow with the policy (1M against 1k, in the table \
          above), because a host address and a single port are found by one exact-match hash \
          lookup whatever the policy size, and the tries are walked only for the subnets and port \
-         ranges a policy has. What is left is a fixed cost per packet, which session 5 cut by \
-         about a third (side by side with the previous build, `cargo xtask bench --only \
-         per-packet`: at 100k, 325 to 210-220 ns above the empty program for the mixed corpus, \
-         773 to 465-510 ns for the judged one; the parse-only arm 78 to 30-40 ns): every \
-         map of a policy slot is now a constant in its code, so the verifier inlines the hash \
-         and array lookups (a slot picked at run time made each one a helper call through a \
-         retpoline); no byte-by-byte `memset` subprogram to clear the per-packet record or widen \
-         IPv4 addresses; addresses and keys aligned, so they are copied as words; the coarse \
-         clock (a TSC read costs about 30 ns in this VM); the break-glass probe only while a slot \
-         holds a grant; the event rate limiter a per-CPU array instead of an LRU hash. `perf` over \
-         a loop of the judged corpus now shows about a third of the time in the kernel's hash \
-         code (jhash and the bucket walk) for the six to eight hash lookups of a judged packet \
-         (connection table, two hosts, one or two PAIRS and PORTS_EXACT, PAIR_VERDICTS) and a \
-         quarter in the program body; 50 ns above the empty program leaves room for about two \
-         lookups. What would close more of it: one hash keyed by (destination segment, class, \
-         protocol, port) with the wildcard class merged into every class's table by the \
-         compiler, instead of PAIRS then PORTS_EXACT twice; a DIR-24-8 table for IPv4 hosts and \
-         prefixes (an array index, no hashing); PAIR_VERDICTS as a per-CPU array over dense pair \
-         ids."
+         ranges a policy has. What is left is a fixed cost per packet. Session 5 cut it by about \
+         a third (side by side with the previous build, `cargo xtask bench --only per-packet`: \
+         at 100k, 325 to 210-220 ns above the empty program for the mixed corpus, 773 to \
+         465-510 ns for the judged one; the parse-only arm 78 to 30-40 ns): every map of a \
+         policy slot is a constant in its code, so the verifier inlines the hash and array \
+         lookups; no byte-by-byte `memset` subprogram; aligned addresses and keys; the coarse \
+         clock; the break-glass probe only while a slot holds a grant; a per-CPU array as the \
+         event rate limiter. Session 6 skips the probe of a destination's wildcard table for a \
+         protocol that no rule admits from every source (most segments' wildcard table holds \
+         only essential ICMP), one or two hash lookups fewer for a denied TCP or UDP packet. \
+         Where the rest goes (`perf` over a loop of the judged corpus at 10 rules): a third in \
+         the program body, a third in the kernel's hash code (jhash 13%, the bucket walk 13%, \
+         the lookup wrapper 7%, memcmp 2%) for the five or six hash lookups of a judged packet \
+         (connection table, two hosts, PAIRS, PORTS_EXACT when the pair has a table, \
+         PAIR_VERDICTS). This CPU runs with retpolines and the SRSO \"Safe RET\" mitigation \
+         (`/sys/devices/system/cpu/vulnerabilities`), so each call into that code and each \
+         return is dear; 50 ns above the empty program leaves room for about one hash lookup. \
+         What would close more of it: array lookups, which the verifier inlines completely, in \
+         place of hashes where the keys can be made dense (PAIRS and PAIR_VERDICTS over dense \
+         pair ids; a DIR-24-8-style table for IPv4 prefixes, though a table for 100k scattered \
+         /32 hosts costs tens of MiB per slot); one hash keyed by (destination segment, class, \
+         protocol, port) instead of PAIRS then PORTS_EXACT."
     } else if name.starts_with("e2e") {
         "Why: in front of a veth every frame is a different flow, so unlike the repeated frame \
          of BPF_PROG_TEST_RUN the maps are not in cache, and each hash lookup of a judged packet \
-         costs a cache miss or two (the bucket array, then the element): the host hashes of a \
-         100k policy (allocated per element), the 1M-bucket connection table of these policies, \
-         PAIRS and PORTS_EXACT, PAIR_VERDICTS. The parse-and-drop floor touches no map. Session 5 \
-         moved the enforcer from 0.24 to 0.3-0.4 of the floor at 10 and 1k rules and from 0.87 to \
-         1.2-1.8 times nftables' interval sets at 100k (same benchmark, previous build; the \
-         range is across today's runs). \
-         What would close it: fewer map accesses per judged packet, as for the per-packet cost, \
-         above all for denials, which this benchmark sends exclusively."
+         costs a cache and TLB miss or two (the bucket array, then the element): the host hashes \
+         of a 100k policy (allocated per element), the 1M-bucket connection table of these \
+         policies, PAIRS, PAIR_VERDICTS, and the event limiter's slot. The parse-and-drop floor \
+         touches no map. `perf` on the receiving CPU during the 100k enforcer arm (session 6): \
+         43% of its busy time in the hash bucket walk (`lookup_nulls_elem_raw`), spread about \
+         evenly over five lookup sites, 9% in the program body, 8% in a trie walk. At 10 and 1k \
+         rules, where the maps stay in cache, the gap is the fixed cost of the per-packet section. \
+         Session 5 moved the enforcer from 0.24 to 0.3-0.4 of the floor at 10 and 1k rules and \
+         from 0.87 to 1.2-1.8 times nftables' interval sets at 100k; session 6 removed the \
+         wildcard-table probe from most denials. What would close it: fewer random memory \
+         accesses per judged packet, above all for denials, which this benchmark sends \
+         exclusively; the 0.8 of the floor asks for at most one or two per packet, and a denial \
+         has to look up the connection table and both addresses at least."
     } else if name.starts_with("reload") {
         "Why: time to live is validation + compilation in user space (split in the section 3 \
          table: about 1 s of the 1.3 s at 100k rules) plus writing the maps. The writes are now \
