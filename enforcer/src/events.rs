@@ -52,6 +52,95 @@ impl FlowEvent {
     pub fn system_time(&self) -> Option<SystemTime> {
         humantime::parse_rfc3339(&self.time).ok()
     }
+
+    /// Appends the event as one JSON object and a newline: byte for byte what `serde_json`
+    /// writes for it (tested), at a fraction of the cost. During a scan the event stream
+    /// serializes a million of these a second, and serde's per-field escaping was a third of
+    /// that work.
+    pub fn write_json_line(&self, out: &mut Vec<u8>) {
+        let text = |out: &mut Vec<u8>, key: &str, value: &str| {
+            out.extend_from_slice(key.as_bytes());
+            push_json_str(out, value);
+        };
+        let number = |out: &mut Vec<u8>, key: &str, value: Option<u16>| {
+            out.extend_from_slice(key.as_bytes());
+            match value {
+                Some(value) => push_decimal(out, value),
+                None => out.extend_from_slice(b"null"),
+            }
+        };
+        text(out, "{\"time\":", &self.time);
+        text(out, ",\"iface\":", &self.iface);
+        text(out, ",\"direction\":", &self.direction);
+        out.extend_from_slice(b",\"src\":");
+        push_addr(out, self.src);
+        out.extend_from_slice(b",\"dst\":");
+        push_addr(out, self.dst);
+        number(out, ",\"sport\":", self.sport);
+        number(out, ",\"dport\":", self.dport);
+        text(out, ",\"proto\":", &self.proto);
+        number(out, ",\"icmp_type\":", self.icmp_type.map(u16::from));
+        text(out, ",\"src_segment\":", &self.src_segment);
+        text(out, ",\"dst_segment\":", &self.dst_segment);
+        text(out, ",\"verdict\":", &self.verdict);
+        text(out, ",\"reason\":", &self.reason);
+        match &self.rule {
+            Some(rule) => text(out, ",\"rule\":", rule),
+            None => out.extend_from_slice(b",\"rule\":null"),
+        }
+        text(out, ",\"revision\":", &self.revision);
+        out.extend_from_slice(b"}\n");
+    }
+}
+
+/// `value` in decimal, without going through `core::fmt`.
+fn push_decimal(out: &mut Vec<u8>, value: u16) {
+    let mut digits = [0u8; 5];
+    let mut at = digits.len();
+    let mut rest = value;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// An address as a JSON string, as its `Display` writes it.
+fn push_addr(out: &mut Vec<u8>, addr: IpAddr) {
+    use std::io::Write as _;
+    out.push(b'"');
+    match addr {
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                push_decimal(out, u16::from(octet));
+            }
+        }
+        // Writing into a Vec cannot fail.
+        IpAddr::V6(v6) => {
+            let _ = write!(out, "{v6}");
+        }
+    }
+    out.push(b'"');
+}
+
+/// A JSON string: copied as is unless it holds a character JSON must escape (control
+/// characters, `"` and `\\`), which `serde_json` escapes so the output stays the same.
+fn push_json_str(out: &mut Vec<u8>, value: &str) {
+    if value.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        // Writing a string into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, value);
+    } else {
+        out.push(b'"');
+        out.extend_from_slice(value.as_bytes());
+        out.push(b'"');
+    }
 }
 
 /// The names a loaded policy gives to the ids in kernel events.
@@ -250,7 +339,7 @@ impl EventHub {
 mod tests {
     use std::sync::Arc;
 
-    use super::{EventNamer, PolicyNames};
+    use super::{EventNamer, FlowEvent, PolicyNames};
 
     fn names(generation: u32, rules: &[&str]) -> Arc<PolicyNames> {
         Arc::new(PolicyNames {
@@ -274,5 +363,65 @@ mod tests {
             new.rules.iter().map(|id| &**id).collect::<Vec<_>>(),
             ["pacs/2", "pacs/1", "lab/9"]
         );
+    }
+
+    #[test]
+    fn the_json_line_writer_matches_serde_json_byte_for_byte() {
+        let texts = [
+            "",
+            "pacs",
+            "segment#7",
+            "pacs/allow/1",
+            "breakglass/42",
+            "quote \" inside",
+            "back\\slash",
+            "tab\tnew\nline\r",
+            "\u{0}\u{1f}\u{7f}",
+            "unicode é ü 東京 🚑",
+            "slash / and </script>",
+        ];
+        let addrs: [std::net::IpAddr; 6] = [
+            "10.1.2.3".parse().unwrap(),
+            "0.0.0.0".parse().unwrap(),
+            "255.199.100.9".parse().unwrap(),
+            "192.0.2.10".parse().unwrap(),
+            "fd00::1".parse().unwrap(),
+            "::ffff:10.0.0.1".parse().unwrap(),
+        ];
+        let mut checked = 0;
+        for (i, text) in texts.iter().enumerate() {
+            for (j, other) in texts.iter().enumerate() {
+                let pick = |k: usize| texts[(i + j + k) % texts.len()].to_string();
+                let event = FlowEvent {
+                    time: pick(0),
+                    iface: text.to_string(),
+                    direction: pick(1),
+                    src: addrs[i % addrs.len()],
+                    dst: addrs[(i + j) % addrs.len()],
+                    sport: (j % 2 == 0).then_some(u16::MAX - (i * 997) as u16),
+                    dport: (i % 3 != 0).then_some((j * j * 101) as u16),
+                    proto: pick(2),
+                    icmp_type: (j % 3 == 0).then_some(u8::MAX - (i * 23) as u8),
+                    src_segment: other.to_string(),
+                    dst_segment: pick(3),
+                    verdict: pick(4),
+                    reason: pick(5),
+                    rule: (i % 2 == 1).then(|| pick(6)),
+                    revision: pick(7),
+                };
+                let mut want = serde_json::to_vec(&event).unwrap();
+                want.push(b'\n');
+                let mut got = b"kept".to_vec();
+                event.write_json_line(&mut got);
+                assert_eq!(
+                    String::from_utf8_lossy(&got[4..]),
+                    String::from_utf8_lossy(&want),
+                    "{event:?}"
+                );
+                assert_eq!(&got[..4], b"kept", "appends");
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, texts.len() * texts.len());
     }
 }

@@ -84,8 +84,8 @@ pub async fn run(
         tokio::select! {
             received = events.recv() => match received {
                 Ok(event) => {
-                    let mut line = serde_json::to_vec(&*event).unwrap_or_default();
-                    line.push(b'\n');
+                    let mut line = Vec::with_capacity(320);
+                    event.write_json_line(&mut line);
                     writer.write_line(&line).await?;
                     if events.is_empty() {
                         writer.flush().await?;

@@ -309,9 +309,8 @@ fn address(event: &Arc<FlowEvent>) -> usize {
 }
 
 fn json_line(event: &FlowEvent) -> Bytes {
-    // A FlowEvent has only strings, numbers and addresses: serializing cannot fail.
-    let mut line = serde_json::to_vec(event).unwrap_or_default();
-    line.push(b'\n');
+    let mut line = Vec::with_capacity(320);
+    event.write_json_line(&mut line);
     line.into()
 }
 

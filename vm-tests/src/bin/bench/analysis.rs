@@ -59,17 +59,22 @@ fn explanation(name: &str) -> &'static str {
          time), incremental compilation of the segments that changed, and map-in-map slots so a \
          reload writes fresh inner maps and never clears."
     } else if name.starts_with("events") {
-        "Why: in the live-frames measurement every event the kernel sent was a denied packet and \
-         the kernel side is the bound: the generator, the veth transmit and the enforcer's denial \
-         (connection-table miss, policy lookups, PAIR_VERDICTS, the limiter slot, the ring-buffer \
-         copy) share one CPU, about 0.9 µs per event; session 5 raised it from about 0.56M to \
-         0.9-1.14M events/s (quick and full runs) by replacing the LRU limiter (its insert and eviction were a sixth of \
-         the time) and copying events with one `bpf_ringbuf_output`. The reader, on the other \
-         CPU, names and serializes an event in about 330 ns and loses some (counted) at this \
-         rate when it sleeps between polls of the ring. What would close it: fewer map \
-         operations per denial, as for the per-packet cost, and a reader woken by the ring \
-         buffer's epoll rather than polling. The BPF_PROG_TEST_RUN figures are bounded by one \
-         syscall per packet."
+        "Why: two ends bound the live-frames figure, and on this shared 2-CPU VM either can be \
+         the slower from one run to the next. The kernel side: the generator, the veth transmit \
+         and the enforcer's denial (connection-table miss, policy lookups, PAIR_VERDICTS, the \
+         limiter slot, the ring-buffer copy) share one CPU; it ran at 0.85 to 1.2M denied \
+         packets/s in session 6's runs of the same build. The reader, on the other CPU: each \
+         event crosses between the CPUs' caches, is named (`EventNamer::name`) and written as \
+         a JSON line. Session 5 raised the kernel side from about 0.56M/s (the LRU limiter's \
+         insert and eviction were a sixth of the time; events now leave with one \
+         `bpf_ringbuf_output`). Session 6 found the reader the bound once the kernel side got \
+         faster (9% of events lost): `serde_json` spent a third of its time escaping the 30 \
+         keys and values of each event. `FlowEvent::write_json_line` (used by the flow log, \
+         the event stream and this benchmark) writes the same bytes, tested against \
+         `serde_json`, without that; losses fell to 1-2% of events. What would close it: fewer \
+         map operations per denial, as for the per-packet cost; naming events without \
+         allocating (a `FlowEvent` holds ten owned strings); the BPF_PROG_TEST_RUN figures are \
+         bounded by one syscall per packet."
     } else if name.starts_with("daemon") {
         "Why: the daemon keeps only the outline of the policy in force and returns the compiler's \
          heap to the system after every load (`malloc_trim`, two malloc arenas); VmHWM, the peak \

@@ -1,6 +1,7 @@
 //! 4. Events: packets per second through `BPF_PROG_TEST_RUN` at 0%, 1%, 10% and 100% denied,
 //!    and flow events per second delivered as JSON lines by a reader on the other CPU (read
-//!    from the ring buffer as the daemon does, named with `EventNamer`, serialized with serde).
+//!    from the ring buffer as the daemon does, named with `EventNamer`, serialized with
+//!    `FlowEvent::write_json_line` as the flow log and the event stream do).
 use std::{
     fmt::Write as _,
     net::IpAddr,
@@ -127,8 +128,8 @@ pub fn run(opts: &Options, report: &mut Report) -> Result<()> {
          enforcer's XDP program with `BPF_PROG_TEST_RUN`, one packet per call (repeat would \
          replay one flow, which the limiter reports once a second), on CPU {}. A reader thread \
          on CPU {} drains the ring buffer as `enforcer/src/daemon.rs` does, names each event \
-         with `EventNamer` and serializes the `FlowEvent` as a JSON line (counted, then \
-         discarded). Events/s = events delivered / time from the first packet until the \
+         with `EventNamer` and serializes the `FlowEvent` as a JSON line (`write_json_line`, as the flow log and \
+         the event stream do; counted, then discarded). Events/s = events delivered / time from the first packet until the \
          reader has delivered every event the kernel sent. Lost = the kernel's `lost` counter \
          (ring buffer full). {} runs, shares rotated. Packets per second here include one \
          syscall per packet, which bounds the event rate too. At 1% and 10% the denied flows \
@@ -207,8 +208,9 @@ impl Reader {
                         if item.len() >= size_of::<Event>() {
                             // SAFETY: the kernel wrote an `Event` there; read unaligned.
                             let event = unsafe { (item.as_ptr() as *const Event).read_unaligned() };
-                            serde_json::to_writer(&mut out, &namer.name(&event, "bench0".into()))?;
-                            out.push(b'\n');
+                            namer
+                                .name(&event, "bench0".into())
+                                .write_json_line(&mut out);
                             got += 1;
                         }
                     }
