@@ -199,17 +199,22 @@ fn example_policy_clinical_flows() {
     );
 }
 
-/// `SegmentInfo::no_wildcard_rules` of segment `id` in the active slot.
-fn no_wildcard_rules(h: &mut KernelHarness, id: u32) -> u8 {
+/// The active slot's SEGMENTS array.
+fn active_segments(
+    h: &mut KernelHarness,
+) -> aya::maps::Array<&mut aya::maps::MapData, enforcer_common::SegmentInfo> {
     let slot = h.enforcer.active_slot();
     let map = h
         .enforcer
         .ebpf_mut()
         .map_mut(enforcer_common::map_names::SEGMENTS[slot])
         .unwrap();
-    let segments: aya::maps::Array<_, enforcer_common::SegmentInfo> =
-        aya::maps::Array::try_from(map).unwrap();
-    segments.get(&id, 0).unwrap().no_wildcard_rules
+    aya::maps::Array::try_from(map).unwrap()
+}
+
+/// `SegmentInfo::no_wildcard_rules` of segment `id` in the active slot.
+fn no_wildcard_rules(h: &mut KernelHarness, id: u32) -> u8 {
+    active_segments(h).get(&id, 0).unwrap().no_wildcard_rules
 }
 
 #[test]
@@ -323,14 +328,7 @@ fn the_wildcard_probe_is_skipped_only_for_segments_without_rules_for_any_source(
     // With the flag set by hand on dns, its rule for any source is no longer found: the flag
     // really gates the probe, so the compiler must leave it 0 wherever such a rule exists.
     {
-        let slot = h.enforcer.active_slot();
-        let map = h
-            .enforcer
-            .ebpf_mut()
-            .map_mut(enforcer_common::map_names::SEGMENTS[slot])
-            .unwrap();
-        let mut segments: aya::maps::Array<_, enforcer_common::SegmentInfo> =
-            aya::maps::Array::try_from(map).unwrap();
+        let mut segments = active_segments(&mut h);
         let mut info = segments.get(&dns, 0).unwrap();
         info.no_wildcard_rules |= wildcard_bit(proto_key::UDP);
         segments.set(dns, info, 0).unwrap();
