@@ -92,9 +92,8 @@ pub fn sweep(ebpf: &mut Ebpf, config: &Config) -> Result<(usize, usize), SweepEr
             .collect();
         let mut removed = 0;
         for key in &expired {
-            // Read again, as for flows: a new first fragment may have reused the key.
-            let still_expired = table.get(key, 0).is_ok_and(|state| is_expired(&state));
-            if still_expired && table.remove(key).is_ok() {
+            // As for flows: a new first fragment may have reused the key.
+            if remove_if_still(&mut table, key, is_expired) {
                 removed += 1;
             }
         }
@@ -119,10 +118,21 @@ pub fn remove_flow_if_expired<T>(
 where
     T: std::borrow::BorrowMut<aya::maps::MapData>,
 {
-    let still_expired = table
-        .get(key, 0)
-        .is_ok_and(|state| flow_expired(key, &state, now, config));
-    still_expired && table.remove(key).is_ok()
+    remove_if_still(table, key, |state| flow_expired(key, state, now, config))
+}
+
+/// Removes `key` if its value, read now, still satisfies `expired`; `true` if it did.
+fn remove_if_still<T, K, V>(
+    table: &mut HashMap<T, K, V>,
+    key: &K,
+    expired: impl Fn(&V) -> bool,
+) -> bool
+where
+    T: std::borrow::BorrowMut<aya::maps::MapData>,
+    K: aya::Pod,
+    V: aya::Pod,
+{
+    table.get(key, 0).is_ok_and(|state| expired(&state)) && table.remove(key).is_ok()
 }
 
 /// Sets the break-glass expiry of every flow that grant `grant` admitted to 0: the kernel judges

@@ -95,18 +95,7 @@ impl FlowEvent {
 
 /// `value` in decimal, without going through `core::fmt`.
 fn push_decimal(out: &mut Vec<u8>, value: u16) {
-    let mut digits = [0u8; 5];
-    let mut at = digits.len();
-    let mut rest = value;
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (rest % 10) as u8;
-        rest /= 10;
-        if rest == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[at..]);
+    out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
 }
 
 /// An address as a JSON string, as its `Display` writes it.
