@@ -12,9 +12,10 @@
 //!   of the destination's rules that the class matches; PORTS maps (table, protocol, port) to the
 //!   first rule of that list allowing it, as aligned power-of-two port blocks.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
 use enforcer_common::{CLASS_WILDCARD, CLASS_WORLD, PORT_KEY_FIXED_BITS, SEGMENT_WORLD, proto_key};
+use foldhash::{HashMap, HashMapExt as _};
 
 use crate::artifact::{
     AddrV4Entry, AddrV6Entry, Artifact, FORMAT_VERSION, KernelSettings, Maps, PairEntry, PortEntry,
@@ -178,16 +179,22 @@ impl AddressPlan {
                 segment_ids.get(segment).copied().unwrap_or(SEGMENT_WORLD),
             );
         }
-        let mut cidrs = BTreeSet::new();
-        for rule in policy.rules() {
-            if let RuleKind::Allow { from, .. } = &rule.kind {
-                for source in from {
-                    if let Source::Cidr(prefix) = source {
-                        cidrs.insert(*prefix);
-                    }
-                }
-            }
-        }
+        // Sorted vectors rather than ordered sets: a large policy has hundreds of thousands.
+        let mut cidrs: Vec<Prefix> = policy
+            .rules()
+            .iter()
+            .filter_map(|rule| match &rule.kind {
+                RuleKind::Allow { from, .. } => Some(from),
+                _ => None,
+            })
+            .flatten()
+            .filter_map(|source| match source {
+                Source::Cidr(prefix) => Some(*prefix),
+                _ => None,
+            })
+            .collect();
+        cidrs.sort_unstable();
+        cidrs.dedup();
         let cidr_ids: HashMap<Prefix, u32> = cidrs.iter().copied().zip(0u32..).collect();
         // Only the prefix lengths in use need probing when walking up from an entry.
         let lengths = |family: Family, set: &mut dyn Iterator<Item = &Prefix>| -> Vec<u8> {
@@ -206,11 +213,13 @@ impl AddressPlan {
             lengths(Family::V6, &mut cidrs.iter()),
         ];
 
-        let entries: BTreeSet<Prefix> = members
+        let mut entries: Vec<Prefix> = members
             .keys()
             .copied()
             .chain(cidrs.iter().copied())
             .collect();
+        entries.sort_unstable();
+        entries.dedup();
         let mut class_ids: HashMap<Class, u32> = HashMap::new();
         let mut classes: Vec<Class> = vec![(SEGMENT_WORLD, Vec::new())];
         class_ids.insert((SEGMENT_WORLD, Vec::new()), CLASS_WORLD);
@@ -319,8 +328,8 @@ fn plan_pairs(
         // Index the destination's rules by the kind of source they name, so only classes that
         // some rule can match are visited (except with `any`, which matches every class).
         let mut any_rules = Vec::new();
-        let mut by_segment: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
-        let mut by_cidr: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+        let mut by_segment: HashMap<u32, Vec<u32>> = HashMap::new();
+        let mut by_cidr: HashMap<u32, Vec<u32>> = HashMap::new();
         for rule in rule_indexes.iter().filter_map(|&index| policy.rule(index)) {
             let RuleKind::Allow { from, .. } = &rule.kind else {
                 continue;
@@ -345,7 +354,7 @@ fn plan_pairs(
         // entry of their own; every other class falls back to the destination's wildcard
         // entry, which holds the `any` rules. Without the fallback, one `any` rule would need
         // an entry for every (destination, class).
-        let mut candidate_classes = BTreeSet::new();
+        let mut candidate_classes = Vec::new();
         {
             let mut add = |list: Option<&Vec<u32>>| {
                 candidate_classes.extend(list.into_iter().flatten());
@@ -360,6 +369,9 @@ fn plan_pairs(
                 add(classes_by_cidr.get(*cidr as usize));
             }
         }
+        // Ascending, so that port tables are numbered in the same order on every run.
+        candidate_classes.sort_unstable();
+        candidate_classes.dedup();
         any_rules.sort_unstable();
         any_rules.dedup();
         let mut entries: Vec<(u32, Vec<u32>)> = Vec::new();
@@ -438,30 +450,39 @@ fn plan_ports(policy: &Policy, tables: &[Vec<u32>]) -> Result<Vec<PortEntry>, Co
         (proto_key::ICMPV6, 255),
     ];
     let mut entries = Vec::new();
+    // Per protocol key, (first, last, position in the table): the lowest position wins where
+    // they overlap. Reused across tables; each rule is read once per table.
+    let mut intervals: [Vec<(u32, u32, usize)>; KEYS.len()] = Default::default();
     for (table, rules) in (0u32..).zip(tables) {
-        for (proto, max_port) in KEYS {
-            // (first, last, position in the table): the lowest position wins where they overlap.
-            let mut intervals = Vec::new();
-            for (position, &rule) in rules.iter().enumerate() {
-                for port in rule_ports(policy, rule) {
-                    match *port {
-                        PortMatch::Any => intervals.push((0, max_port, position)),
-                        PortMatch::Range {
-                            proto: range_proto,
-                            first,
-                            last,
-                        } if range_proto == proto && u32::from(first) <= max_port => {
-                            intervals.push((
+        intervals.iter_mut().for_each(Vec::clear);
+        let mut any_rule = None;
+        for (position, &rule) in rules.iter().enumerate() {
+            for port in rule_ports(policy, rule) {
+                match *port {
+                    PortMatch::Any => {
+                        any_rule.get_or_insert(rule);
+                        for (list, (_, max_port)) in intervals.iter_mut().zip(KEYS) {
+                            list.push((0, max_port, position));
+                        }
+                    }
+                    PortMatch::Range { proto, first, last } => {
+                        let Some(key) = KEYS.iter().position(|(key, _)| *key == proto) else {
+                            continue;
+                        };
+                        let max_port = KEYS[key].1;
+                        if u32::from(first) <= max_port {
+                            intervals[key].push((
                                 u32::from(first),
                                 u32::from(last).min(max_port),
                                 position,
                             ));
                         }
-                        PortMatch::Range { .. } => {}
                     }
                 }
             }
-            for (first, last, position) in first_match_intervals(&intervals) {
+        }
+        for (list, (proto, _)) in intervals.iter().zip(KEYS) {
+            for (first, last, position) in first_match_intervals(list) {
                 let Some(&rule) = rules.get(position) else {
                     continue;
                 };
@@ -476,10 +497,7 @@ fn plan_ports(policy: &Policy, tables: &[Vec<u32>]) -> Result<Vec<PortEntry>, Co
                 }
             }
         }
-        let any_rule = rules
-            .iter()
-            .find(|&&rule| rule_ports(policy, rule).contains(&PortMatch::Any));
-        if let Some(&rule) = any_rule {
+        if let Some(rule) = any_rule {
             entries.push(PortEntry {
                 table,
                 proto: proto_key::NO_PORT,
@@ -496,6 +514,10 @@ fn plan_ports(policy: &Policy, tables: &[Vec<u32>]) -> Result<Vec<PortEntry>, Co
 /// Cuts the covered space into maximal intervals with the same winner (lowest position).
 /// Returns (first, last, position) sorted by `first`; uncovered ports are left out.
 fn first_match_intervals(intervals: &[(u32, u32, usize)]) -> Vec<(u32, u32, usize)> {
+    // Most port tables of a large policy hold one rule with one port.
+    if let [only] = intervals {
+        return vec![*only];
+    }
     // Events at `first` (start) and `last + 1` (end); `true` sorts ends after starts at a
     // position, which does not matter since all events at one position apply together.
     let mut events: Vec<(u32, bool, usize)> = Vec::with_capacity(intervals.len() * 2);

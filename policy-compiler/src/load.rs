@@ -3,9 +3,10 @@
 //! Validation never stops at the first problem: every file is checked and every error collected,
 //! so one run of `policy-compiler check` shows everything to fix.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::Path;
 
+use foldhash::{HashMap, HashMapExt as _, HashSet};
 use sha2::{Digest, Sha256};
 
 use crate::error::{PolicyError, PolicyErrorKind, PolicyErrors, closest};
@@ -972,7 +973,6 @@ impl Loader {
 
         let mut rules: Vec<Rule> = Vec::new();
         let mut segments = Vec::new();
-        let mut rule_places: HashMap<String, (String, usize)> = HashMap::new();
         for segment in by_name.values() {
             let indexes = self.add_rules(
                 &mut rules,
@@ -1057,8 +1057,9 @@ impl Loader {
                 world_rules.push(index);
             }
         }
+        let mut rule_places: HashMap<&str, (&str, usize)> = HashMap::with_capacity(rules.len());
         for rule in &rules {
-            match rule_places.get(&rule.id) {
+            match rule_places.get(rule.id.as_str()) {
                 Some((file, line)) => {
                     let hint = Some(format!(
                         "'{}' is already the id of a rule at {file}:{line}; give one of them another `name:`",
@@ -1069,11 +1070,10 @@ impl Loader {
                         column: 1,
                     };
                     let kind = PolicyErrorKind::DuplicateRuleId(rule.id.clone());
-                    let (file, line) = (rule.file.clone(), Some(pos));
-                    self.error(&file, line, kind, hint);
+                    self.error(&rule.file, Some(pos), kind, hint);
                 }
                 None => {
-                    rule_places.insert(rule.id.clone(), (rule.file.clone(), rule.line));
+                    rule_places.insert(&rule.id, (&rule.file, rule.line));
                 }
             }
         }
