@@ -82,7 +82,7 @@ impl MetricsSnapshot {
         );
         let verdicts = self.policy_verdicts.iter().map(|(l, v)| {
             (
-                vec![
+                [
                     ("source_segment", l.source_segment.as_str()),
                     ("destination_segment", l.destination_segment.as_str()),
                     ("direction", l.direction.as_str()),
@@ -102,7 +102,7 @@ impl MetricsSnapshot {
         );
         let drops = self.drops.iter().map(|((reason, protocol), v)| {
             (
-                vec![("reason", reason.as_str()), ("protocol", protocol.as_str())],
+                [("reason", reason.as_str()), ("protocol", protocol.as_str())],
                 *v,
             )
         });
@@ -117,7 +117,7 @@ impl MetricsSnapshot {
         let forwarded = self
             .forwarded
             .iter()
-            .map(|(direction, v)| (vec![("direction", direction.as_str())], *v));
+            .map(|(direction, v)| ([("direction", direction.as_str())], *v));
         counter_samples(&mut out, "enforcer_forward_total", forwarded);
 
         family(
@@ -155,7 +155,7 @@ impl MetricsSnapshot {
         let events = self
             .events
             .iter()
-            .map(|(outcome, v)| (vec![("outcome", outcome.as_str())], *v));
+            .map(|(outcome, v)| ([("outcome", outcome.as_str())], *v));
         counter_samples(&mut out, "enforcer_events_total", events);
 
         family(
@@ -289,7 +289,7 @@ impl MetricsSnapshot {
         let events = self
             .breakglass_events
             .iter()
-            .map(|(action, v)| (vec![("action", action.as_str())], *v));
+            .map(|(action, v)| ([("action", action.as_str())], *v));
         counter_samples(&mut out, "enforcer_breakglass_events_total", events);
 
         family(
@@ -315,23 +315,39 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
-/// Sorted, summed counter samples.
-fn counter_samples<'a>(
+/// Sorted, summed counter samples. Sorted in a vector and summed in one pass: with every segment
+/// pair populated there are millions of label sets, and an ordered map of them was most of the
+/// render. The label names at each position are the same in every sample of a family, so the
+/// values alone decide the order.
+fn counter_samples<'a, const N: usize>(
     out: &mut String,
     name: &str,
-    samples: impl Iterator<Item = (Vec<(&'a str, &'a str)>, u64)>,
+    samples: impl Iterator<Item = ([(&'a str, &'a str); N], u64)>,
 ) {
-    let mut merged: BTreeMap<Vec<(&str, &str)>, u64> = BTreeMap::new();
-    for (labels, value) in samples {
-        let total = merged.entry(labels).or_default();
-        *total = total.saturating_add(value);
-    }
-    for (labels, value) in merged {
-        sample(out, name, &labels, value);
+    let mut samples: Vec<_> = samples.collect();
+    samples.sort_unstable_by(|(a, _), (b, _)| {
+        let values = |labels: &[(&'a str, &'a str); N]| labels.map(|(_, value)| value);
+        values(a).cmp(&values(b))
+    });
+    let mut samples = samples.into_iter().peekable();
+    while let Some((labels, mut total)) = samples.next() {
+        while let Some((_, value)) = samples.next_if(|(next, _)| *next == labels) {
+            total = total.saturating_add(value);
+        }
+        series(out, name, &labels);
+        out.push(' ');
+        out.push_str(itoa::Buffer::new().format(total));
+        out.push('\n');
     }
 }
 
 fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+    series(out, name, labels);
+    let _ = writeln!(out, " {value}");
+}
+
+/// A series' name and labels, `name{label="value",...}`.
+fn series(out: &mut String, name: &str, labels: &[(&str, &str)]) {
     out.push_str(name);
     if !labels.is_empty() {
         out.push('{');
@@ -346,19 +362,22 @@ fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: impl std
         }
         out.push('}');
     }
-    let _ = writeln!(out, " {value}");
 }
 
 /// The escapes the exposition format defines for label values.
 fn escape_label_value(out: &mut String, value: &str) {
-    for c in value.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '\n' => out.push_str("\\n"),
-            c => out.push(c),
-        }
+    let mut rest = value;
+    // Copied in runs between escapes: label values rarely hold any.
+    while let Some(at) = rest.find(['\\', '"', '\n']) {
+        out.push_str(&rest[..at]);
+        out.push_str(match rest.as_bytes()[at] {
+            b'\\' => "\\\\",
+            b'"' => "\\\"",
+            _ => "\\n",
+        });
+        rest = &rest[at + 1..];
     }
+    out.push_str(rest);
 }
 
 /// A float as the exposition format spells it (`+Inf`, `-Inf`, `NaN`; Rust writes `inf`).
@@ -384,6 +403,17 @@ mod tests {
         let mut out = String::new();
         escape_label_value(&mut out, "a\\b\"c\nd");
         assert_eq!(out, r#"a\\b\"c\nd"#);
+        for (value, escaped) in [
+            ("", ""),
+            ("radiology", "radiology"),
+            ("\"", r#"\""#),
+            ("é\"\"\\\nß", r#"é\"\"\\\nß"#),
+            ("\n\nx\\", r#"\n\nx\\"#),
+        ] {
+            let mut out = String::new();
+            escape_label_value(&mut out, value);
+            assert_eq!(out, escaped, "{value:?}");
+        }
     }
 
     #[test]
@@ -409,6 +439,49 @@ mod tests {
         let egress = text.find("enforcer_forward_total{direction=\"egress\"} 1\n");
         let ingress = text.find("enforcer_forward_total{direction=\"ingress\"} 5\n");
         assert!(egress.unwrap() < ingress.unwrap(), "{text}");
+    }
+
+    #[test]
+    fn verdict_series_are_summed_and_ordered_by_every_label() {
+        let labels = |src: &str, dst: &str, direction: &str, action: &str| VerdictLabels {
+            source_segment: src.into(),
+            destination_segment: dst.into(),
+            direction: direction.into(),
+            action: action.into(),
+            match_: "none".into(),
+        };
+        let snapshot = MetricsSnapshot {
+            policy_verdicts: vec![
+                (labels("pacs", "ehr", "ingress", "dropped"), 1),
+                (labels("lab", "pacs", "ingress", "dropped"), 2),
+                (labels("lab", "ehr", "ingress", "forwarded"), 3),
+                (labels("lab", "ehr", "egress", "dropped"), 4),
+                (labels("lab", "ehr", "ingress", "dropped"), 5),
+                (labels("pacs", "ehr", "ingress", "dropped"), 6),
+                (labels("lab", "ehr", "ingress", "dropped"), 7),
+            ],
+            ..Default::default()
+        };
+        let text = snapshot.render();
+        let series: Vec<&str> = text
+            .lines()
+            .filter(|line| line.starts_with("enforcer_policy_verdicts_total{"))
+            .collect();
+        let line = |src: &str, dst: &str, direction: &str, action: &str, value: u64| {
+            format!(
+                "enforcer_policy_verdicts_total{{source_segment=\"{src}\",destination_segment=\"{dst}\",direction=\"{direction}\",action=\"{action}\",match=\"none\"}} {value}"
+            )
+        };
+        assert_eq!(
+            series,
+            [
+                line("lab", "ehr", "egress", "dropped", 4),
+                line("lab", "ehr", "ingress", "dropped", 12),
+                line("lab", "ehr", "ingress", "forwarded", 3),
+                line("lab", "pacs", "ingress", "dropped", 2),
+                line("pacs", "ehr", "ingress", "dropped", 7),
+            ]
+        );
     }
 
     #[test]
