@@ -49,15 +49,24 @@ fn explanation(name: &str) -> &'static str {
          has to look up the connection table and both addresses at least."
     } else if name.starts_with("reload") {
         "Why: time to live is validation + compilation in user space (split in the section 3 \
-         table: about 1 s of the 1.3 s at 100k rules) plus writing the maps. The writes are now \
-         batched (BPF_MAP_UPDATE_BATCH for the host, pair and single-port hashes; the tries, \
-         which have no batch operation, hold only subnets and port ranges), which took \
-         write+switch from 678 to 328 ms at 100k and from 6.3 to 2.7 s at 1M, with the benchmark \
-         pinned to one CPU. The daemon reads and parses the segment files on every core (measured \
-         by hand: live 0.55-0.6 s after reading the files on this machine when idle). What would \
-         close it: a faster YAML front end and rule construction (validation is now most of the \
-         time), incremental compilation of the segments that changed, and map-in-map slots so a \
-         reload writes fresh inner maps and never clears."
+         table) plus writing the maps. The writes are batched (BPF_MAP_UPDATE_BATCH for the \
+         host, pair and single-port hashes; the tries, which have no batch operation, hold only \
+         subnets and port ranges), which took write+switch from 678 to 328 ms at 100k and from \
+         6.3 to 2.7 s at 1M, with the benchmark pinned to one CPU; what is left of it is the \
+         kernel's hash insert, about 0.8 us for each of the 370k host, pair and single-port \
+         entries of the 100k policy on this CPU, so the writes alone nearly fill 300 ms. \
+         Session 7 cut validation + compilation by about a fifth at 100k and a quarter at 1M \
+         (side by side with the previous build, in one process on one CPU: 1218 to 989 ms, and \
+         17.5 to 12.6 s): a faster hash for the compiler's maps (SipHash was a tenth of the \
+         time), sorted vectors in place of ordered sets of hundreds of thousands of prefixes, \
+         one pass over a port table's rules for all four protocols; the artifacts are \
+         byte-identical. What is left (`perf`): YAML parsing is about a quarter, allocation a \
+         fifth, the rest spread without a single hot spot. The daemon reads and parses the \
+         segment files on every core (measured by hand in session 5: live 0.55-0.6 s after \
+         reading the files on this machine when idle). What would close it: incremental \
+         compilation of the segments that changed and segment and class ids that stay the same \
+         across reloads, so that a reload writes only the entries that changed instead of the \
+         whole policy; a faster YAML front end."
     } else if name.starts_with("events") {
         "Why: two ends bound the live-frames figure, and on this shared 2-CPU VM either can be \
          the slower from one run to the next. The kernel side: the generator, the veth transmit \
@@ -74,7 +83,12 @@ fn explanation(name: &str) -> &'static str {
          `serde_json`, without that; losses fell to 1-2% of events. What would close it: fewer \
          map operations per denial, as for the per-packet cost; naming events without \
          allocating (a `FlowEvent` holds ten owned strings); the BPF_PROG_TEST_RUN figures are \
-         bounded by one syscall per packet."
+         bounded by one syscall per packet. In session 7's `perf` of the kernel side, half of \
+         the time in hash bucket walks was the connection-table probe: the live frames' 262,144 \
+         flows spread over the 1M buckets (16 MiB) of the table that every benchmark policy \
+         configures, 4 times the product's default of 262,144 entries. A denial cannot skip \
+         it: a packet the policy denies may belong to a tracked flow (a reply, or a flow a \
+         break-glass grant admitted)."
     } else if name.starts_with("daemon") {
         "Why: the daemon keeps only the outline of the policy in force and returns the compiler's \
          heap to the system after every load (`malloc_trim`, two malloc arenas); VmHWM, the peak \
