@@ -97,6 +97,7 @@ struct BatchAttr {
     flags: u64,
 }
 
+const BPF_MAP_LOOKUP_AND_DELETE_BATCH: libc::c_long = 25;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 
@@ -143,6 +144,60 @@ fn batch<K: Pod, V: Pod>(
         done += keys.len();
     }
     Ok(())
+}
+
+/// Empties the hash map `fd` with `BPF_MAP_LOOKUP_AND_DELETE_BATCH`, up to [`BATCH_ENTRIES`]
+/// per syscall (Linux 5.6), and discards what it reads: listing the keys of a large slot one
+/// `BPF_MAP_GET_NEXT_KEY` syscall at a time took about half of emptying it. `Err` when the
+/// kernel refuses part way; what is left is still in the map. Only for plain (not per-CPU)
+/// hashes, whose values are `V` as is: `HashMap::try_from` in the caller refuses the others.
+fn drain<K: Pod, V: Pod>(fd: std::os::fd::BorrowedFd<'_>) -> Result<(), std::io::Error> {
+    use std::os::fd::AsRawFd as _;
+    let mut keys = vec![0u8; std::mem::size_of::<K>() * BATCH_ENTRIES];
+    let mut values = vec![0u8; std::mem::size_of::<V>() * BATCH_ENTRIES];
+    // The kernel's position in the table (a bucket index for a hash), opaque here.
+    let (mut position, mut next) = (0u64, 0u64);
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                &position as *const u64 as u64
+            },
+            out_batch: &mut next as *mut u64 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: BATCH_ENTRIES as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        // SAFETY: `attr` points at room for `count` keys and values of the map's sizes (the
+        // `Pod` types it was opened with) and at two 8-byte positions, alive for the call.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_AND_DELETE_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>() as u32,
+            )
+        };
+        if ret != 0 {
+            let error = std::io::Error::last_os_error();
+            // ENOENT: the end of the table, after deleting this call's entries.
+            return match error.raw_os_error() {
+                Some(libc::ENOENT) => Ok(()),
+                _ => Err(error),
+            };
+        }
+        if attr.count == 0 {
+            return Err(std::io::Error::other(
+                "no entries drained and not at the end",
+            ));
+        }
+        position = next;
+        first = false;
+    }
 }
 
 /// Entries a batch operation did, or the error to report: a kernel without batch operations
@@ -215,6 +270,10 @@ fn clear_hash<K: aya::Pod, V: aya::Pod>(
     name: &'static str,
 ) -> Result<(), PolicyMapError> {
     let mut hash: HashMap<MapData, K, V> = HashMap::try_from(map).map_err(map_err(name))?;
+    if let Err(error) = drain::<K, V>(hash.map().fd().as_fd()) {
+        tracing::debug!(map = name, %error, "batch drain refused; deleting by key");
+    }
+    // Normally nothing is left; what is (an older kernel, a refusal) is listed and deleted.
     let keys: Vec<K> = hash.keys().filter_map(Result::ok).collect();
     let result = batch::<K, V>(hash.map().fd().as_fd(), &keys, None);
     let deleted = batch_done(name, "bpf_map_delete_batch", result, keys.len())?;

@@ -157,3 +157,86 @@ fn no_packet_is_judged_by_a_mixture_of_two_policies() {
         &wrong[..wrong.len().min(5)]
     );
 }
+
+/// `segments` segments of `hosts_each` member hosts, IPv6 in odd segments; every host is named
+/// by one rule of the next segment of its family, on its own port: about as many host, pair and
+/// single-port entries as hosts.
+fn large_policy(segments: usize, hosts_each: usize) -> Policy {
+    let host = |segment: usize, i: usize| -> String {
+        if segment.is_multiple_of(2) {
+            format!("10.{segment}.{}.{}/32", i / 256, i % 256)
+        } else {
+            format!("fd00:{segment}::{i:x}/128")
+        }
+    };
+    let sources: Vec<(String, String)> = (0..segments)
+        .map(|segment| {
+            let members: Vec<String> = (0..hosts_each)
+                .map(|i| format!("\"{}\"", host(segment, i)))
+                .collect();
+            let mut yaml = format!(
+                "segment: s{segment}\nmembers: [{}]\nallow:\n",
+                members.join(", ")
+            );
+            let source = (segment + 2) % segments;
+            for i in 0..hosts_each {
+                yaml.push_str(&format!(
+                    "  - from: [\"{}\"]\n    ports: [tcp/{}]\n",
+                    host(source, i),
+                    1024 + i
+                ));
+            }
+            (format!("segments/s{segment}.yaml"), yaml)
+        })
+        .collect();
+    Policy::from_sources(&sources).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Entries in the hash map `name` (listed key by key, independently of how it was emptied).
+fn hash_len<K: aya::Pod, V: aya::Pod>(enforcer: &Enforcer, name: &str) -> usize {
+    let map = enforcer
+        .ebpf()
+        .map(name)
+        .unwrap_or_else(|| panic!("map {name}"));
+    let hash = aya::maps::HashMap::<_, K, V>::try_from(map).unwrap();
+    hash.keys().collect::<Result<Vec<K>, _>>().unwrap().len()
+}
+
+#[test]
+fn emptying_a_slot_of_a_large_policy_leaves_nothing_behind() {
+    use enforcer_common::{AddrInfo, PairKey, PairValue, PortKey, PortValue, map_names};
+
+    // Several of the daemon's 8192-entry batches per map.
+    let a = policy_compiler::compile(&large_policy(4, 9000)).unwrap();
+    let b = policy_compiler::compile(&large_policy(4, 100)).unwrap();
+    let mut enforcer = Enforcer::load(&a).expect("load");
+    enforcer.replace_policy(&b).expect("reload");
+    let old = 1 - enforcer.active_slot();
+    let sizes = |enforcer: &Enforcer| {
+        [
+            hash_len::<[u8; 4], AddrInfo>(enforcer, map_names::HOSTS_V4[old]),
+            hash_len::<[u8; 16], AddrInfo>(enforcer, map_names::HOSTS_V6[old]),
+            hash_len::<PairKey, PairValue>(enforcer, map_names::PAIRS[old]),
+            hash_len::<PortKey, PortValue>(enforcer, map_names::PORTS_EXACT[old]),
+        ]
+    };
+    let before = sizes(&enforcer);
+    assert!(
+        before.iter().all(|&len| len > 2 * 8192),
+        "the old slot should hold policy A: {before:?}"
+    );
+    enforcer.clear_inactive_slot().expect("clear");
+    assert_eq!(
+        sizes(&enforcer),
+        [0; 4],
+        "left in the old slot (was {before:?})"
+    );
+
+    // The emptied slot takes policy A again and holds exactly it.
+    enforcer.replace_policy(&a).expect("reload");
+    assert_eq!(enforcer.active_slot(), old);
+    assert!(
+        enforcer::policy_maps::slot_holds(enforcer.ebpf(), old, &a).expect("read the slot"),
+        "the slot holds more or less than policy A"
+    );
+}
