@@ -129,21 +129,33 @@ fn batch<K: Pod, V: Pod>(
         };
         // SAFETY: `attr` points at `count` keys (and values) of the map's key and value sizes
         // (the `Pod` types the map was opened with), alive for the call.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                command,
-                &mut attr as *mut BatchAttr,
-                std::mem::size_of::<BatchAttr>() as u32,
-            )
-        };
-        if ret != 0 {
-            let error = std::io::Error::last_os_error();
+        if let Err(error) = unsafe { batch_syscall(command, &mut attr) } {
             return Err((done + attr.count as usize, error));
         }
         done += keys.len();
     }
     Ok(())
+}
+
+/// One `BPF_MAP_*_BATCH` command; the kernel writes the entries it did back into `attr.count`.
+///
+/// # Safety
+/// `attr`'s buffers must be valid for its `count` entries of the map's key and value sizes.
+unsafe fn batch_syscall(command: libc::c_long, attr: &mut BatchAttr) -> std::io::Result<()> {
+    // SAFETY: the caller vouches for the buffers; `attr` itself is a valid `bpf_attr` prefix.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            command,
+            attr as *mut BatchAttr,
+            std::mem::size_of::<BatchAttr>() as u32,
+        )
+    };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// Empties the hash map `fd` with `BPF_MAP_LOOKUP_AND_DELETE_BATCH`, up to [`BATCH_ENTRIES`]
@@ -174,16 +186,7 @@ fn drain<K: Pod, V: Pod>(fd: std::os::fd::BorrowedFd<'_>) -> Result<(), std::io:
         };
         // SAFETY: `attr` points at room for `count` keys and values of the map's sizes (the
         // `Pod` types it was opened with) and at two 8-byte positions, alive for the call.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_AND_DELETE_BATCH,
-                &mut attr as *mut BatchAttr,
-                std::mem::size_of::<BatchAttr>() as u32,
-            )
-        };
-        if ret != 0 {
-            let error = std::io::Error::last_os_error();
+        if let Err(error) = unsafe { batch_syscall(BPF_MAP_LOOKUP_AND_DELETE_BATCH, &mut attr) } {
             // ENOENT: the end of the table, after deleting this call's entries.
             return match error.raw_os_error() {
                 Some(libc::ENOENT) => Ok(()),
