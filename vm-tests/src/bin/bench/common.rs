@@ -47,6 +47,45 @@ pub fn other_cpu() -> usize {
     0
 }
 
+/// Waits until `cpu` has been at least 90% idle over 100 ms (`/proc/stat`, in clock ticks of
+/// 10 ms); fails after a minute.
+pub fn wait_until_idle(cpu: usize) -> Result<()> {
+    const WINDOW: std::time::Duration = std::time::Duration::from_millis(100);
+    let started = std::time::Instant::now();
+    let mut last = cpu_times(cpu)?;
+    loop {
+        std::thread::sleep(WINDOW);
+        let now = cpu_times(cpu)?;
+        let (busy, idle) = (now.0 - last.0, now.1 - last.1);
+        if busy + idle > 0 && idle * 10 >= (busy + idle) * 9 {
+            return Ok(());
+        }
+        if started.elapsed().as_secs() >= 60 {
+            bail!("CPU {cpu} stayed busy for a minute: the benchmark needs it idle");
+        }
+        last = now;
+    }
+}
+
+/// (busy, idle) clock ticks of `cpu` since boot.
+fn cpu_times(cpu: usize) -> Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let prefix = format!("cpu{cpu} ");
+    let line = stat
+        .lines()
+        .find(|line| line.starts_with(&prefix))
+        .with_context(|| format!("no {prefix}line in /proc/stat"))?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    // user nice system idle iowait irq softirq steal (guest time is within user).
+    let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+    let busy = ticks.iter().take(8).sum::<u64>() - idle;
+    Ok((busy, idle))
+}
+
 pub fn median(values: &[f64]) -> f64 {
     let mut sorted: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
     if sorted.is_empty() {

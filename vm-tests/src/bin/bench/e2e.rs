@@ -16,7 +16,9 @@ use vm_tests::packet_builder::{self, PacketSpec, Transport};
 
 use crate::{
     Options,
-    common::{Netns, bench_cpu, median, other_cpu, paired_ratio, per_cpu_sum, pin_pid},
+    common::{
+        Netns, bench_cpu, median, other_cpu, paired_ratio, per_cpu_sum, pin_pid, wait_until_idle,
+    },
     policy::{self, BenchPolicy},
     report::{Figure, Report, Section},
 };
@@ -364,6 +366,11 @@ fn measure(
                     _ => per_cpu_sum(generator, bench::RX, 0),
                 }
             };
+            // The frames left in the previous arm's veth ring (up to 256) are processed after
+            // its sample by its NAPI thread on the receive CPU; one NAPI poll of nftables' linear
+            // rules at 100k rules holds that CPU for hundreds of milliseconds. Kernel work left
+            // from earlier namespaces (their teardown) can hold it too.
+            wait_until_idle(other_cpu())?;
             let before = count(arm, &generator)?;
             let data = frame(mac(1, a), mac(2, a));
             let ctx = xdp_md(arm.gen_ifindex);
@@ -372,6 +379,13 @@ fn measure(
             let took = started.elapsed();
             let after = count(arm, &generator)?;
             let mpps = (after - before) as f64 / took.as_secs_f64() / 1e6;
+            if arm.kind == Kind::Floor && after - before < u64::from(packets / 100) {
+                bail!(
+                    "the parse-and-drop floor processed {} of {packets} frames: its receive \
+                     CPU did not run it, and every ratio to it would be meaningless",
+                    after - before
+                );
+            }
             if std::env::var_os("BENCH_DEBUG").is_some() {
                 eprintln!(
                     "e2e sample: {} {} got {} in {:?}",
@@ -410,7 +424,11 @@ fn measure(
          `policy_denied`; the floor's `BENCH_RX`; for nftables the same counter, bumped by \
          `bench_pass_count` in front of it — the netdev ingress hook runs in the same NAPI poll, \
          with no queue in between, and `nft list counter` reads every rule of the namespace \
-         first, a minute at 100k rules) divided by the wall time of the injection. No rule allows port 9: every arm drops every frame. Arms: \
+         first, a minute at 100k rules) divided by the wall time of the injection. Before each sample the runner waits until the \
+         receive CPU has been at least 90% idle for 100 ms (`/proc/stat`), so that one arm's \
+         backlog is not processed in the next arm's sample: the frames left in an arm's veth \
+         ring are processed after its sample, and one NAPI poll of nftables' linear rules at \
+         100k rules holds the CPU for hundreds of milliseconds. No rule allows port 9: every arm drops every frame. Arms: \
          the enforcer (native XDP, `Enforcer::attach`); the floor `bench_parse_drop` (the \
          enforcer's parser, a counter, `XDP_DROP`); and `bench_pass_count` (a counter, \
          `XDP_PASS`) in front of nftables on the netdev ingress hook of the same device — the earliest nftables hook, \
