@@ -41,9 +41,19 @@ fn explanation(name: &str) -> &'static str {
          43% of its busy time in the hash bucket walk (`lookup_nulls_elem_raw`), spread about \
          evenly over five lookup sites, 9% in the program body, 8% in a trie walk. At 10 and 1k \
          rules, where the maps stay in cache, the gap is the fixed cost of the per-packet section. \
-         Session 5 moved the enforcer from 0.24 to 0.3-0.4 of the floor at 10 and 1k rules and \
-         from 0.87 to 1.2-1.8 times nftables' interval sets at 100k; session 6 removed the \
-         wildcard-table probe from most denials. What would close it: fewer random memory \
+         Session 5 moved the enforcer from 0.24 to 0.3-0.4 of the floor at 10 and 1k rules; \
+         session 6 removed the wildcard-table probe from most denials. Session 8 found the \
+         nftables arms at 100k under-measured until then: the frames left in an arm's veth ring \
+         are processed after its sample, and one NAPI poll of nftables' linear rules at 100k \
+         rules holds the receive CPU for hundreds of milliseconds, which the arms measured next \
+         lost (a `--quick` run reported 0.00 Mpps for most arms). Every sample now starts on an \
+         idle receive CPU. With that, nftables' verdict maps (hash) at 100k rules run about as \
+         fast as the enforcer on this path (0.59 against 0.56 Mpps in session 8's run; the \
+         committed figure had been 0.28), where before they seemed half as fast; the enforcer \
+         stays about 1.7-1.9 times nftables' interval sets. Both nftables arms are stateless \
+         here (netdev ingress: no connection tracking, no events, no per-pair counters), while \
+         every denial of the enforcer also probes its connection table, counts its segment \
+         pair and takes an event limiter slot. What would close it: fewer random memory \
          accesses per judged packet, above all for denials, which this benchmark sends \
          exclusively; the 0.8 of the floor asks for at most one or two per packet, and a denial \
          has to look up the connection table and both addresses at least."
