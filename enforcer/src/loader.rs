@@ -198,6 +198,17 @@ impl Enforcer {
     }
 
     pub fn load_with(artifact: &Artifact, events: EventOptions) -> Result<Self, LoadError> {
+        Self::load_object(artifact, events, EBPF_OBJECT)
+    }
+
+    /// As [`Enforcer::load_with`], with the kernel programs of `object` instead of this build's:
+    /// for measuring a change to them against the build before it, side by side in one process
+    /// (`cargo xtask bench --baseline-object`). `object` needs this build's maps and programs.
+    pub fn load_object(
+        artifact: &Artifact,
+        events: EventOptions,
+        object: &[u8],
+    ) -> Result<Self, LoadError> {
         raise_memlock_limit();
         let settings = &artifact.settings;
         let sizes: Vec<_> = policy_needs(artifact)
@@ -213,7 +224,7 @@ impl Enforcer {
         // Exactly as configured: "full" must mean what the policy says.
         loader.map_max_entries(map_names::CONNTRACK, settings.conntrack_max_entries);
         loader.map_max_entries(map_names::FRAGMENTS, settings.fragments_max_entries);
-        let mut ebpf = loader.load(EBPF_OBJECT)?;
+        let mut ebpf = loader.load(object)?;
         load_programs(&mut ebpf)?;
         let mut enforcer = Self::with_loaded(
             ebpf,

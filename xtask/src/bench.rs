@@ -20,6 +20,14 @@ pub(crate) struct Options {
     /// Where to write results.json, RESULTS.md and the plot.
     #[arg(long, default_value = "bench")]
     out: String,
+    /// Also measure the kernel programs of FILE (saved from an earlier build with
+    /// --save-object) in the per-packet benchmark, side by side with this build's.
+    #[arg(long, value_name = "FILE")]
+    baseline_object: Option<String>,
+    /// Build, write this build's kernel programs to FILE and stop (no benchmark): the baseline
+    /// for measuring a change to them.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["quick", "only", "baseline_object"])]
+    save_object: Option<String>,
 }
 
 pub(crate) fn run(ws: &Workspace, opts: Options) -> Result<()> {
@@ -53,6 +61,12 @@ pub(crate) fn run(ws: &Workspace, opts: Options) -> Result<()> {
     }
     if let Some(only) = &opts.only {
         cmd.args(["--only", only]);
+    }
+    if let Some(file) = &opts.baseline_object {
+        cmd.args(["--baseline-object", file]);
+    }
+    if let Some(file) = &opts.save_object {
+        cmd.args(["--save-object", file]);
     }
     exec(&mut cmd)
 }

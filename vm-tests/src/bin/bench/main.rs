@@ -3,7 +3,9 @@
 //! through `cargo xtask bench [--quick]`, which builds it in release mode.
 //!
 //! Options: `--quick` (CI smoke run, under two minutes), `--out DIR` (default `bench`),
-//! `--only PART[,PART]` (per-packet, e2e, reload, events, tools), `--runs N`.
+//! `--only PART[,PART]` (per-packet, e2e, reload, events, tools), `--runs N`,
+//! `--baseline-object FILE` (the per-packet benchmark also runs the kernel programs of FILE, as
+//! one more arm), `--save-object FILE` (write this build's kernel programs to FILE and stop).
 mod analysis;
 mod common;
 mod e2e;
@@ -28,6 +30,10 @@ pub struct Options {
     /// measurements.
     pub compiler_bin: Option<PathBuf>,
     pub enforcer_bin: Option<PathBuf>,
+    /// An eBPF object saved from an earlier build (`--save-object`), measured beside this
+    /// build's in the per-packet benchmark.
+    pub baseline_object: Option<PathBuf>,
+    save_object: Option<PathBuf>,
 }
 
 impl Options {
@@ -46,6 +52,8 @@ fn parse_args() -> Result<Options> {
         runs: 10,
         compiler_bin: std::env::var_os("POLICY_COMPILER_BIN").map(PathBuf::from),
         enforcer_bin: std::env::var_os("ENFORCER_BIN").map(PathBuf::from),
+        baseline_object: None,
+        save_object: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -57,6 +65,16 @@ fn parse_args() -> Result<Options> {
                 opts.only = Some(parts.split(',').map(str::to_string).collect());
             }
             "--runs" => opts.runs = args.next().context("--runs needs a number")?.parse()?,
+            "--baseline-object" => {
+                opts.baseline_object = Some(
+                    args.next()
+                        .context("--baseline-object needs a file")?
+                        .into(),
+                );
+            }
+            "--save-object" => {
+                opts.save_object = Some(args.next().context("--save-object needs a file")?.into());
+            }
             other => bail!("unknown argument {other}"),
         }
     }
@@ -72,6 +90,12 @@ fn main() -> Result<()> {
     }
     let started = Instant::now();
     let opts = parse_args()?;
+    if let Some(file) = &opts.save_object {
+        std::fs::write(file, enforcer::loader::ebpf_object())
+            .with_context(|| format!("writing {}", file.display()))?;
+        println!("wrote this build's eBPF object to {}", file.display());
+        return Ok(());
+    }
     // Every measurement runs on one CPU; concurrent helpers pin themselves elsewhere.
     common::pin_to(common::bench_cpu())?;
     let mut report = report::Report {
@@ -100,12 +124,14 @@ fn main() -> Result<()> {
         );
     }
     report.sections.push(analysis::misses(&report.figures));
-    let command = if opts.quick {
-        "cargo xtask bench --quick"
-    } else {
-        "cargo xtask bench"
-    };
-    report.write(&opts.out, command, started.elapsed())?;
+    let mut command = String::from("cargo xtask bench");
+    if opts.quick {
+        command.push_str(" --quick");
+    }
+    if let Some(file) = &opts.baseline_object {
+        command.push_str(&format!(" --baseline-object {}", file.display()));
+    }
+    report.write(&opts.out, &command, started.elapsed())?;
     for f in &report.figures {
         let met = match f.met {
             Some(true) => " [target met]",

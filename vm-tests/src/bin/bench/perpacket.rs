@@ -2,8 +2,8 @@
 //!    and the enforcer, over corpora that cycle through many addresses, at each policy size.
 use std::{fmt::Write as _, net::IpAddr};
 
-use anyhow::{Result, bail};
-use enforcer::Enforcer;
+use anyhow::{Context as _, Result, bail};
+use enforcer::{Enforcer, EventOptions};
 use enforcer_common::bench;
 use vm_tests::{
     harness::{XDP_DROP, XDP_PASS},
@@ -108,6 +108,8 @@ pub fn judged_corpus(p: &BenchPolicy, frames: usize) -> Vec<(Vec<u8>, u32)> {
 
 struct Loaded {
     enforcer: Enforcer,
+    /// The same policy under the kernel programs of `--baseline-object`.
+    baseline: Option<Enforcer>,
     mixed: Vec<Vec<u8>>,
     judged: Vec<Vec<u8>>,
 }
@@ -120,6 +122,12 @@ pub fn run(opts: &Options, report: &mut Report) -> Result<()> {
     };
     let frames = if opts.quick { 256 } else { 1_000 };
     let repeat = if opts.quick { 50 } else { 100 };
+    let baseline_object = match &opts.baseline_object {
+        Some(file) => {
+            Some(std::fs::read(file).with_context(|| format!("reading {}", file.display()))?)
+        }
+        None => None,
+    };
     let mut parking = Parking::new("pp")?;
     let mut loaded = Vec::new();
     for &size in &sizes {
@@ -137,41 +145,67 @@ pub fn run(opts: &Options, report: &mut Report) -> Result<()> {
             enforcer.ebpf_mut(),
             enforcer_common::program_names::XDP_INGRESS,
         )?;
+        let mut baseline = match &baseline_object {
+            Some(object) => Some(
+                Enforcer::load_object(&artifact, EventOptions::default(), object)
+                    .context("loading the baseline object")?,
+            ),
+            None => None,
+        };
+        if let Some(baseline) = &mut baseline {
+            parking.park(
+                baseline.ebpf_mut(),
+                enforcer_common::program_names::XDP_INGRESS,
+            )?;
+        }
         let mixed = mixed_corpus(&p, frames);
         let judged = judged_corpus(&p, frames);
-        // Sanity: the enforcer gives every frame the verdict the corpus was built for.
-        let program = enforcer.xdp_program()?;
-        for (frame, want) in mixed.iter().chain(&judged) {
-            let got = run_once(program, frame)?;
-            if got != *want {
-                bail!(
-                    "policy of {size}: frame {} got action {got}, want {want}",
-                    vm_tests::harness::hex(frame)
-                );
+        // Sanity: the enforcer (and the baseline) give every frame the verdict the corpus was
+        // built for.
+        for (which, e) in [
+            ("this build", Some(&enforcer)),
+            ("baseline", baseline.as_ref()),
+        ] {
+            let Some(e) = e else { continue };
+            let program = e.xdp_program()?;
+            for (frame, want) in mixed.iter().chain(&judged) {
+                let got = run_once(program, frame)?;
+                if got != *want {
+                    bail!(
+                        "policy of {size}, {which}: frame {} got action {got}, want {want}",
+                        vm_tests::harness::hex(frame)
+                    );
+                }
             }
         }
         eprintln!("per-packet: loaded policy of {size} prefixes/rules");
         loaded.push(Loaded {
             enforcer,
+            baseline,
             mixed: mixed.into_iter().map(|f| f.0).collect(),
             judged: judged.into_iter().map(|f| f.0).collect(),
         });
     }
 
-    // samples[corpus][arm][size index][run]; arms: 0 empty, 1 parse-only, 2 enforcer.
-    let mut samples = vec![vec![vec![Vec::new(); sizes.len()]; 3]; 2];
+    // samples[corpus][arm][size index][run]; arms: 0 empty, 1 parse-only, 2 enforcer,
+    // 3 baseline (with --baseline-object).
+    let arms = if baseline_object.is_some() { 4 } else { 3 };
+    let mut samples = vec![vec![vec![Vec::new(); sizes.len()]; arms]; 2];
     for run in 0..opts.runs {
         for (si, l) in loaded.iter().enumerate() {
             let floors = loaded[0].enforcer.ebpf();
-            let programs = [
+            let mut programs = vec![
                 xdp(floors, bench::EMPTY)?,
                 xdp(floors, bench::PARSE_ONLY)?,
                 l.enforcer.xdp_program()?,
             ];
+            if let Some(baseline) = &l.baseline {
+                programs.push(baseline.xdp_program()?);
+            }
             for (ci, corpus) in [&l.mixed, &l.judged].into_iter().enumerate() {
                 // Rotate the order every run so no arm always goes first.
-                for k in 0..3 {
-                    let arm = (k + run) % 3;
+                for k in 0..arms {
+                    let arm = (k + run) % arms;
                     let ns = ns_per_packet(programs[arm], corpus, repeat)?;
                     samples[ci][arm][si].push(ns);
                 }
@@ -283,6 +317,39 @@ pub fn run(opts: &Options, report: &mut Report) -> Result<()> {
                     .vs("enforcer at 1k prefixes/rules", ratio)
                     .target("≤ 1.3 × the cost at 1k", ratio <= 1.3),
             );
+        }
+    }
+    if let Some(file) = &opts.baseline_object {
+        let _ = writeln!(
+            text,
+            "\n**Against the baseline object** `{}` (the kernel programs of an earlier build, \
+             loaded with the same policy and measured as a fourth arm in the same rotation):\n\n\
+             | corpus | size | enforcer ns | baseline ns | enforcer / baseline |\n|---|---|---|---|---|",
+            file.display()
+        );
+        for ci in 0..2 {
+            for (si, &size) in sizes.iter().enumerate() {
+                let (f, b) = (&samples[ci][2][si], &samples[ci][3][si]);
+                let ratio = paired_ratio(f, b);
+                let _ = writeln!(
+                    text,
+                    "| {} | {size} | {:.1} | {:.1} | {ratio:.3} |",
+                    names[ci],
+                    median(f),
+                    median(b),
+                );
+                report.figures.push(
+                    Figure::new(
+                        format!("per_packet_{}_{size}_vs_baseline", names[ci]),
+                        median(f),
+                        "ns",
+                    )
+                    .vs(
+                        "the baseline object's programs (ratio: enforcer / baseline)",
+                        ratio,
+                    ),
+                );
+            }
         }
     }
     report.sections.push(Section {
