@@ -139,7 +139,7 @@ fn run_steps(
     let Some(enforcer) = enforcer else {
         bail!("the enforcer build step returned no path");
     };
-    // `cargo xtask bench --quick` is not a step: about 1.5 minutes plus a release build is not
+    // `cargo xtask bench --quick` is not a step: about 1.75 minutes plus a release build is not
     // "well under two minutes" on these machines. CI can run it on its own.
     step(steps, "tests", || cargo_test(ws, args, &enforcer, tally))?;
     if skip_vm {
