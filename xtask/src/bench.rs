@@ -21,7 +21,8 @@ pub(crate) struct Options {
     #[arg(long, default_value = "bench")]
     out: String,
     /// Also measure the kernel programs of FILE (saved from an earlier build with
-    /// --save-object) in the per-packet benchmark, side by side with this build's.
+    /// --save-object) in the per-packet and end-to-end benchmarks, side by side with this
+    /// build's.
     #[arg(long, value_name = "FILE")]
     baseline_object: Option<String>,
     /// Build, write this build's kernel programs to FILE and stop (no benchmark): the baseline

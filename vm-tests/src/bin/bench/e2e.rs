@@ -10,7 +10,7 @@ use aya::{
     maps::Array,
     programs::{TestRun as _, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
 };
-use enforcer::Enforcer;
+use enforcer::{Enforcer, EventOptions};
 use enforcer_common::{BenchFlow, bench, counter, direction};
 use vm_tests::packet_builder::{self, PacketSpec, Transport};
 
@@ -29,6 +29,8 @@ const FRAME_LEN: usize = 60;
 #[derive(Clone, Copy, PartialEq)]
 enum Kind {
     Enforcer,
+    /// The enforcer with the kernel programs of `--baseline-object`.
+    Baseline,
     Floor,
     NftLinear,
     NftHash,
@@ -39,6 +41,7 @@ impl Kind {
     fn label(self) -> &'static str {
         match self {
             Kind::Enforcer => "enforcer",
+            Kind::Baseline => "enforcer, baseline object",
             Kind::Floor => "parse-and-drop floor",
             Kind::NftLinear => "nftables linear rules",
             Kind::NftHash => "nftables verdict maps (hash)",
@@ -243,8 +246,17 @@ fn measure(
     packets: u32,
 ) -> Result<()> {
     let mut arms: Vec<Arm> = Vec::new();
+    let baseline_object = match &opts.baseline_object {
+        Some(file) => {
+            Some(std::fs::read(file).with_context(|| format!("reading {}", file.display()))?)
+        }
+        None => None,
+    };
     let mut plan = vec![(Kind::Floor, 0usize)];
     for &size in sizes {
+        if baseline_object.is_some() {
+            plan.push((Kind::Baseline, size));
+        }
         for kind in [
             Kind::Enforcer,
             Kind::NftLinear,
@@ -287,9 +299,16 @@ fn measure(
         let p = policies.iter().find(|p| p.size == size);
         let mut enforcer = None;
         match kind {
-            Kind::Enforcer => {
+            Kind::Enforcer | Kind::Baseline => {
                 let p = p.context("policy")?;
-                let mut e = Enforcer::load(&p.compile()?)?;
+                let artifact = p.compile()?;
+                let mut e = match (&baseline_object, kind) {
+                    (Some(object), Kind::Baseline) => {
+                        Enforcer::load_object(&artifact, EventOptions::default(), object)
+                            .context("loading the baseline object")?
+                    }
+                    _ => Enforcer::load(&artifact)?,
+                };
                 netns.run(|| e.attach(&rx))??;
                 enforcer = Some(e);
             }
@@ -357,7 +376,7 @@ fn measure(
             let arm = &arms[a];
             let count = |arm: &Arm, generator: &aya::Ebpf| -> Result<u64> {
                 match arm.kind {
-                    Kind::Enforcer => Ok(arm
+                    Kind::Enforcer | Kind::Baseline => Ok(arm
                         .enforcer
                         .as_ref()
                         .context("enforcer")?
@@ -435,10 +454,17 @@ fn measure(
          before the IP stack — holding the same policy as (i) linear rules, one per policy rule \
          (`ip saddr H ip daddr @members udp dport P accept`), (ii) verdict maps (hash): \
          destination → segment chain → `ip saddr . meta l4proto . th dport` map, (iii) the same \
-         with `flags interval` (rbtree and pipapo). Receive NAPI is threaded ({}) and its \
+         with `flags interval` (rbtree and pipapo){}. Receive NAPI is threaded ({}) and its \
          threads pinned to CPU {} ({pinned} threads); the generator runs on CPU {}. {} runs, arms \
          rotated. The generator itself costs CPU time and transmit drops when the receiver is \
          slower; the figures are receive rates.\n",
+        match &opts.baseline_object {
+            Some(file) => format!(
+                "; with `--baseline-object`, the enforcer again with the kernel programs of `{}`",
+                file.display()
+            ),
+            None => String::new(),
+        },
         if threaded_ok {
             "on"
         } else {
@@ -481,6 +507,19 @@ fn measure(
             .vs("parse-and-drop XDP floor", vs_floor)
             .target("≥ 0.8 × the floor's rate", vs_floor >= 0.8),
         );
+        if let Some(base) = find(Kind::Baseline) {
+            report.figures.push(
+                Figure::new(
+                    format!("e2e_baseline_{size}_mpps"),
+                    median(&base.samples),
+                    "Mpps",
+                )
+                .vs(
+                    format!("ratio: enforcer / the baseline object's programs at {size} rules"),
+                    paired_ratio(&enf.samples, &base.samples),
+                ),
+            );
+        }
         for kind in [Kind::NftLinear, Kind::NftHash, Kind::NftInterval] {
             let Some(nft) = find(kind) else { continue };
             let ratio = paired_ratio(&enf.samples, &nft.samples);

@@ -4,8 +4,8 @@
 //!
 //! Options: `--quick` (CI smoke run, under two minutes), `--out DIR` (default `bench`),
 //! `--only PART[,PART]` (per-packet, e2e, reload, events, tools), `--runs N`,
-//! `--baseline-object FILE` (the per-packet benchmark also runs the kernel programs of FILE, as
-//! one more arm), `--save-object FILE` (write this build's kernel programs to FILE and stop).
+//! `--baseline-object FILE` (the per-packet and end-to-end benchmarks also run the kernel
+//! programs of FILE, as one more arm), `--save-object FILE` (write this build's kernel programs to FILE and stop).
 mod analysis;
 mod common;
 mod e2e;
@@ -31,7 +31,7 @@ pub struct Options {
     pub compiler_bin: Option<PathBuf>,
     pub enforcer_bin: Option<PathBuf>,
     /// An eBPF object saved from an earlier build (`--save-object`), measured beside this
-    /// build's in the per-packet benchmark.
+    /// build's in the per-packet and end-to-end benchmarks.
     pub baseline_object: Option<PathBuf>,
     save_object: Option<PathBuf>,
 }
