@@ -246,12 +246,7 @@ fn measure(
     packets: u32,
 ) -> Result<()> {
     let mut arms: Vec<Arm> = Vec::new();
-    let baseline_object = match &opts.baseline_object {
-        Some(file) => {
-            Some(std::fs::read(file).with_context(|| format!("reading {}", file.display()))?)
-        }
-        None => None,
-    };
+    let baseline_object = opts.read_baseline_object()?;
     let mut plan = vec![(Kind::Floor, 0usize)];
     for &size in sizes {
         if baseline_object.is_some() {

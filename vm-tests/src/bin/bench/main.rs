@@ -37,6 +37,14 @@ pub struct Options {
 }
 
 impl Options {
+    /// The bytes of `--baseline-object`, if given.
+    pub fn read_baseline_object(&self) -> Result<Option<Vec<u8>>> {
+        self.baseline_object
+            .as_ref()
+            .map(|file| std::fs::read(file).with_context(|| format!("reading {}", file.display())))
+            .transpose()
+    }
+
     fn wants(&self, part: &str) -> bool {
         self.only
             .as_ref()

@@ -122,12 +122,7 @@ pub fn run(opts: &Options, report: &mut Report) -> Result<()> {
     };
     let frames = if opts.quick { 256 } else { 1_000 };
     let repeat = if opts.quick { 50 } else { 100 };
-    let baseline_object = match &opts.baseline_object {
-        Some(file) => {
-            Some(std::fs::read(file).with_context(|| format!("reading {}", file.display()))?)
-        }
-        None => None,
-    };
+    let baseline_object = opts.read_baseline_object()?;
     let mut parking = Parking::new("pp")?;
     let mut loaded = Vec::new();
     for &size in &sizes {
