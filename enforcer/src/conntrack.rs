@@ -20,6 +20,8 @@ pub enum SweepError {
         #[source]
         source: MapError,
     },
+    #[error(transparent)]
+    Quiesce(#[from] crate::quiesce::QuiesceError),
 }
 
 /// The kernel programs' clock (`bpf_ktime_get_coarse_ns`): CLOCK_MONOTONIC_COARSE, which

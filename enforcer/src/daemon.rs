@@ -581,7 +581,7 @@ impl Daemon {
 
     /// Housekeeping a moment after the reload to `generation`: empty the old slot, and fold the
     /// segment-pair counts of old generations into user space. Skipped when a newer reload has
-    /// happened since: the slot it switched out may still be judging a packet.
+    /// happened since: its own housekeeping follows.
     pub fn after_reload(&self, generation: u32) {
         let mut enforcer = self.enforcer();
         if enforcer.generation() != generation {

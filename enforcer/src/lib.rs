@@ -4,7 +4,8 @@
 //! flow stream), `metrics` (Prometheus), `daemon` (the running enforcer: reload, metrics,
 //! events), `persist` (pinning for `run --persist`, adoption, `enforcer detach`), `control`
 //! (the Unix control socket), `audit` (the hash-chained audit log), `state` (what survives a
-//! restart), `quarantine`. `main.rs` is a thin CLI over it.
+//! restart), `quarantine`, `quiesce` (waiting for programs still running with what a change
+//! replaced). `main.rs` is a thin CLI over it.
 pub mod audit;
 pub mod breakglass;
 pub mod conntrack;
@@ -17,6 +18,7 @@ pub mod metrics;
 pub mod persist;
 pub mod policy_maps;
 pub mod quarantine;
+pub mod quiesce;
 pub mod state;
 
 pub use counters::Counters;

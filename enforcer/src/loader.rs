@@ -24,6 +24,7 @@ use crate::{
     conntrack::{self, SweepError},
     counters::{self, CounterError, Counters},
     policy_maps::{self, PolicyMapError},
+    quiesce::{self, QuiesceError},
 };
 
 /// The kernel programs, built by `build.rs` for the BPF target.
@@ -65,6 +66,8 @@ pub enum LoadError {
     PolicyMaps(#[from] PolicyMapError),
     #[error(transparent)]
     BreakglassCapacity(#[from] CapacityError),
+    #[error(transparent)]
+    Quiesce(#[from] QuiesceError),
 }
 
 /// How the programs ended up attached to an interface.
@@ -100,6 +103,9 @@ pub struct Enforcer {
     generation: u32,
     /// The slot of the policy maps that judges packets (see `policy_maps`).
     active_slot: usize,
+    /// Whether a program may still be judging a packet with the inactive slot: it has been
+    /// active since the last wait for running programs (see `crate::quiesce`).
+    inactive_slot_may_be_read: bool,
     config: Config,
     events: EventOptions,
     /// Capacity of each policy map, the same in both slots.
@@ -251,6 +257,8 @@ impl Enforcer {
             generation: 0,
             // Slot 1 "was" active, so the first policy goes into slot 0.
             active_slot: 1,
+            // No program is attached yet.
+            inactive_slot_may_be_read: false,
             config: Config::default(),
             events,
             sizes,
@@ -281,6 +289,8 @@ impl Enforcer {
     /// `config` (generation included).
     pub(crate) fn adopt_slot(&mut self, slot: usize, config: Config) {
         self.active_slot = slot;
+        // The other daemon may have switched slots a moment ago.
+        self.inactive_slot_may_be_read = true;
         self.generation = config.generation;
         self.config = config;
     }
@@ -315,9 +325,11 @@ impl Enforcer {
         let segment_names: Vec<String> = artifact.segments.iter().map(|s| s.name.clone()).collect();
         // Renumbering never puts more ranges on a pair, so grants that fit before fit now.
         let grants = breakglass::kernel_entries(&segment_names, &self.grants)?;
+        self.wait_until_inactive_slot_unread()?;
         policy_maps::write(&mut self.ebpf, target, artifact, &config)?;
         policy_maps::write_breakglass(&mut self.ebpf, target, &grants.entries)?;
         policy_maps::activate(&mut self.ebpf, target)?;
+        self.inactive_slot_may_be_read = true;
         self.segment_names = segment_names;
         self.unplaced_grants = grants.unplaced;
         self.active_slot = target;
@@ -359,8 +371,11 @@ impl Enforcer {
     }
 
     /// Expires the tracked flows that break-glass grant `grant` admitted: their next packet is
-    /// judged again, and dropped unless something else allows the flow. Returns how many.
+    /// judged again, and dropped unless something else allows the flow. Returns how many. It
+    /// first waits for programs still running with the grant as it was before
+    /// [`Enforcer::set_grants`]: one may be about to create a flow's state under it.
     pub fn expire_breakglass_flows(&mut self, grant: u32) -> Result<usize, SweepError> {
+        quiesce::wait_for_running_programs()?;
         conntrack::expire_breakglass_flows(&mut self.ebpf, grant)
     }
 
@@ -374,11 +389,23 @@ impl Enforcer {
         self.conntrack_capacity
     }
 
-    /// Empties the inactive slot, so the next reload writes into empty maps. Call it a moment
-    /// after a reload: packets that were being judged by the old slot when it was switched
-    /// out must have finished (BPF programs run for microseconds).
+    /// Empties the inactive slot, so the next reload writes into empty maps. It first waits
+    /// until no packet that was being judged by that slot when it was switched out is still
+    /// running (milliseconds, once per reload).
     pub fn clear_inactive_slot(&mut self) -> Result<(), LoadError> {
+        self.wait_until_inactive_slot_unread()?;
         policy_maps::clear(&mut self.ebpf, 1 - self.active_slot)?;
+        Ok(())
+    }
+
+    /// Waits, if the inactive slot has been active since the last wait, until no program can
+    /// still be judging with it: only then may its maps change.
+    fn wait_until_inactive_slot_unread(&mut self) -> Result<(), LoadError> {
+        if self.inactive_slot_may_be_read {
+            let took = quiesce::wait_for_running_programs()?;
+            debug!(?took, "waited for programs judging with the previous slot");
+            self.inactive_slot_may_be_read = false;
+        }
         Ok(())
     }
 

@@ -627,8 +627,9 @@ const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 const GRANT_EXPIRY_INTERVAL: Duration = Duration::from_secs(1);
 /// How often idle connection state is swept.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
-/// How long after a reload the previous policy's maps are emptied: every packet judged by them
-/// has long finished by then.
+/// How long after a reload the previous policy's maps are emptied: after the reload has been
+/// answered, so it goes live without waiting for that. (The emptying itself first waits for
+/// packets still being judged by them: `enforcer::quiesce`.)
 const RELOAD_GRACE: Duration = Duration::from_secs(1);
 
 fn run(options: RunOptions) -> anyhow::Result<()> {
@@ -731,8 +732,7 @@ fn run(options: RunOptions) -> anyhow::Result<()> {
     result.map(|_| ())
 }
 
-/// Empties the inactive slot and folds old counts once packets judged by the previous policy
-/// have finished.
+/// Empties the inactive slot and folds old counts, [`RELOAD_GRACE`] after a reload.
 fn schedule_after_reload(daemon: &Arc<Daemon>) {
     let daemon = Arc::clone(daemon);
     let generation = daemon.generation();

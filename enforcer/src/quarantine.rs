@@ -8,18 +8,16 @@
 //! - Isolation in seconds: after the map insert, the host's tracked flows and fragment state
 //!   are removed, so its established connections are judged again at their next packet (and
 //!   denied unless the quarantine rules allow them). A packet judged just before the insert may
-//!   still create state after that first pass; BPF programs run for microseconds, so a second
-//!   pass [`RACE_GRACE`] later removes it. (A flow the quarantine rules allow that starts within
-//!   that moment is cut too and re-admitted at its next packet in the allowed direction.)
+//!   still be running and create state, so the cut first waits until every program that was
+//!   running at the insert has ended ([`crate::quiesce`]). (A flow the quarantine rules allow
+//!   that starts within that moment is cut too and re-admitted at its next packet in the
+//!   allowed direction.)
 //! - State: kept in the state file (written before the kernel changes, so a restart never
 //!   forgets an isolation it reported), put back into the map at start before the programs are
 //!   attached, audited with the client's identity.
 //! - Releasing a host gives it back its own segment for new flows; flows the quarantine rules
 //!   admitted run on until they end.
-use std::{
-    net::IpAddr,
-    time::{Duration, Instant},
-};
+use std::{net::IpAddr, time::Instant};
 
 use aya::{
     Ebpf,
@@ -33,11 +31,9 @@ use crate::{
     conntrack::{self, SweepError},
     control::{ControlError, Peer},
     daemon::Daemon,
+    quiesce::{self, QuiesceError},
     state::QuarantineEntry,
 };
-
-/// How long after the first cut the second one runs (see the module documentation).
-pub const RACE_GRACE: Duration = Duration::from_millis(250);
 
 /// The longest reason kept, in characters.
 const MAX_REASON_CHARS: usize = 1000;
@@ -58,6 +54,8 @@ pub enum QuarantineError {
         #[source]
         source: SweepError,
     },
+    #[error(transparent)]
+    Quiesce(#[from] QuiesceError),
 }
 
 fn widen(addr: IpAddr) -> ([u8; 16], u8) {
@@ -147,14 +145,13 @@ pub fn cut_flows(ebpf: &mut Ebpf, addr: IpAddr) -> Result<(usize, usize), Quaran
         .map_err(|source| QuarantineError::Cut { addr, source })
 }
 
-/// Quarantines `addr` in the kernel: the map insert, a first cut of its flows, and a second
-/// one [`RACE_GRACE`] later (blocking the caller meanwhile). Returns the flows cut.
+/// Quarantines `addr` in the kernel: the map insert, then, once no program that judged a
+/// packet without it is still running, the cut of its flows. Returns the flows cut.
 pub fn isolate(ebpf: &mut Ebpf, addr: IpAddr) -> Result<usize, QuarantineError> {
     insert(ebpf, addr)?;
-    let (first, _) = cut_flows(ebpf, addr)?;
-    std::thread::sleep(RACE_GRACE);
-    let (second, _) = cut_flows(ebpf, addr)?;
-    Ok(first + second)
+    quiesce::wait_for_running_programs()?;
+    let (flows, _) = cut_flows(ebpf, addr)?;
+    Ok(flows)
 }
 
 /// The address of a request: one IPv4 or IPv6 address (an IPv4-mapped IPv6 address is its IPv4
@@ -262,15 +259,15 @@ impl Daemon {
         }
         *state = next;
         // From here on the host is isolated for new flows; a failure to cut its flows is
-        // reported, not rolled back.
-        let first = cut_flows(self.enforcer().ebpf_mut(), addr);
-        // The enforcer lock is not held meanwhile: packets, metrics and sweeps go on.
-        std::thread::sleep(RACE_GRACE);
-        let second = cut_flows(self.enforcer().ebpf_mut(), addr);
+        // reported, not rolled back. The enforcer lock is not held while waiting for packets
+        // judged before the insert: metrics and sweeps go on.
+        let cut = quiesce::wait_for_running_programs()
+            .map_err(QuarantineError::from)
+            .and_then(|_| cut_flows(self.enforcer().ebpf_mut(), addr));
         drop(state);
-        let (flows_cut, cut_error) = match (first, second) {
-            (Ok((a, _)), Ok((b, _))) => (a + b, None),
-            (Err(error), _) | (_, Err(error)) => {
+        let (flows_cut, cut_error) = match cut {
+            Ok((flows, _)) => (flows, None),
+            Err(error) => {
                 error!(%addr, %error, "quarantined, but its established flows could not all be cut");
                 (0, Some(error.to_string()))
             }
