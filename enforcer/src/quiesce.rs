@@ -9,8 +9,9 @@
 //! with [`wait_for_running_programs`] first, rather than for a fixed time.
 //!
 //! Linux has no syscall for "wait for running programs"; it does wait, in every update of a
-//! map-in-map element, for an RCU grace period (`synchronize_rcu`, since Linux 4.20), so that
-//! userspace knows the old inner map is no longer used. XDP and TC programs (and
+//! map-in-map element, for an RCU grace period (`maybe_wait_bpf_programs` in
+//! `kernel/bpf/syscall.c`, since 2018: every kernel this project runs on), so that userspace
+//! knows the old inner map is no longer used. XDP and TC programs (and
 //! `BPF_PROG_TEST_RUN`) run as RCU readers, so once that update returns, every program that
 //! started before it has ended. The barrier is a one-element `ARRAY_OF_MAPS`, owned by this
 //! process and used by no program, whose element is rewritten.
