@@ -7,6 +7,7 @@
 //! restart), `quarantine`, `quiesce` (waiting for programs still running with what a change
 //! replaced). `main.rs` is a thin CLI over it.
 pub mod audit;
+mod bpf_syscall;
 pub mod breakglass;
 pub mod conntrack;
 pub mod control;

@@ -143,19 +143,7 @@ fn batch<K: Pod, V: Pod>(
 /// `attr`'s buffers must be valid for its `count` entries of the map's key and value sizes.
 unsafe fn batch_syscall(command: libc::c_long, attr: &mut BatchAttr) -> std::io::Result<()> {
     // SAFETY: the caller vouches for the buffers; `attr` itself is a valid `bpf_attr` prefix.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            command,
-            attr as *mut BatchAttr,
-            std::mem::size_of::<BatchAttr>() as u32,
-        )
-    };
-    if ret == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    unsafe { crate::bpf_syscall::bpf(command, attr) }.map(|_| ())
 }
 
 /// Empties the hash map `fd` with `BPF_MAP_LOOKUP_AND_DELETE_BATCH`, up to [`BATCH_ENTRIES`]

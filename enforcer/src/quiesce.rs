@@ -22,6 +22,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::bpf_syscall::bpf;
+
 #[derive(Debug, thiserror::Error)]
 pub enum QuiesceError {
     #[error("creating the map that waits for running BPF programs: {0}")]
@@ -55,25 +57,6 @@ struct MapUpdateAttr {
     key: u64,
     value: u64,
     flags: u64,
-}
-
-/// # Safety
-/// `attr` must be the `bpf_attr` prefix that `command` reads, with valid pointers in it.
-unsafe fn bpf<T>(command: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
-    // SAFETY: the caller vouches for `attr`.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            command,
-            attr as *mut T,
-            std::mem::size_of::<T>() as u32,
-        )
-    };
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
 }
 
 fn create_map(attr: &mut MapCreateAttr) -> io::Result<OwnedFd> {
