@@ -139,19 +139,12 @@ pub fn addresses(ebpf: &mut Ebpf) -> Result<Vec<IpAddr>, QuarantineError> {
         .collect())
 }
 
-/// Removes the tracked flows and fragments of `addr`; returns how many.
+/// Removes the tracked flows and fragments of `addr`; returns how many. After [`insert`] while
+/// packets flow, call it only once [`quiesce::wait_for_running_programs`] has returned, or a
+/// packet judged just before the insert can create state after the cut.
 pub fn cut_flows(ebpf: &mut Ebpf, addr: IpAddr) -> Result<(usize, usize), QuarantineError> {
     conntrack::remove_state_of(ebpf, &[widen(addr)])
         .map_err(|source| QuarantineError::Cut { addr, source })
-}
-
-/// Quarantines `addr` in the kernel: the map insert, then, once no program that judged a
-/// packet without it is still running, the cut of its flows. Returns the flows cut.
-pub fn isolate(ebpf: &mut Ebpf, addr: IpAddr) -> Result<usize, QuarantineError> {
-    insert(ebpf, addr)?;
-    quiesce::wait_for_running_programs()?;
-    let (flows, _) = cut_flows(ebpf, addr)?;
-    Ok(flows)
 }
 
 /// The address of a request: one IPv4 or IPv6 address (an IPv4-mapped IPv6 address is its IPv4
