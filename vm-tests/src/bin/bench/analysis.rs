@@ -34,9 +34,11 @@ fn explanation(name: &str) -> &'static str {
          table (session 8, measured with `--baseline-object` on a build that skipped the \
          connection-table probe for the benchmark's denied ports: 0.87-0.91 of the judged \
          corpus's cost, 0.95-0.97 of the mixed one's). Such a filter must never say \
-         \"untracked\" for a tracked flow: counters per hash of the flow key, raised before \
-         every insert and lowered only after a removal that succeeded, by the programs and by \
-         the daemon's sweeps alike."
+         \"untracked\" for a tracked flow. A set-only one keeps that without counting \
+         removals: a byte per hash of the flow key, set by the programs before every insert \
+         and never cleared by a removal; the daemon rebuilds it from a listing of the table at \
+         every sweep, into a second array that the programs also set while it is built, and \
+         waits for running programs (`enforcer/src/quiesce.rs`) around each switch."
     } else if name.starts_with("e2e") {
         "Why: in front of a veth every frame is a different flow, so unlike the repeated frame \
          of BPF_PROG_TEST_RUN the maps are not in cache, and each hash lookup of a judged packet \
