@@ -61,6 +61,11 @@ pub mod map_names {
     pub const DROPS_BY_PROTOCOL: &str = "DROPS_BY_PROTOCOL";
     pub const PAIR_VERDICTS: &str = "PAIR_VERDICTS";
     pub const CONNTRACK: &str = "CONNTRACK";
+    /// The filter in front of [`CONNTRACK`]: two halves of [`crate::FlowFilterLine`]s, one byte
+    /// per hash of a flow key (see [`crate::flow_filter`]). Memory-mapped by the daemon.
+    pub const FLOW_FILTER: &str = "FLOW_FILTER";
+    /// One [`crate::FlowFilterState`]: whether the filter is in use, and which half.
+    pub const FLOW_FILTER_STATE: &str = "FLOW_FILTER_STATE";
     pub const FRAGMENTS: &str = "FRAGMENTS";
     pub const EVENTS: &str = "EVENTS";
     /// Per-CPU array of [`crate::RecentEvent`]: the event rate limiter (see
@@ -642,6 +647,103 @@ pub struct BreakglassValue {
     pub ranges: [BreakglassRange; BREAKGLASS_MAX_RANGES],
 }
 
+/// A filter in front of the connection table, so that a packet of an untracked flow (a scan, a
+/// denial, the first packet of every flow) usually skips the table's probe: a hash lookup that
+/// misses the cache, since the table is large and every new flow lands in a random bucket.
+///
+/// One byte per hash of a [`FlowKey`], in two halves. The rule it must never break: while it
+/// is [`ENABLED`], every tracked flow's byte is set in the active half, so a 0 byte proves
+/// "untracked". It is kept by setting only:
+/// - a program sets the flow's byte in both halves *before* it inserts the flow (once
+///   [`FlowFilterState::lines`] is non-zero); removals never clear a byte;
+/// - the daemon rebuilds the inactive half (`enforcer::flow_filter`), dropping the bytes of
+///   removed flows: it waits for running programs (none reads the inactive half any more),
+///   zeroes it, waits again (every program that could have set a byte before or during the
+///   zeroing has inserted its flow), sets the byte of every flow in a listing of the table, and
+///   makes that half the active one.
+pub mod flow_filter {
+    use super::FlowKey;
+
+    /// Bytes per line (a map element; one cache line).
+    pub const LINE_BYTES: u32 = 64;
+    /// Bits of [`super::FlowFilterState::flags`]: probes may trust the active half.
+    pub const ENABLED: u32 = 1;
+    /// The second half (lines `lines..2 * lines`) is the active one.
+    pub const SECOND_HALF_ACTIVE: u32 = 2;
+
+    /// Lines per half for a connection table of `conntrack_max_entries`: two bytes per entry,
+    /// so that a full table leaves most bytes 0, rounded up to a power of two.
+    pub const fn lines_per_half(conntrack_max_entries: u32) -> u32 {
+        let bytes = (conntrack_max_entries as u64 * 2).next_power_of_two();
+        let lines = bytes / LINE_BYTES as u64;
+        // At least a page per half, which `mmap` needs; at most 2^24 lines (1 GiB).
+        if lines < 64 {
+            64
+        } else if lines > 1 << 24 {
+            1 << 24
+        } else {
+            lines as u32
+        }
+    }
+
+    /// The hash of a flow key that picks its byte: the same function in the kernel and in the
+    /// daemon. Whole 8-byte words (the key is 8-aligned), multiply and shift.
+    #[inline(always)]
+    pub fn hash(key: &FlowKey) -> u32 {
+        const K: u64 = 0x9E37_79B9_7F4A_7C15;
+        let word = |bytes: &[u8; 16], i: usize| {
+            u64::from_le_bytes([
+                bytes[i],
+                bytes[i + 1],
+                bytes[i + 2],
+                bytes[i + 3],
+                bytes[i + 4],
+                bytes[i + 5],
+                bytes[i + 6],
+                bytes[i + 7],
+            ])
+        };
+        let mut h = u64::from(key.port_a)
+            | u64::from(key.port_b) << 16
+            | u64::from(key.proto) << 32
+            | u64::from(key.family) << 40;
+        for w in [
+            word(&key.addr_a, 0),
+            word(&key.addr_a, 8),
+            word(&key.addr_b, 0),
+            word(&key.addr_b, 8),
+        ] {
+            h = (h ^ w).wrapping_mul(K);
+            h ^= h >> 29;
+        }
+        h = h.wrapping_mul(K);
+        (h >> 32) as u32
+    }
+
+    /// Where `hash`'s byte is in half `half` of a filter of `lines` lines per half: (line,
+    /// byte in the line).
+    #[inline(always)]
+    pub fn position(hash: u32, half: u32, lines: u32) -> (u32, u32) {
+        let line = half * lines + ((hash / LINE_BYTES) & (lines - 1));
+        (line, hash & (LINE_BYTES - 1))
+    }
+}
+
+/// One line of [`map_names::FLOW_FILTER`].
+pub type FlowFilterLine = [u8; flow_filter::LINE_BYTES as usize];
+
+/// Value of [`map_names::FLOW_FILTER_STATE`]. All zero (as loaded): the filter is neither set
+/// nor used.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowFilterState {
+    /// [`flow_filter::ENABLED`], [`flow_filter::SECOND_HALF_ACTIVE`].
+    pub flags: u32,
+    /// Lines per half (a power of two); 0 until the daemon sets up the filter, and programs set
+    /// bytes only when it is not.
+    pub lines: u32,
+}
+
 /// Key of the fragment-tracking hash: one IP datagram.
 #[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -675,6 +777,7 @@ mod pod {
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowState {}
+    unsafe impl aya::Pod for FlowFilterState {}
     unsafe impl aya::Pod for FragmentKey {}
     unsafe impl aya::Pod for FragmentState {}
     unsafe impl aya::Pod for PairVerdictKey {}

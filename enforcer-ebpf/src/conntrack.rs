@@ -9,13 +9,17 @@
 //! every packet from then on; when nothing allows it any more the packet is dropped
 //! (`breakglass_expired`) and the state kept as it is, so the flow stays cut in both
 //! directions without the daemon (see `policy_compiler::stateful`).
+//!
+//! Probes go through the filter in front of the table (`enforcer_common::flow_filter`) when
+//! the daemon has enabled it: a 0 byte proves a flow untracked without the table's lookup.
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use enforcer_common::{
-    Config, FlowKey, FlowState, NO_RULE, counter, policy_change, proto_key, tcp_state, timeout,
+    Config, FlowFilterState, FlowKey, FlowState, NO_RULE, counter, flow_filter, policy_change,
+    proto_key, tcp_state, timeout,
 };
 
 use crate::{
-    maps::{CONNTRACK, PolicySlot},
+    maps::{CONNTRACK, FLOW_FILTER, FLOW_FILTER_STATE, PolicySlot},
     packet::{Addr, Flow},
     policy::{self, Judgement, Segments},
 };
@@ -35,6 +39,53 @@ const EEXIST: i32 = 17;
 pub fn now_ns() -> u64 {
     // SAFETY: no preconditions.
     unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// The filter's state, read once per packet.
+#[inline(always)]
+pub fn filter_state() -> FlowFilterState {
+    FLOW_FILTER_STATE.get(0).copied().unwrap_or_default()
+}
+
+/// Whether `key` may be in the table: `false` only when the filter is enabled and proves it is
+/// not.
+#[inline(always)]
+fn may_be_tracked(key: &FlowKey, filter: &FlowFilterState) -> bool {
+    if filter.flags & flow_filter::ENABLED == 0 || filter.lines == 0 {
+        return true;
+    }
+    let half = u32::from(filter.flags & flow_filter::SECOND_HALF_ACTIVE != 0);
+    let (line, byte) = flow_filter::position(flow_filter::hash(key), half, filter.lines);
+    match FLOW_FILTER.get(line) {
+        Some(line) => line[byte as usize] != 0,
+        None => true,
+    }
+}
+
+/// Whether a packet is worth the filter's probe: anything but a TCP segment with ACK set, which
+/// belongs to a connection in progress and nearly always finds its state, so that the filter
+/// would only add its own probe to the table's. Skipping the filter is always correct.
+#[inline(always)]
+fn likely_untracked(proto: u8, tcp_flags: u8) -> bool {
+    proto != proto_key::TCP || tcp_flags & TCP_ACK == 0
+}
+
+/// Sets `key`'s byte in both halves of the filter: before the flow is inserted, so that no
+/// probe can find the flow in the table and its byte 0 (see `enforcer_common::flow_filter`).
+#[inline(always)]
+fn note_in_filter(key: &FlowKey, filter: &FlowFilterState) {
+    if filter.lines == 0 {
+        return;
+    }
+    let hash = flow_filter::hash(key);
+    for half in 0..2 {
+        let (line, byte) = flow_filter::position(hash, half, filter.lines);
+        if let Some(line) = FLOW_FILTER.get_ptr_mut(line) {
+            // SAFETY: a valid map value; other CPUs and the daemon only ever write 1 to its
+            // bytes (the daemon zeroes a half only while no program writes it).
+            unsafe { (*line)[byte as usize] = 1 };
+        }
+    }
 }
 
 /// Orders two endpoints: address (as big-endian numbers), then port.
@@ -114,7 +165,10 @@ fn grant_expired(state: &FlowState, now: u64) -> bool {
 
 /// Whether `key` is a live tracked flow (for ICMP errors that quote it).
 #[inline(always)]
-pub fn is_tracked(key: &FlowKey, now: u64, config: &Config) -> bool {
+pub fn is_tracked(key: &FlowKey, now: u64, config: &Config, filter: &FlowFilterState) -> bool {
+    if !may_be_tracked(key, filter) {
+        return false;
+    }
     // SAFETY: the value is only read.
     match unsafe { CONNTRACK.get(key) } {
         Some(state) => !expired(state, key.proto, now, config) && !grant_expired(state, now),
@@ -143,8 +197,12 @@ pub fn track<P: PolicySlot>(
     flow: &Flow,
     now: u64,
     config: &Config,
+    filter: &FlowFilterState,
     segments: &mut Segments,
 ) -> Tracked {
+    if likely_untracked(key.proto, flow.tcp_flags) && !may_be_tracked(key, filter) {
+        return Tracked::Untracked;
+    }
     let Some(state) = CONNTRACK.get_ptr_mut(key) else {
         return Tracked::Untracked;
     };
@@ -265,6 +323,7 @@ pub fn create(
     direction: u32,
     now: u64,
     config: &Config,
+    filter: &FlowFilterState,
 ) -> bool {
     let syn_only = flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let state = FlowState {
@@ -284,6 +343,7 @@ pub fn create(
         direction: direction as u8,
         breakglass_expires_ns,
     };
+    note_in_filter(key, filter);
     match CONNTRACK.insert(key, state, BPF_NOEXIST) {
         Ok(()) => true,
         Err(error) => error == -EEXIST,

@@ -4,15 +4,16 @@
 //! The policy maps exist in two slots; [`ACTIVE`] says which one judges packets, so a reload
 //! can fill the other slot and switch in one write (see [`PolicySlot`]).
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
     maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use enforcer_common::{
     AddrInfo, BREAKGLASS_MAX_PAIRS, BreakglassKey, BreakglassValue, Config, DEFAULT_MAX_ENTRIES,
-    FlowKey, FlowState, FragmentKey, FragmentState, PairKey, PairValue, PairVerdictKey, PortKey,
-    PortValue, QUARANTINE_MAX_ENTRIES, QuarantineKey, RECENT_EVENT_SLOTS, RecentEvent, SegmentInfo,
-    counter, direction, event_counter, protocol_class,
+    FlowFilterLine, FlowFilterState, FlowKey, FlowState, FragmentKey, FragmentState, PairKey,
+    PairValue, PairVerdictKey, PortKey, PortValue, QUARANTINE_MAX_ENTRIES, QuarantineKey,
+    RECENT_EVENT_SLOTS, RecentEvent, SegmentInfo, counter, direction, event_counter,
+    protocol_class,
 };
 
 use crate::packet::Scratch;
@@ -197,6 +198,14 @@ pub static BREAKGLASS_IN_USE: Array<u32> = Array::with_max_entries(2, 0);
 #[map]
 pub static CONNTRACK: HashMap<FlowKey, FlowState> =
     HashMap::with_max_entries(DEFAULT_MAX_ENTRIES, 0);
+
+/// See `enforcer_common::flow_filter`. Memory-mapped by the daemon, which rebuilds halves of
+/// it; sized by the loader from the connection table's.
+#[map]
+pub static FLOW_FILTER: Array<FlowFilterLine> = Array::with_max_entries(128, BPF_F_MMAPABLE);
+
+#[map]
+pub static FLOW_FILTER_STATE: Array<FlowFilterState> = Array::with_max_entries(1, 0);
 
 #[map]
 pub static FRAGMENTS: HashMap<FragmentKey, FragmentState> =

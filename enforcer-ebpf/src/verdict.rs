@@ -176,7 +176,8 @@ fn decide_flow<P: PolicySlot>(
     segments: &mut Segments,
 ) -> (u32, u32) {
     let flow = &scratch.flow;
-    if flow.has_quoted && conntrack::is_tracked(&flow.quoted, now, config) {
+    let filter = conntrack::filter_state();
+    if flow.has_quoted && conntrack::is_tracked(&flow.quoted, now, config, &filter) {
         return (counter::RELATED, NO_RULE);
     }
     let key = &mut scratch.flow_key;
@@ -189,7 +190,7 @@ fn decide_flow<P: PolicySlot>(
         flow.proto,
         flow.family,
     );
-    match conntrack::track::<P>(key, src_side, flow, now, config, segments) {
+    match conntrack::track::<P>(key, src_side, flow, now, config, &filter, segments) {
         Tracked::Pass => return (counter::ESTABLISHED, NO_RULE),
         Tracked::Revoked => return (counter::DROP_FLOW_REVOKED, NO_RULE),
         // The event names the grant that had admitted the flow.
@@ -216,7 +217,7 @@ fn decide_flow<P: PolicySlot>(
     };
     if conntrack::starts_flow(flow)
         && !conntrack::create(
-            key, src_side, flow, admitted, rule, expires_ns, dir, now, config,
+            key, src_side, flow, admitted, rule, expires_ns, dir, now, config, &filter,
         )
     {
         return (counter::DROP_CONNTRACK_FULL, NO_RULE);

@@ -74,11 +74,12 @@ use enforcer_common::{
 };
 use policy_compiler::{Artifact, Policy, PolicyErrors};
 use tokio::io::unix::AsyncFd;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     Enforcer, LoadError,
     events::{EventNamer, PolicyNames},
+    flow_filter::FlowFilter,
     loader::EventOptions,
     metrics::VerdictLabels,
     persist,
@@ -268,6 +269,9 @@ pub struct Daemon {
     policy: Mutex<Arc<Policy>>,
     /// Break-glass bookkeeping besides the grants in `state`.
     breakglass: Mutex<crate::breakglass::Runtime>,
+    /// The filter in front of the connection table, rebuilt at every sweep; `None` when it
+    /// could not be set up (every probe then goes to the table).
+    flow_filter: Mutex<Option<FlowFilter>>,
 }
 
 /// Hands the memory that reading and compiling a policy used back to the system. The parse
@@ -360,6 +364,7 @@ impl Daemon {
             summarised_at: Mutex::new(crate::audit::now_rfc3339()),
             policy: Mutex::new(Arc::new(loaded.policy.outline())),
             breakglass: Mutex::new(crate::breakglass::Runtime::default()),
+            flow_filter: Mutex::new(None),
         });
         // Quarantined hosts are isolated before the first packet is judged.
         daemon.restore_quarantine();
@@ -369,6 +374,8 @@ impl Daemon {
                 enforcer.attach(iface)?;
             }
         }
+        // Only now: every program that inserts into the connection table sets the filter.
+        daemon.start_flow_filter();
         daemon.audit(
             "daemon_start",
             json!({
@@ -630,17 +637,57 @@ impl Daemon {
         Ok(())
     }
 
-    /// Removes idle connection state; remembers how many flows remain.
+    /// Removes idle connection state; remembers how many flows remain; then rebuilds the
+    /// filter in front of the connection table without the removed flows.
     pub fn sweep(&self) {
-        let mut enforcer = self.enforcer();
-        if let Err(error) = enforcer.sweep_expired() {
-            warn!(%error, "sweeping expired state failed");
+        {
+            let mut enforcer = self.enforcer();
+            if let Err(error) = enforcer.sweep_expired() {
+                warn!(%error, "sweeping expired state failed");
+            }
+            if let Ok(flows) = enforcer.tracked_flows() {
+                *self
+                    .conntrack_entries
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = flows as u64;
+            }
         }
-        if let Ok(flows) = enforcer.tracked_flows() {
-            *self
-                .conntrack_entries
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()) = flows as u64;
+        // Outside the enforcer's lock: the rebuild waits for running programs twice.
+        self.rebuild_flow_filter();
+    }
+
+    /// Sets up the filter in front of the connection table and enables it; on failure probes
+    /// keep going to the table, which is slower, never wrong.
+    fn start_flow_filter(&self) {
+        let taken = self.enforcer().take_flow_filter();
+        match taken {
+            Ok(filter) => {
+                *self.flow_filter.lock().unwrap_or_else(|p| p.into_inner()) = Some(filter);
+                self.rebuild_flow_filter();
+            }
+            Err(error) => {
+                warn!(%error, "the filter in front of the connection table is off");
+            }
+        }
+    }
+
+    fn rebuild_flow_filter(&self) {
+        let mut filter = self.flow_filter.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(filter) = filter.as_mut() else {
+            return;
+        };
+        match filter.rebuild() {
+            Ok(rebuilt) => debug!(
+                flows = rebuilt.flows,
+                ms = rebuilt.took.as_secs_f64() * 1000.0,
+                "rebuilt the filter in front of the connection table"
+            ),
+            Err(error) => warn!(
+                %error,
+                enabled = filter.enabled(),
+                "rebuilding the filter in front of the connection table failed; the half in \
+                 force stays"
+            ),
         }
     }
 

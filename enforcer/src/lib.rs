@@ -1,6 +1,7 @@
 //! The enforcer daemon as a library, split by duty: `loader` (load the kernel programs and
 //! attach them), `policy_maps` (write a compiled policy into a slot and switch slots),
-//! `conntrack` (sweep idle flow state), `counters` (read the outcome counters), `events` (the
+//! `conntrack` (sweep idle flow state), `flow_filter` (rebuild the filter in front of the
+//! connection table), `counters` (read the outcome counters), `events` (the
 //! flow stream), `metrics` (Prometheus), `daemon` (the running enforcer: reload, metrics,
 //! events), `persist` (pinning for `run --persist`, adoption, `enforcer detach`), `control`
 //! (the Unix control socket), `audit` (the hash-chained audit log), `state` (what survives a
@@ -14,6 +15,7 @@ pub mod control;
 pub mod counters;
 pub mod daemon;
 pub mod events;
+pub mod flow_filter;
 pub mod loader;
 pub mod metrics;
 pub mod persist;

@@ -179,6 +179,11 @@ pub(crate) fn policy_needs(artifact: &Artifact) -> [(&'static [&'static str; 2],
     ]
 }
 
+/// Lines of the filter in front of the connection table (both halves), from its configured size.
+pub(crate) fn flow_filter_lines(settings: &policy_compiler::KernelSettings) -> u32 {
+    2 * enforcer_common::flow_filter::lines_per_half(settings.conntrack_max_entries)
+}
+
 /// Loads the two programs of a loaded object into the kernel (verification happens here).
 pub(crate) fn load_programs(ebpf: &mut Ebpf) -> Result<(), LoadError> {
     program_mut::<Xdp>(ebpf, program_names::XDP_INGRESS)?
@@ -230,6 +235,7 @@ impl Enforcer {
         // Exactly as configured: "full" must mean what the policy says.
         loader.map_max_entries(map_names::CONNTRACK, settings.conntrack_max_entries);
         loader.map_max_entries(map_names::FRAGMENTS, settings.fragments_max_entries);
+        loader.map_max_entries(map_names::FLOW_FILTER, flow_filter_lines(settings));
         let mut ebpf = loader.load(object)?;
         load_programs(&mut ebpf)?;
         let mut enforcer = Self::with_loaded(
@@ -549,6 +555,17 @@ impl Enforcer {
     }
 
     /// Removes expired connection and fragment state; returns how many flows and fragments.
+    /// Takes the filter in front of the connection table out of the loaded maps, set up and
+    /// disabled; its first [`FlowFilter::rebuild`] enables it. The daemon does this once its
+    /// programs are attached. Once only: later calls fail.
+    ///
+    /// [`FlowFilter::rebuild`]: crate::flow_filter::FlowFilter::rebuild
+    pub fn take_flow_filter(
+        &mut self,
+    ) -> Result<crate::flow_filter::FlowFilter, crate::flow_filter::FlowFilterError> {
+        crate::flow_filter::FlowFilter::take(&mut self.ebpf)
+    }
+
     pub fn sweep_expired(&mut self) -> Result<(usize, usize), SweepError> {
         conntrack::sweep(&mut self.ebpf, &self.config)
     }

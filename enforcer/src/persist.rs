@@ -67,6 +67,12 @@ const CLSACT_PREFIX: &str = "clsact-";
 /// The programs the daemon loads, pinned under `programs/`.
 const PROGRAMS_PINNED: [&str; 2] = [program_names::XDP_INGRESS, program_names::TC_EGRESS];
 
+/// Whether map `name` is pinned: all but the filter in front of the connection table, which
+/// belongs to one daemon's programs (see `crate::flow_filter`).
+fn pinned(name: &str) -> bool {
+    name != map_names::FLOW_FILTER && name != map_names::FLOW_FILTER_STATE
+}
+
 /// Maps whose size the loader decides (from the policy and its settings): a pinned one may
 /// differ in size from the object's definition.
 fn sized_by_loader(name: &str) -> bool {
@@ -620,8 +626,9 @@ pub fn start(
     }
     loader.map_max_entries(map_names::CONNTRACK, settings.conntrack_max_entries);
     loader.map_max_entries(map_names::FRAGMENTS, settings.fragments_max_entries);
+    loader.map_max_entries(map_names::FLOW_FILTER, loader::flow_filter_lines(settings));
     // Every map by name: aya opens a pinned map, or creates the map and pins it.
-    for name in defined.keys() {
+    for name in defined.keys().filter(|name| pinned(name)) {
         if !resized.contains(name.as_str()) {
             loader.map_pin_path(name, pins.map(name));
         }

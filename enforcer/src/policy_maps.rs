@@ -97,6 +97,7 @@ struct BatchAttr {
     flags: u64,
 }
 
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_LOOKUP_AND_DELETE_BATCH: libc::c_long = 25;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
@@ -184,6 +185,59 @@ fn drain<K: Pod, V: Pod>(fd: std::os::fd::BorrowedFd<'_>) -> Result<(), std::io:
         if attr.count == 0 {
             return Err(std::io::Error::other(
                 "no entries drained and not at the end",
+            ));
+        }
+        position = next;
+        first = false;
+    }
+}
+
+/// Calls `each` with every key of the hash map `fd` (plain, not per-CPU, values `V`), listed
+/// with `BPF_MAP_LOOKUP_BATCH`, up to [`BATCH_ENTRIES`] per syscall (Linux 5.6); returns how
+/// many. A key present for the whole listing is listed; one inserted or removed meanwhile may
+/// or may not be. `Err` when the kernel refuses.
+pub(crate) fn for_each_key<K: Pod + Default + Clone, V: Pod + Default + Clone>(
+    fd: std::os::fd::BorrowedFd<'_>,
+    mut each: impl FnMut(&K),
+) -> Result<usize, std::io::Error> {
+    use std::os::fd::AsRawFd as _;
+    let mut keys = vec![K::default(); BATCH_ENTRIES];
+    let mut values = vec![V::default(); BATCH_ENTRIES];
+    let (mut position, mut next) = (0u64, 0u64);
+    let mut first = true;
+    let mut listed = 0;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                &position as *const u64 as u64
+            },
+            out_batch: &mut next as *mut u64 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: BATCH_ENTRIES as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        // SAFETY: `attr` points at room for `count` keys and values of the map's sizes (the
+        // `Pod` types it was opened with) and at two 8-byte positions, alive for the call.
+        let result = unsafe { batch_syscall(BPF_MAP_LOOKUP_BATCH, &mut attr) };
+        // ENOENT: the end of the table; this call's entries are still valid.
+        let end = match result {
+            Ok(()) => false,
+            Err(error) if error.raw_os_error() == Some(libc::ENOENT) => true,
+            Err(error) => return Err(error),
+        };
+        let count = (attr.count as usize).min(BATCH_ENTRIES);
+        keys[..count].iter().for_each(&mut each);
+        listed += count;
+        if end {
+            return Ok(listed);
+        }
+        if count == 0 {
+            return Err(std::io::Error::other(
+                "no entries listed and not at the end",
             ));
         }
         position = next;

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use aya::programs::{TestRun as _, TestRunOptions};
-use enforcer::{Enforcer, conntrack::monotonic_now_ns};
+use enforcer::{Enforcer, conntrack::monotonic_now_ns, flow_filter::FlowFilter};
 use enforcer_common::{counter, direction};
 use policy_compiler::{
     Grant, Overrides, Policy,
@@ -34,6 +34,9 @@ pub fn action(dir: u32, passed: bool) -> u32 {
 /// A loaded (not attached) enforcer and the reference model, fed the same packets.
 pub struct KernelHarness {
     pub enforcer: Enforcer,
+    /// The filter in front of the connection table, enabled as the daemon enables it, so that
+    /// every packet test runs with it.
+    pub flow_filter: Option<FlowFilter>,
     pub reference: StatefulEvaluator,
     /// Counter values as last read, by direction and counter.
     shadow: [[u64; counter::COUNT as usize]; direction::COUNT as usize],
@@ -49,7 +52,9 @@ pub struct KernelHarness {
 impl KernelHarness {
     pub fn load(policy: Policy) -> anyhow::Result<Self> {
         let artifact = policy_compiler::compile(&policy)?;
-        let enforcer = Enforcer::load(&artifact)?;
+        let mut enforcer = Enforcer::load(&artifact)?;
+        let mut flow_filter = enforcer.take_flow_filter()?;
+        flow_filter.rebuild()?;
         let counters = enforcer.counters()?;
         let mut shadow = [[0; counter::COUNT as usize]; direction::COUNT as usize];
         for dir in 0..direction::COUNT {
@@ -59,6 +64,7 @@ impl KernelHarness {
         }
         Ok(Self {
             enforcer,
+            flow_filter: Some(flow_filter),
             reference: StatefulEvaluator::new(policy),
             shadow,
             rule_shadow: HashMap::new(),
@@ -116,6 +122,15 @@ impl KernelHarness {
             "grant {id} had admitted {kernel} flows in the kernel, {reference} in the reference"
         );
         Ok(kernel)
+    }
+
+    /// Rebuilds the filter in front of the connection table, as the daemon does after every
+    /// sweep.
+    pub fn rebuild_flow_filter(&mut self) -> anyhow::Result<()> {
+        if let Some(filter) = &mut self.flow_filter {
+            filter.rebuild()?;
+        }
+        Ok(())
     }
 
     /// Sets the reference model's clock: `now_ns` after the harness was loaded. The kernel's

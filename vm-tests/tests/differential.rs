@@ -181,6 +181,7 @@ fn kernel_agrees_with_reference_on_generated_packet_sequences() {
     let mut reloads = 0usize;
     let mut quarantine_changes = 0usize;
     let mut grant_changes = 0usize;
+    let mut filter_rebuilds = 0usize;
     // IP packets from or to a quarantined host: [otherwise, allowed by a rule].
     let mut quarantined_seen = [0usize; 2];
     let mut policy_number = 0usize;
@@ -240,6 +241,14 @@ fn kernel_agrees_with_reference_on_generated_packet_sequences() {
                 }
                 grant_changes += 1;
             }
+            if rng.random_ratio(1, 2_000) {
+                // As the daemon does after every sweep: flows ended since drop out of the
+                // filter in front of the connection table; the live ones must not.
+                harness
+                    .rebuild_flow_filter()
+                    .expect("rebuild the flow filter");
+                filter_rebuilds += 1;
+            }
             let (frame, dir) = next_packet(&mut rng, &mut conversations, &generated.interesting);
             let outcome = harness.check(&frame, dir).unwrap_or_else(|e| {
                 panic!(
@@ -266,7 +275,8 @@ fn kernel_agrees_with_reference_on_generated_packet_sequences() {
     }
     println!(
         "checked {checked} packets over {policy_number} policies, {reloads} reloads, \
-         {quarantine_changes} quarantine changes and {grant_changes} grants given or revoked"
+         {quarantine_changes} quarantine changes, {grant_changes} grants given or revoked and \
+         {filter_rebuilds} rebuilds of the connection table's filter"
     );
     for dir in 0..direction::COUNT {
         let by_outcome: Vec<String> = counter::NAMES

@@ -30,15 +30,15 @@ fn explanation(name: &str) -> &'static str {
          place of hashes where the keys can be made dense (PAIRS and PAIR_VERDICTS over dense \
          pair ids; a DIR-24-8-style table for IPv4 prefixes, though a table for 100k scattered \
          /32 hosts costs tens of MiB per slot); one hash keyed by (destination segment, class, \
-         protocol, port) instead of PAIRS then PORTS_EXACT; a filter in front of the connection \
-         table (session 8, measured with `--baseline-object` on a build that skipped the \
-         connection-table probe for the benchmark's denied ports: 0.87-0.91 of the judged \
-         corpus's cost, 0.95-0.97 of the mixed one's). Such a filter must never say \
-         \"untracked\" for a tracked flow. A set-only one keeps that without counting \
-         removals: a byte per hash of the flow key, set by the programs before every insert \
-         and never cleared by a removal; the daemon rebuilds it from a listing of the table at \
-         every sweep, into a second array that the programs also set while it is built, and \
-         waits for running programs (`enforcer/src/quiesce.rs`) around each switch."
+         protocol, port) instead of PAIRS then PORTS_EXACT. Session 10 put a filter in front of \
+         the connection table (`enforcer_common::flow_filter`): one byte per hash of a flow, \
+         set before its state is created and never cleared by a removal, rebuilt by the daemon \
+         after every sweep, so a 0 proves a flow untracked and its packet skips the table's \
+         probe. Side by side with the build before it (`cargo xtask bench --only per-packet \
+         --baseline-object`, 10 runs): 0.91-0.95 of the judged corpus's cost at every size, \
+         and 1.01-1.04 of the mixed one's, whose repeated frames are mostly of tracked flows, \
+         which pay the filter's probe on top of the table's (a TCP segment with ACK, most of \
+         real traffic, skips the filter)."
     } else if name.starts_with("e2e") {
         "Why: in front of a veth every frame is a different flow, so unlike the repeated frame \
          of BPF_PROG_TEST_RUN the maps are not in cache, and each hash lookup of a judged packet \
@@ -60,8 +60,12 @@ fn explanation(name: &str) -> &'static str {
          committed figure had been 0.28), where before they seemed half as fast; the enforcer \
          stays about 1.7-1.9 times nftables' interval sets. Both nftables arms are stateless \
          here (netdev ingress: no connection tracking, no events, no per-pair counters), while \
-         every denial of the enforcer also probes its connection table, counts its segment \
-         pair and takes an event limiter slot. What would close it: fewer random memory \
+         every denial of the enforcer also checks its connection table, counts its segment \
+         pair and takes an event limiter slot. Session 10's filter in front of the connection \
+         table (see the per-packet figures) turns that check into one byte of a smaller array \
+         for a flow that is not tracked: side by side with the build before it (`--only e2e \
+         --baseline-object`, 10 runs), 1.10, 1.15 and 1.10 times its packet rate at 10, 1k and \
+         100k rules. What would close it: fewer random memory \
          accesses per judged packet, above all for denials, which this benchmark sends \
          exclusively; the 0.8 of the floor asks for at most one or two per packet, and a denial \
          has to look up the connection table and both addresses at least."
@@ -105,8 +109,11 @@ fn explanation(name: &str) -> &'static str {
          the time in hash bucket walks was the connection-table probe: the live frames' 262,144 \
          flows spread over the 1M buckets (16 MiB) of the table that every benchmark policy \
          configures, 4 times the product's default of 262,144 entries. A denial cannot skip \
-         it: a packet the policy denies may belong to a tracked flow (a reply, or a flow a \
-         break-glass grant admitted)."
+         it blindly (a packet the policy denies may belong to a tracked flow: a reply, or a \
+         flow a break-glass grant admitted); session 10's filter in front of the table skips it \
+         when the flow's byte proves it untracked. Two `--only events --quick` runs of that \
+         build gave 0.93 and 0.95M events/s, inside the spread of earlier builds (0.87 to \
+         1.15M): on this path the filter's gain is within the noise of the shared machine."
     } else if name.starts_with("daemon") {
         "Why: the daemon keeps only the outline of the policy in force and returns the compiler's \
          heap to the system after every load (`malloc_trim`, two malloc arenas); VmHWM, the peak \

@@ -5,6 +5,21 @@ use std::process::Command;
 use anyhow::{Context as _, Result, bail};
 use aya::programs::{TestRun as _, TestRunOptions, Xdp};
 
+/// Sets up and enables the filter in front of the connection table, as the daemon does once
+/// its programs are attached. `false` for kernel programs without one (a `--baseline-object`
+/// from before it). The filter stays enabled when its handle is dropped; no rebuild follows,
+/// which costs nothing here: these benchmarks end no flows.
+pub fn enable_flow_filter(enforcer: &mut enforcer::Enforcer) -> Result<bool> {
+    match enforcer.take_flow_filter() {
+        Ok(mut filter) => {
+            filter.rebuild().context("enabling the flow filter")?;
+            Ok(true)
+        }
+        Err(enforcer::flow_filter::FlowFilterError::MissingMap(_)) => Ok(false),
+        Err(error) => Err(error).context("setting up the flow filter"),
+    }
+}
+
 /// Pins the calling thread to `cpu`: `BPF_PROG_TEST_RUN` runs the program on the caller's CPU.
 pub fn pin_to(cpu: usize) -> Result<()> {
     // SAFETY: cpu_set_t is plain data; the calls only write into it or read it.

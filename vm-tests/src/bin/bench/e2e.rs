@@ -305,6 +305,7 @@ fn measure(
                     _ => Enforcer::load(&artifact)?,
                 };
                 netns.run(|| e.attach(&rx))??;
+                crate::common::enable_flow_filter(&mut e)?;
                 enforcer = Some(e);
             }
             Kind::Floor => attach(&mut generator, bench::PARSE_DROP, netns, &rx)?,
@@ -443,7 +444,7 @@ fn measure(
          backlog is not processed in the next arm's sample: the frames left in an arm's veth \
          ring are processed after its sample, and one NAPI poll of nftables' linear rules at \
          100k rules holds the CPU for hundreds of milliseconds. No rule allows port 9: every arm drops every frame. Arms: \
-         the enforcer (native XDP, `Enforcer::attach`); the floor `bench_parse_drop` (the \
+         the enforcer (native XDP, `Enforcer::attach`, its connection table's filter enabled); the floor `bench_parse_drop` (the \
          enforcer's parser, a counter, `XDP_DROP`); and `bench_pass_count` (a counter, \
          `XDP_PASS`) in front of nftables on the netdev ingress hook of the same device — the earliest nftables hook, \
          before the IP stack — holding the same policy as (i) linear rules, one per policy rule \

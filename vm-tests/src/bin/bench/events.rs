@@ -42,6 +42,7 @@ pub fn run(opts: &Options, report: &mut Report) -> Result<()> {
     let p = policy::generate(1_000, true, 0, false);
     let artifact = p.compile()?;
     let mut enforcer = Enforcer::load(&artifact)?;
+    crate::common::enable_flow_filter(&mut enforcer)?;
     let mut parking = Parking::new("events")?;
     parking.park(enforcer.ebpf_mut(), program_names::XDP_INGRESS)?;
     let ring = enforcer.take_events().context("event ring buffer")?;
@@ -261,6 +262,7 @@ fn live(opts: &Options, report: &mut Report, text: &mut String) -> Result<()> {
     let p = policy::generate(1_000, false, 0, false);
     let artifact = p.compile()?;
     let mut enforcer = Enforcer::load(&artifact)?;
+    crate::common::enable_flow_filter(&mut enforcer)?;
     let namer = namer_for(&enforcer, &artifact);
     let ring = enforcer.take_events().context("event ring buffer")?;
     let netns = Netns::create("evl")?;

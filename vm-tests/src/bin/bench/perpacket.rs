@@ -12,7 +12,10 @@ use vm_tests::{
 
 use crate::{
     Options,
-    common::{Parking, load_xdp, median, ns_per_packet, paired_diff, paired_ratio, run_once, xdp},
+    common::{
+        Parking, enable_flow_filter, load_xdp, median, ns_per_packet, paired_diff, paired_ratio,
+        run_once, xdp,
+    },
     policy::{self, BenchPolicy},
     report::{Figure, Report, Section},
 };
@@ -129,6 +132,7 @@ pub fn run(opts: &Options, report: &mut Report) -> Result<()> {
         let p = policy::generate(size, true, 0, false);
         let artifact = p.compile()?;
         let mut enforcer = Enforcer::load(&artifact)?;
+        enable_flow_filter(&mut enforcer)?;
         if loaded.is_empty() {
             // The floors live in the first enforcer's object: they use no policy map.
             load_xdp(enforcer.ebpf_mut(), bench::EMPTY)?;
@@ -148,6 +152,7 @@ pub fn run(opts: &Options, report: &mut Report) -> Result<()> {
             None => None,
         };
         if let Some(baseline) = &mut baseline {
+            enable_flow_filter(baseline)?;
             parking.park(
                 baseline.ebpf_mut(),
                 enforcer_common::program_names::XDP_INGRESS,
@@ -215,7 +220,8 @@ pub fn run(opts: &Options, report: &mut Report) -> Result<()> {
          (`vm-tests/src/bin/bench/policy.rs`: segments = N/100 clamped to 2..1000, a quarter of \
          the hosts IPv6, rule r allows one source host to segment r mod S on one TCP or UDP \
          port) is compiled with `policy_compiler::compile` and \
-         loaded with `Enforcer::load` (all sizes loaded at once). Two corpora of {frames} \
+         loaded with `Enforcer::load` (all sizes loaded at once), with the filter in front of \
+         the connection table enabled as the daemon enables it. Two corpora of {frames} \
          different frames each: **mixed** (allowed TCP/UDP new flows, their replies, denied \
          TCP/UDP/ICMP between random hosts, traffic to `world`; IPv4 and IPv6, a third with an \
          802.1Q tag) and **judged** (only new flows that the policy denies, so every packet \
