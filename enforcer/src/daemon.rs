@@ -272,6 +272,8 @@ pub struct Daemon {
     /// The filter in front of the connection table, rebuilt at every sweep; `None` when it
     /// could not be set up (every probe then goes to the table).
     flow_filter: Mutex<Option<FlowFilter>>,
+    /// Whether the filter is in use, for `/metrics` (which must not wait for a rebuild).
+    flow_filter_enabled: AtomicBool,
 }
 
 /// Hands the memory that reading and compiling a policy used back to the system. The parse
@@ -365,6 +367,7 @@ impl Daemon {
             policy: Mutex::new(Arc::new(loaded.policy.outline())),
             breakglass: Mutex::new(crate::breakglass::Runtime::default()),
             flow_filter: Mutex::new(None),
+            flow_filter_enabled: AtomicBool::new(false),
         });
         // Quarantined hosts are isolated before the first packet is judged.
         daemon.restore_quarantine();
@@ -676,7 +679,10 @@ impl Daemon {
         let Some(filter) = filter.as_mut() else {
             return;
         };
-        match filter.rebuild() {
+        let result = filter.rebuild();
+        self.flow_filter_enabled
+            .store(filter.enabled(), Ordering::Relaxed);
+        match result {
             Ok(rebuilt) => debug!(
                 flows = rebuilt.flows,
                 ms = rebuilt.took.as_secs_f64() * 1000.0,
@@ -716,6 +722,7 @@ impl Daemon {
             breakglass_active,
             breakglass_events,
             audit_write_failures: self.audit_failures.load(Ordering::Relaxed),
+            conntrack_filter_enabled: self.flow_filter_enabled.load(Ordering::Relaxed),
             ..MetricsSnapshot::default()
         };
         let enforcer = self.enforcer();

@@ -49,6 +49,9 @@ pub struct MetricsSnapshot {
     pub map_pressure: Vec<(String, f64)>,
     /// `enforcer_conntrack_entries`.
     pub conntrack_entries: u64,
+    /// `enforcer_conntrack_filter_enabled`: 1 while the filter in front of the connection
+    /// table is in use (after its first rebuild).
+    pub conntrack_filter_enabled: bool,
     /// `enforcer_policy_last_reload_error` as text is not a metric: the log has it. This is
     /// `enforcer_policy_reload_failing` (1 while the newest policy on disk is rejected).
     pub reload_failing: bool,
@@ -246,6 +249,20 @@ impl MetricsSnapshot {
             "enforcer_conntrack_entries",
             &[],
             self.conntrack_entries,
+        );
+
+        family(
+            &mut out,
+            "enforcer_conntrack_filter_enabled",
+            "gauge",
+            "1 while packets of untracked flows skip the connection table's lookup (the filter \
+             in front of it is rebuilt at every sweep); 0 means every packet probes the table.",
+        );
+        sample(
+            &mut out,
+            "enforcer_conntrack_filter_enabled",
+            &[],
+            u64::from(self.conntrack_filter_enabled),
         );
 
         family(

@@ -180,6 +180,11 @@ fn denied_connection_is_observed_within_a_second() -> Result<()> {
         || send_udp(&lab, "radiology-ws", sentinel),
     )?;
     let before = enforcer.metrics()?;
+    // The daemon enabled the filter in front of the connection table once attached.
+    ensure!(
+        before.get("enforcer_conntrack_filter_enabled", &[]) == Some(1.0),
+        "enforcer_conntrack_filter_enabled is not 1:\n{before}"
+    );
 
     let attempt = Instant::now();
     let connected = lab.tcp_connect(

@@ -58,7 +58,7 @@ fn explanation(name: &str) -> &'static str {
          idle receive CPU. With that, nftables' verdict maps (hash) at 100k rules run about as \
          fast as the enforcer on this path (0.59 against 0.56 Mpps in session 8's run; the \
          committed figure had been 0.28), where before they seemed half as fast; the enforcer \
-         stays about 1.7-1.9 times nftables' interval sets. Both nftables arms are stateless \
+         stayed about 1.7-1.9 times nftables' interval sets until session 10's filter (below). Both nftables arms are stateless \
          here (netdev ingress: no connection tracking, no events, no per-pair counters), while \
          every denial of the enforcer also checks its connection table, counts its segment \
          pair and takes an event limiter slot. Session 10's filter in front of the connection \
@@ -111,9 +111,11 @@ fn explanation(name: &str) -> &'static str {
          configures, 4 times the product's default of 262,144 entries. A denial cannot skip \
          it blindly (a packet the policy denies may belong to a tracked flow: a reply, or a \
          flow a break-glass grant admitted); session 10's filter in front of the table skips it \
-         when the flow's byte proves it untracked. Two `--only events --quick` runs of that \
-         build gave 0.93 and 0.95M events/s, inside the spread of earlier builds (0.87 to \
-         1.15M): on this path the filter's gain is within the noise of the shared machine."
+         when the flow's byte proves it untracked. With it the kernel side reached 1.34-1.48M \
+         denied packets/s in session 10's three full runs (`--only events`, and the full \
+         benchmark), and 1.05-1.32M events/s were delivered: the reader is the bound again, \
+         and 5-13% of events were lost (counted); `--quick` runs of the same build gave \
+         0.93-0.95M/s."
     } else if name.starts_with("daemon") {
         "Why: the daemon keeps only the outline of the policy in force and returns the compiler's \
          heap to the system after every load (`malloc_trim`, two malloc arenas); VmHWM, the peak \
