@@ -111,7 +111,7 @@ fn explanation(name: &str) -> &'static str {
          configures, 4 times the product's default of 262,144 entries. A denial cannot skip \
          it blindly (a packet the policy denies may belong to a tracked flow: a reply, or a \
          flow a break-glass grant admitted); session 10's filter in front of the table skips it \
-         when the flow's byte proves it untracked. With it the kernel side reached 1.34-1.48M \
+         when the flow's byte proves it untracked. With it the kernel side reached 1.16-1.48M \
          denied packets/s in session 10's three full runs (`--only events`, and the full \
          benchmark), and 1.05-1.32M events/s were delivered: the reader is the bound again, \
          and 5-13% of events were lost (counted); `--quick` runs of the same build gave \
