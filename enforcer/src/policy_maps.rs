@@ -153,59 +153,36 @@ unsafe fn batch_syscall(command: libc::c_long, attr: &mut BatchAttr) -> std::io:
 /// kernel refuses part way; what is left is still in the map. Only for plain (not per-CPU)
 /// hashes, whose values are `V` as is: `HashMap::try_from` in the caller refuses the others.
 fn drain<K: Pod, V: Pod>(fd: std::os::fd::BorrowedFd<'_>) -> Result<(), std::io::Error> {
-    use std::os::fd::AsRawFd as _;
-    let mut keys = vec![0u8; std::mem::size_of::<K>() * BATCH_ENTRIES];
-    let mut values = vec![0u8; std::mem::size_of::<V>() * BATCH_ENTRIES];
-    // The kernel's position in the table (a bucket index for a hash), opaque here.
-    let (mut position, mut next) = (0u64, 0u64);
-    let mut first = true;
-    loop {
-        let mut attr = BatchAttr {
-            in_batch: if first {
-                0
-            } else {
-                &position as *const u64 as u64
-            },
-            out_batch: &mut next as *mut u64 as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: BATCH_ENTRIES as u32,
-            map_fd: fd.as_raw_fd() as u32,
-            ..BatchAttr::default()
-        };
-        // SAFETY: `attr` points at room for `count` keys and values of the map's sizes (the
-        // `Pod` types it was opened with) and at two 8-byte positions, alive for the call.
-        if let Err(error) = unsafe { batch_syscall(BPF_MAP_LOOKUP_AND_DELETE_BATCH, &mut attr) } {
-            // ENOENT: the end of the table, after deleting this call's entries.
-            return match error.raw_os_error() {
-                Some(libc::ENOENT) => Ok(()),
-                _ => Err(error),
-            };
-        }
-        if attr.count == 0 {
-            return Err(std::io::Error::other(
-                "no entries drained and not at the end",
-            ));
-        }
-        position = next;
-        first = false;
-    }
+    walk_batches::<K, V>(fd, BPF_MAP_LOOKUP_AND_DELETE_BATCH, |_| {}).map(|_| ())
 }
 
 /// Calls `each` with every key of the hash map `fd` (plain, not per-CPU, values `V`), listed
 /// with `BPF_MAP_LOOKUP_BATCH`, up to [`BATCH_ENTRIES`] per syscall (Linux 5.6); returns how
 /// many. A key present for the whole listing is listed; one inserted or removed meanwhile may
 /// or may not be. `Err` when the kernel refuses.
-pub(crate) fn for_each_key<K: Pod + Default + Clone, V: Pod + Default + Clone>(
+pub(crate) fn for_each_key<K: Pod, V: Pod>(
     fd: std::os::fd::BorrowedFd<'_>,
+    each: impl FnMut(&K),
+) -> Result<usize, std::io::Error> {
+    walk_batches::<K, V>(fd, BPF_MAP_LOOKUP_BATCH, each)
+}
+
+/// Walks the hash map `fd` with the batch lookup `command` (`BPF_MAP_LOOKUP_BATCH`, or
+/// `BPF_MAP_LOOKUP_AND_DELETE_BATCH`, which also removes what it reads), [`BATCH_ENTRIES`] per
+/// syscall, calling `each` with every key read; returns how many.
+fn walk_batches<K: Pod, V: Pod>(
+    fd: std::os::fd::BorrowedFd<'_>,
+    command: libc::c_long,
     mut each: impl FnMut(&K),
 ) -> Result<usize, std::io::Error> {
     use std::os::fd::AsRawFd as _;
-    let mut keys = vec![K::default(); BATCH_ENTRIES];
-    let mut values = vec![V::default(); BATCH_ENTRIES];
+    let key_size = std::mem::size_of::<K>();
+    let mut keys = vec![0u8; key_size * BATCH_ENTRIES];
+    let mut values = vec![0u8; std::mem::size_of::<V>() * BATCH_ENTRIES];
+    // The kernel's position in the table (a bucket index for a hash), opaque here.
     let (mut position, mut next) = (0u64, 0u64);
     let mut first = true;
-    let mut listed = 0;
+    let mut read = 0;
     loop {
         let mut attr = BatchAttr {
             in_batch: if first {
@@ -222,23 +199,30 @@ pub(crate) fn for_each_key<K: Pod + Default + Clone, V: Pod + Default + Clone>(
         };
         // SAFETY: `attr` points at room for `count` keys and values of the map's sizes (the
         // `Pod` types it was opened with) and at two 8-byte positions, alive for the call.
-        let result = unsafe { batch_syscall(BPF_MAP_LOOKUP_BATCH, &mut attr) };
-        // ENOENT: the end of the table; this call's entries are still valid.
+        let result = unsafe { batch_syscall(command, &mut attr) };
+        // ENOENT: the end of the table; this call's entries were still read.
         let end = match result {
             Ok(()) => false,
             Err(error) if error.raw_os_error() == Some(libc::ENOENT) => true,
             Err(error) => return Err(error),
         };
         let count = (attr.count as usize).min(BATCH_ENTRIES);
-        keys[..count].iter().for_each(&mut each);
-        listed += count;
+        for index in 0..count {
+            // SAFETY: the kernel wrote `count` keys of `K`'s size; `Pod` takes any bytes.
+            let key = unsafe {
+                keys.as_ptr()
+                    .add(index * key_size)
+                    .cast::<K>()
+                    .read_unaligned()
+            };
+            each(&key);
+        }
+        read += count;
         if end {
-            return Ok(listed);
+            return Ok(read);
         }
         if count == 0 {
-            return Err(std::io::Error::other(
-                "no entries listed and not at the end",
-            ));
+            return Err(std::io::Error::other("no entries read and not at the end"));
         }
         position = next;
         first = false;
