@@ -9,7 +9,8 @@
 //!    /128 entries), then, on a miss, in the address trie of the other prefixes
 //!    ([`map_names::ADDR_V4`], [`map_names::ADDR_V6`]): longest prefix wins. A host entry is the
 //!    longest prefix any address can match, so the two steps give exactly the longest match over
-//!    all of the policy's prefixes, and a host costs one hash lookup however large the policy.
+//!    all of the policy's prefixes, and a host costs one table probe (nearly always one cache
+//!    line, see [`host_table`]) however large the policy.
 //!    The value ([`AddrInfo`]) gives the address's segment and its *source class*. A miss means
 //!    segment [`SEGMENT_WORLD`] and class [`CLASS_WORLD`].
 //! 2. The destination segment's [`SegmentInfo`] says whether it is enforced, monitored or not
@@ -35,9 +36,11 @@
 pub mod map_names {
     pub const ADDR_V4: [&str; 2] = ["ADDR_V4_0", "ADDR_V4_1"];
     pub const ADDR_V6: [&str; 2] = ["ADDR_V6_0", "ADDR_V6_1"];
-    /// The /32 entries of the policy (see [`crate::HOST_PREFIX_V4`]), out of the trie.
+    /// The /32 entries of the policy (see [`crate::HOST_PREFIX_V4`]), out of the trie: an
+    /// array of [`crate::HostBucketV4`] (see [`crate::host_table`]).
     pub const HOSTS_V4: [&str; 2] = ["HOSTS_V4_0", "HOSTS_V4_1"];
-    /// The /128 entries of the policy (see [`crate::HOST_PREFIX_V6`]), out of the trie.
+    /// The /128 entries of the policy (see [`crate::HOST_PREFIX_V6`]), out of the trie: an
+    /// array of [`crate::HostBucketV6`].
     pub const HOSTS_V6: [&str; 2] = ["HOSTS_V6_0", "HOSTS_V6_1"];
     pub const SEGMENTS: [&str; 2] = ["SEGMENTS_0", "SEGMENTS_1"];
     pub const PAIRS: [&str; 2] = ["PAIRS_0", "PAIRS_1"];
@@ -88,7 +91,8 @@ pub mod map_names {
 ///
 /// 2: host addresses and single ports moved out of the tries into exact-match hashes; a
 /// version-1 program would miss them in the tries.
-pub const MAP_LAYOUT_VERSION: u32 = 2;
+/// 3: the host tables became arrays of buckets (see [`host_table`]).
+pub const MAP_LAYOUT_VERSION: u32 = 3;
 
 /// Program names, as declared in the eBPF object.
 pub mod program_names {
@@ -729,6 +733,289 @@ pub mod flow_filter {
     }
 }
 
+/// The host tables ([`map_names::HOSTS_V4`], [`map_names::HOSTS_V6`]): open addressing in a
+/// plain array of 64-byte buckets, so that finding a host is a multiply and, nearly always, one
+/// cache line, with no call into the kernel's hash code.
+///
+/// - Element 0 is a header: the number of buckets minus one (a power of two minus one). The
+///   table carries its own size, so programs judging with a table of another size (a pinned
+///   table replaced by a larger copy) can never index one with the other's mask.
+/// - Buckets are elements `1..=buckets`. An address's home bucket is `hash & mask`; the daemon
+///   puts it in the first bucket with a free entry among the home bucket and the next
+///   [`MAX_PROBES`]` - 1` (wrapping), in a fixed order. A table is written whole and never
+///   changed in place, so a lookup may stop at the first bucket with a free entry: the address
+///   would be there or earlier.
+/// - An address that finds no free entry in its [`MAX_PROBES`] buckets goes into its family's
+///   trie instead (as a /32 or /128), which the kernel walks after a miss here; at the daemon's
+///   load factor (at most half the entries used) that is a handful of addresses in 100,000.
+pub mod host_table {
+    use super::{AddrInfo, HostBucketV4, HostBucketV6, HostEntryV4, HostEntryV6};
+
+    /// Buckets a lookup reads at most.
+    pub const MAX_PROBES: u32 = 4;
+    pub const ENTRIES_PER_BUCKET_V4: u32 = 4;
+    pub const ENTRIES_PER_BUCKET_V6: u32 = 2;
+
+    /// Buckets for a table of `capacity` addresses: at most half the entries used, rounded up to
+    /// a power of two.
+    pub const fn buckets_for(capacity: u32, per_bucket: u32) -> u32 {
+        let buckets = (capacity as u64 * 2).div_ceil(per_bucket as u64);
+        let buckets = buckets.next_power_of_two();
+        if buckets < 16 {
+            16
+        } else if buckets > 1 << 28 {
+            1 << 28
+        } else {
+            buckets as u32
+        }
+    }
+
+    /// Array elements (header and buckets) of a table of `capacity` addresses.
+    pub const fn map_entries(capacity: u32, per_bucket: u32) -> u32 {
+        buckets_for(capacity, per_bucket) + 1
+    }
+
+    /// The addresses a table of `map_entries` elements holds at its load factor: the inverse of
+    /// [`map_entries`] (never less than the capacity it was sized for).
+    pub const fn capacity_of(map_entries: u32, per_bucket: u32) -> u32 {
+        (map_entries.saturating_sub(1) as u64 * per_bucket as u64 / 2) as u32
+    }
+
+    /// The array index of bucket `bucket` (counted from 0).
+    #[inline(always)]
+    pub const fn index(bucket: u32) -> u32 {
+        bucket + 1
+    }
+
+    #[inline(always)]
+    fn mix(h: u64, word: u64) -> u64 {
+        const K: u64 = 0x9E37_79B9_7F4A_7C15;
+        let h = (h ^ word).wrapping_mul(K);
+        h ^ (h >> 29)
+    }
+
+    #[inline(always)]
+    fn finish(h: u64) -> u32 {
+        (h.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32
+    }
+
+    /// The hash that picks an IPv4 address's home bucket: the same in the kernel and the daemon.
+    #[inline(always)]
+    pub fn hash_v4(addr: [u8; 4]) -> u32 {
+        finish(mix(4, u64::from(u32::from_le_bytes(addr))))
+    }
+
+    /// Bytes `i..i + 8` of an IPv6 address as one word.
+    #[inline(always)]
+    fn word(addr: &[u8; 16], i: usize) -> u64 {
+        u64::from_le_bytes([
+            addr[i],
+            addr[i + 1],
+            addr[i + 2],
+            addr[i + 3],
+            addr[i + 4],
+            addr[i + 5],
+            addr[i + 6],
+            addr[i + 7],
+        ])
+    }
+
+    /// As [`hash_v4`], for IPv6.
+    #[inline(always)]
+    pub fn hash_v6(addr: &[u8; 16]) -> u32 {
+        finish(mix(mix(6, word(addr, 0)), word(addr, 8)))
+    }
+
+    /// What a bucket says about an address.
+    pub enum Probe {
+        Found(AddrInfo),
+        /// The bucket has a free entry: the address is in no later bucket.
+        Absent,
+        /// The bucket is full without the address: try the next one.
+        Next,
+    }
+
+    /// A bucket of one family's table; the kernel and the daemon share the code over it.
+    pub trait HostBucket: Copy + Default {
+        type Addr: Copy;
+        /// Addresses per bucket.
+        const ENTRIES: u32;
+        /// The hash that picks an address's home bucket.
+        fn hash(addr: &Self::Addr) -> u32;
+        /// Compares words: a byte-wise compare is a loop (or a call) in a BPF program.
+        fn probe(&self, addr: &Self::Addr) -> Probe;
+        /// Puts `addr` in a free entry; `false` when the bucket is full.
+        fn place(&mut self, addr: &Self::Addr, info: AddrInfo) -> bool;
+        /// The header element of a table of `buckets` buckets.
+        fn header(buckets: u32) -> Self;
+        /// The bucket mask a header holds.
+        fn mask(&self) -> u32;
+        /// Calls `each` with every address the bucket holds.
+        fn for_each(&self, each: impl FnMut(Self::Addr, AddrInfo));
+    }
+
+    /// `addr` in the table whose element `i` is `element(i)`.
+    #[inline(always)]
+    pub fn find<'a, B: HostBucket + 'a>(
+        addr: &B::Addr,
+        element: impl Fn(u32) -> Option<&'a B>,
+    ) -> Option<AddrInfo> {
+        let mask = element(0)?.mask();
+        let mut bucket = B::hash(addr) & mask;
+        for _ in 0..MAX_PROBES {
+            match element(index(bucket))?.probe(addr) {
+                Probe::Found(info) => return Some(info),
+                Probe::Absent => return None,
+                Probe::Next => bucket = (bucket + 1) & mask,
+            }
+        }
+        None
+    }
+
+    impl HostBucket for HostBucketV4 {
+        type Addr = [u8; 4];
+        const ENTRIES: u32 = ENTRIES_PER_BUCKET_V4;
+
+        #[inline(always)]
+        fn hash(addr: &[u8; 4]) -> u32 {
+            hash_v4(*addr)
+        }
+
+        #[inline(always)]
+        fn probe(&self, addr: &[u8; 4]) -> Probe {
+            let mut free = false;
+            for entry in &self.entries {
+                if entry.used == 0 {
+                    free = true;
+                } else if u32::from_le_bytes(entry.addr) == u32::from_le_bytes(*addr) {
+                    return Probe::Found(entry.info);
+                }
+            }
+            if free { Probe::Absent } else { Probe::Next }
+        }
+
+        fn place(&mut self, addr: &[u8; 4], info: AddrInfo) -> bool {
+            match self.entries.iter_mut().find(|entry| entry.used == 0) {
+                Some(entry) => {
+                    *entry = HostEntryV4 {
+                        addr: *addr,
+                        used: 1,
+                        info,
+                    };
+                    true
+                }
+                None => false,
+            }
+        }
+
+        fn header(buckets: u32) -> Self {
+            let mut header = Self::default();
+            header.entries[0].info.segment = buckets - 1;
+            header
+        }
+
+        #[inline(always)]
+        fn mask(&self) -> u32 {
+            self.entries[0].info.segment
+        }
+
+        fn for_each(&self, mut each: impl FnMut(Self::Addr, AddrInfo)) {
+            for entry in self.entries.iter().filter(|entry| entry.used != 0) {
+                each(entry.addr, entry.info);
+            }
+        }
+    }
+
+    impl HostBucket for HostBucketV6 {
+        type Addr = [u8; 16];
+        const ENTRIES: u32 = ENTRIES_PER_BUCKET_V6;
+
+        #[inline(always)]
+        fn hash(addr: &[u8; 16]) -> u32 {
+            hash_v6(addr)
+        }
+
+        #[inline(always)]
+        fn probe(&self, addr: &[u8; 16]) -> Probe {
+            let want = (word(addr, 0), word(addr, 8));
+            let mut free = false;
+            for entry in &self.entries {
+                if entry.used == 0 {
+                    free = true;
+                } else if (word(&entry.addr, 0), word(&entry.addr, 8)) == want {
+                    return Probe::Found(entry.info);
+                }
+            }
+            if free { Probe::Absent } else { Probe::Next }
+        }
+
+        fn place(&mut self, addr: &[u8; 16], info: AddrInfo) -> bool {
+            match self.entries.iter_mut().find(|entry| entry.used == 0) {
+                Some(entry) => {
+                    *entry = HostEntryV6 {
+                        addr: *addr,
+                        used: 1,
+                        _pad: 0,
+                        info,
+                    };
+                    true
+                }
+                None => false,
+            }
+        }
+
+        fn header(buckets: u32) -> Self {
+            let mut header = Self::default();
+            header.entries[0].info.segment = buckets - 1;
+            header
+        }
+
+        #[inline(always)]
+        fn mask(&self) -> u32 {
+            self.entries[0].info.segment
+        }
+
+        fn for_each(&self, mut each: impl FnMut(Self::Addr, AddrInfo)) {
+            for entry in self.entries.iter().filter(|entry| entry.used != 0) {
+                each(entry.addr, entry.info);
+            }
+        }
+    }
+}
+
+/// Bucket of [`map_names::HOSTS_V4`] (see [`host_table`]); element 0 is the table's header.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostBucketV4 {
+    pub entries: [HostEntryV4; host_table::ENTRIES_PER_BUCKET_V4 as usize],
+}
+
+/// An IPv4 host and its segment and source class; `used` is 0 in a free entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostEntryV4 {
+    pub addr: [u8; 4],
+    pub used: u32,
+    pub info: AddrInfo,
+}
+
+/// Bucket of [`map_names::HOSTS_V6`] (see [`host_table`]); element 0 is the table's header.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostBucketV6 {
+    pub entries: [HostEntryV6; host_table::ENTRIES_PER_BUCKET_V6 as usize],
+}
+
+/// An IPv6 host and its segment and source class; `used` is 0 in a free entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostEntryV6 {
+    pub addr: [u8; 16],
+    pub used: u32,
+    pub _pad: u32,
+    pub info: AddrInfo,
+}
+
 /// One line of [`map_names::FLOW_FILTER`].
 pub type FlowFilterLine = [u8; flow_filter::LINE_BYTES as usize];
 
@@ -778,6 +1065,8 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowState {}
     unsafe impl aya::Pod for FlowFilterState {}
+    unsafe impl aya::Pod for HostBucketV4 {}
+    unsafe impl aya::Pod for HostBucketV6 {}
     unsafe impl aya::Pod for FragmentKey {}
     unsafe impl aya::Pod for FragmentState {}
     unsafe impl aya::Pod for PairVerdictKey {}

@@ -10,26 +10,28 @@ use aya_ebpf::{
 };
 use enforcer_common::{
     AddrInfo, BREAKGLASS_MAX_PAIRS, BreakglassKey, BreakglassValue, Config, DEFAULT_MAX_ENTRIES,
-    FlowFilterLine, FlowFilterState, FlowKey, FlowState, FragmentKey, FragmentState, PairKey,
-    PairValue, PairVerdictKey, PortKey, PortValue, QUARANTINE_MAX_ENTRIES, QuarantineKey,
-    RECENT_EVENT_SLOTS, RecentEvent, SegmentInfo, counter, direction, event_counter,
+    FlowFilterLine, FlowFilterState, FlowKey, FlowState, FragmentKey, FragmentState, HostBucketV4,
+    HostBucketV6, PairKey, PairValue, PairVerdictKey, PortKey, PortValue, QUARANTINE_MAX_ENTRIES,
+    QuarantineKey, RECENT_EVENT_SLOTS, RecentEvent, SegmentInfo, counter, direction, event_counter,
     protocol_class,
 };
 
 use crate::packet::Scratch;
 
 // The exact-match hashes are allocated per entry, like the tries they relieve: a slot's memory
-// follows its policy, and the inactive slot, emptied after a switch, costs nothing.
+// follows its policy, and the inactive slot, emptied after a switch, costs nothing. The host
+// tables are arrays sized by the loader (see `enforcer_common::host_table`); memory-mapping
+// makes their elements start on a page, so every bucket is one cache line.
 macro_rules! policy_slot {
     ($slot:ident, $index:literal, $hosts_v4:ident, $hosts_v6:ident, $addr_v4:ident,
      $addr_v6:ident, $segments:ident, $pairs:ident, $ports_exact:ident, $ports:ident,
      $rule_hits:ident, $breakglass:ident) => {
         #[map]
-        pub static $hosts_v4: HashMap<[u8; 4], AddrInfo> =
-            HashMap::with_max_entries(DEFAULT_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+        pub static $hosts_v4: Array<HostBucketV4> =
+            Array::with_max_entries(DEFAULT_MAX_ENTRIES, BPF_F_MMAPABLE);
         #[map]
-        pub static $hosts_v6: HashMap<[u8; 16], AddrInfo> =
-            HashMap::with_max_entries(DEFAULT_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+        pub static $hosts_v6: Array<HostBucketV6> =
+            Array::with_max_entries(DEFAULT_MAX_ENTRIES, BPF_F_MMAPABLE);
         #[map]
         pub static $addr_v4: LpmTrie<[u8; 4], AddrInfo> =
             LpmTrie::with_max_entries(DEFAULT_MAX_ENTRIES, 0);
@@ -77,8 +79,8 @@ macro_rules! policy_slot {
 pub trait PolicySlot {
     /// The slot's index in `CONFIG` and `ACTIVE`.
     const INDEX: u32;
-    fn hosts_v4() -> &'static HashMap<[u8; 4], AddrInfo>;
-    fn hosts_v6() -> &'static HashMap<[u8; 16], AddrInfo>;
+    fn hosts_v4() -> &'static Array<HostBucketV4>;
+    fn hosts_v6() -> &'static Array<HostBucketV6>;
     fn addr_v4() -> &'static LpmTrie<[u8; 4], AddrInfo>;
     fn addr_v6() -> &'static LpmTrie<[u8; 16], AddrInfo>;
     fn segments() -> &'static Array<SegmentInfo>;
@@ -98,11 +100,11 @@ macro_rules! impl_policy_slot {
         impl PolicySlot for $slot {
             const INDEX: u32 = $index;
             #[inline(always)]
-            fn hosts_v4() -> &'static HashMap<[u8; 4], AddrInfo> {
+            fn hosts_v4() -> &'static Array<HostBucketV4> {
                 &$hosts_v4
             }
             #[inline(always)]
-            fn hosts_v6() -> &'static HashMap<[u8; 16], AddrInfo> {
+            fn hosts_v6() -> &'static Array<HostBucketV6> {
                 &$hosts_v6
             }
             #[inline(always)]

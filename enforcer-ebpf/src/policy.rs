@@ -9,7 +9,7 @@ use aya_ebpf::maps::lpm_trie::Key;
 use enforcer_common::{
     AddrInfo, BREAKGLASS_ANY_PROTO, BREAKGLASS_MAX_RANGES, BreakglassKey, CLASS_WILDCARD,
     CLASS_WORLD, Config, PORT_EXACT_PREFIX, PairKey, PortKey, QuarantineKey, SEGMENT_WORLD,
-    direction, lookup_flags, segment_mode, wildcard_bit,
+    direction, host_table, lookup_flags, segment_mode, wildcard_bit,
 };
 
 use crate::{
@@ -62,21 +62,20 @@ pub fn lookup<P: PolicySlot>(
             class: config.quarantine_class,
         };
     }
-    // A host entry is the longest match there can be; the tries hold only shorter prefixes.
+    // A host entry is the longest match there can be; the tries hold only shorter prefixes
+    // (and the rare host its table had no room for).
     let found = if family == 4 {
         let host = [addr[0], addr[1], addr[2], addr[3]];
-        // SAFETY: the value is copied out at once.
-        match unsafe { P::hosts_v4().get(host) } {
-            Some(info) => Some(*info),
+        match host_table::find(&host, |i| P::hosts_v4().get(i)) {
+            Some(info) => Some(info),
             None if config.lookup_flags & lookup_flags::V4_PREFIXES != 0 => {
                 P::addr_v4().get(Key::new(32, host)).copied()
             }
             None => None,
         }
     } else {
-        // SAFETY: as above.
-        match unsafe { P::hosts_v6().get(addr) } {
-            Some(info) => Some(*info),
+        match host_table::find(addr, |i| P::hosts_v6().get(i)) {
+            Some(info) => Some(info),
             None if config.lookup_flags & lookup_flags::V6_PREFIXES != 0 => {
                 P::addr_v6().get(Key::new(128, *addr)).copied()
             }

@@ -11,8 +11,10 @@ use aya::{
     },
 };
 use enforcer_common::{
-    Config, HOST_PREFIX_V4, HOST_PREFIX_V6, PORT_EXACT_PREFIX, event_flags, map_names,
-    program_names,
+    Config, HOST_PREFIX_V4, HOST_PREFIX_V6, HostBucketV4, HostBucketV6, PORT_EXACT_PREFIX,
+    event_flags,
+    host_table::{self, HostBucket as _},
+    map_names, program_names,
 };
 use policy_compiler::{
     Artifact, Grant,
@@ -179,6 +181,33 @@ pub(crate) fn policy_needs(artifact: &Artifact) -> [(&'static [&'static str; 2],
     ]
 }
 
+/// The `max_entries` of policy map `name` for `capacity` entries: a host table is an array of
+/// buckets, at most half full, behind a header (see `enforcer_common::host_table`).
+pub(crate) fn map_size(name: &str, capacity: u32) -> u32 {
+    match per_bucket(name) {
+        Some(per_bucket) => host_table::map_entries(capacity, per_bucket),
+        None => capacity,
+    }
+}
+
+/// The entries policy map `name` holds with `max_entries`: the inverse of [`map_size`].
+pub(crate) fn capacity_of(name: &str, max_entries: u32) -> u32 {
+    match per_bucket(name) {
+        Some(per_bucket) => host_table::capacity_of(max_entries, per_bucket),
+        None => max_entries,
+    }
+}
+
+fn per_bucket(name: &str) -> Option<u32> {
+    if map_names::HOSTS_V4.contains(&name) {
+        Some(HostBucketV4::ENTRIES)
+    } else if map_names::HOSTS_V6.contains(&name) {
+        Some(HostBucketV6::ENTRIES)
+    } else {
+        None
+    }
+}
+
 /// Lines of the filter in front of the connection table (both halves), from its configured size.
 pub(crate) fn flow_filter_lines(settings: &policy_compiler::KernelSettings) -> u32 {
     2 * enforcer_common::flow_filter::lines_per_half(settings.conntrack_max_entries)
@@ -229,7 +258,7 @@ impl Enforcer {
         let mut loader = EbpfLoader::new();
         for &(names, size) in &sizes {
             for name in names {
-                loader.map_max_entries(name, size);
+                loader.map_max_entries(name, map_size(name, size));
             }
         }
         // Exactly as configured: "full" must mean what the policy says.
@@ -332,7 +361,7 @@ impl Enforcer {
         // Renumbering never puts more ranges on a pair, so grants that fit before fit now.
         let grants = breakglass::kernel_entries(&segment_names, &self.grants)?;
         self.wait_until_inactive_slot_unread()?;
-        policy_maps::write(&mut self.ebpf, target, artifact, &config)?;
+        let config = policy_maps::write(&mut self.ebpf, target, artifact, &config)?;
         policy_maps::write_breakglass(&mut self.ebpf, target, &grants.entries)?;
         policy_maps::activate(&mut self.ebpf, target)?;
         self.inactive_slot_may_be_read = true;

@@ -605,7 +605,10 @@ pub fn start(
             let pinned: Vec<u32> = names
                 .iter()
                 .filter(|name| pins.map(name).exists())
-                .map(|name| pinned_info(&pins.map(name)).map(|info| info.max_entries()))
+                .map(|name| {
+                    pinned_info(&pins.map(name))
+                        .map(|info| loader::capacity_of(name, info.max_entries()))
+                })
                 .collect::<Result<_, _>>()?;
             if let Some(&capacity) = pinned.iter().min() {
                 if needed > capacity as usize {
@@ -621,7 +624,7 @@ pub fn start(
     let mut loader = EbpfLoader::new();
     for &(names, size) in &sizes {
         for name in names {
-            loader.map_max_entries(name, size);
+            loader.map_max_entries(name, loader::map_size(name, size));
         }
     }
     loader.map_max_entries(map_names::CONNTRACK, settings.conntrack_max_entries);
@@ -687,7 +690,10 @@ pub fn start(
     for (names, _) in &sizes {
         let capacity = names
             .iter()
-            .map(|name| pinned_info(&pins.map(name)).map(|info| info.max_entries()))
+            .map(|name| {
+                pinned_info(&pins.map(name))
+                    .map(|info| loader::capacity_of(name, info.max_entries()))
+            })
             .collect::<Result<Vec<_>, _>>()?
             .into_iter()
             .min()

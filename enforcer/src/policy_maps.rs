@@ -13,9 +13,12 @@ use aya::{
 };
 
 use enforcer_common::{
-    AddrInfo, BreakglassKey, BreakglassValue, Config, HOST_PREFIX_V4, HOST_PREFIX_V6,
-    PORT_EXACT_PREFIX, PairKey, PairValue, PortKey, PortValue, SegmentInfo, map_names,
+    AddrInfo, BreakglassKey, BreakglassValue, Config, HOST_PREFIX_V4, HOST_PREFIX_V6, HostBucketV4,
+    HostBucketV6, PORT_EXACT_PREFIX, PairKey, PairValue, PortKey, PortValue, SegmentInfo,
+    host_table::HostBucket, lookup_flags, map_names,
 };
+
+use crate::host_table;
 use policy_compiler::Artifact;
 
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +33,11 @@ pub enum PolicyMapError {
         #[source]
         source: MapError,
     },
+    #[error(
+        "map `{map}`: {count} host addresses found no room in the larger table; run `enforcer \
+         detach` and start the enforcer again"
+    )]
+    HostTableFull { map: &'static str, count: usize },
     #[error("map `{map}`: duplicating its file descriptor: {source}")]
     Duplicate {
         map: &'static str,
@@ -50,7 +58,7 @@ fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Map, Po
 /// it while this one writes another map: the big maps of a slot are filled in parallel.
 fn own_handle(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, PolicyMapError> {
     let data = match map_mut(ebpf, name)? {
-        Map::LpmTrie(data) | Map::HashMap(data) => data,
+        Map::LpmTrie(data) | Map::HashMap(data) | Map::Array(data) => data,
         _ => return Err(PolicyMapError::MissingMap(name)),
     };
     let fd = data
@@ -331,27 +339,21 @@ fn in_parallel(
     })
 }
 
-/// Empties the policy maps of `slot` (which must not be the active one).
+/// Empties the policy maps of `slot` (which must not be the active one). The host tables are
+/// arrays, allocated whole up front: they are not emptied, as the next write replaces every
+/// element and nothing reads them before.
 pub fn clear(ebpf: &mut Ebpf, slot: usize) -> Result<(), PolicyMapError> {
-    let (hosts_v4, hosts_v6, v4, v6) = (
-        map_names::HOSTS_V4[slot],
-        map_names::HOSTS_V6[slot],
-        map_names::ADDR_V4[slot],
-        map_names::ADDR_V6[slot],
-    );
+    let (v4, v6) = (map_names::ADDR_V4[slot], map_names::ADDR_V6[slot]);
     let (ports_exact, ports, pairs) = (
         map_names::PORTS_EXACT[slot],
         map_names::PORTS[slot],
         map_names::PAIRS[slot],
     );
-    let (hosts_v4_map, hosts_v6_map) = (own_handle(ebpf, hosts_v4)?, own_handle(ebpf, hosts_v6)?);
     let (v4_map, v6_map) = (own_handle(ebpf, v4)?, own_handle(ebpf, v6)?);
     let (ports_exact_map, ports_map) = (own_handle(ebpf, ports_exact)?, own_handle(ebpf, ports)?);
     let pairs_map = own_handle(ebpf, pairs)?;
     in_parallel(vec![
         Box::new(move || {
-            clear_hash::<[u8; 4], AddrInfo>(hosts_v4_map, hosts_v4)?;
-            clear_hash::<[u8; 16], AddrInfo>(hosts_v6_map, hosts_v6)?;
             clear_trie::<[u8; 4], AddrInfo>(v4_map, v4)?;
             clear_trie::<[u8; 16], AddrInfo>(v6_map, v6)?;
             clear_trie::<PortKey, PortValue>(ports_map, ports)
@@ -418,13 +420,14 @@ pub fn sync_breakglass_in_use(ebpf: &mut Ebpf) -> Result<(), PolicyMapError> {
 }
 
 /// Writes `artifact` into the policy maps of `slot` (which must not be the active one) and its
-/// settings into `CONFIG[slot]`.
+/// settings into `CONFIG[slot]`: `config`, plus the trie flags of hosts their table had no room
+/// for. Returns the settings written.
 pub fn write(
     ebpf: &mut Ebpf,
     slot: usize,
     artifact: &Artifact,
     config: &Config,
-) -> Result<(), PolicyMapError> {
+) -> Result<Config, PolicyMapError> {
     clear(ebpf, slot)?;
     // Host addresses, pairs and single ports hold nearly all entries of a large policy: one
     // thread each shortens the time a reload takes to go live.
@@ -443,6 +446,8 @@ pub fn write(
     let (v4_map, v6_map) = (own_handle(ebpf, v4)?, own_handle(ebpf, v6)?);
     let (ports_exact_map, ports_map) = (own_handle(ebpf, ports_exact)?, own_handle(ebpf, ports)?);
     let pairs_map = own_handle(ebpf, pairs)?;
+    let overflow = std::sync::Mutex::new(0u8);
+    let overflow_flags = &overflow;
     in_parallel(vec![
         Box::new(move || fill_hash(pairs_map, pairs, artifact.pair_entries())),
         Box::new(move || {
@@ -453,18 +458,28 @@ pub fn write(
         }),
         Box::new(move || {
             let entries = exact(artifact.addr_v4_entries(), HOST_PREFIX_V4);
-            fill_hash(hosts_v4_map, hosts_v4, entries)?;
+            let left_v4 = fill_host_table::<HostBucketV4>(hosts_v4_map, hosts_v4, entries)?;
             let entries = exact(artifact.addr_v6_entries(), HOST_PREFIX_V6);
-            fill_hash(hosts_v6_map, hosts_v6, entries)?;
+            let left_v6 = fill_host_table::<HostBucketV6>(hosts_v6_map, hosts_v6, entries)?;
+            let mut flags = 0;
+            if !left_v4.is_empty() {
+                flags |= lookup_flags::V4_PREFIXES;
+            }
+            if !left_v6.is_empty() {
+                flags |= lookup_flags::V6_PREFIXES;
+            }
+            *overflow_flags.lock().unwrap_or_else(|e| e.into_inner()) = flags;
             fill_trie(
                 v4_map,
                 v4,
-                shorter(artifact.addr_v4_entries(), HOST_PREFIX_V4),
+                shorter(artifact.addr_v4_entries(), HOST_PREFIX_V4)
+                    .chain(as_prefixes(left_v4, HOST_PREFIX_V4)),
             )?;
             fill_trie(
                 v6_map,
                 v6,
-                shorter(artifact.addr_v6_entries(), HOST_PREFIX_V6),
+                shorter(artifact.addr_v6_entries(), HOST_PREFIX_V6)
+                    .chain(as_prefixes(left_v6, HOST_PREFIX_V6)),
             )
         }),
     ])?;
@@ -477,7 +492,64 @@ pub fn write(
             segments.set(id, info, 0).map_err(map_err(name))?;
         }
     }
-    write_config(ebpf, slot, config)
+    let mut written = *config;
+    written.lookup_flags |= overflow.into_inner().unwrap_or_else(|e| e.into_inner());
+    write_config(ebpf, slot, &written)?;
+    Ok(written)
+}
+
+/// Hosts a table had no room for, as trie entries.
+fn as_prefixes<A>(
+    hosts: Vec<(A, AddrInfo)>,
+    prefix_len: u32,
+) -> impl Iterator<Item = (u32, A, AddrInfo)> {
+    hosts
+        .into_iter()
+        .map(move |(addr, info)| (prefix_len, addr, info))
+}
+
+/// The elements (header first) of host table `map`: as many as it has.
+fn map_entries(map: &MapData, name: &'static str) -> Result<u32, PolicyMapError> {
+    map.info()
+        .map(|info| info.max_entries())
+        .map_err(map_err(name))
+}
+
+/// Writes the host table of `entries` into `map`, every element; returns the addresses it had
+/// no room for, which belong in the family's trie.
+fn fill_host_table<B: HostBucket + Pod>(
+    map: Map,
+    name: &'static str,
+    entries: impl Iterator<Item = (B::Addr, AddrInfo)>,
+) -> Result<Vec<(B::Addr, AddrInfo)>, PolicyMapError> {
+    let mut array: Array<MapData, B> = Array::try_from(map).map_err(map_err(name))?;
+    let table = host_table::build::<B>(map_entries(array.map(), name)?, entries);
+    write_elements(&mut array, name, &table.elements)?;
+    Ok(table.overflow)
+}
+
+/// Writes `elements` into `array` from index 0, in batches (one syscall each when the kernel
+/// refuses batches).
+fn write_elements<B: Pod>(
+    array: &mut Array<MapData, B>,
+    name: &'static str,
+    elements: &[B],
+) -> Result<(), PolicyMapError> {
+    let indices: Vec<u32> = (0..elements.len() as u32).collect();
+    let result = batch(array.map().fd().as_fd(), &indices, Some(elements));
+    let written = batch_done(name, "bpf_map_update_batch", result, indices.len())?;
+    for (index, element) in indices.iter().zip(elements).skip(written) {
+        array.set(*index, element, 0).map_err(map_err(name))?;
+    }
+    Ok(())
+}
+
+/// Every element of the array `map`.
+fn read_elements<B: Pod>(map: &Map, name: &'static str) -> Result<Vec<B>, PolicyMapError> {
+    let array: Array<_, B> = Array::try_from(map).map_err(map_err(name))?;
+    (0..array.len())
+        .map(|index| array.get(&index, 0).map_err(map_err(name)))
+        .collect()
 }
 
 pub fn write_config(ebpf: &mut Ebpf, slot: usize, config: &Config) -> Result<(), PolicyMapError> {
@@ -549,14 +621,28 @@ pub fn slot_holds(ebpf: &Ebpf, slot: usize, artifact: &Artifact) -> Result<bool,
     let v4 = Artifact::addr_v4_entries;
     let v6 = Artifact::addr_v6_entries;
     let ports = Artifact::port_entries;
-    if hash_entries::<[u8; 4], AddrInfo>(ebpf, map_names::HOSTS_V4[slot])?
-        != exact(v4(artifact), HOST_PREFIX_V4).collect()
-        || hash_entries::<[u8; 16], AddrInfo>(ebpf, map_names::HOSTS_V6[slot])?
-            != exact(v6(artifact), HOST_PREFIX_V6).collect()
+    let (held_v4, want_v4) = host_table_of::<HostBucketV4>(
+        ebpf,
+        map_names::HOSTS_V4[slot],
+        exact(v4(artifact), HOST_PREFIX_V4),
+    )?;
+    let (held_v6, want_v6) = host_table_of::<HostBucketV6>(
+        ebpf,
+        map_names::HOSTS_V6[slot],
+        exact(v6(artifact), HOST_PREFIX_V6),
+    )?;
+    if !held_v4.starts_with(&want_v4.elements)
+        || !held_v6.starts_with(&want_v6.elements)
         || trie_entries::<[u8; 4], AddrInfo>(ebpf, map_names::ADDR_V4[slot])?
-            != expected(shorter(v4(artifact), HOST_PREFIX_V4))
+            != expected(
+                shorter(v4(artifact), HOST_PREFIX_V4)
+                    .chain(as_prefixes(want_v4.overflow, HOST_PREFIX_V4)),
+            )
         || trie_entries::<[u8; 16], AddrInfo>(ebpf, map_names::ADDR_V6[slot])?
-            != expected(shorter(v6(artifact), HOST_PREFIX_V6))
+            != expected(
+                shorter(v6(artifact), HOST_PREFIX_V6)
+                    .chain(as_prefixes(want_v6.overflow, HOST_PREFIX_V6)),
+            )
         || hash_entries::<PortKey, PortValue>(ebpf, map_names::PORTS_EXACT[slot])?
             != exact(ports(artifact), PORT_EXACT_PREFIX).collect()
         || trie_entries::<PortKey, PortValue>(ebpf, map_names::PORTS[slot])?
@@ -587,6 +673,40 @@ pub fn slot_holds(ebpf: &Ebpf, slot: usize, artifact: &Artifact) -> Result<bool,
         }
     }
     Ok(true)
+}
+
+/// The host table `name` holds, and the one `entries` make at its size.
+fn host_table_of<B: HostBucket + Pod>(
+    ebpf: &Ebpf,
+    name: &'static str,
+    entries: impl Iterator<Item = (B::Addr, AddrInfo)>,
+) -> Result<(Vec<B>, host_table::Table<B>), PolicyMapError> {
+    let map = ebpf.map(name).ok_or(PolicyMapError::MissingMap(name))?;
+    let held = read_elements::<B>(map, name)?;
+    let want = host_table::build::<B>(held.len() as u32, entries);
+    Ok((held, want))
+}
+
+/// Copies the addresses of host table `from` into `to`, rebuilt at `to`'s size.
+fn copy_host_table<B: HostBucket + Pod>(
+    name: &'static str,
+    from: Map,
+    to: &mut Map,
+) -> Result<(), PolicyMapError> {
+    let held = read_elements::<B>(&from, name)?;
+    let mut to: Array<_, B> = Array::try_from(to).map_err(map_err(name))?;
+    let table = host_table::build::<B>(to.len(), host_table::entries(&held).into_iter());
+    if !table.overflow.is_empty() {
+        return Err(PolicyMapError::HostTableFull {
+            map: name,
+            count: table.overflow.len(),
+        });
+    }
+    let indices: Vec<u32> = (0..table.elements.len() as u32).collect();
+    for (index, element) in indices.iter().zip(&table.elements) {
+        to.set(*index, element, 0).map_err(map_err(name))?;
+    }
+    Ok(())
 }
 
 fn copy_trie<K: Pod, V: Pod>(
@@ -627,9 +747,9 @@ pub fn copy_policy_map(
 ) -> Result<(), PolicyMapError> {
     let from = Map::from_map_data(from).map_err(map_err(name))?;
     if map_names::HOSTS_V4.contains(&name) {
-        copy_hash::<[u8; 4], AddrInfo>(name, from, to)
+        copy_host_table::<HostBucketV4>(name, from, to)
     } else if map_names::HOSTS_V6.contains(&name) {
-        copy_hash::<[u8; 16], AddrInfo>(name, from, to)
+        copy_host_table::<HostBucketV6>(name, from, to)
     } else if map_names::ADDR_V4.contains(&name) {
         copy_trie::<[u8; 4], AddrInfo>(name, from, to)
     } else if map_names::ADDR_V6.contains(&name) {

@@ -344,3 +344,127 @@ fn the_wildcard_probe_is_skipped_only_for_segments_without_rules_for_any_source(
         "with the flag set, the rule for any source is skipped"
     );
 }
+
+/// Addresses whose hashes agree in their low 16 bits: in any table of up to 65,536 buckets they
+/// share a home bucket, so more of them than its probed buckets hold are left for the trie.
+fn crowded<A>(
+    count: usize,
+    mut candidate: impl FnMut(u32) -> A,
+    hash: impl Fn(&A) -> u32,
+) -> Vec<A> {
+    let mut found = Vec::new();
+    for i in 0u32.. {
+        let addr = candidate(i);
+        if hash(&addr) & 0xffff == 0x1234 {
+            found.push(addr);
+            if found.len() == count {
+                break;
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn hosts_their_table_has_no_room_for_are_judged_through_the_trie() {
+    use enforcer_common::{AddrInfo, host_table};
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    let per_probe = |entries: u32| (entries * host_table::MAX_PROBES) as usize;
+    let v4 = crowded(
+        per_probe(host_table::ENTRIES_PER_BUCKET_V4) + 5,
+        |i| Ipv4Addr::from(0x0a00_0000 + i),
+        |a| host_table::hash_v4(a.octets()),
+    );
+    let v6 = crowded(
+        per_probe(host_table::ENTRIES_PER_BUCKET_V6) + 5,
+        |i| Ipv6Addr::from(0xfd00_u128 << 112 | u128::from(i)),
+        |a| host_table::hash_v6(&a.octets()),
+    );
+    let list = |addrs: Vec<String>| addrs.join(", ");
+    let members = list(
+        v4.iter()
+            .map(|a| format!("{a}/32"))
+            .chain(v6.iter().map(|a| format!("{a}/128")))
+            .collect(),
+    );
+    let sources = vec![
+        (
+            "segments/crowd.yaml".to_string(),
+            format!("segment: crowd\nmembers: [{members}]\n"),
+        ),
+        (
+            "segments/target.yaml".to_string(),
+            "segment: target\nmembers: [10.200.0.0/24, \"fd00:200::/64\"]\nallow:\n  - from: [crowd]\n    ports: [tcp/443]\n".to_string(),
+        ),
+    ];
+    let policy = Policy::from_sources(&sources).unwrap_or_else(|e| panic!("{e}"));
+    let mut h = KernelHarness::load(policy).expect("load the enforcer");
+
+    // The premise: some hosts really are in the trie, not in their table.
+    let slot = h.enforcer.active_slot();
+    let trie_hosts = |name: &str, full: u32| {
+        let map = h.enforcer.ebpf().map(name).unwrap();
+        match full {
+            32 => aya::maps::LpmTrie::<_, [u8; 4], AddrInfo>::try_from(map)
+                .unwrap()
+                .keys()
+                .filter(|k| k.as_ref().unwrap().prefix_len() == full)
+                .count(),
+            _ => aya::maps::LpmTrie::<_, [u8; 16], AddrInfo>::try_from(map)
+                .unwrap()
+                .keys()
+                .filter(|k| k.as_ref().unwrap().prefix_len() == full)
+                .count(),
+        }
+    };
+    use enforcer_common::map_names;
+    assert!(
+        trie_hosts(map_names::ADDR_V4[slot], 32) >= 5,
+        "no IPv4 host overflowed"
+    );
+    assert!(
+        trie_hosts(map_names::ADDR_V6[slot], 128) >= 5,
+        "no IPv6 host overflowed"
+    );
+
+    for a in &v4 {
+        let name = format!("{a} -> target");
+        case(
+            &mut h,
+            &name,
+            &tcp(&a.to_string(), "10.200.0.1", 443),
+            counter::ALLOWED,
+        );
+        case(
+            &mut h,
+            &name,
+            &tcp(&a.to_string(), "10.200.0.1", 80),
+            counter::DROP_POLICY_DENIED,
+        );
+    }
+    for a in &v6 {
+        let name = format!("{a} -> target");
+        case(
+            &mut h,
+            &name,
+            &tcp(&a.to_string(), "fd00:200::1", 443),
+            counter::ALLOWED,
+        );
+    }
+    // Crowded addresses outside the policy are `world`, which target does not admit.
+    let strangers = crowded(
+        3,
+        |i| Ipv4Addr::from(0x0b00_0000 + i),
+        |a| host_table::hash_v4(a.octets()),
+    );
+    for a in &strangers {
+        let name = format!("{a} (world) -> target");
+        case(
+            &mut h,
+            &name,
+            &tcp(&a.to_string(), "10.200.0.1", 443),
+            counter::DROP_POLICY_DENIED,
+        );
+    }
+}
