@@ -10,7 +10,7 @@
 //!    ([`map_names::ADDR_V4`], [`map_names::ADDR_V6`]): longest prefix wins. A host entry is the
 //!    longest prefix any address can match, so the two steps give exactly the longest match over
 //!    all of the policy's prefixes, and a host costs one table probe (nearly always one cache
-//!    line, see [`host_table`]) however large the policy.
+//!    line, see [`exact_table`]) however large the policy.
 //!    The value ([`AddrInfo`]) gives the address's segment and its *source class*. A miss means
 //!    segment [`SEGMENT_WORLD`] and class [`CLASS_WORLD`].
 //! 2. The destination segment's [`SegmentInfo`] says whether it is enforced, monitored or not
@@ -37,16 +37,19 @@ pub mod map_names {
     pub const ADDR_V4: [&str; 2] = ["ADDR_V4_0", "ADDR_V4_1"];
     pub const ADDR_V6: [&str; 2] = ["ADDR_V6_0", "ADDR_V6_1"];
     /// The /32 entries of the policy (see [`crate::HOST_PREFIX_V4`]), out of the trie: an
-    /// array of [`crate::HostBucketV4`] (see [`crate::host_table`]).
+    /// array of [`crate::HostBucketV4`] (see [`crate::exact_table`]).
     pub const HOSTS_V4: [&str; 2] = ["HOSTS_V4_0", "HOSTS_V4_1"];
     /// The /128 entries of the policy (see [`crate::HOST_PREFIX_V6`]), out of the trie: an
     /// array of [`crate::HostBucketV6`].
     pub const HOSTS_V6: [&str; 2] = ["HOSTS_V6_0", "HOSTS_V6_1"];
     pub const SEGMENTS: [&str; 2] = ["SEGMENTS_0", "SEGMENTS_1"];
+    /// An array of [`crate::PairBucket`] (see [`crate::exact_table`]).
     pub const PAIRS: [&str; 2] = ["PAIRS_0", "PAIRS_1"];
+    /// The pairs the [`PAIRS`] table had no room for (a hash, nearly always empty).
+    pub const PAIRS_OVERFLOW: [&str; 2] = ["PAIRS_OVERFLOW_0", "PAIRS_OVERFLOW_1"];
     pub const PORTS: [&str; 2] = ["PORTS_0", "PORTS_1"];
     /// The single-port entries of the port tables (see [`crate::PORT_EXACT_PREFIX`]), out of
-    /// the trie.
+    /// the trie: an array of [`crate::PortBucket`] (see [`crate::exact_table`]).
     pub const PORTS_EXACT: [&str; 2] = ["PORTS_EXACT_0", "PORTS_EXACT_1"];
     pub const RULE_HITS: [&str; 2] = ["RULE_HITS_0", "RULE_HITS_1"];
     /// Break-glass grants in force, keyed by the slot's segment ids (see
@@ -91,7 +94,8 @@ pub mod map_names {
 ///
 /// 2: host addresses and single ports moved out of the tries into exact-match hashes; a
 /// version-1 program would miss them in the tries.
-/// 3: the host tables became arrays of buckets (see [`host_table`]).
+/// 3: the host, pair and single-port tables became arrays of buckets (see [`exact_table`]),
+/// with [`map_names::PAIRS_OVERFLOW`] behind the pair table.
 pub const MAP_LAYOUT_VERSION: u32 = 3;
 
 /// Program names, as declared in the eBPF object.
@@ -192,7 +196,7 @@ pub const fn wildcard_bit(proto_key: u8) -> u8 {
 /// Every bit [`wildcard_bit`] can return.
 pub const NO_WILDCARD_RULES_AT_ALL: u8 = 0x1f;
 
-/// Key of the [`map_names::PAIRS`] hash map.
+/// Key of the [`map_names::PAIRS`] table.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PairKey {
@@ -200,7 +204,7 @@ pub struct PairKey {
     pub src_class: u32,
 }
 
-/// Value of the [`map_names::PAIRS`] hash map.
+/// Value of the [`map_names::PAIRS`] table.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PairValue {
@@ -733,31 +737,35 @@ pub mod flow_filter {
     }
 }
 
-/// The host tables ([`map_names::HOSTS_V4`], [`map_names::HOSTS_V6`]): open addressing in a
-/// plain array of 64-byte buckets, so that finding a host is a multiply and, nearly always, one
-/// cache line, with no call into the kernel's hash code.
+/// The exact-match tables of a policy slot ([`map_names::HOSTS_V4`], [`map_names::HOSTS_V6`],
+/// [`map_names::PAIRS`], [`map_names::PORTS_EXACT`]): open addressing in a plain array of 64-byte
+/// buckets, so that a lookup is a multiply and, nearly always, one cache line, with no call into
+/// the kernel's hash code (array lookups are inlined by the verifier).
 ///
-/// - Element 0 is a header: the number of buckets minus one (a power of two minus one). The
-///   table carries its own size, so programs judging with a table of another size (a pinned
-///   table replaced by a larger copy) can never index one with the other's mask.
-/// - Buckets are elements `1..=buckets`. An address's home bucket is `hash & mask`; the daemon
-///   puts it in the first bucket with a free entry among the home bucket and the next
-///   [`MAX_PROBES`]` - 1` (wrapping), in a fixed order. A table is written whole and never
-///   changed in place, so a lookup may stop at the first bucket with a free entry: the address
-///   would be there or earlier.
-/// - An address that finds no free entry in its [`MAX_PROBES`] buckets goes into its family's
-///   trie instead (as a /32 or /128), which the kernel walks after a miss here; at the daemon's
-///   load factor (at most half the entries used) that is a handful of addresses in 100,000.
-pub mod host_table {
-    use super::{AddrInfo, HostBucketV4, HostBucketV6, HostEntryV4, HostEntryV6};
+/// - Element 0 is a header: its first entry's `used` field holds the bucket mask (buckets minus
+///   one, buckets a power of two). A table carries its own size, so programs judging with a
+///   table of another size (a pinned table replaced by a larger copy) can never index one with
+///   the other's mask.
+/// - Buckets are elements `1..=buckets`. A key's home bucket is `hash & mask`; the daemon puts
+///   it in the first bucket with a free entry among the home bucket and the next
+///   [`MAX_PROBES`]` - 1` (wrapping). A table is written whole and never changed in place, so a
+///   lookup may stop at the first bucket with a free entry: the key would be there or earlier.
+/// - A key that finds no free entry in its [`MAX_PROBES`] buckets goes into the table's
+///   fallback map instead, which the kernel consults only when a lookup ends on
+///   [`Lookup::Crowded`]: a host into its family's trie (as a /32 or /128), a single port into
+///   the port trie (as a full-length block), a pair into [`map_names::PAIRS_OVERFLOW`]. At the
+///   daemon's load factor (at most half the entries used) that is a handful of keys in 100,000.
+pub mod exact_table {
+    use super::{
+        AddrInfo, HostBucketV4, HostBucketV6, HostEntryV4, HostEntryV6, PairBucket, PairEntry,
+        PairKey, PairValue, PortBucket, PortEntry, PortKey, PortValue,
+    };
 
     /// Buckets a lookup reads at most.
     pub const MAX_PROBES: u32 = 4;
-    pub const ENTRIES_PER_BUCKET_V4: u32 = 4;
-    pub const ENTRIES_PER_BUCKET_V6: u32 = 2;
 
-    /// Buckets for a table of `capacity` addresses: at most half the entries used, rounded up to
-    /// a power of two.
+    /// Buckets for a table of `capacity` keys: at most half the entries used, rounded up to a
+    /// power of two.
     pub const fn buckets_for(capacity: u32, per_bucket: u32) -> u32 {
         let buckets = (capacity as u64 * 2).div_ceil(per_bucket as u64);
         let buckets = buckets.next_power_of_two();
@@ -770,12 +778,12 @@ pub mod host_table {
         }
     }
 
-    /// Array elements (header and buckets) of a table of `capacity` addresses.
+    /// Array elements (header and buckets) of a table of `capacity` keys.
     pub const fn map_entries(capacity: u32, per_bucket: u32) -> u32 {
         buckets_for(capacity, per_bucket) + 1
     }
 
-    /// The addresses a table of `map_entries` elements holds at its load factor: the inverse of
+    /// The keys a table of `map_entries` elements holds at its load factor: the inverse of
     /// [`map_entries`] (never less than the capacity it was sized for).
     pub const fn capacity_of(map_entries: u32, per_bucket: u32) -> u32 {
         (map_entries.saturating_sub(1) as u64 * per_bucket as u64 / 2) as u32
@@ -799,12 +807,6 @@ pub mod host_table {
         (h.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32
     }
 
-    /// The hash that picks an IPv4 address's home bucket: the same in the kernel and the daemon.
-    #[inline(always)]
-    pub fn hash_v4(addr: [u8; 4]) -> u32 {
-        finish(mix(4, u64::from(u32::from_le_bytes(addr))))
-    }
-
     /// Bytes `i..i + 8` of an IPv6 address as one word.
     #[inline(always)]
     fn word(addr: &[u8; 16], i: usize) -> u64 {
@@ -820,200 +822,284 @@ pub mod host_table {
         ])
     }
 
-    /// As [`hash_v4`], for IPv6.
+    /// The hash that picks an IPv4 address's home bucket: the same in the kernel and the daemon.
+    #[inline(always)]
+    pub fn hash_v4(addr: &[u8; 4]) -> u32 {
+        finish(mix(4, u64::from(u32::from_le_bytes(*addr))))
+    }
+
     #[inline(always)]
     pub fn hash_v6(addr: &[u8; 16]) -> u32 {
         finish(mix(mix(6, word(addr, 0)), word(addr, 8)))
     }
 
-    /// What a bucket says about an address.
-    pub enum Probe {
-        Found(AddrInfo),
-        /// The bucket has a free entry: the address is in no later bucket.
+    #[inline(always)]
+    fn pair_word(key: &PairKey) -> u64 {
+        u64::from(key.dst_segment) | u64::from(key.src_class) << 32
+    }
+
+    #[inline(always)]
+    pub fn hash_pair(key: &PairKey) -> u32 {
+        finish(mix(2, pair_word(key)))
+    }
+
+    #[inline(always)]
+    fn port_word(key: &PortKey) -> u64 {
+        u64::from(u32::from_le_bytes(key.table))
+            | u64::from(key.proto) << 32
+            | u64::from(key._pad) << 40
+            | u64::from(u16::from_le_bytes(key.port)) << 48
+    }
+
+    #[inline(always)]
+    pub fn hash_port(key: &PortKey) -> u32 {
+        finish(mix(3, port_word(key)))
+    }
+
+    // Keys are compared as words: a byte-wise compare is a loop (or a call) in a BPF program.
+    #[inline(always)]
+    fn same_v4(a: &[u8; 4], b: &[u8; 4]) -> bool {
+        u32::from_le_bytes(*a) == u32::from_le_bytes(*b)
+    }
+
+    #[inline(always)]
+    fn same_v6(a: &[u8; 16], b: &[u8; 16]) -> bool {
+        word(a, 0) == word(b, 0) && word(a, 8) == word(b, 8)
+    }
+
+    #[inline(always)]
+    fn same_pair(a: &PairKey, b: &PairKey) -> bool {
+        pair_word(a) == pair_word(b)
+    }
+
+    #[inline(always)]
+    fn same_port(a: &PortKey, b: &PortKey) -> bool {
+        port_word(a) == port_word(b)
+    }
+
+    /// What a bucket says about a key.
+    pub enum Probe<V> {
+        Found(V),
+        /// The bucket has a free entry: the key is in no later bucket.
         Absent,
-        /// The bucket is full without the address: try the next one.
+        /// The bucket is full without the key: try the next one.
         Next,
     }
 
-    /// A bucket of one family's table; the kernel and the daemon share the code over it.
-    pub trait HostBucket: Copy + Default {
-        type Addr: Copy;
-        /// Addresses per bucket.
+    /// What a table says about a key.
+    pub enum Lookup<V> {
+        Found(V),
+        /// Not in the table, nor anywhere else.
+        Absent,
+        /// Every bucket probed was full without the key: it may be in the fallback map.
+        Crowded,
+    }
+
+    /// A bucket of one table; the kernel and the daemon share the code over it.
+    pub trait Bucket: Copy + Default {
+        type Key: Copy;
+        type Value: Copy;
+        /// Keys per bucket.
         const ENTRIES: u32;
-        /// The hash that picks an address's home bucket.
-        fn hash(addr: &Self::Addr) -> u32;
-        /// Compares words: a byte-wise compare is a loop (or a call) in a BPF program.
-        fn probe(&self, addr: &Self::Addr) -> Probe;
-        /// Puts `addr` in a free entry; `false` when the bucket is full.
-        fn place(&mut self, addr: &Self::Addr, info: AddrInfo) -> bool;
+        /// The hash that picks a key's home bucket.
+        fn hash(key: &Self::Key) -> u32;
+        fn probe(&self, key: &Self::Key) -> Probe<Self::Value>;
+        /// Puts `key` in a free entry; `false` when the bucket is full.
+        fn place(&mut self, key: &Self::Key, value: Self::Value) -> bool;
         /// The header element of a table of `buckets` buckets.
         fn header(buckets: u32) -> Self;
         /// The bucket mask a header holds.
         fn mask(&self) -> u32;
-        /// Calls `each` with every address the bucket holds.
-        fn for_each(&self, each: impl FnMut(Self::Addr, AddrInfo));
+        /// Calls `each` with every key the bucket holds.
+        fn for_each(&self, each: impl FnMut(Self::Key, Self::Value));
     }
 
-    /// `addr` in the table whose element `i` is `element(i)`.
+    /// `key` in the table whose element `i` is `element(i)`. An element that cannot be read
+    /// sends the lookup to the fallback map.
     #[inline(always)]
-    pub fn find<'a, B: HostBucket + 'a>(
-        addr: &B::Addr,
+    pub fn find<'a, B: Bucket + 'a>(
+        key: &B::Key,
         element: impl Fn(u32) -> Option<&'a B>,
-    ) -> Option<AddrInfo> {
-        let mask = element(0)?.mask();
-        let mut bucket = B::hash(addr) & mask;
+    ) -> Lookup<B::Value> {
+        let Some(header) = element(0) else {
+            return Lookup::Crowded;
+        };
+        let mask = header.mask();
+        let mut bucket = B::hash(key) & mask;
         for _ in 0..MAX_PROBES {
-            match element(index(bucket))?.probe(addr) {
-                Probe::Found(info) => return Some(info),
-                Probe::Absent => return None,
+            let Some(found) = element(index(bucket)) else {
+                return Lookup::Crowded;
+            };
+            match found.probe(key) {
+                Probe::Found(value) => return Lookup::Found(value),
+                Probe::Absent => return Lookup::Absent,
                 Probe::Next => bucket = (bucket + 1) & mask,
             }
         }
-        None
+        Lookup::Crowded
     }
 
-    impl HostBucket for HostBucketV4 {
-        type Addr = [u8; 4];
-        const ENTRIES: u32 = ENTRIES_PER_BUCKET_V4;
+    macro_rules! bucket {
+        ($bucket:ident, $entry:ident, $key:ty, $value:ty, $hash:ident, $same:ident) => {
+            impl Bucket for $bucket {
+                type Key = $key;
+                type Value = $value;
+                const ENTRIES: u32 = Self::ENTRY_COUNT as u32;
 
-        #[inline(always)]
-        fn hash(addr: &[u8; 4]) -> u32 {
-            hash_v4(*addr)
-        }
+                #[inline(always)]
+                fn hash(key: &$key) -> u32 {
+                    $hash(key)
+                }
 
-        #[inline(always)]
-        fn probe(&self, addr: &[u8; 4]) -> Probe {
-            let mut free = false;
-            for entry in &self.entries {
-                if entry.used == 0 {
-                    free = true;
-                } else if u32::from_le_bytes(entry.addr) == u32::from_le_bytes(*addr) {
-                    return Probe::Found(entry.info);
+                #[inline(always)]
+                fn probe(&self, key: &$key) -> Probe<$value> {
+                    let mut free = false;
+                    for entry in &self.entries {
+                        if entry.used == 0 {
+                            free = true;
+                        } else if $same(&entry.key, key) {
+                            return Probe::Found(entry.value);
+                        }
+                    }
+                    if free { Probe::Absent } else { Probe::Next }
+                }
+
+                fn place(&mut self, key: &$key, value: $value) -> bool {
+                    match self.entries.iter_mut().find(|entry| entry.used == 0) {
+                        Some(entry) => {
+                            // Field by field: the IPv6 entry has padding the others lack.
+                            let mut placed = $entry::default();
+                            placed.key = *key;
+                            placed.value = value;
+                            placed.used = 1;
+                            *entry = placed;
+                            true
+                        }
+                        None => false,
+                    }
+                }
+
+                fn header(buckets: u32) -> Self {
+                    let mut header = Self::default();
+                    header.entries[0].used = buckets - 1;
+                    header
+                }
+
+                #[inline(always)]
+                fn mask(&self) -> u32 {
+                    self.entries[0].used
+                }
+
+                fn for_each(&self, mut each: impl FnMut($key, $value)) {
+                    for entry in self.entries.iter().filter(|entry| entry.used != 0) {
+                        each(entry.key, entry.value);
+                    }
                 }
             }
-            if free { Probe::Absent } else { Probe::Next }
-        }
-
-        fn place(&mut self, addr: &[u8; 4], info: AddrInfo) -> bool {
-            match self.entries.iter_mut().find(|entry| entry.used == 0) {
-                Some(entry) => {
-                    *entry = HostEntryV4 {
-                        addr: *addr,
-                        used: 1,
-                        info,
-                    };
-                    true
-                }
-                None => false,
-            }
-        }
-
-        fn header(buckets: u32) -> Self {
-            let mut header = Self::default();
-            header.entries[0].info.segment = buckets - 1;
-            header
-        }
-
-        #[inline(always)]
-        fn mask(&self) -> u32 {
-            self.entries[0].info.segment
-        }
-
-        fn for_each(&self, mut each: impl FnMut(Self::Addr, AddrInfo)) {
-            for entry in self.entries.iter().filter(|entry| entry.used != 0) {
-                each(entry.addr, entry.info);
-            }
-        }
+        };
     }
 
-    impl HostBucket for HostBucketV6 {
-        type Addr = [u8; 16];
-        const ENTRIES: u32 = ENTRIES_PER_BUCKET_V6;
-
-        #[inline(always)]
-        fn hash(addr: &[u8; 16]) -> u32 {
-            hash_v6(addr)
-        }
-
-        #[inline(always)]
-        fn probe(&self, addr: &[u8; 16]) -> Probe {
-            let want = (word(addr, 0), word(addr, 8));
-            let mut free = false;
-            for entry in &self.entries {
-                if entry.used == 0 {
-                    free = true;
-                } else if (word(&entry.addr, 0), word(&entry.addr, 8)) == want {
-                    return Probe::Found(entry.info);
-                }
-            }
-            if free { Probe::Absent } else { Probe::Next }
-        }
-
-        fn place(&mut self, addr: &[u8; 16], info: AddrInfo) -> bool {
-            match self.entries.iter_mut().find(|entry| entry.used == 0) {
-                Some(entry) => {
-                    *entry = HostEntryV6 {
-                        addr: *addr,
-                        used: 1,
-                        _pad: 0,
-                        info,
-                    };
-                    true
-                }
-                None => false,
-            }
-        }
-
-        fn header(buckets: u32) -> Self {
-            let mut header = Self::default();
-            header.entries[0].info.segment = buckets - 1;
-            header
-        }
-
-        #[inline(always)]
-        fn mask(&self) -> u32 {
-            self.entries[0].info.segment
-        }
-
-        fn for_each(&self, mut each: impl FnMut(Self::Addr, AddrInfo)) {
-            for entry in self.entries.iter().filter(|entry| entry.used != 0) {
-                each(entry.addr, entry.info);
-            }
-        }
-    }
+    bucket!(
+        HostBucketV4,
+        HostEntryV4,
+        [u8; 4],
+        AddrInfo,
+        hash_v4,
+        same_v4
+    );
+    bucket!(
+        HostBucketV6,
+        HostEntryV6,
+        [u8; 16],
+        AddrInfo,
+        hash_v6,
+        same_v6
+    );
+    bucket!(
+        PairBucket, PairEntry, PairKey, PairValue, hash_pair, same_pair
+    );
+    bucket!(
+        PortBucket, PortEntry, PortKey, PortValue, hash_port, same_port
+    );
 }
 
-/// Bucket of [`map_names::HOSTS_V4`] (see [`host_table`]); element 0 is the table's header.
+/// Bucket of [`map_names::HOSTS_V4`] (see [`exact_table`]).
 #[repr(C, align(64))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HostBucketV4 {
-    pub entries: [HostEntryV4; host_table::ENTRIES_PER_BUCKET_V4 as usize],
+    pub entries: [HostEntryV4; HostBucketV4::ENTRY_COUNT],
+}
+
+impl HostBucketV4 {
+    pub const ENTRY_COUNT: usize = 4;
 }
 
 /// An IPv4 host and its segment and source class; `used` is 0 in a free entry.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HostEntryV4 {
-    pub addr: [u8; 4],
+    pub key: [u8; 4],
     pub used: u32,
-    pub info: AddrInfo,
+    pub value: AddrInfo,
 }
 
-/// Bucket of [`map_names::HOSTS_V6`] (see [`host_table`]); element 0 is the table's header.
+/// Bucket of [`map_names::HOSTS_V6`] (see [`exact_table`]).
 #[repr(C, align(64))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HostBucketV6 {
-    pub entries: [HostEntryV6; host_table::ENTRIES_PER_BUCKET_V6 as usize],
+    pub entries: [HostEntryV6; HostBucketV6::ENTRY_COUNT],
 }
 
-/// An IPv6 host and its segment and source class; `used` is 0 in a free entry.
+impl HostBucketV6 {
+    pub const ENTRY_COUNT: usize = 2;
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HostEntryV6 {
-    pub addr: [u8; 16],
+    pub key: [u8; 16],
     pub used: u32,
     pub _pad: u32,
-    pub info: AddrInfo,
+    pub value: AddrInfo,
+}
+
+/// Bucket of [`map_names::PAIRS`] (see [`exact_table`]).
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PairBucket {
+    pub entries: [PairEntry; PairBucket::ENTRY_COUNT],
+    pub _pad: u32,
+}
+
+impl PairBucket {
+    pub const ENTRY_COUNT: usize = 3;
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PairEntry {
+    pub key: PairKey,
+    pub value: PairValue,
+    pub used: u32,
+}
+
+/// Bucket of [`map_names::PORTS_EXACT`] (see [`exact_table`]).
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortBucket {
+    pub entries: [PortEntry; PortBucket::ENTRY_COUNT],
+}
+
+impl PortBucket {
+    pub const ENTRY_COUNT: usize = 4;
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortEntry {
+    pub key: PortKey,
+    pub value: PortValue,
+    pub used: u32,
 }
 
 /// One line of [`map_names::FLOW_FILTER`].
@@ -1067,6 +1153,8 @@ mod pod {
     unsafe impl aya::Pod for FlowFilterState {}
     unsafe impl aya::Pod for HostBucketV4 {}
     unsafe impl aya::Pod for HostBucketV6 {}
+    unsafe impl aya::Pod for PairBucket {}
+    unsafe impl aya::Pod for PortBucket {}
     unsafe impl aya::Pod for FragmentKey {}
     unsafe impl aya::Pod for FragmentState {}
     unsafe impl aya::Pod for PairVerdictKey {}

@@ -11,21 +11,21 @@ use aya_ebpf::{
 use enforcer_common::{
     AddrInfo, BREAKGLASS_MAX_PAIRS, BreakglassKey, BreakglassValue, Config, DEFAULT_MAX_ENTRIES,
     FlowFilterLine, FlowFilterState, FlowKey, FlowState, FragmentKey, FragmentState, HostBucketV4,
-    HostBucketV6, PairKey, PairValue, PairVerdictKey, PortKey, PortValue, QUARANTINE_MAX_ENTRIES,
-    QuarantineKey, RECENT_EVENT_SLOTS, RecentEvent, SegmentInfo, counter, direction, event_counter,
-    protocol_class,
+    HostBucketV6, PairBucket, PairKey, PairValue, PairVerdictKey, PortBucket, PortKey, PortValue,
+    QUARANTINE_MAX_ENTRIES, QuarantineKey, RECENT_EVENT_SLOTS, RecentEvent, SegmentInfo, counter,
+    direction, event_counter, protocol_class,
 };
 
 use crate::packet::Scratch;
 
-// The exact-match hashes are allocated per entry, like the tries they relieve: a slot's memory
-// follows its policy, and the inactive slot, emptied after a switch, costs nothing. The host
-// tables are arrays sized by the loader (see `enforcer_common::host_table`); memory-mapping
-// makes their elements start on a page, so every bucket is one cache line.
+// The exact-match tables are arrays sized by the loader (see `enforcer_common::exact_table`);
+// memory-mapping makes their elements start on a page, so every bucket is one cache line. The
+// tries and the pair table's overflow are allocated per entry: they follow the policy, and an
+// inactive slot, emptied after a switch, costs nothing there.
 macro_rules! policy_slot {
     ($slot:ident, $index:literal, $hosts_v4:ident, $hosts_v6:ident, $addr_v4:ident,
-     $addr_v6:ident, $segments:ident, $pairs:ident, $ports_exact:ident, $ports:ident,
-     $rule_hits:ident, $breakglass:ident) => {
+     $addr_v6:ident, $segments:ident, $pairs:ident, $pairs_overflow:ident, $ports_exact:ident,
+     $ports:ident, $rule_hits:ident, $breakglass:ident) => {
         #[map]
         pub static $hosts_v4: Array<HostBucketV4> =
             Array::with_max_entries(DEFAULT_MAX_ENTRIES, BPF_F_MMAPABLE);
@@ -41,11 +41,14 @@ macro_rules! policy_slot {
         #[map]
         pub static $segments: Array<SegmentInfo> = Array::with_max_entries(DEFAULT_MAX_ENTRIES, 0);
         #[map]
-        pub static $pairs: HashMap<PairKey, PairValue> =
-            HashMap::with_max_entries(DEFAULT_MAX_ENTRIES, 0);
+        pub static $pairs: Array<PairBucket> =
+            Array::with_max_entries(DEFAULT_MAX_ENTRIES, BPF_F_MMAPABLE);
         #[map]
-        pub static $ports_exact: HashMap<PortKey, PortValue> =
+        pub static $pairs_overflow: HashMap<PairKey, PairValue> =
             HashMap::with_max_entries(DEFAULT_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+        #[map]
+        pub static $ports_exact: Array<PortBucket> =
+            Array::with_max_entries(DEFAULT_MAX_ENTRIES, BPF_F_MMAPABLE);
         #[map]
         pub static $ports: LpmTrie<PortKey, PortValue> =
             LpmTrie::with_max_entries(DEFAULT_MAX_ENTRIES, 0);
@@ -65,6 +68,7 @@ macro_rules! policy_slot {
             $addr_v6,
             $segments,
             $pairs,
+            $pairs_overflow,
             $ports_exact,
             $ports,
             $rule_hits,
@@ -84,8 +88,9 @@ pub trait PolicySlot {
     fn addr_v4() -> &'static LpmTrie<[u8; 4], AddrInfo>;
     fn addr_v6() -> &'static LpmTrie<[u8; 16], AddrInfo>;
     fn segments() -> &'static Array<SegmentInfo>;
-    fn pairs() -> &'static HashMap<PairKey, PairValue>;
-    fn ports_exact() -> &'static HashMap<PortKey, PortValue>;
+    fn pairs() -> &'static Array<PairBucket>;
+    fn pairs_overflow() -> &'static HashMap<PairKey, PairValue>;
+    fn ports_exact() -> &'static Array<PortBucket>;
     fn ports() -> &'static LpmTrie<PortKey, PortValue>;
     fn rule_hits() -> &'static PerCpuArray<u64>;
     fn breakglass() -> &'static HashMap<BreakglassKey, BreakglassValue>;
@@ -93,8 +98,8 @@ pub trait PolicySlot {
 
 macro_rules! impl_policy_slot {
     ($slot:ident, $index:literal, $hosts_v4:ident, $hosts_v6:ident, $addr_v4:ident,
-     $addr_v6:ident, $segments:ident, $pairs:ident, $ports_exact:ident, $ports:ident,
-     $rule_hits:ident, $breakglass:ident) => {
+     $addr_v6:ident, $segments:ident, $pairs:ident, $pairs_overflow:ident, $ports_exact:ident,
+     $ports:ident, $rule_hits:ident, $breakglass:ident) => {
         pub struct $slot;
 
         impl PolicySlot for $slot {
@@ -120,11 +125,15 @@ macro_rules! impl_policy_slot {
                 &$segments
             }
             #[inline(always)]
-            fn pairs() -> &'static HashMap<PairKey, PairValue> {
+            fn pairs() -> &'static Array<PairBucket> {
                 &$pairs
             }
             #[inline(always)]
-            fn ports_exact() -> &'static HashMap<PortKey, PortValue> {
+            fn pairs_overflow() -> &'static HashMap<PairKey, PairValue> {
+                &$pairs_overflow
+            }
+            #[inline(always)]
+            fn ports_exact() -> &'static Array<PortBucket> {
                 &$ports_exact
             }
             #[inline(always)]
@@ -153,6 +162,7 @@ policy_slot!(
     ADDR_V6_0,
     SEGMENTS_0,
     PAIRS_0,
+    PAIRS_OVERFLOW_0,
     PORTS_EXACT_0,
     PORTS_0,
     RULE_HITS_0,
@@ -168,6 +178,7 @@ policy_slot!(
     ADDR_V6_1,
     SEGMENTS_1,
     PAIRS_1,
+    PAIRS_OVERFLOW_1,
     PORTS_EXACT_1,
     PORTS_1,
     RULE_HITS_1,

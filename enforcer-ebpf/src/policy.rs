@@ -1,7 +1,8 @@
 //! The policy verdict for a flow's first packet: two address lookups, one pair lookup, one port
 //! lookup. An address is probed in the quarantine (only while a host is quarantined), then in
-//! the host hash, and only on a miss in the prefix trie; a port in the single-port hash, and
-//! only on a miss in the range trie. See `enforcer_common` for why this needs no loop over
+//! the host table, and only on a miss in the prefix trie; a port in the single-port table, and
+//! only on a miss in the range trie. The tables are `enforcer_common::exact_table`s; a key
+//! they had no room for is in their fallback map. See `enforcer_common` for why this needs no loop over
 //! rules. Only a packet the policy would deny
 //! or audit costs one more lookup, and only while the slot holds a grant: the break-glass
 //! grants of its segment pair.
@@ -9,7 +10,9 @@ use aya_ebpf::maps::lpm_trie::Key;
 use enforcer_common::{
     AddrInfo, BREAKGLASS_ANY_PROTO, BREAKGLASS_MAX_RANGES, BreakglassKey, CLASS_WILDCARD,
     CLASS_WORLD, Config, PORT_EXACT_PREFIX, PairKey, PortKey, QuarantineKey, SEGMENT_WORLD,
-    direction, host_table, lookup_flags, segment_mode, wildcard_bit,
+    direction,
+    exact_table::{self, Lookup},
+    lookup_flags, segment_mode, wildcard_bit,
 };
 
 use crate::{
@@ -66,20 +69,16 @@ pub fn lookup<P: PolicySlot>(
     // (and the rare host its table had no room for).
     let found = if family == 4 {
         let host = [addr[0], addr[1], addr[2], addr[3]];
-        match host_table::find(&host, |i| P::hosts_v4().get(i)) {
-            Some(info) => Some(info),
-            None if config.lookup_flags & lookup_flags::V4_PREFIXES != 0 => {
-                P::addr_v4().get(Key::new(32, host)).copied()
-            }
-            None => None,
+        match exact_table::find(&host, |i| P::hosts_v4().get(i)) {
+            Lookup::Found(info) => Some(info),
+            Lookup::Absent if config.lookup_flags & lookup_flags::V4_PREFIXES == 0 => None,
+            Lookup::Absent | Lookup::Crowded => P::addr_v4().get(Key::new(32, host)).copied(),
         }
     } else {
-        match host_table::find(addr, |i| P::hosts_v6().get(i)) {
-            Some(info) => Some(info),
-            None if config.lookup_flags & lookup_flags::V6_PREFIXES != 0 => {
-                P::addr_v6().get(Key::new(128, *addr)).copied()
-            }
-            None => None,
+        match exact_table::find(addr, |i| P::hosts_v6().get(i)) {
+            Lookup::Found(info) => Some(info),
+            Lookup::Absent if config.lookup_flags & lookup_flags::V6_PREFIXES == 0 => None,
+            Lookup::Absent | Lookup::Crowded => P::addr_v6().get(Key::new(128, *addr)).copied(),
         }
     };
     found.unwrap_or(WORLD)
@@ -168,16 +167,20 @@ fn judge_destination<P: PolicySlot>(
             dst_segment: dst.segment,
             src_class,
         };
-        // SAFETY: the value is copied out at once.
-        if let Some(table) = unsafe { P::pairs().get(pair) }.copied() {
-            let key = PortKey::new(table.port_table, proto_key, port);
+        let table = match exact_table::find(&pair, |i| P::pairs().get(i)) {
+            Lookup::Found(table) => Some(table),
+            Lookup::Absent => None,
             // SAFETY: the value is copied out at once.
-            if let Some(hit) = unsafe { P::ports_exact().get(key) } {
-                return Judgement::Allowed { rule: hit.rule };
-            }
-            if table.has_ranges != 0
-                && let Some(hit) = P::ports().get(Key::new(PORT_EXACT_PREFIX, key))
-            {
+            Lookup::Crowded => unsafe { P::pairs_overflow().get(pair) }.copied(),
+        };
+        if let Some(table) = table {
+            let key = PortKey::new(table.port_table, proto_key, port);
+            let in_trie = match exact_table::find(&key, |i| P::ports_exact().get(i)) {
+                Lookup::Found(hit) => return Judgement::Allowed { rule: hit.rule },
+                Lookup::Absent => table.has_ranges != 0,
+                Lookup::Crowded => true,
+            };
+            if in_trie && let Some(hit) = P::ports().get(Key::new(PORT_EXACT_PREFIX, key)) {
                 return Judgement::Allowed { rule: hit.rule };
             }
         }

@@ -8,8 +8,7 @@
 //! own, disabled, and enables it with its first rebuild, once its programs are attached.
 use std::{
     io,
-    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
-    ptr::NonNull,
+    os::fd::{AsFd as _, OwnedFd},
     sync::atomic::{Ordering, fence},
     time::{Duration, Instant},
 };
@@ -20,7 +19,10 @@ use aya::{
 };
 use enforcer_common::{FlowFilterState, FlowKey, FlowState, flow_filter, map_names};
 
-use crate::quiesce::{self, QuiesceError};
+use crate::{
+    mapped::Mapped,
+    quiesce::{self, QuiesceError},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FlowFilterError {
@@ -65,42 +67,6 @@ pub struct FlowFilter {
     conntrack: OwnedFd,
     /// The state as last written.
     current: FlowFilterState,
-}
-
-/// One half of the filter, mapped into this process; unmapped on drop.
-struct MappedHalf {
-    memory: NonNull<u8>,
-    len: usize,
-}
-
-impl MappedHalf {
-    fn map(lines: &MapData, half: u32, len: usize) -> io::Result<Self> {
-        // SAFETY: a shared mapping of whole pages of a BPF_F_MMAPABLE array (a half is at least
-        // 64 lines of 64 bytes, and starts at a multiple of its length), which the kernel
-        // keeps valid until it is unmapped, whatever happens to the fd.
-        let memory = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                lines.fd().as_fd().as_raw_fd(),
-                (half as usize * len) as libc::off_t,
-            )
-        };
-        if memory == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let memory = NonNull::new(memory.cast()).ok_or_else(|| io::Error::other("mmap: null"))?;
-        Ok(MappedHalf { memory, len })
-    }
-}
-
-impl Drop for MappedHalf {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `map`, not used after this.
-        unsafe { libc::munmap(self.memory.as_ptr().cast(), self.len) };
-    }
 }
 
 impl FlowFilter {
@@ -165,15 +131,18 @@ impl FlowFilter {
         // No program still probes the target half (it may have been the active one).
         quiesce::wait_for_running_programs()?;
         let half_len = self.lines_per_half as usize * flow_filter::LINE_BYTES as usize;
-        let half = MappedHalf::map(&self.lines, target, half_len).map_err(|source| {
-            FlowFilterError::Io {
-                map: map_names::FLOW_FILTER,
-                source,
-            }
+        let half = Mapped::map(
+            self.lines.fd().as_fd(),
+            target as usize * half_len,
+            half_len,
+        )
+        .map_err(|source| FlowFilterError::Io {
+            map: map_names::FLOW_FILTER,
+            source,
         })?;
         // SAFETY: the mapped half; programs may set its bytes meanwhile, which the listing
         // below makes up for.
-        unsafe { std::ptr::write_bytes(half.memory.as_ptr(), 0, half_len) };
+        unsafe { std::ptr::write_bytes(half.as_ptr(), 0, half_len) };
         fence(Ordering::SeqCst);
         // Every program that may have set a byte before or during the zeroing has inserted its
         // flow by now, so the listing finds it; later ones set their bytes after the zeroing.
@@ -185,7 +154,7 @@ impl FlowFilter {
                     flow_filter::position(flow_filter::hash(key), 0, self.lines_per_half);
                 let offset = line as usize * flow_filter::LINE_BYTES as usize + byte as usize;
                 // SAFETY: `position` stays inside one half.
-                unsafe { half.memory.as_ptr().add(offset).write_volatile(1) };
+                unsafe { half.as_ptr().add(offset).write_volatile(1) };
             })
             .map_err(|source| FlowFilterError::Io {
                 map: map_names::CONNTRACK,

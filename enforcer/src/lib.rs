@@ -1,7 +1,8 @@
 //! The enforcer daemon as a library, split by duty: `loader` (load the kernel programs and
 //! attach them), `policy_maps` (write a compiled policy into a slot and switch slots),
 //! `conntrack` (sweep idle flow state), `flow_filter` (rebuild the filter in front of the
-//! connection table), `host_table` (build the host tables), `counters` (read the outcome counters), `events` (the
+//! connection table), `exact_table` (build the host, pair and
+//! single-port tables), `counters` (read the outcome counters), `events` (the
 //! flow stream), `metrics` (Prometheus), `daemon` (the running enforcer: reload, metrics,
 //! events), `persist` (pinning for `run --persist`, adoption, `enforcer detach`), `control`
 //! (the Unix control socket), `audit` (the hash-chained audit log), `state` (what survives a
@@ -15,9 +16,10 @@ pub mod control;
 pub mod counters;
 pub mod daemon;
 pub mod events;
+pub mod exact_table;
 pub mod flow_filter;
-pub mod host_table;
 pub mod loader;
+mod mapped;
 pub mod metrics;
 pub mod persist;
 pub mod policy_maps;

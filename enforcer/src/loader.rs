@@ -12,8 +12,8 @@ use aya::{
 };
 use enforcer_common::{
     Config, HOST_PREFIX_V4, HOST_PREFIX_V6, HostBucketV4, HostBucketV6, PORT_EXACT_PREFIX,
-    event_flags,
-    host_table::{self, HostBucket as _},
+    PairBucket, PortBucket, event_flags,
+    exact_table::{self, Bucket as _},
     map_names, program_names,
 };
 use policy_compiler::{
@@ -164,9 +164,9 @@ where
 
 /// Each policy map (both slots' names) with the entries `artifact` may put into it. A host
 /// table and its family's trie (the single-port table and the port trie) share the family's
-/// entries in a proportion the policy decides: both get room for all of them, which costs
-/// nothing up front, as all four allocate per entry.
-pub(crate) fn policy_needs(artifact: &Artifact) -> [(&'static [&'static str; 2], usize); 9] {
+/// entries in a proportion the policy decides: both get room for all of them, which costs the
+/// tries nothing up front, as they allocate per entry; so does the pair table's overflow.
+pub(crate) fn policy_needs(artifact: &Artifact) -> [(&'static [&'static str; 2], usize); 10] {
     let counts = artifact.entry_counts();
     [
         (&map_names::HOSTS_V4, counts.addr_v4),
@@ -175,17 +175,18 @@ pub(crate) fn policy_needs(artifact: &Artifact) -> [(&'static [&'static str; 2],
         (&map_names::ADDR_V6, counts.addr_v6),
         (&map_names::SEGMENTS, counts.segments),
         (&map_names::PAIRS, counts.pairs),
+        (&map_names::PAIRS_OVERFLOW, counts.pairs),
         (&map_names::PORTS_EXACT, counts.ports),
         (&map_names::PORTS, counts.ports),
         (&map_names::RULE_HITS, counts.rules),
     ]
 }
 
-/// The `max_entries` of policy map `name` for `capacity` entries: a host table is an array of
-/// buckets, at most half full, behind a header (see `enforcer_common::host_table`).
+/// The `max_entries` of policy map `name` for `capacity` entries: an exact-match table is an
+/// array of buckets, at most half full, behind a header (see `enforcer_common::exact_table`).
 pub(crate) fn map_size(name: &str, capacity: u32) -> u32 {
     match per_bucket(name) {
-        Some(per_bucket) => host_table::map_entries(capacity, per_bucket),
+        Some(per_bucket) => exact_table::map_entries(capacity, per_bucket),
         None => capacity,
     }
 }
@@ -193,7 +194,7 @@ pub(crate) fn map_size(name: &str, capacity: u32) -> u32 {
 /// The entries policy map `name` holds with `max_entries`: the inverse of [`map_size`].
 pub(crate) fn capacity_of(name: &str, max_entries: u32) -> u32 {
     match per_bucket(name) {
-        Some(per_bucket) => host_table::capacity_of(max_entries, per_bucket),
+        Some(per_bucket) => exact_table::capacity_of(max_entries, per_bucket),
         None => max_entries,
     }
 }
@@ -203,6 +204,10 @@ fn per_bucket(name: &str) -> Option<u32> {
         Some(HostBucketV4::ENTRIES)
     } else if map_names::HOSTS_V6.contains(&name) {
         Some(HostBucketV6::ENTRIES)
+    } else if map_names::PAIRS.contains(&name) {
+        Some(PairBucket::ENTRIES)
+    } else if map_names::PORTS_EXACT.contains(&name) {
+        Some(PortBucket::ENTRIES)
     } else {
         None
     }
@@ -361,7 +366,7 @@ impl Enforcer {
         // Renumbering never puts more ranges on a pair, so grants that fit before fit now.
         let grants = breakglass::kernel_entries(&segment_names, &self.grants)?;
         self.wait_until_inactive_slot_unread()?;
-        let config = policy_maps::write(&mut self.ebpf, target, artifact, &config)?;
+        policy_maps::write(&mut self.ebpf, target, artifact, &config)?;
         policy_maps::write_breakglass(&mut self.ebpf, target, &grants.entries)?;
         policy_maps::activate(&mut self.ebpf, target)?;
         self.inactive_slot_may_be_read = true;
@@ -636,6 +641,8 @@ fn usage_of(artifact: &Artifact) -> Vec<(&'static str, usize)> {
     let counts = artifact.entry_counts();
     policy_needs(artifact)
         .iter()
+        // Holds only what the pair table had no room for: nearly always nothing.
+        .filter(|(names, _)| names[0] != map_names::PAIRS_OVERFLOW[0])
         .map(|&(names, needed)| {
             let used = match names[0] {
                 name if name == map_names::HOSTS_V4[0] => hosts_v4,

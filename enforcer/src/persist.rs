@@ -83,6 +83,7 @@ fn sized_by_loader(name: &str) -> bool {
         &map_names::ADDR_V6,
         &map_names::SEGMENTS,
         &map_names::PAIRS,
+        &map_names::PAIRS_OVERFLOW,
         &map_names::PORTS_EXACT,
         &map_names::PORTS,
         &map_names::RULE_HITS,

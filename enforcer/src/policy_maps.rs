@@ -14,12 +14,12 @@ use aya::{
 
 use enforcer_common::{
     AddrInfo, BreakglassKey, BreakglassValue, Config, HOST_PREFIX_V4, HOST_PREFIX_V6, HostBucketV4,
-    HostBucketV6, PORT_EXACT_PREFIX, PairKey, PairValue, PortKey, PortValue, SegmentInfo,
-    host_table::HostBucket, lookup_flags, map_names,
+    HostBucketV6, PORT_EXACT_PREFIX, PairBucket, PairKey, PairValue, PortBucket, PortKey,
+    PortValue, SegmentInfo, exact_table::Bucket, map_names,
 };
-
-use crate::host_table;
 use policy_compiler::Artifact;
+
+use crate::{exact_table, mapped::Mapped};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyMapError {
@@ -34,10 +34,16 @@ pub enum PolicyMapError {
         source: MapError,
     },
     #[error(
-        "map `{map}`: {count} host addresses found no room in the larger table; run `enforcer \
-         detach` and start the enforcer again"
+        "map `{map}`: {count} entries found no room in the larger table; run `enforcer detach` \
+         and start the enforcer again"
     )]
     HostTableFull { map: &'static str, count: usize },
+    #[error("map `{map}`: mapping it into memory: {source}")]
+    Mapping {
+        map: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("map `{map}`: duplicating its file descriptor: {source}")]
     Duplicate {
         map: &'static str,
@@ -339,27 +345,23 @@ fn in_parallel(
     })
 }
 
-/// Empties the policy maps of `slot` (which must not be the active one). The host tables are
-/// arrays, allocated whole up front: they are not emptied, as the next write replaces every
-/// element and nothing reads them before.
+/// Empties the policy maps of `slot` (which must not be the active one). The exact-match
+/// tables are arrays, allocated whole up front: they are not emptied, as the next write
+/// replaces every element and nothing reads them before.
 pub fn clear(ebpf: &mut Ebpf, slot: usize) -> Result<(), PolicyMapError> {
     let (v4, v6) = (map_names::ADDR_V4[slot], map_names::ADDR_V6[slot]);
-    let (ports_exact, ports, pairs) = (
-        map_names::PORTS_EXACT[slot],
-        map_names::PORTS[slot],
-        map_names::PAIRS[slot],
-    );
+    let (ports, overflow) = (map_names::PORTS[slot], map_names::PAIRS_OVERFLOW[slot]);
     let (v4_map, v6_map) = (own_handle(ebpf, v4)?, own_handle(ebpf, v6)?);
-    let (ports_exact_map, ports_map) = (own_handle(ebpf, ports_exact)?, own_handle(ebpf, ports)?);
-    let pairs_map = own_handle(ebpf, pairs)?;
+    let (ports_map, overflow_map) = (own_handle(ebpf, ports)?, own_handle(ebpf, overflow)?);
     in_parallel(vec![
         Box::new(move || {
             clear_trie::<[u8; 4], AddrInfo>(v4_map, v4)?;
-            clear_trie::<[u8; 16], AddrInfo>(v6_map, v6)?;
-            clear_trie::<PortKey, PortValue>(ports_map, ports)
+            clear_trie::<[u8; 16], AddrInfo>(v6_map, v6)
         }),
-        Box::new(move || clear_hash::<PortKey, PortValue>(ports_exact_map, ports_exact)),
-        Box::new(move || clear_hash::<PairKey, PairValue>(pairs_map, pairs)),
+        Box::new(move || {
+            clear_trie::<PortKey, PortValue>(ports_map, ports)?;
+            clear_hash::<PairKey, PairValue>(overflow_map, overflow)
+        }),
     ])?;
     write_breakglass(ebpf, slot, &BTreeMap::new())
 }
@@ -420,55 +422,49 @@ pub fn sync_breakglass_in_use(ebpf: &mut Ebpf) -> Result<(), PolicyMapError> {
 }
 
 /// Writes `artifact` into the policy maps of `slot` (which must not be the active one) and its
-/// settings into `CONFIG[slot]`: `config`, plus the trie flags of hosts their table had no room
-/// for. Returns the settings written.
+/// settings into `CONFIG[slot]`.
 pub fn write(
     ebpf: &mut Ebpf,
     slot: usize,
     artifact: &Artifact,
     config: &Config,
-) -> Result<Config, PolicyMapError> {
+) -> Result<(), PolicyMapError> {
     clear(ebpf, slot)?;
     // Host addresses, pairs and single ports hold nearly all entries of a large policy: one
-    // thread each shortens the time a reload takes to go live.
+    // thread each shortens the time a reload takes to go live. A table's overflow goes into its
+    // fallback map (see `enforcer_common::exact_table`).
     let (hosts_v4, hosts_v6, v4, v6) = (
         map_names::HOSTS_V4[slot],
         map_names::HOSTS_V6[slot],
         map_names::ADDR_V4[slot],
         map_names::ADDR_V6[slot],
     );
-    let (ports_exact, ports, pairs) = (
-        map_names::PORTS_EXACT[slot],
-        map_names::PORTS[slot],
-        map_names::PAIRS[slot],
-    );
+    let (ports_exact, ports) = (map_names::PORTS_EXACT[slot], map_names::PORTS[slot]);
+    let (pairs, pairs_overflow) = (map_names::PAIRS[slot], map_names::PAIRS_OVERFLOW[slot]);
     let (hosts_v4_map, hosts_v6_map) = (own_handle(ebpf, hosts_v4)?, own_handle(ebpf, hosts_v6)?);
     let (v4_map, v6_map) = (own_handle(ebpf, v4)?, own_handle(ebpf, v6)?);
     let (ports_exact_map, ports_map) = (own_handle(ebpf, ports_exact)?, own_handle(ebpf, ports)?);
-    let pairs_map = own_handle(ebpf, pairs)?;
-    let overflow = std::sync::Mutex::new(0u8);
-    let overflow_flags = &overflow;
+    let (pairs_map, overflow_map) = (own_handle(ebpf, pairs)?, own_handle(ebpf, pairs_overflow)?);
     in_parallel(vec![
-        Box::new(move || fill_hash(pairs_map, pairs, artifact.pair_entries())),
+        Box::new(move || {
+            let left = fill_table::<PairBucket>(pairs_map, pairs, artifact.pair_entries())?;
+            fill_hash(overflow_map, pairs_overflow, left.into_iter())
+        }),
         Box::new(move || {
             let entries = exact(artifact.port_entries(), PORT_EXACT_PREFIX);
-            fill_hash(ports_exact_map, ports_exact, entries)?;
+            let left = fill_table::<PortBucket>(ports_exact_map, ports_exact, entries)?;
             let entries = shorter(artifact.port_entries(), PORT_EXACT_PREFIX);
-            fill_trie(ports_map, ports, entries)
+            fill_trie(
+                ports_map,
+                ports,
+                entries.chain(as_prefixes(left, PORT_EXACT_PREFIX)),
+            )
         }),
         Box::new(move || {
             let entries = exact(artifact.addr_v4_entries(), HOST_PREFIX_V4);
-            let left_v4 = fill_host_table::<HostBucketV4>(hosts_v4_map, hosts_v4, entries)?;
+            let left_v4 = fill_table::<HostBucketV4>(hosts_v4_map, hosts_v4, entries)?;
             let entries = exact(artifact.addr_v6_entries(), HOST_PREFIX_V6);
-            let left_v6 = fill_host_table::<HostBucketV6>(hosts_v6_map, hosts_v6, entries)?;
-            let mut flags = 0;
-            if !left_v4.is_empty() {
-                flags |= lookup_flags::V4_PREFIXES;
-            }
-            if !left_v6.is_empty() {
-                flags |= lookup_flags::V6_PREFIXES;
-            }
-            *overflow_flags.lock().unwrap_or_else(|e| e.into_inner()) = flags;
+            let left_v6 = fill_table::<HostBucketV6>(hosts_v6_map, hosts_v6, entries)?;
             fill_trie(
                 v4_map,
                 v4,
@@ -492,64 +488,60 @@ pub fn write(
             segments.set(id, info, 0).map_err(map_err(name))?;
         }
     }
-    let mut written = *config;
-    written.lookup_flags |= overflow.into_inner().unwrap_or_else(|e| e.into_inner());
-    write_config(ebpf, slot, &written)?;
-    Ok(written)
+    write_config(ebpf, slot, config)
 }
 
-/// Hosts a table had no room for, as trie entries.
-fn as_prefixes<A>(
-    hosts: Vec<(A, AddrInfo)>,
-    prefix_len: u32,
-) -> impl Iterator<Item = (u32, A, AddrInfo)> {
-    hosts
-        .into_iter()
-        .map(move |(addr, info)| (prefix_len, addr, info))
+/// Keys a table had no room for, as full-length trie entries.
+fn as_prefixes<K, V>(left: Vec<(K, V)>, prefix_len: u32) -> impl Iterator<Item = (u32, K, V)> {
+    left.into_iter()
+        .map(move |(key, value)| (prefix_len, key, value))
 }
 
-/// The elements (header first) of host table `map`: as many as it has.
+/// The elements (header first) of table `map`: as many as it has.
 fn map_entries(map: &MapData, name: &'static str) -> Result<u32, PolicyMapError> {
     map.info()
         .map(|info| info.max_entries())
         .map_err(map_err(name))
 }
 
-/// Writes the host table of `entries` into `map`, every element; returns the addresses it had
-/// no room for, which belong in the family's trie.
-fn fill_host_table<B: HostBucket + Pod>(
+/// Writes the table of `entries` into `map`, every element; returns the keys it had no room
+/// for, which belong in its fallback map.
+fn fill_table<B: Bucket + Pod>(
     map: Map,
     name: &'static str,
-    entries: impl Iterator<Item = (B::Addr, AddrInfo)>,
-) -> Result<Vec<(B::Addr, AddrInfo)>, PolicyMapError> {
-    let mut array: Array<MapData, B> = Array::try_from(map).map_err(map_err(name))?;
-    let table = host_table::build::<B>(map_entries(array.map(), name)?, entries);
-    write_elements(&mut array, name, &table.elements)?;
+    entries: impl Iterator<Item = (B::Key, B::Value)>,
+) -> Result<exact_table::Entries<B>, PolicyMapError> {
+    let array: Array<MapData, B> = Array::try_from(map).map_err(map_err(name))?;
+    let table = exact_table::build::<B>(map_entries(array.map(), name)?, entries);
+    write_elements(array.map(), name, &table.elements)?;
     Ok(table.overflow)
 }
 
-/// Writes `elements` into `array` from index 0, in batches (one syscall each when the kernel
-/// refuses batches).
+/// Writes `elements` into the array `array` from index 0, through a mapping of it.
 fn write_elements<B: Pod>(
-    array: &mut Array<MapData, B>,
+    array: &MapData,
     name: &'static str,
     elements: &[B],
 ) -> Result<(), PolicyMapError> {
-    let indices: Vec<u32> = (0..elements.len() as u32).collect();
-    let result = batch(array.map().fd().as_fd(), &indices, Some(elements));
-    let written = batch_done(name, "bpf_map_update_batch", result, indices.len())?;
-    for (index, element) in indices.iter().zip(elements).skip(written) {
-        array.set(*index, element, 0).map_err(map_err(name))?;
-    }
+    let mapped = Mapped::map(array.fd().as_fd(), 0, std::mem::size_of_val(elements))
+        .map_err(|source| PolicyMapError::Mapping { map: name, source })?;
+    mapped.write(elements);
+    // Before the switch of slots that makes programs read it.
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
     Ok(())
 }
 
-/// Every element of the array `map`.
+/// Every element of the array `map`, read through a mapping of it.
 fn read_elements<B: Pod>(map: &Map, name: &'static str) -> Result<Vec<B>, PolicyMapError> {
     let array: Array<_, B> = Array::try_from(map).map_err(map_err(name))?;
-    (0..array.len())
-        .map(|index| array.get(&index, 0).map_err(map_err(name)))
-        .collect()
+    let count = array.len() as usize;
+    let mapped = Mapped::map(
+        array.map().fd().as_fd(),
+        0,
+        count * std::mem::size_of::<B>(),
+    )
+    .map_err(|source| PolicyMapError::Mapping { map: name, source })?;
+    Ok(mapped.read(count))
 }
 
 pub fn write_config(ebpf: &mut Ebpf, slot: usize, config: &Config) -> Result<(), PolicyMapError> {
@@ -621,18 +613,27 @@ pub fn slot_holds(ebpf: &Ebpf, slot: usize, artifact: &Artifact) -> Result<bool,
     let v4 = Artifact::addr_v4_entries;
     let v6 = Artifact::addr_v6_entries;
     let ports = Artifact::port_entries;
-    let (held_v4, want_v4) = host_table_of::<HostBucketV4>(
+    let (held_v4, want_v4) = table_of::<HostBucketV4>(
         ebpf,
         map_names::HOSTS_V4[slot],
         exact(v4(artifact), HOST_PREFIX_V4),
     )?;
-    let (held_v6, want_v6) = host_table_of::<HostBucketV6>(
+    let (held_v6, want_v6) = table_of::<HostBucketV6>(
         ebpf,
         map_names::HOSTS_V6[slot],
         exact(v6(artifact), HOST_PREFIX_V6),
     )?;
+    let (held_ports, want_ports) = table_of::<PortBucket>(
+        ebpf,
+        map_names::PORTS_EXACT[slot],
+        exact(ports(artifact), PORT_EXACT_PREFIX),
+    )?;
+    let (held_pairs, want_pairs) =
+        table_of::<PairBucket>(ebpf, map_names::PAIRS[slot], artifact.pair_entries())?;
     if !held_v4.starts_with(&want_v4.elements)
         || !held_v6.starts_with(&want_v6.elements)
+        || !held_ports.starts_with(&want_ports.elements)
+        || !held_pairs.starts_with(&want_pairs.elements)
         || trie_entries::<[u8; 4], AddrInfo>(ebpf, map_names::ADDR_V4[slot])?
             != expected(
                 shorter(v4(artifact), HOST_PREFIX_V4)
@@ -643,20 +644,21 @@ pub fn slot_holds(ebpf: &Ebpf, slot: usize, artifact: &Artifact) -> Result<bool,
                 shorter(v6(artifact), HOST_PREFIX_V6)
                     .chain(as_prefixes(want_v6.overflow, HOST_PREFIX_V6)),
             )
-        || hash_entries::<PortKey, PortValue>(ebpf, map_names::PORTS_EXACT[slot])?
-            != exact(ports(artifact), PORT_EXACT_PREFIX).collect()
         || trie_entries::<PortKey, PortValue>(ebpf, map_names::PORTS[slot])?
-            != expected(shorter(ports(artifact), PORT_EXACT_PREFIX))
+            != expected(
+                shorter(ports(artifact), PORT_EXACT_PREFIX)
+                    .chain(as_prefixes(want_ports.overflow, PORT_EXACT_PREFIX)),
+            )
     {
         return Ok(false);
     }
     let pair = |(key, value): (PairKey, PairValue)| (key, (value.port_table, value.has_ranges));
     let held: BTreeMap<PairKey, (u32, u32)> =
-        hash_entries::<PairKey, PairValue>(ebpf, map_names::PAIRS[slot])?
+        hash_entries::<PairKey, PairValue>(ebpf, map_names::PAIRS_OVERFLOW[slot])?
             .into_iter()
             .map(pair)
             .collect();
-    let wanted: BTreeMap<PairKey, (u32, u32)> = artifact.pair_entries().map(pair).collect();
+    let wanted: BTreeMap<PairKey, (u32, u32)> = want_pairs.overflow.into_iter().map(pair).collect();
     if held != wanted {
         return Ok(false);
     }
@@ -675,38 +677,34 @@ pub fn slot_holds(ebpf: &Ebpf, slot: usize, artifact: &Artifact) -> Result<bool,
     Ok(true)
 }
 
-/// The host table `name` holds, and the one `entries` make at its size.
-fn host_table_of<B: HostBucket + Pod>(
+/// The table `name` holds, and the one `entries` make at its size.
+fn table_of<B: Bucket + Pod>(
     ebpf: &Ebpf,
     name: &'static str,
-    entries: impl Iterator<Item = (B::Addr, AddrInfo)>,
-) -> Result<(Vec<B>, host_table::Table<B>), PolicyMapError> {
+    entries: impl Iterator<Item = (B::Key, B::Value)>,
+) -> Result<(Vec<B>, exact_table::Table<B>), PolicyMapError> {
     let map = ebpf.map(name).ok_or(PolicyMapError::MissingMap(name))?;
     let held = read_elements::<B>(map, name)?;
-    let want = host_table::build::<B>(held.len() as u32, entries);
+    let want = exact_table::build::<B>(held.len() as u32, entries);
     Ok((held, want))
 }
 
-/// Copies the addresses of host table `from` into `to`, rebuilt at `to`'s size.
-fn copy_host_table<B: HostBucket + Pod>(
+/// Copies the keys of table `from` into `to`, rebuilt at `to`'s size.
+fn copy_table<B: Bucket + Pod>(
     name: &'static str,
     from: Map,
     to: &mut Map,
 ) -> Result<(), PolicyMapError> {
     let held = read_elements::<B>(&from, name)?;
-    let mut to: Array<_, B> = Array::try_from(to).map_err(map_err(name))?;
-    let table = host_table::build::<B>(to.len(), host_table::entries(&held).into_iter());
+    let to: Array<_, B> = Array::try_from(to).map_err(map_err(name))?;
+    let table = exact_table::build::<B>(to.len(), exact_table::entries(&held).into_iter());
     if !table.overflow.is_empty() {
         return Err(PolicyMapError::HostTableFull {
             map: name,
             count: table.overflow.len(),
         });
     }
-    let indices: Vec<u32> = (0..table.elements.len() as u32).collect();
-    for (index, element) in indices.iter().zip(&table.elements) {
-        to.set(*index, element, 0).map_err(map_err(name))?;
-    }
-    Ok(())
+    write_elements(to.map(), name, &table.elements)
 }
 
 fn copy_trie<K: Pod, V: Pod>(
@@ -747,18 +745,20 @@ pub fn copy_policy_map(
 ) -> Result<(), PolicyMapError> {
     let from = Map::from_map_data(from).map_err(map_err(name))?;
     if map_names::HOSTS_V4.contains(&name) {
-        copy_host_table::<HostBucketV4>(name, from, to)
+        copy_table::<HostBucketV4>(name, from, to)
     } else if map_names::HOSTS_V6.contains(&name) {
-        copy_host_table::<HostBucketV6>(name, from, to)
+        copy_table::<HostBucketV6>(name, from, to)
     } else if map_names::ADDR_V4.contains(&name) {
         copy_trie::<[u8; 4], AddrInfo>(name, from, to)
     } else if map_names::ADDR_V6.contains(&name) {
         copy_trie::<[u8; 16], AddrInfo>(name, from, to)
     } else if map_names::PORTS_EXACT.contains(&name) {
-        copy_hash::<PortKey, PortValue>(name, from, to)
+        copy_table::<PortBucket>(name, from, to)
     } else if map_names::PORTS.contains(&name) {
         copy_trie::<PortKey, PortValue>(name, from, to)
     } else if map_names::PAIRS.contains(&name) {
+        copy_table::<PairBucket>(name, from, to)
+    } else if map_names::PAIRS_OVERFLOW.contains(&name) {
         copy_hash::<PairKey, PairValue>(name, from, to)
     } else if map_names::SEGMENTS.contains(&name) {
         let from: Array<_, SegmentInfo> = Array::try_from(from).map_err(map_err(name))?;

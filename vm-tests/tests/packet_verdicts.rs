@@ -54,8 +54,96 @@ fn case(h: &mut KernelHarness, name: &str, spec: &PacketSpec, want: u32) -> Opti
 
 #[test]
 fn example_policy_clinical_flows() {
-    let mut h = KernelHarness::load(example_policy()).expect("load the enforcer");
+    clinical_flows(KernelHarness::load(example_policy()).expect("load the enforcer"));
+}
 
+/// The same flows with every exact-match table of the active slot full of keys no packet has,
+/// and the policy's own keys in the tables' fallback maps, as the daemon puts the keys a table
+/// has no room for: every lookup ends crowded and takes the fallback path.
+#[test]
+fn example_policy_clinical_flows_through_crowded_tables() {
+    use aya::maps::{HashMap, LpmTrie, lpm_trie::Key};
+    use enforcer_common::{
+        AddrInfo, HOST_PREFIX_V4, HOST_PREFIX_V6, HostBucketV4, HostBucketV6, PORT_EXACT_PREFIX,
+        PairBucket, PairKey, PairValue, PortBucket, PortKey, PortValue, map_names,
+    };
+
+    let mut h = KernelHarness::load(example_policy()).expect("load the enforcer");
+    let slot = h.enforcer.active_slot();
+    let ebpf = h.enforcer.ebpf_mut();
+    let hosts_v4 = crowd::<HostBucketV4>(ebpf, map_names::HOSTS_V4[slot], |n| {
+        [255, 255, (n >> 8) as u8, n as u8]
+    });
+    let hosts_v6 = crowd::<HostBucketV6>(ebpf, map_names::HOSTS_V6[slot], |n| {
+        let mut addr = [0xff; 16];
+        addr[12..].copy_from_slice(&n.to_be_bytes());
+        addr
+    });
+    let pairs = crowd::<PairBucket>(ebpf, map_names::PAIRS[slot], |n| PairKey {
+        dst_segment: u32::MAX,
+        src_class: n,
+    });
+    let ports = crowd::<PortBucket>(ebpf, map_names::PORTS_EXACT[slot], |n| {
+        PortKey::new(u32::MAX, 255, n as u16)
+    });
+    assert!(!pairs.is_empty() && !ports.is_empty());
+
+    let map = ebpf.map_mut(map_names::ADDR_V4[slot]).unwrap();
+    let mut trie = LpmTrie::<_, [u8; 4], AddrInfo>::try_from(map).unwrap();
+    for (addr, info) in hosts_v4 {
+        trie.insert(&Key::new(HOST_PREFIX_V4, addr), info, 0)
+            .unwrap();
+    }
+    let map = ebpf.map_mut(map_names::ADDR_V6[slot]).unwrap();
+    let mut trie = LpmTrie::<_, [u8; 16], AddrInfo>::try_from(map).unwrap();
+    for (addr, info) in hosts_v6 {
+        trie.insert(&Key::new(HOST_PREFIX_V6, addr), info, 0)
+            .unwrap();
+    }
+    let map = ebpf.map_mut(map_names::PORTS[slot]).unwrap();
+    let mut trie = LpmTrie::<_, PortKey, PortValue>::try_from(map).unwrap();
+    for (key, value) in ports {
+        trie.insert(&Key::new(PORT_EXACT_PREFIX, key), value, 0)
+            .unwrap();
+    }
+    let map = ebpf.map_mut(map_names::PAIRS_OVERFLOW[slot]).unwrap();
+    let mut overflow = HashMap::<_, PairKey, PairValue>::try_from(map).unwrap();
+    for (key, value) in pairs {
+        overflow.insert(key, value, 0).unwrap();
+    }
+    clinical_flows(h);
+}
+
+/// Fills every bucket of table `name` with keys made by `dummy`, keeping its header, and returns
+/// the keys it held.
+fn crowd<B: enforcer_common::exact_table::Bucket + aya::Pod>(
+    ebpf: &mut aya::Ebpf,
+    name: &str,
+    dummy: impl Fn(u32) -> B::Key,
+) -> Vec<(B::Key, B::Value)>
+where
+    B::Value: Default,
+{
+    let map = ebpf.map_mut(name).unwrap();
+    let mut array = aya::maps::Array::<_, B>::try_from(map).unwrap();
+    let mut held = Vec::new();
+    let mut n = 0;
+    for index in 1..array.len() {
+        array
+            .get(&index, 0)
+            .unwrap()
+            .for_each(|key, value| held.push((key, value)));
+        let mut full = B::default();
+        for _ in 0..B::ENTRIES {
+            assert!(full.place(&dummy(n), B::Value::default()));
+            n += 1;
+        }
+        array.set(index, full, 0).unwrap();
+    }
+    held
+}
+
+fn clinical_flows(mut h: KernelHarness) {
     // Radiology to PACS, DICOM: allowed by a pacs rule, over IPv4, IPv6, VLAN and IP options.
     let rule = case(
         &mut h,
@@ -367,19 +455,22 @@ fn crowded<A>(
 
 #[test]
 fn hosts_their_table_has_no_room_for_are_judged_through_the_trie() {
-    use enforcer_common::{AddrInfo, host_table};
+    use enforcer_common::{
+        AddrInfo, HostBucketV4, HostBucketV6,
+        exact_table::{self, Bucket as _},
+    };
     use std::net::{Ipv4Addr, Ipv6Addr};
 
-    let per_probe = |entries: u32| (entries * host_table::MAX_PROBES) as usize;
+    let per_probe = |entries: u32| (entries * exact_table::MAX_PROBES) as usize;
     let v4 = crowded(
-        per_probe(host_table::ENTRIES_PER_BUCKET_V4) + 5,
+        per_probe(HostBucketV4::ENTRIES) + 5,
         |i| Ipv4Addr::from(0x0a00_0000 + i),
-        |a| host_table::hash_v4(a.octets()),
+        |a| exact_table::hash_v4(&a.octets()),
     );
     let v6 = crowded(
-        per_probe(host_table::ENTRIES_PER_BUCKET_V6) + 5,
+        per_probe(HostBucketV6::ENTRIES) + 5,
         |i| Ipv6Addr::from(0xfd00_u128 << 112 | u128::from(i)),
-        |a| host_table::hash_v6(&a.octets()),
+        |a| exact_table::hash_v6(&a.octets()),
     );
     let list = |addrs: Vec<String>| addrs.join(", ");
     let members = list(
@@ -456,7 +547,7 @@ fn hosts_their_table_has_no_room_for_are_judged_through_the_trie() {
     let strangers = crowded(
         3,
         |i| Ipv4Addr::from(0x0b00_0000 + i),
-        |a| host_table::hash_v4(a.octets()),
+        |a| exact_table::hash_v4(&a.octets()),
     );
     for a in &strangers {
         let name = format!("{a} (world) -> target");

@@ -7,9 +7,9 @@ use crate::report::{Figure, Section};
 fn explanation(name: &str) -> &'static str {
     if name.starts_with("per") {
         "Why: the per-packet cost does not grow with the policy (1M against 1k, in the table \
-         above), because a host address and a single port are found by one exact-match hash \
-         lookup whatever the policy size, and the tries are walked only for the subnets and port \
-         ranges a policy has. What is left is a fixed cost per packet. Session 5 cut it by about \
+         above), because a host address, a segment pair and a single port are each found by one \
+         exact-match lookup whatever the policy size, and the tries are walked only for the \
+         subnets and port ranges a policy has. What is left is a fixed cost per packet. Session 5 cut it by about \
          a third (side by side with the previous build, `cargo xtask bench --only per-packet`: \
          at 100k, 325 to 210-220 ns above the empty program for the mixed corpus, 773 to \
          465-510 ns for the judged one; the parse-only arm 78 to 30-40 ns): every map of a \
@@ -38,13 +38,23 @@ fn explanation(name: &str) -> &'static str {
          --baseline-object`, 10 runs): 0.91-0.95 of the judged corpus's cost at every size, \
          and 1.01-1.04 of the mixed one's, whose repeated frames are mostly of tracked flows, \
          which pay the filter's probe on top of the table's (a TCP segment with ACK, most of \
-         real traffic, skips the filter)."
+         real traffic, skips the filter). Session 11 replaced the BPF hashes of hosts, segment \
+         pairs and single ports by open-addressing tables in plain arrays \
+         (`enforcer_common::exact_table`): a multiply, then nearly always one 64-byte bucket, \
+         all inlined, with no call into the kernel's hash code; a key a table has no room for \
+         goes into a fallback map (a trie, or a small hash for pairs) that is probed only when \
+         all four buckets of a lookup are full. The two builds, run one after the other \
+         (`bench --only per-packet --runs 5`; these maps changed type, so the old object cannot \
+         be loaded by this build's loader for `--baseline-object`): enforcer / empty 10.5-11.4 \
+         before, 7.3-8.2 after for the judged corpus; 7.0-7.2 before, 6.5-7.1 after for the \
+         mixed one, whose packets mostly find their flow in the connection table. What is left \
+         of the hash lookups: the connection table (for tracked flows, and for new ones that \
+         pass the filter) and PAIR_VERDICTS, a per-CPU hash of segment-pair counters."
     } else if name.starts_with("e2e") {
         "Why: in front of a veth every frame is a different flow, so unlike the repeated frame \
-         of BPF_PROG_TEST_RUN the maps are not in cache, and each hash lookup of a judged packet \
-         costs a cache and TLB miss or two (the bucket array, then the element): the host hashes \
-         of a 100k policy (allocated per element), the 1M-bucket connection table of these \
-         policies, PAIRS, PAIR_VERDICTS, and the event limiter's slot. The parse-and-drop floor \
+         of BPF_PROG_TEST_RUN the maps are not in cache, and each lookup of a judged packet \
+         costs a cache and TLB miss or two: the host tables of a 100k policy, the connection \
+         table's filter, PAIRS, PAIR_VERDICTS, and the event limiter's slot. The parse-and-drop floor \
          touches no map. `perf` on the receiving CPU during the 100k enforcer arm (session 6): \
          43% of its busy time in the hash bucket walk (`lookup_nulls_elem_raw`), spread about \
          evenly over five lookup sites, 9% in the program body, 8% in a trie walk. At 10 and 1k \
@@ -65,18 +75,23 @@ fn explanation(name: &str) -> &'static str {
          table (see the per-packet figures) turns that check into one byte of a smaller array \
          for a flow that is not tracked: side by side with the build before it (`--only e2e \
          --baseline-object`, 10 runs), 1.10, 1.15 and 1.10 times its packet rate at 10, 1k and \
-         100k rules. What would close it: fewer random memory \
-         accesses per judged packet, above all for denials, which this benchmark sends \
-         exclusively; the 0.8 of the floor asks for at most one or two per packet, and a denial \
-         has to look up the connection table and both addresses at least."
+         100k rules. Session 11's exact-match tables (see the per-packet figures) read one \
+         bucket where a hash read a bucket and then an element elsewhere, for both addresses, \
+         the pair and the port: in three alternated `--only e2e --quick` runs of each build, the \
+         enforcer at 100k rules went from 0.78, 0.84 and 0.84 to 1.09, 1.07 and 1.22 Mpps, and \
+         its ratio to the floor at 10 rules from 0.33-0.37 to 0.47-0.56. What would close it: \
+         fewer random memory accesses per judged packet, above all for denials, which this \
+         benchmark sends exclusively (the event limiter's slot, PAIR_VERDICTS, the filter's \
+         byte and the tables' buckets are each a miss at 100k); the 0.8 of the floor asks for \
+         at most one or two per packet, and a denial has to look up both addresses at least."
     } else if name.starts_with("reload") {
         "Why: time to live is validation + compilation in user space (split in the section 3 \
-         table) plus writing the maps. The writes are batched (BPF_MAP_UPDATE_BATCH for the \
-         host, pair and single-port hashes; the tries, which have no batch operation, hold only \
-         subnets and port ranges), which took write+switch from 678 to 328 ms at 100k and from \
-         6.3 to 2.7 s at 1M, with the benchmark pinned to one CPU; what is left of it is the \
-         kernel's hash insert, about 0.8 us for each of the 370k host, pair and single-port \
-         entries of the 100k policy on this CPU, so the writes alone nearly fill 300 ms. \
+         table) plus writing the maps. The writes were first batched (BPF_MAP_UPDATE_BATCH for \
+         the host, pair and single-port hashes; the tries, which have no batch operation, hold \
+         only subnets and port ranges), which took write+switch from 678 to 328 ms at 100k and from \
+         6.3 to 2.7 s at 1M, with the benchmark pinned to one CPU; what was left of it then was \
+         the kernel's hash insert, about 0.8 us for each of the 370k host, pair and single-port \
+         entries of the 100k policy on this CPU. \
          Session 7 cut validation + compilation by about a fifth at 100k and a quarter at 1M \
          (side by side with the previous build, in one process on one CPU: 1218 to 989 ms, and \
          17.5 to 12.6 s): a faster hash for the compiler's maps (SipHash was a tenth of the \
@@ -88,7 +103,12 @@ fn explanation(name: &str) -> &'static str {
          reading the files on this machine when idle). What would close it: incremental \
          compilation of the segments that changed and segment and class ids that stay the same \
          across reloads, so that a reload writes only the entries that changed instead of the \
-         whole policy; a faster YAML front end."
+         whole policy; a faster YAML front end. Session 11 made the host, pair and single-port \
+         maps arrays (see the per-packet figures) that the daemon writes through a memory \
+         mapping, one copy of the whole table instead of a kernel insert per entry: write+switch \
+         went from 324-345 ms to 61-81 ms at 100k in alternated `--only reload --quick` runs of \
+         the two builds, so what is left of time to live is nearly all validation and \
+         compilation."
     } else if name.starts_with("events") {
         "Why: two ends bound the live-frames figure, and on this shared 2-CPU VM either can be \
          the slower from one run to the next. The kernel side: the generator, the veth transmit \
