@@ -19,10 +19,35 @@ pub fn build<B: Bucket>(
     map_entries: u32,
     entries: impl Iterator<Item = (B::Key, B::Value)>,
 ) -> Table<B> {
+    let mut elements = vec![B::default(); map_entries as usize];
+    let used = build_into(&mut elements, entries);
+    elements.truncate(used.len);
+    Table {
+        elements,
+        overflow: used.overflow,
+    }
+}
+
+/// What [`build_into`] did.
+pub struct Built<B: Bucket> {
+    /// Elements written (header and buckets), from the first.
+    pub len: usize,
+    pub overflow: Entries<B>,
+}
+
+/// Writes the table holding `entries` over `elements` (all of a map's elements, for instance
+/// the map itself, mapped into memory), placed in their order.
+pub fn build_into<B: Bucket>(
+    elements: &mut [B],
+    entries: impl Iterator<Item = (B::Key, B::Value)>,
+) -> Built<B> {
     // A map sized by another build may have any size: use the largest power of two it holds.
-    let buckets = prev_power_of_two(map_entries.saturating_sub(1)).max(1);
+    let count = u32::try_from(elements.len()).unwrap_or(u32::MAX);
+    let buckets = prev_power_of_two(count.saturating_sub(1)).max(1);
     let mask = buckets - 1;
-    let mut elements = vec![B::default(); exact_table::index(buckets) as usize];
+    let len = exact_table::index(buckets) as usize;
+    let elements = &mut elements[..len];
+    elements.fill(B::default());
     elements[0] = B::header(buckets);
     let mut overflow = Vec::new();
     for (key, value) in entries {
@@ -35,7 +60,7 @@ pub fn build<B: Bucket>(
             overflow.push((key, value));
         }
     }
-    Table { elements, overflow }
+    Built { len, overflow }
 }
 
 fn prev_power_of_two(n: u32) -> u32 {

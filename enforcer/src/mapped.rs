@@ -1,7 +1,8 @@
 //! The elements of a `BPF_F_MMAPABLE` array, mapped into this process while they are read or
 //! written, and unmapped on drop: the daemon does not keep the kernel's tables in its resident
-//! memory. Reading or writing a large array this way is a memory copy, where one syscall per
-//! element (even in batches) took most of a reload's write time.
+//! memory. Reading or writing a large array this way is a memory access, where one syscall per
+//! element (even in batches) took most of a reload's write time; writing in place also spares
+//! the daemon a copy of the table in its own heap.
 use std::{
     io,
     os::fd::{AsRawFd as _, BorrowedFd},
@@ -41,14 +42,23 @@ impl Mapped {
         self.memory.as_ptr()
     }
 
-    /// Copies `elements` to the start of the mapping.
-    pub(crate) fn write<T: Copy>(&self, elements: &[T]) {
-        let bytes = std::mem::size_of_val(elements);
-        assert!(bytes <= self.len, "writing past the mapping");
-        // SAFETY: `bytes` fit the mapping (checked), which cannot overlap a Rust slice.
-        unsafe {
-            std::ptr::copy_nonoverlapping(elements.as_ptr().cast::<u8>(), self.as_ptr(), bytes)
-        };
+    /// The first `count` elements of the mapping, to write in place.
+    ///
+    /// # Safety
+    /// Nothing else may access the mapped memory while the slice lives: the kernel's programs
+    /// must not read the array (an inactive policy slot), and no other mapping of it is written.
+    pub(crate) unsafe fn elements_mut<T: aya::Pod>(&mut self, count: usize) -> &mut [T] {
+        assert!(
+            count * std::mem::size_of::<T>() <= self.len,
+            "past the mapping"
+        );
+        assert!(
+            self.as_ptr().cast::<T>().is_aligned(),
+            "a misaligned mapping"
+        );
+        // SAFETY: inside the mapping and aligned (checked), exclusive by the caller's promise;
+        // `Pod` makes any bytes a valid `T`.
+        unsafe { std::slice::from_raw_parts_mut(self.as_ptr().cast::<T>(), count) }
     }
 
     /// The first `count` elements of the mapping.

@@ -647,17 +647,29 @@ pub fn start(
     policy_maps::sync_breakglass_in_use(&mut ebpf).map_err(LoadError::PolicyMaps)?;
 
     // A policy that outgrew the pinned maps: larger maps holding the same entries, so the new
-    // programs judge exactly as the old ones until the policy switch below.
-    for &name in &resized {
+    // programs judge exactly as the old ones until the policy switch below. The exact-match
+    // tables last: they take in what their fallback maps hold.
+    let (tables, others): (Vec<&str>, Vec<&str>) = resized
+        .iter()
+        .copied()
+        .partition(|name| policy_maps::is_exact_table(name));
+    for name in others.into_iter().chain(tables) {
         let path = pins.map(name);
         let old = MapData::from_pin(&path).map_err(|error| PersistError::Io {
             context: format!("opening the pinned map {}", path.display()),
             source: io::Error::other(error.to_string()),
         })?;
+        if policy_maps::is_exact_table(name) {
+            policy_maps::copy_exact_table(&mut ebpf, name, old).map_err(LoadError::from)?;
+        } else {
+            let new = ebpf.map_mut(name).ok_or(LoadError::PolicyMaps(
+                policy_maps::PolicyMapError::MissingMap(name),
+            ))?;
+            policy_maps::copy_policy_map(name, old, new).map_err(LoadError::from)?;
+        }
         let new = ebpf.map_mut(name).ok_or(LoadError::PolicyMaps(
             policy_maps::PolicyMapError::MissingMap(name),
         ))?;
-        policy_maps::copy_policy_map(name, old, new).map_err(LoadError::from)?;
         fs::remove_file(&path).map_err(io_error(format!("unpinning {}", path.display())))?;
         new.pin(&path)
             .map_err(pin_error(format!("pinning {}", path.display())))?;

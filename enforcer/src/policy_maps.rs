@@ -33,11 +33,6 @@ pub enum PolicyMapError {
         #[source]
         source: MapError,
     },
-    #[error(
-        "map `{map}`: {count} entries found no room in the larger table; run `enforcer detach` \
-         and start the enforcer again"
-    )]
-    HostTableFull { map: &'static str, count: usize },
     #[error("map `{map}`: mapping it into memory: {source}")]
     Mapping {
         map: &'static str,
@@ -504,31 +499,28 @@ fn map_entries(map: &MapData, name: &'static str) -> Result<u32, PolicyMapError>
         .map_err(map_err(name))
 }
 
-/// Writes the table of `entries` into `map`, every element; returns the keys it had no room
-/// for, which belong in its fallback map.
+/// Writes the table of `entries` into `map` (which no program reads: an inactive slot, or a
+/// copy not yet in use), in place through a mapping of it; returns the keys it had no room for,
+/// which belong in its fallback map.
 fn fill_table<B: Bucket + Pod>(
     map: Map,
     name: &'static str,
     entries: impl Iterator<Item = (B::Key, B::Value)>,
 ) -> Result<exact_table::Entries<B>, PolicyMapError> {
     let array: Array<MapData, B> = Array::try_from(map).map_err(map_err(name))?;
-    let table = exact_table::build::<B>(map_entries(array.map(), name)?, entries);
-    write_elements(array.map(), name, &table.elements)?;
-    Ok(table.overflow)
-}
-
-/// Writes `elements` into the array `array` from index 0, through a mapping of it.
-fn write_elements<B: Pod>(
-    array: &MapData,
-    name: &'static str,
-    elements: &[B],
-) -> Result<(), PolicyMapError> {
-    let mapped = Mapped::map(array.fd().as_fd(), 0, std::mem::size_of_val(elements))
-        .map_err(|source| PolicyMapError::Mapping { map: name, source })?;
-    mapped.write(elements);
+    let count = map_entries(array.map(), name)? as usize;
+    let mut mapped = Mapped::map(
+        array.map().fd().as_fd(),
+        0,
+        count * std::mem::size_of::<B>(),
+    )
+    .map_err(|source| PolicyMapError::Mapping { map: name, source })?;
+    // SAFETY: this is the only mapping of the array, and no program reads it (see above).
+    let elements = unsafe { mapped.elements_mut::<B>(count) };
+    let built = exact_table::build_into(elements, entries);
     // Before the switch of slots that makes programs read it.
     std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-    Ok(())
+    Ok(built.overflow)
 }
 
 /// Every element of the array `map`, read through a mapping of it.
@@ -689,22 +681,93 @@ fn table_of<B: Bucket + Pod>(
     Ok((held, want))
 }
 
-/// Copies the keys of table `from` into `to`, rebuilt at `to`'s size.
-fn copy_table<B: Bucket + Pod>(
+/// Whether `name` is one of a slot's exact-match tables (see `enforcer_common::exact_table`).
+pub fn is_exact_table(name: &str) -> bool {
+    [
+        &map_names::HOSTS_V4,
+        &map_names::HOSTS_V6,
+        &map_names::PAIRS,
+        &map_names::PORTS_EXACT,
+    ]
+    .iter()
+    .any(|names| names.contains(&name))
+}
+
+/// Fills the exact-match table `name` of `ebpf`, larger than the pinned one it replaces
+/// (`from`), with the keys `from` held and the keys its fallback map holds, rebuilt at the new
+/// size; keys it has no room for go into the fallback map. Run once the fallback maps are in
+/// place (copied first when they were resized too): a key that was crowded out of the old
+/// table would otherwise be missed by the new one, which is not crowded where the old one was.
+pub fn copy_exact_table(
+    ebpf: &mut Ebpf,
     name: &'static str,
-    from: Map,
-    to: &mut Map,
+    from: MapData,
 ) -> Result<(), PolicyMapError> {
-    let held = read_elements::<B>(&from, name)?;
-    let to: Array<_, B> = Array::try_from(to).map_err(map_err(name))?;
-    let table = exact_table::build::<B>(to.len(), exact_table::entries(&held).into_iter());
-    if !table.overflow.is_empty() {
-        return Err(PolicyMapError::HostTableFull {
-            map: name,
-            count: table.overflow.len(),
-        });
+    let from = Map::from_map_data(from).map_err(map_err(name))?;
+    let slot = usize::from(name.ends_with('1'));
+    if map_names::HOSTS_V4.contains(&name) {
+        let trie = map_names::ADDR_V4[slot];
+        let crowded = full_length::<[u8; 4], AddrInfo>(ebpf, trie, HOST_PREFIX_V4)?;
+        let left = refill::<HostBucketV4>(ebpf, name, &from, crowded)?;
+        fill_trie(
+            own_handle(ebpf, trie)?,
+            trie,
+            as_prefixes(left, HOST_PREFIX_V4),
+        )
+    } else if map_names::HOSTS_V6.contains(&name) {
+        let trie = map_names::ADDR_V6[slot];
+        let crowded = full_length::<[u8; 16], AddrInfo>(ebpf, trie, HOST_PREFIX_V6)?;
+        let left = refill::<HostBucketV6>(ebpf, name, &from, crowded)?;
+        fill_trie(
+            own_handle(ebpf, trie)?,
+            trie,
+            as_prefixes(left, HOST_PREFIX_V6),
+        )
+    } else if map_names::PORTS_EXACT.contains(&name) {
+        let trie = map_names::PORTS[slot];
+        let crowded = full_length::<PortKey, PortValue>(ebpf, trie, PORT_EXACT_PREFIX)?;
+        let left = refill::<PortBucket>(ebpf, name, &from, crowded)?;
+        fill_trie(
+            own_handle(ebpf, trie)?,
+            trie,
+            as_prefixes(left, PORT_EXACT_PREFIX),
+        )
+    } else if map_names::PAIRS.contains(&name) {
+        let overflow = map_names::PAIRS_OVERFLOW[slot];
+        let crowded = hash_entries::<PairKey, PairValue>(ebpf, overflow)?
+            .into_iter()
+            .collect();
+        let left = refill::<PairBucket>(ebpf, name, &from, crowded)?;
+        fill_hash(own_handle(ebpf, overflow)?, overflow, left.into_iter())
+    } else {
+        Err(PolicyMapError::NotAPolicyMap(name))
     }
-    write_elements(to.map(), name, &table.elements)
+}
+
+/// The entries of trie `name` with every key bit fixed.
+fn full_length<K: Pod + Ord, V: Pod>(
+    ebpf: &Ebpf,
+    name: &'static str,
+    full: u32,
+) -> Result<Vec<(K, V)>, PolicyMapError> {
+    Ok(trie_entries::<K, V>(ebpf, name)?
+        .into_iter()
+        .filter(|((prefix_len, _), _)| *prefix_len == full)
+        .map(|((_, key), value)| (key, value))
+        .collect())
+}
+
+/// Writes table `name` of `ebpf` with the keys of `from` and `crowded`; returns those it had no
+/// room for.
+fn refill<B: Bucket + Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    from: &Map,
+    crowded: exact_table::Entries<B>,
+) -> Result<exact_table::Entries<B>, PolicyMapError> {
+    let held = read_elements::<B>(from, name)?;
+    let entries = exact_table::entries(&held).into_iter().chain(crowded);
+    fill_table::<B>(own_handle(ebpf, name)?, name, entries)
 }
 
 fn copy_trie<K: Pod, V: Pod>(
@@ -735,29 +798,22 @@ fn copy_hash<K: Pod, V: Pod>(
     Ok(())
 }
 
-/// Copies every entry of policy map `name` (one of a slot's maps that the loader sizes) from
-/// `from` into `to`, a larger map of the same kind. Used when a policy has outgrown pinned
-/// maps: the new programs get larger maps holding what the old ones judge by.
+/// Copies every entry of policy map `name` (one of a slot's maps that the loader sizes, not an
+/// exact-match table: see [`copy_exact_table`]) from `from` into `to`, a larger map of the same
+/// kind. Used when a policy has outgrown pinned maps: the new programs get larger maps holding
+/// what the old ones judge by.
 pub fn copy_policy_map(
     name: &'static str,
     from: MapData,
     to: &mut Map,
 ) -> Result<(), PolicyMapError> {
     let from = Map::from_map_data(from).map_err(map_err(name))?;
-    if map_names::HOSTS_V4.contains(&name) {
-        copy_table::<HostBucketV4>(name, from, to)
-    } else if map_names::HOSTS_V6.contains(&name) {
-        copy_table::<HostBucketV6>(name, from, to)
-    } else if map_names::ADDR_V4.contains(&name) {
+    if map_names::ADDR_V4.contains(&name) {
         copy_trie::<[u8; 4], AddrInfo>(name, from, to)
     } else if map_names::ADDR_V6.contains(&name) {
         copy_trie::<[u8; 16], AddrInfo>(name, from, to)
-    } else if map_names::PORTS_EXACT.contains(&name) {
-        copy_table::<PortBucket>(name, from, to)
     } else if map_names::PORTS.contains(&name) {
         copy_trie::<PortKey, PortValue>(name, from, to)
-    } else if map_names::PAIRS.contains(&name) {
-        copy_table::<PairBucket>(name, from, to)
     } else if map_names::PAIRS_OVERFLOW.contains(&name) {
         copy_hash::<PairKey, PairValue>(name, from, to)
     } else if map_names::SEGMENTS.contains(&name) {

@@ -62,6 +62,39 @@ fn example_policy_clinical_flows() {
 /// has no room for: every lookup ends crowded and takes the fallback path.
 #[test]
 fn example_policy_clinical_flows_through_crowded_tables() {
+    clinical_flows(crowded_harness());
+}
+
+/// Crowded tables replaced by larger copies, as a daemon adopting pinned maps that a policy
+/// outgrew does (here the same size, so that the keys from the fallback maps do not all fit):
+/// the copies must take in the keys their old tables had crowded out.
+#[test]
+fn example_policy_clinical_flows_after_copying_crowded_tables() {
+    use enforcer_common::map_names;
+    use std::os::fd::AsFd as _;
+
+    let mut h = crowded_harness();
+    let slot = h.enforcer.active_slot();
+    for name in [
+        map_names::HOSTS_V4[slot],
+        map_names::HOSTS_V6[slot],
+        map_names::PAIRS[slot],
+        map_names::PORTS_EXACT[slot],
+    ] {
+        let old = match h.enforcer.ebpf().map(name).unwrap() {
+            aya::maps::Map::Array(data) => data.fd().as_fd().try_clone_to_owned().unwrap(),
+            _ => panic!("{name} is not an array"),
+        };
+        let old = aya::maps::MapData::from_fd(old).unwrap();
+        enforcer::policy_maps::copy_exact_table(h.enforcer.ebpf_mut(), name, old)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    clinical_flows(h);
+}
+
+/// The example policy with every exact-match table of the active slot full of keys no packet
+/// has, and the policy's own keys in the tables' fallback maps.
+fn crowded_harness() -> KernelHarness {
     use aya::maps::{HashMap, LpmTrie, lpm_trie::Key};
     use enforcer_common::{
         AddrInfo, HOST_PREFIX_V4, HOST_PREFIX_V6, HostBucketV4, HostBucketV6, PORT_EXACT_PREFIX,
@@ -111,7 +144,7 @@ fn example_policy_clinical_flows_through_crowded_tables() {
     for (key, value) in pairs {
         overflow.insert(key, value, 0).unwrap();
     }
-    clinical_flows(h);
+    h
 }
 
 /// Fills every bucket of table `name` with keys made by `dummy`, keeping its header, and returns
