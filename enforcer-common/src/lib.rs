@@ -747,9 +747,9 @@ pub mod flow_filter {
 ///   table of another size (a pinned table replaced by a larger copy) can never index one with
 ///   the other's mask.
 /// - Buckets are elements `1..=buckets`. A key's home bucket is `hash & mask`; the daemon puts
-///   it in the first bucket with a free entry among the home bucket and the next
+///   it in the first free entry of the first bucket with one among the home bucket and the next
 ///   [`MAX_PROBES`]` - 1` (wrapping). A table is written whole and never changed in place, so a
-///   lookup may stop at the first bucket with a free entry: the key would be there or earlier.
+///   lookup may stop at the first free entry: the key would be there or earlier.
 /// - A key that finds no free entry in its [`MAX_PROBES`] buckets goes into the table's
 ///   fallback map instead, which the kernel consults only when a lookup ends on
 ///   [`Lookup::Crowded`]: a host into its family's trie (as a /32 or /128), a single port into
@@ -951,17 +951,19 @@ pub mod exact_table {
                     $hash(key)
                 }
 
+                /// Entries are filled from the first and never removed, so the first free one
+                /// ends the search: one branch per entry, which keeps the verifier's work small.
                 #[inline(always)]
                 fn probe(&self, key: &$key) -> Probe<$value> {
-                    let mut free = false;
                     for entry in &self.entries {
                         if entry.used == 0 {
-                            free = true;
-                        } else if $same(&entry.key, key) {
+                            return Probe::Absent;
+                        }
+                        if $same(&entry.key, key) {
                             return Probe::Found(entry.value);
                         }
                     }
-                    if free { Probe::Absent } else { Probe::Next }
+                    Probe::Next
                 }
 
                 fn place(&mut self, key: &$key, value: $value) -> bool {

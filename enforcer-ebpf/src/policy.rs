@@ -2,10 +2,9 @@
 //! lookup. An address is probed in the quarantine (only while a host is quarantined), then in
 //! the host table, and only on a miss in the prefix trie; a port in the single-port table, and
 //! only on a miss in the range trie. The tables are `enforcer_common::exact_table`s; a key
-//! they had no room for is in their fallback map. See `enforcer_common` for why this needs no loop over
-//! rules. Only a packet the policy would deny
-//! or audit costs one more lookup, and only while the slot holds a grant: the break-glass
-//! grants of its segment pair.
+//! they had no room for is in their fallback map. See `enforcer_common` for why this needs no
+//! loop over rules. Only a packet the policy would deny or audit costs one more lookup, and
+//! only while the slot holds a grant: the break-glass grants of its segment pair.
 use aya_ebpf::maps::lpm_trie::Key;
 use enforcer_common::{
     AddrInfo, BREAKGLASS_ANY_PROTO, BREAKGLASS_MAX_RANGES, BreakglassKey, CLASS_WILDCARD,

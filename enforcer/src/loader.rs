@@ -11,10 +11,8 @@ use aya::{
     },
 };
 use enforcer_common::{
-    Config, HOST_PREFIX_V4, HOST_PREFIX_V6, HostBucketV4, HostBucketV6, PORT_EXACT_PREFIX,
-    PairBucket, PortBucket, event_flags,
-    exact_table::{self, Bucket as _},
-    map_names, program_names,
+    Config, HOST_PREFIX_V4, HOST_PREFIX_V6, PORT_EXACT_PREFIX, event_flags, exact_table, map_names,
+    program_names,
 };
 use policy_compiler::{
     Artifact, Grant,
@@ -185,7 +183,7 @@ pub(crate) fn policy_needs(artifact: &Artifact) -> [(&'static [&'static str; 2],
 /// The `max_entries` of policy map `name` for `capacity` entries: an exact-match table is an
 /// array of buckets, at most half full, behind a header (see `enforcer_common::exact_table`).
 pub(crate) fn map_size(name: &str, capacity: u32) -> u32 {
-    match per_bucket(name) {
+    match policy_maps::entries_per_bucket(name) {
         Some(per_bucket) => exact_table::map_entries(capacity, per_bucket),
         None => capacity,
     }
@@ -193,23 +191,9 @@ pub(crate) fn map_size(name: &str, capacity: u32) -> u32 {
 
 /// The entries policy map `name` holds with `max_entries`: the inverse of [`map_size`].
 pub(crate) fn capacity_of(name: &str, max_entries: u32) -> u32 {
-    match per_bucket(name) {
+    match policy_maps::entries_per_bucket(name) {
         Some(per_bucket) => exact_table::capacity_of(max_entries, per_bucket),
         None => max_entries,
-    }
-}
-
-fn per_bucket(name: &str) -> Option<u32> {
-    if map_names::HOSTS_V4.contains(&name) {
-        Some(HostBucketV4::ENTRIES)
-    } else if map_names::HOSTS_V6.contains(&name) {
-        Some(HostBucketV6::ENTRIES)
-    } else if map_names::PAIRS.contains(&name) {
-        Some(PairBucket::ENTRIES)
-    } else if map_names::PORTS_EXACT.contains(&name) {
-        Some(PortBucket::ENTRIES)
-    } else {
-        None
     }
 }
 

@@ -681,16 +681,25 @@ fn table_of<B: Bucket + Pod>(
     Ok((held, want))
 }
 
-/// Whether `name` is one of a slot's exact-match tables (see `enforcer_common::exact_table`).
+/// Entries per bucket when `name` is one of a slot's exact-match tables (see
+/// `enforcer_common::exact_table`).
+pub fn entries_per_bucket(name: &str) -> Option<u32> {
+    if map_names::HOSTS_V4.contains(&name) {
+        Some(HostBucketV4::ENTRIES)
+    } else if map_names::HOSTS_V6.contains(&name) {
+        Some(HostBucketV6::ENTRIES)
+    } else if map_names::PAIRS.contains(&name) {
+        Some(PairBucket::ENTRIES)
+    } else if map_names::PORTS_EXACT.contains(&name) {
+        Some(PortBucket::ENTRIES)
+    } else {
+        None
+    }
+}
+
+/// Whether `name` is one of a slot's exact-match tables.
 pub fn is_exact_table(name: &str) -> bool {
-    [
-        &map_names::HOSTS_V4,
-        &map_names::HOSTS_V6,
-        &map_names::PAIRS,
-        &map_names::PORTS_EXACT,
-    ]
-    .iter()
-    .any(|names| names.contains(&name))
+    entries_per_bucket(name).is_some()
 }
 
 /// Fills the exact-match table `name` of `ebpf`, larger than the pinned one it replaces
@@ -704,7 +713,15 @@ pub fn copy_exact_table(
     from: MapData,
 ) -> Result<(), PolicyMapError> {
     let from = Map::from_map_data(from).map_err(map_err(name))?;
-    let slot = usize::from(name.ends_with('1'));
+    let slot = [
+        map_names::HOSTS_V4,
+        map_names::HOSTS_V6,
+        map_names::PAIRS,
+        map_names::PORTS_EXACT,
+    ]
+    .iter()
+    .find_map(|names| names.iter().position(|n| *n == name))
+    .ok_or(PolicyMapError::NotAPolicyMap(name))?;
     if map_names::HOSTS_V4.contains(&name) {
         let trie = map_names::ADDR_V4[slot];
         let crowded = full_length::<[u8; 4], AddrInfo>(ebpf, trie, HOST_PREFIX_V4)?;

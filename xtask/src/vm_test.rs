@@ -56,7 +56,7 @@ const TESTS: &[&str] = &[
 
 /// 2-4 minutes of tests in the VM on a quiet machine, up to 6 on a busy one (TCG shares the
 /// cores); the rest is headroom within CI's budget.
-const TIMEOUT_SECS: u64 = 900;
+const TIMEOUT_SECS: u64 = 1500;
 const DIFF_PACKETS: u64 = 50_000;
 
 #[derive(Parser)]
