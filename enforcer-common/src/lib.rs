@@ -655,6 +655,22 @@ pub struct BreakglassValue {
     pub ranges: [BreakglassRange; BREAKGLASS_MAX_RANGES],
 }
 
+/// Bytes `i..i + 8` of a 16-byte address as one little-endian word, for the hashes below (the
+/// same on both sides). Built from bytes: the address may sit at any alignment.
+#[inline(always)]
+fn address_word(addr: &[u8; 16], i: usize) -> u64 {
+    u64::from_le_bytes([
+        addr[i],
+        addr[i + 1],
+        addr[i + 2],
+        addr[i + 3],
+        addr[i + 4],
+        addr[i + 5],
+        addr[i + 6],
+        addr[i + 7],
+    ])
+}
+
 /// A filter in front of the connection table, so that a packet of an untracked flow (a scan, a
 /// denial, the first packet of every flow) usually skips the table's probe: a hash lookup that
 /// misses the cache, since the table is large and every new flow lands in a random bucket.
@@ -699,18 +715,7 @@ pub mod flow_filter {
     #[inline(always)]
     pub fn hash(key: &FlowKey) -> u32 {
         const K: u64 = 0x9E37_79B9_7F4A_7C15;
-        let word = |bytes: &[u8; 16], i: usize| {
-            u64::from_le_bytes([
-                bytes[i],
-                bytes[i + 1],
-                bytes[i + 2],
-                bytes[i + 3],
-                bytes[i + 4],
-                bytes[i + 5],
-                bytes[i + 6],
-                bytes[i + 7],
-            ])
-        };
+        use super::address_word as word;
         let mut h = u64::from(key.port_a)
             | u64::from(key.port_b) << 16
             | u64::from(key.proto) << 32
@@ -758,7 +763,7 @@ pub mod flow_filter {
 pub mod exact_table {
     use super::{
         AddrInfo, HostBucketV4, HostBucketV6, HostEntryV4, HostEntryV6, PairBucket, PairEntry,
-        PairKey, PairValue, PortBucket, PortEntry, PortKey, PortValue,
+        PairKey, PairValue, PortBucket, PortEntry, PortKey, PortValue, address_word as word,
     };
 
     /// Buckets a lookup reads at most.
@@ -805,21 +810,6 @@ pub mod exact_table {
     #[inline(always)]
     fn finish(h: u64) -> u32 {
         (h.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32
-    }
-
-    /// Bytes `i..i + 8` of an IPv6 address as one word.
-    #[inline(always)]
-    fn word(addr: &[u8; 16], i: usize) -> u64 {
-        u64::from_le_bytes([
-            addr[i],
-            addr[i + 1],
-            addr[i + 2],
-            addr[i + 3],
-            addr[i + 4],
-            addr[i + 5],
-            addr[i + 6],
-            addr[i + 7],
-        ])
     }
 
     /// The hash that picks an IPv4 address's home bucket: the same in the kernel and the daemon.

@@ -20,7 +20,7 @@ use enforcer_common::{
 
 use crate::{
     maps::{CONNTRACK, FLOW_FILTER, FLOW_FILTER_STATE, PolicySlot},
-    packet::{Addr, Flow},
+    packet::{Addr, Flow, Opaque},
     policy::{self, Judgement, Segments},
 };
 
@@ -190,6 +190,7 @@ pub enum Tracked {
 
 /// Looks up the flow of a packet whose source is side `src_side` of `key`, and updates its
 /// state (TCP progress, idle time, policy generation).
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub fn track<P: PolicySlot>(
     key: &FlowKey,
@@ -199,6 +200,7 @@ pub fn track<P: PolicySlot>(
     config: &Config,
     filter: &FlowFilterState,
     segments: &mut Segments,
+    opaque: &mut Opaque,
 ) -> Tracked {
     if likely_untracked(key.proto, flow.tcp_flags) && !may_be_tracked(key, filter) {
         return Tracked::Untracked;
@@ -216,7 +218,14 @@ pub fn track<P: PolicySlot>(
     let grant_ended = grant_expired(state, now);
     let policy_changed = state.generation != config.generation;
     if grant_ended || (policy_changed && config.on_policy_change == policy_change::RECHECK) {
-        let (rule, admitted, expires_ns) = match recheck::<P>(key, state, now, config, segments) {
+        // Kept in memory, not in a register, across the judgement: the verifier would check
+        // the judgement once for each value of a flag it can see.
+        // SAFETY: a valid, aligned, exclusive reference.
+        unsafe { core::ptr::write_volatile(&mut opaque.grant_ended, u32::from(grant_ended)) };
+        let judgement = recheck::<P>(key, state, now, config, segments, opaque);
+        // SAFETY: as above.
+        let grant_ended = unsafe { core::ptr::read_volatile(&opaque.grant_ended) } != 0;
+        let (rule, admitted, expires_ns) = match judgement {
             Judgement::Denied if grant_ended => return Tracked::GrantExpired { grant: state.rule },
             Judgement::Denied => {
                 let _ = CONNTRACK.remove(key);
@@ -277,6 +286,7 @@ fn recheck<P: PolicySlot>(
     now: u64,
     config: &Config,
     segments: &mut Segments,
+    opaque: &mut Opaque,
 ) -> Judgement {
     let (addr_a, addr_b) = Addr::of_key(key);
     let (initiator, responder) = if state.initiator == 0 {
@@ -284,9 +294,13 @@ fn recheck<P: PolicySlot>(
     } else {
         (addr_b, addr_a)
     };
+    // Copied to one place: two pointers into the key, in either order, would have the
+    // verifier check the judgement once for each.
+    opaque.recheck_src = *initiator;
+    opaque.recheck_dst = *responder;
     policy::judge::<P>(
-        initiator,
-        responder,
+        &opaque.recheck_src,
+        &opaque.recheck_dst,
         key.family,
         state.policy_proto,
         state.policy_port,

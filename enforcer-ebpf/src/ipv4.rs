@@ -41,7 +41,7 @@ pub fn parse(frame: &Frame, l3: usize, scratch: &mut Scratch) -> Parsed {
         flow.frag_id = id;
         flow.frag_proto = proto;
     }
-    transport::parse(frame, flow, proto, l3 + hdr_len, l3 + total_len)
+    transport::parse(frame, scratch, proto, l3 + hdr_len, l3 + total_len)
 }
 
 /// The 16-byte form of an IPv4 address: the address, then zeros. Built as one integer: zeros

@@ -2,8 +2,8 @@
 use enforcer_common::counter;
 
 use crate::{
-    packet::{Addr, Frame, Parsed, Scratch},
-    transport,
+    packet::{Addr, Frame, Parsed, Scratch, opaque},
+    transport::{self, MAX_L4_OFFSET},
 };
 
 const HDR_LEN: usize = 40;
@@ -80,17 +80,20 @@ pub fn parse(frame: &Frame, l3: usize, scratch: &mut Scratch) -> Parsed {
                 next = ext[0];
                 8
             }
-            _ => return transport::parse(frame, &mut scratch.flow, next, offset, end),
+            _ => return transport::parse(frame, scratch, next, offset, end),
         };
         offset += len;
         if offset > end {
             return Parsed::Drop(counter::DROP_MALFORMED);
         }
+        // Opaque, as in `transport::parse`: each kind of extension header leaves its own
+        // offset. The cap changes nothing (see `MAX_L4_OFFSET`).
+        offset = (opaque(&mut scratch.opaque.l4, offset as u32) as usize).min(MAX_L4_OFFSET);
     }
     if is_extension_header(next) {
         return Parsed::Drop(counter::DROP_TOO_MANY_EXT_HEADERS);
     }
-    transport::parse(frame, &mut scratch.flow, next, offset, end)
+    transport::parse(frame, scratch, next, offset, end)
 }
 
 #[inline(always)]

@@ -135,6 +135,41 @@ pub struct Scratch {
     pub flow_key: FlowKey,
     /// The event being reported for the packet.
     pub event: Event,
+    pub opaque: Opaque,
+}
+
+/// Values the programs pass through memory so that the verifier stops telling them apart (see
+/// [`opaque`]).
+#[repr(C)]
+pub struct Opaque {
+    /// The two ends of a tracked flow judged again, initiator first.
+    pub recheck_src: Addr,
+    pub recheck_dst: Addr,
+    /// Where the transport header starts (while IPv6 extension headers are walked: the next
+    /// one), and where the IP payload ends.
+    pub l4: u32,
+    pub l4_end: u32,
+    /// A decision's counter and rule, before they are accounted.
+    pub outcome: u32,
+    pub rule: u32,
+    /// Whether a tracked flow's break-glass grant has ended, across its judgement.
+    pub grant_ended: u32,
+}
+
+/// `value`, written to `slot` (scratch memory) and read back. The verifier does not track what
+/// map memory holds, so from here on it knows only the value's type: paths that differ only in
+/// it meet at the verifier's next pruning point instead of each being checked on to the end of
+/// the program. Used where many paths meet (after parsing a header, after a decision), this
+/// more than halves the instructions the verifier processes, and so the time to load the
+/// programs (see `docs/design.md`). It costs one store and one load.
+#[inline(always)]
+pub fn opaque<T: Copy>(slot: &mut T, value: T) -> T {
+    // SAFETY: `slot` is a valid, aligned, exclusive reference. Volatile, so that the compiler
+    // neither drops the round trip nor keeps the value in a register across it.
+    unsafe {
+        core::ptr::write_volatile(slot, value);
+        core::ptr::read_volatile(slot)
+    }
 }
 
 /// The outcome of parsing a frame. Mirrors `policy_compiler::packet`, the reference parser.

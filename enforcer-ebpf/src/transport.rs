@@ -4,7 +4,7 @@ use enforcer_common::{counter, proto_key};
 
 use crate::{
     icmp,
-    packet::{Flow, Frame, Parsed, Scratch},
+    packet::{Frame, Parsed, Scratch, opaque},
 };
 
 const TCP_HDR_LEN: usize = 20;
@@ -14,11 +14,25 @@ const UDP_HDR_LEN: usize = 8;
 /// understands at a variable offset; a 1-byte one does not.)
 pub const HEAD_LEN: usize = 8;
 
+/// A cap on the transport header's offset, so that the verifier accepts an offset it knows
+/// nothing else about. No header chain the parsers accept reaches it (at most a VLAN tag, 60
+/// bytes of IPv4 header, or 40 of IPv6 and `ipv6::MAX_EXT_HEADERS` extension headers of at
+/// most 2,048 bytes each), so capping never changes an offset.
+pub const MAX_L4_OFFSET: usize = 0x7fff;
+const _: () = assert!(14 + 4 + 40 + crate::ipv6::MAX_EXT_HEADERS * 2048 < MAX_L4_OFFSET);
+
 /// `l4..l4_end` is the IP payload as the IP header declares it (already checked to lie inside
 /// the packet). A transport header that does not fit in it is malformed; in a first fragment it
 /// is the tiny-fragment attack.
 #[inline(always)]
-pub fn parse(frame: &Frame, flow: &mut Flow, proto: u8, l4: usize, l4_end: usize) -> Parsed {
+pub fn parse(frame: &Frame, scratch: &mut Scratch, proto: u8, l4: usize, l4_end: usize) -> Parsed {
+    // Every way through the IP headers (options, VLAN tag, each number of IPv6 extension
+    // headers) ends here with its own known offsets; made opaque, they are checked once.
+    // The cap changes nothing (see `MAX_L4_OFFSET`); a bound on the value itself, not a check
+    // beside it, is what older verifiers follow into the copies the compiler makes of it.
+    let l4 = (opaque(&mut scratch.opaque.l4, l4 as u32) as usize).min(MAX_L4_OFFSET);
+    let l4_end = opaque(&mut scratch.opaque.l4_end, l4_end as u32) as usize;
+    let flow = &mut scratch.flow;
     flow.proto = proto;
     let needed = match proto {
         proto_key::TCP => TCP_HDR_LEN,

@@ -7,7 +7,7 @@ use crate::{
     conntrack::{self, Tracked},
     counters, eth, events, fragments,
     maps::{ACTIVE, CONFIG, PolicySlot, SCRATCH, Slot0, Slot1},
-    packet::{Frame, Parsed, Scratch},
+    packet::{Frame, Parsed, Scratch, opaque},
     policy::{self, Judgement, Segments},
 };
 
@@ -71,7 +71,10 @@ fn decide_ip<P: PolicySlot>(dir: u32, ifindex: u32, now: u64) -> u32 {
         src: UNKNOWN,
         dst: UNKNOWN,
     };
-    let (mut outcome, mut rule) = decide_flow::<P>(scratch, dir, now, config, &mut segments);
+    let (outcome, rule) = decide_flow::<P>(scratch, dir, now, config, &mut segments);
+    // Many paths end in a decision, most with constants: made opaque, they are accounted as one.
+    let mut outcome = opaque(&mut scratch.opaque.outcome, outcome);
+    let mut rule = opaque(&mut scratch.opaque.rule, rule);
     if scratch.flow.first_fragment
         && !counter::is_drop(outcome)
         && !fragments::remember(&mut scratch.fragment, &scratch.flow, now)
@@ -190,7 +193,17 @@ fn decide_flow<P: PolicySlot>(
         flow.proto,
         flow.family,
     );
-    match conntrack::track::<P>(key, src_side, flow, now, config, &filter, segments) {
+    let tracked = conntrack::track::<P>(
+        key,
+        src_side,
+        flow,
+        now,
+        config,
+        &filter,
+        segments,
+        &mut scratch.opaque,
+    );
+    match tracked {
         Tracked::Pass => return (counter::ESTABLISHED, NO_RULE),
         Tracked::Revoked => return (counter::DROP_FLOW_REVOKED, NO_RULE),
         // The event names the grant that had admitted the flow.

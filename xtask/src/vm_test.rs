@@ -44,6 +44,8 @@ const MODULES: &[&str] = &["veth", "bridge", "sch_ingress", "cls_bpf"];
 /// namespace lab with the daemon. `e2e_stateful` needs iperf3 and minutes of TCG time; the
 /// host run covers it.
 const TESTS: &[&str] = &[
+    // The verifier's work on this kernel, against the budget (one load).
+    "verifier_budget",
     "packet_verdicts",
     "connection_tracking",
     "quarantine_verdicts",
@@ -82,8 +84,8 @@ pub(crate) struct RunOptions {
     /// Seconds before QEMU is killed and the run fails.
     #[arg(long, default_value_t = TIMEOUT_SECS)]
     timeout: u64,
-    /// Run only these test binaries (repeatable): packet_verdicts, connection_tracking,
-    /// quarantine_verdicts, breakglass, differential, e2e, e2e_persist.
+    /// Run only these test binaries (repeatable): verifier_budget, packet_verdicts,
+    /// connection_tracking, quarantine_verdicts, breakglass, differential, e2e, e2e_persist.
     #[arg(long = "test", value_parser = clap::builder::PossibleValuesParser::new(TESTS))]
     tests: Vec<String>,
 }
