@@ -446,31 +446,25 @@ pub fn write(
             fill_hash(overflow_map, pairs_overflow, left.into_iter())
         }),
         Box::new(move || {
-            let entries = exact(artifact.port_entries(), PORT_EXACT_PREFIX);
-            let left = fill_table::<PortBucket>(ports_exact_map, ports_exact, entries)?;
-            let entries = shorter(artifact.port_entries(), PORT_EXACT_PREFIX);
-            fill_trie(
-                ports_map,
-                ports,
-                entries.chain(as_prefixes(left, PORT_EXACT_PREFIX)),
+            fill_table_and_trie::<PortBucket, _>(
+                (ports_exact_map, ports_exact),
+                (ports_map, ports),
+                PORT_EXACT_PREFIX,
+                || artifact.port_entries(),
             )
         }),
         Box::new(move || {
-            let entries = exact(artifact.addr_v4_entries(), HOST_PREFIX_V4);
-            let left_v4 = fill_table::<HostBucketV4>(hosts_v4_map, hosts_v4, entries)?;
-            let entries = exact(artifact.addr_v6_entries(), HOST_PREFIX_V6);
-            let left_v6 = fill_table::<HostBucketV6>(hosts_v6_map, hosts_v6, entries)?;
-            fill_trie(
-                v4_map,
-                v4,
-                shorter(artifact.addr_v4_entries(), HOST_PREFIX_V4)
-                    .chain(as_prefixes(left_v4, HOST_PREFIX_V4)),
+            fill_table_and_trie::<HostBucketV4, _>(
+                (hosts_v4_map, hosts_v4),
+                (v4_map, v4),
+                HOST_PREFIX_V4,
+                || artifact.addr_v4_entries(),
             )?;
-            fill_trie(
-                v6_map,
-                v6,
-                shorter(artifact.addr_v6_entries(), HOST_PREFIX_V6)
-                    .chain(as_prefixes(left_v6, HOST_PREFIX_V6)),
+            fill_table_and_trie::<HostBucketV6, _>(
+                (hosts_v6_map, hosts_v6),
+                (v6_map, v6),
+                HOST_PREFIX_V6,
+                || artifact.addr_v6_entries(),
             )
         }),
     ])?;
@@ -484,6 +478,29 @@ pub fn write(
         }
     }
     write_config(ebpf, slot, config)
+}
+
+/// Writes the full-length keys of `entries` (a trie's worth, every prefix length) into a
+/// table, and the shorter ones with those the table had no room for into its fallback trie.
+/// Each map comes with its name.
+fn fill_table_and_trie<B, I>(
+    (table_map, table): (Map, &'static str),
+    (trie_map, trie): (Map, &'static str),
+    full: u32,
+    entries: impl Fn() -> I,
+) -> Result<(), PolicyMapError>
+where
+    B: Bucket + Pod,
+    B::Key: Pod,
+    B::Value: Pod,
+    I: Iterator<Item = (u32, B::Key, B::Value)>,
+{
+    let left = fill_table::<B>(table_map, table, exact(entries(), full))?;
+    fill_trie(
+        trie_map,
+        trie,
+        shorter(entries(), full).chain(as_prefixes(left, full)),
+    )
 }
 
 /// Keys a table had no room for, as full-length trie entries.
@@ -602,45 +619,30 @@ fn hash_entries<K: Pod + Ord, V: Pod>(
 /// Whether the policy maps of `slot` hold exactly `artifact` (a restarted daemon whose policy
 /// did not change keeps the slot, its generation and the flows judged under it).
 pub fn slot_holds(ebpf: &Ebpf, slot: usize, artifact: &Artifact) -> Result<bool, PolicyMapError> {
-    let v4 = Artifact::addr_v4_entries;
-    let v6 = Artifact::addr_v6_entries;
-    let ports = Artifact::port_entries;
-    let (held_v4, want_v4) = table_of::<HostBucketV4>(
-        ebpf,
-        map_names::HOSTS_V4[slot],
-        exact(v4(artifact), HOST_PREFIX_V4),
-    )?;
-    let (held_v6, want_v6) = table_of::<HostBucketV6>(
-        ebpf,
-        map_names::HOSTS_V6[slot],
-        exact(v6(artifact), HOST_PREFIX_V6),
-    )?;
-    let (held_ports, want_ports) = table_of::<PortBucket>(
-        ebpf,
-        map_names::PORTS_EXACT[slot],
-        exact(ports(artifact), PORT_EXACT_PREFIX),
-    )?;
+    let v4: Vec<_> = artifact.addr_v4_entries().collect();
+    let v6: Vec<_> = artifact.addr_v6_entries().collect();
+    let ports: Vec<_> = artifact.port_entries().collect();
     let (held_pairs, want_pairs) =
         table_of::<PairBucket>(ebpf, map_names::PAIRS[slot], artifact.pair_entries())?;
-    if !held_v4.starts_with(&want_v4.elements)
-        || !held_v6.starts_with(&want_v6.elements)
-        || !held_ports.starts_with(&want_ports.elements)
-        || !held_pairs.starts_with(&want_pairs.elements)
-        || trie_entries::<[u8; 4], AddrInfo>(ebpf, map_names::ADDR_V4[slot])?
-            != expected(
-                shorter(v4(artifact), HOST_PREFIX_V4)
-                    .chain(as_prefixes(want_v4.overflow, HOST_PREFIX_V4)),
-            )
-        || trie_entries::<[u8; 16], AddrInfo>(ebpf, map_names::ADDR_V6[slot])?
-            != expected(
-                shorter(v6(artifact), HOST_PREFIX_V6)
-                    .chain(as_prefixes(want_v6.overflow, HOST_PREFIX_V6)),
-            )
-        || trie_entries::<PortKey, PortValue>(ebpf, map_names::PORTS[slot])?
-            != expected(
-                shorter(ports(artifact), PORT_EXACT_PREFIX)
-                    .chain(as_prefixes(want_ports.overflow, PORT_EXACT_PREFIX)),
-            )
+    if !table_and_trie_hold::<HostBucketV4>(
+        ebpf,
+        map_names::HOSTS_V4[slot],
+        map_names::ADDR_V4[slot],
+        HOST_PREFIX_V4,
+        &v4,
+    )? || !table_and_trie_hold::<HostBucketV6>(
+        ebpf,
+        map_names::HOSTS_V6[slot],
+        map_names::ADDR_V6[slot],
+        HOST_PREFIX_V6,
+        &v6,
+    )? || !table_and_trie_hold::<PortBucket>(
+        ebpf,
+        map_names::PORTS_EXACT[slot],
+        map_names::PORTS[slot],
+        PORT_EXACT_PREFIX,
+        &ports,
+    )? || !held_pairs.starts_with(&want_pairs.elements)
     {
         return Ok(false);
     }
@@ -667,6 +669,28 @@ pub fn slot_holds(ebpf: &Ebpf, slot: usize, artifact: &Artifact) -> Result<bool,
         }
     }
     Ok(true)
+}
+
+/// Whether table `table` holds the full-length keys of `entries` (a trie's worth, every prefix
+/// length), and its fallback trie `trie` the shorter ones and those the table had no room for.
+fn table_and_trie_hold<B>(
+    ebpf: &Ebpf,
+    table: &'static str,
+    trie: &'static str,
+    full: u32,
+    entries: &[(u32, B::Key, B::Value)],
+) -> Result<bool, PolicyMapError>
+where
+    B: Bucket + Pod + PartialEq,
+    B::Key: Pod + Ord,
+    B::Value: Pod + PartialEq,
+{
+    let (held, want) = table_of::<B>(ebpf, table, exact(entries.iter().copied(), full))?;
+    Ok(held.starts_with(&want.elements)
+        && trie_entries::<B::Key, B::Value>(ebpf, trie)?
+            == expected(
+                shorter(entries.iter().copied(), full).chain(as_prefixes(want.overflow, full)),
+            ))
 }
 
 /// The table `name` holds, and the one `entries` make at its size.
@@ -723,32 +747,23 @@ pub fn copy_exact_table(
     .find_map(|names| names.iter().position(|n| *n == name))
     .ok_or(PolicyMapError::NotAPolicyMap(name))?;
     if map_names::HOSTS_V4.contains(&name) {
-        let trie = map_names::ADDR_V4[slot];
-        let crowded = full_length::<[u8; 4], AddrInfo>(ebpf, trie, HOST_PREFIX_V4)?;
-        let left = refill::<HostBucketV4>(ebpf, name, &from, crowded)?;
-        fill_trie(
-            own_handle(ebpf, trie)?,
-            trie,
-            as_prefixes(left, HOST_PREFIX_V4),
+        refill_over_trie::<HostBucketV4>(
+            ebpf,
+            name,
+            &from,
+            map_names::ADDR_V4[slot],
+            HOST_PREFIX_V4,
         )
     } else if map_names::HOSTS_V6.contains(&name) {
-        let trie = map_names::ADDR_V6[slot];
-        let crowded = full_length::<[u8; 16], AddrInfo>(ebpf, trie, HOST_PREFIX_V6)?;
-        let left = refill::<HostBucketV6>(ebpf, name, &from, crowded)?;
-        fill_trie(
-            own_handle(ebpf, trie)?,
-            trie,
-            as_prefixes(left, HOST_PREFIX_V6),
+        refill_over_trie::<HostBucketV6>(
+            ebpf,
+            name,
+            &from,
+            map_names::ADDR_V6[slot],
+            HOST_PREFIX_V6,
         )
     } else if map_names::PORTS_EXACT.contains(&name) {
-        let trie = map_names::PORTS[slot];
-        let crowded = full_length::<PortKey, PortValue>(ebpf, trie, PORT_EXACT_PREFIX)?;
-        let left = refill::<PortBucket>(ebpf, name, &from, crowded)?;
-        fill_trie(
-            own_handle(ebpf, trie)?,
-            trie,
-            as_prefixes(left, PORT_EXACT_PREFIX),
-        )
+        refill_over_trie::<PortBucket>(ebpf, name, &from, map_names::PORTS[slot], PORT_EXACT_PREFIX)
     } else if map_names::PAIRS.contains(&name) {
         let overflow = map_names::PAIRS_OVERFLOW[slot];
         let crowded = hash_entries::<PairKey, PairValue>(ebpf, overflow)?
@@ -759,6 +774,24 @@ pub fn copy_exact_table(
     } else {
         Err(PolicyMapError::NotAPolicyMap(name))
     }
+}
+
+/// [`refill`] for a table whose fallback is trie `trie`, holding its keys at length `full`.
+fn refill_over_trie<B>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    from: &Map,
+    trie: &'static str,
+    full: u32,
+) -> Result<(), PolicyMapError>
+where
+    B: Bucket + Pod,
+    B::Key: Pod + Ord,
+    B::Value: Pod,
+{
+    let crowded = full_length::<B::Key, B::Value>(ebpf, trie, full)?;
+    let left = refill::<B>(ebpf, name, from, crowded)?;
+    fill_trie(own_handle(ebpf, trie)?, trie, as_prefixes(left, full))
 }
 
 /// The entries of trie `name` with every key bit fixed.

@@ -257,3 +257,89 @@ fn emptying_a_slot_of_a_large_policy_leaves_nothing_behind() {
         "the slot holds more or less than policy A"
     );
 }
+
+fn map<'a>(enforcer: &'a mut Enforcer, name: &str) -> &'a mut aya::maps::Map {
+    enforcer.ebpf_mut().map_mut(name).expect(name)
+}
+
+/// `slot_holds` (the check that lets a restarted daemon keep a pinned slot) compares every map
+/// of the slot, the fallbacks of the exact-match tables included: one entry more in any of them
+/// and the slot no longer holds the policy.
+#[test]
+fn a_slot_with_one_more_fallback_entry_does_not_hold_the_policy() {
+    use aya::maps::{HashMap, LpmTrie, lpm_trie::Key};
+    use enforcer_common::{
+        AddrInfo, PORT_EXACT_PREFIX, PairKey, PairValue, PortKey, PortValue, map_names,
+    };
+
+    let dir = vm_tests::lab::example_policy_dir();
+    let policy = Policy::load_dir(&dir).unwrap_or_else(|e| panic!("example policy: {e}"));
+    let artifact = policy_compiler::compile(&policy).unwrap();
+    let mut enforcer = Enforcer::load(&artifact).expect("load");
+    let slot = enforcer.active_slot();
+    let holds = |enforcer: &Enforcer| {
+        enforcer::policy_maps::slot_holds(enforcer.ebpf(), slot, &artifact).expect("read the slot")
+    };
+    assert!(
+        holds(&enforcer),
+        "the slot does not hold the policy it was loaded with"
+    );
+
+    // A host, a single port and a pair, as a crowded table would put them in its fallback.
+    let info = AddrInfo {
+        segment: 1,
+        class: 1,
+    };
+    {
+        let name = map_names::ADDR_V4[slot];
+        let key = Key::new(32, [192, 0, 2, 1]);
+        let mut trie = LpmTrie::<_, [u8; 4], AddrInfo>::try_from(map(&mut enforcer, name)).unwrap();
+        trie.insert(&key, info, 0).unwrap();
+        assert!(!holds(&enforcer), "one more host in {name} went unnoticed");
+        let mut trie = LpmTrie::<_, [u8; 4], AddrInfo>::try_from(map(&mut enforcer, name)).unwrap();
+        trie.remove(&key).unwrap();
+    }
+    {
+        let name = map_names::ADDR_V6[slot];
+        let mut addr = [0u8; 16];
+        addr[..4].copy_from_slice(&[0x20, 0x01, 0x0d, 0xb8]);
+        addr[15] = 1;
+        let key = Key::new(128, addr);
+        let mut trie =
+            LpmTrie::<_, [u8; 16], AddrInfo>::try_from(map(&mut enforcer, name)).unwrap();
+        trie.insert(&key, info, 0).unwrap();
+        assert!(!holds(&enforcer), "one more host in {name} went unnoticed");
+        let mut trie =
+            LpmTrie::<_, [u8; 16], AddrInfo>::try_from(map(&mut enforcer, name)).unwrap();
+        trie.remove(&key).unwrap();
+    }
+    {
+        let name = map_names::PORTS[slot];
+        let key = Key::new(PORT_EXACT_PREFIX, PortKey::new(0, 6, 1));
+        let mut trie =
+            LpmTrie::<_, PortKey, PortValue>::try_from(map(&mut enforcer, name)).unwrap();
+        trie.insert(&key, PortValue { rule: 0 }, 0).unwrap();
+        assert!(!holds(&enforcer), "one more port in {name} went unnoticed");
+        let mut trie =
+            LpmTrie::<_, PortKey, PortValue>::try_from(map(&mut enforcer, name)).unwrap();
+        trie.remove(&key).unwrap();
+    }
+    {
+        let name = map_names::PAIRS_OVERFLOW[slot];
+        let key = PairKey {
+            dst_segment: 1,
+            src_class: 1_000_000,
+        };
+        let mut hash =
+            HashMap::<_, PairKey, PairValue>::try_from(map(&mut enforcer, name)).unwrap();
+        hash.insert(key, PairValue::default(), 0).unwrap();
+        assert!(!holds(&enforcer), "one more pair in {name} went unnoticed");
+        let mut hash =
+            HashMap::<_, PairKey, PairValue>::try_from(map(&mut enforcer, name)).unwrap();
+        hash.remove(&key).unwrap();
+    }
+    assert!(
+        holds(&enforcer),
+        "the slot, restored, does not hold the policy"
+    );
+}

@@ -56,8 +56,8 @@ const TESTS: &[&str] = &[
     "e2e_persist",
 ];
 
-/// 2-4 minutes of tests in the VM on a quiet machine, up to 6 on a busy one (TCG shares the
-/// cores); the rest is headroom within CI's budget.
+/// About 7 minutes of tests in the VM on a 2-core machine (TCG shares its cores with whatever
+/// else runs); the rest is headroom within CI's budget, against a hung VM.
 const TIMEOUT_SECS: u64 = 1500;
 const DIFF_PACKETS: u64 = 50_000;
 

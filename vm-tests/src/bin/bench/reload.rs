@@ -154,7 +154,9 @@ pub fn run(opts: &Options, report: &mut Report) -> Result<()> {
                 compile_ms.push(compiled.as_secs_f64() * 1e3);
                 swap_ms.push(swap.as_secs_f64() * 1e3);
                 live_ms.push(live.as_secs_f64() * 1e3);
-                // As the daemon does, a moment after the switch.
+                // As the daemon does a moment after the switch (it waits a second; a shorter
+                // pause keeps the run short, and the clearing itself first waits for packets
+                // still being judged by the old slot).
                 thread::sleep(Duration::from_millis(200));
                 enforcer.clear_inactive_slot()?;
             }

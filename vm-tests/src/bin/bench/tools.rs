@@ -312,9 +312,65 @@ fn measure(
             "ms",
         ));
     }
+    program_load(opts, report, &mut text)?;
     report.sections.push(Section {
         title: "5. Compiler, daemon, /metrics".to_string(),
         text,
     });
+    Ok(())
+}
+
+/// What loading the kernel programs costs: the instructions the verifier processes for each
+/// (its limit is 1,000,000; `vm-tests/tests/verifier_budget.rs` holds them to a third of it)
+/// and the time `Enforcer::load` takes, with the example policy.
+fn program_load(opts: &Options, report: &mut Report, text: &mut String) -> Result<()> {
+    const VERIFIER_LIMIT: f64 = 1_000_000.0;
+    let dir = vm_tests::lab::example_policy_dir();
+    let policy = policy_compiler::Policy::load_dir(&dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let artifact = policy_compiler::compile(&policy)?;
+    let runs = if opts.quick { 3 } else { opts.runs };
+    let mut load_ms = Vec::new();
+    let mut processed = Vec::new();
+    for _ in 0..runs {
+        let started = Instant::now();
+        let enforcer = enforcer::Enforcer::load(&artifact)?;
+        load_ms.push(started.elapsed().as_secs_f64() * 1e3);
+        processed.clear();
+        for name in [
+            enforcer_common::program_names::XDP_INGRESS,
+            enforcer_common::program_names::TC_EGRESS,
+        ] {
+            let program = enforcer.ebpf().program(name).context(name)?;
+            let count = program
+                .info()?
+                .verified_instruction_count()
+                .context("the kernel reports no verified instruction count")?;
+            processed.push((name, f64::from(count)));
+        }
+    }
+    let load = median(&load_ms);
+    let _ = writeln!(
+        text,
+        "\nLoading the kernel programs with the example policy (`Enforcer::load`, {runs} \
+         runs): {load:.0} ms; instructions the verifier processed: {}.\n",
+        processed
+            .iter()
+            .map(|(name, count)| format!("{name} {count:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    report
+        .figures
+        .push(Figure::new("program_load_time", load, "ms"));
+    for (name, count) in processed {
+        report.figures.push(
+            Figure::new(
+                format!("verifier_{name}_instructions"),
+                count,
+                "instructions",
+            )
+            .vs("the verifier's limit of 1,000,000", count / VERIFIER_LIMIT),
+        );
+    }
     Ok(())
 }
