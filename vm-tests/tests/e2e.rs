@@ -60,7 +60,14 @@ fn lab_connects_without_enforcer() {
     }
     let results = lab.run_probes(&probes, Duration::from_secs(2));
     for (probe, ok) in probes.iter().zip(&results) {
-        assert!(ok, "{probe} did not connect without any enforcer");
+        // A UDP probe is one datagram, and a fresh lab on a busy machine has lost one (CI,
+        // 2026-11-24: one of eight probes, nothing loaded): a probe that failed gets a second
+        // try before the lab is called broken. Nothing here judges the enforcer.
+        let retried = || lab.run_probes(std::slice::from_ref(probe), Duration::from_secs(2))[0];
+        assert!(
+            *ok || retried(),
+            "{probe} did not connect without any enforcer, twice"
+        );
     }
 
     let started = Instant::now();
