@@ -655,11 +655,12 @@ pub struct BreakglassValue {
     pub ranges: [BreakglassRange; BREAKGLASS_MAX_RANGES],
 }
 
-/// Bytes `i..i + 8` of a 16-byte address as one little-endian word, for the hashes below (the
-/// same on both sides). Built from bytes: the address may sit at any alignment.
+/// Bytes `i..i + 8` of a 16-byte address, for reading it as a word: little-endian for the
+/// hashes below (the same on both sides), big-endian to order addresses as numbers. Built byte
+/// by byte: the address may sit at any alignment.
 #[inline(always)]
-fn address_word(addr: &[u8; 16], i: usize) -> u64 {
-    u64::from_le_bytes([
+pub fn address_half(addr: &[u8; 16], i: usize) -> [u8; 8] {
+    [
         addr[i],
         addr[i + 1],
         addr[i + 2],
@@ -668,7 +669,12 @@ fn address_word(addr: &[u8; 16], i: usize) -> u64 {
         addr[i + 5],
         addr[i + 6],
         addr[i + 7],
-    ])
+    ]
+}
+
+#[inline(always)]
+fn address_word(addr: &[u8; 16], i: usize) -> u64 {
+    u64::from_le_bytes(address_half(addr, i))
 }
 
 /// A filter in front of the connection table, so that a packet of an untracked flow (a scan, a

@@ -14,8 +14,8 @@
 //! the daemon has enabled it: a 0 byte proves a flow untracked without the table's lookup.
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use enforcer_common::{
-    Config, FlowFilterState, FlowKey, FlowState, NO_RULE, counter, flow_filter, policy_change,
-    proto_key, tcp_state, timeout,
+    Config, FlowFilterState, FlowKey, FlowState, NO_RULE, address_half, counter, flow_filter,
+    policy_change, proto_key, tcp_state, timeout,
 };
 
 use crate::{
@@ -91,19 +91,7 @@ fn note_in_filter(key: &FlowKey, filter: &FlowFilterState) {
 /// Orders two endpoints: address (as big-endian numbers), then port.
 #[inline(always)]
 fn endpoint_le(a: &Addr, a_port: u16, b: &Addr, b_port: u16) -> bool {
-    let half = |addr: &Addr, i: usize| {
-        let addr = &addr.0;
-        u64::from_be_bytes([
-            addr[i],
-            addr[i + 1],
-            addr[i + 2],
-            addr[i + 3],
-            addr[i + 4],
-            addr[i + 5],
-            addr[i + 6],
-            addr[i + 7],
-        ])
-    };
+    let half = |addr: &Addr, i: usize| u64::from_be_bytes(address_half(&addr.0, i));
     (half(a, 0), half(a, 8), a_port) <= (half(b, 0), half(b, 8), b_port)
 }
 
