@@ -65,7 +65,15 @@ pub mod map_names {
     pub const ACTIVE: &str = "ACTIVE";
     pub const COUNTERS: &str = "COUNTERS";
     pub const DROPS_BY_PROTOCOL: &str = "DROPS_BY_PROTOCOL";
+    /// Per-CPU hash of [`crate::PairVerdictKey`] -> `u64`: segment-pair verdict counts that
+    /// their slot's [`PAIR_COUNTS`] table had no element for.
     pub const PAIR_VERDICTS: &str = "PAIR_VERDICTS";
+    /// Per slot, a per-CPU array of [`crate::PairCount`] ([`crate::PAIR_COUNT_SLOTS`]
+    /// elements): the slot's segment-pair verdict counts, each CPU claiming elements for the
+    /// keys it counts. Inlined array lookups, where the hash costs a call and a key hash per
+    /// judged packet. The daemon reads the inactive slot's table and empties it after a
+    /// switch, once no program judges with that slot; it never writes the active one's.
+    pub const PAIR_COUNTS: [&str; 2] = ["PAIR_COUNTS_0", "PAIR_COUNTS_1"];
     pub const CONNTRACK: &str = "CONNTRACK";
     /// The filter in front of [`CONNTRACK`]: two halves of [`crate::FlowFilterLine`]s, one byte
     /// per hash of a flow key (see [`crate::flow_filter`]). Memory-mapped by the daemon.
@@ -471,6 +479,37 @@ pub struct PairVerdictKey {
     /// The outcome [`counter`].
     pub counter: u8,
     pub _pad: [u8; 2],
+}
+
+/// Elements of each [`map_names::PAIR_COUNTS`] table (a power of two): 96 KiB per CPU and slot.
+///
+/// A policy of a few dozen segments judges a few hundred distinct (pair, direction, outcome)
+/// keys; a key whose element another key holds is counted in [`map_names::PAIR_VERDICTS`].
+pub const PAIR_COUNT_SLOTS: u32 = 4096;
+
+/// An element of a [`map_names::PAIR_COUNTS`] table: the key this CPU counts there (generation
+/// 0: none yet) and its count.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PairCount {
+    pub key: PairVerdictKey,
+    pub count: u64,
+}
+
+impl PairVerdictKey {
+    /// The element of a [`map_names::PAIR_COUNTS`] table that counts this key (the generation
+    /// is left out: one slot's table only ever counts one generation).
+    #[inline(always)]
+    pub fn count_slot(&self) -> u32 {
+        // Segment ids are small: direction and outcome go into the unused upper half of the
+        // source's word. A multiply's top bits depend on every bit below them.
+        let word = u64::from(self.src_segment)
+            ^ u64::from(self.direction) << 24
+            ^ u64::from(self.counter) << 16
+            ^ u64::from(self.dst_segment) << 32;
+        let h = word.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        (h >> (64 - PAIR_COUNT_SLOTS.trailing_zeros())) as u32
+    }
 }
 
 /// Indexes of the per-CPU [`map_names::EVENT_COUNTERS`] array.
@@ -1156,6 +1195,7 @@ mod pod {
     unsafe impl aya::Pod for FragmentKey {}
     unsafe impl aya::Pod for FragmentState {}
     unsafe impl aya::Pod for PairVerdictKey {}
+    unsafe impl aya::Pod for PairCount {}
     unsafe impl aya::Pod for EventLimiterKey {}
     unsafe impl aya::Pod for RecentEvent {}
     unsafe impl aya::Pod for Event {}

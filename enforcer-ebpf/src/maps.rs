@@ -11,9 +11,9 @@ use aya_ebpf::{
 use enforcer_common::{
     AddrInfo, BREAKGLASS_MAX_PAIRS, BreakglassKey, BreakglassValue, Config, DEFAULT_MAX_ENTRIES,
     FlowFilterLine, FlowFilterState, FlowKey, FlowState, FragmentKey, FragmentState, HostBucketV4,
-    HostBucketV6, PairBucket, PairKey, PairValue, PairVerdictKey, PortBucket, PortKey, PortValue,
-    QUARANTINE_MAX_ENTRIES, QuarantineKey, RECENT_EVENT_SLOTS, RecentEvent, SegmentInfo, counter,
-    direction, event_counter, protocol_class,
+    HostBucketV6, PAIR_COUNT_SLOTS, PairBucket, PairCount, PairKey, PairValue, PairVerdictKey,
+    PortBucket, PortKey, PortValue, QUARANTINE_MAX_ENTRIES, QuarantineKey, RECENT_EVENT_SLOTS,
+    RecentEvent, SegmentInfo, counter, direction, event_counter, protocol_class,
 };
 
 use crate::packet::Scratch;
@@ -25,7 +25,7 @@ use crate::packet::Scratch;
 macro_rules! policy_slot {
     ($slot:ident, $index:literal, $hosts_v4:ident, $hosts_v6:ident, $addr_v4:ident,
      $addr_v6:ident, $segments:ident, $pairs:ident, $pairs_overflow:ident, $ports_exact:ident,
-     $ports:ident, $rule_hits:ident, $breakglass:ident) => {
+     $ports:ident, $rule_hits:ident, $breakglass:ident, $pair_counts:ident) => {
         #[map]
         pub static $hosts_v4: Array<HostBucketV4> =
             Array::with_max_entries(DEFAULT_MAX_ENTRIES, BPF_F_MMAPABLE);
@@ -58,6 +58,9 @@ macro_rules! policy_slot {
         #[map]
         pub static $breakglass: HashMap<BreakglassKey, BreakglassValue> =
             HashMap::with_max_entries(BREAKGLASS_MAX_PAIRS, 0);
+        #[map]
+        pub static $pair_counts: PerCpuArray<PairCount> =
+            PerCpuArray::with_max_entries(PAIR_COUNT_SLOTS, 0);
 
         impl_policy_slot!(
             $slot,
@@ -72,7 +75,8 @@ macro_rules! policy_slot {
             $ports_exact,
             $ports,
             $rule_hits,
-            $breakglass
+            $breakglass,
+            $pair_counts
         );
     };
 }
@@ -94,12 +98,13 @@ pub trait PolicySlot {
     fn ports() -> &'static LpmTrie<PortKey, PortValue>;
     fn rule_hits() -> &'static PerCpuArray<u64>;
     fn breakglass() -> &'static HashMap<BreakglassKey, BreakglassValue>;
+    fn pair_counts() -> &'static PerCpuArray<PairCount>;
 }
 
 macro_rules! impl_policy_slot {
     ($slot:ident, $index:literal, $hosts_v4:ident, $hosts_v6:ident, $addr_v4:ident,
      $addr_v6:ident, $segments:ident, $pairs:ident, $pairs_overflow:ident, $ports_exact:ident,
-     $ports:ident, $rule_hits:ident, $breakglass:ident) => {
+     $ports:ident, $rule_hits:ident, $breakglass:ident, $pair_counts:ident) => {
         pub struct $slot;
 
         impl PolicySlot for $slot {
@@ -148,6 +153,10 @@ macro_rules! impl_policy_slot {
             fn breakglass() -> &'static HashMap<BreakglassKey, BreakglassValue> {
                 &$breakglass
             }
+            #[inline(always)]
+            fn pair_counts() -> &'static PerCpuArray<PairCount> {
+                &$pair_counts
+            }
         }
     };
 }
@@ -166,7 +175,8 @@ policy_slot!(
     PORTS_EXACT_0,
     PORTS_0,
     RULE_HITS_0,
-    BREAKGLASS_0
+    BREAKGLASS_0,
+    PAIR_COUNTS_0
 );
 // Slot 1 and its maps.
 policy_slot!(
@@ -182,7 +192,8 @@ policy_slot!(
     PORTS_EXACT_1,
     PORTS_1,
     RULE_HITS_1,
-    BREAKGLASS_1
+    BREAKGLASS_1,
+    PAIR_COUNTS_1
 );
 
 /// The slot that judges packets.
@@ -232,6 +243,8 @@ pub static COUNTERS: PerCpuArray<u64> =
 pub static DROPS_BY_PROTOCOL: PerCpuArray<u64> =
     PerCpuArray::with_max_entries(direction::COUNT * counter::COUNT * protocol_class::COUNT, 0);
 
+/// The segment-pair counts a slot's `PAIR_COUNTS` table had no element for (see
+/// `counters::pair_verdict`).
 #[map]
 pub static PAIR_VERDICTS: PerCpuHashMap<PairVerdictKey, u64> =
     PerCpuHashMap::with_max_entries(65_536, 0);

@@ -117,7 +117,7 @@ fn account<P: PolicySlot>(
     }
     let judged = segments.src != UNKNOWN;
     if judged {
-        counters::pair_verdict(&PairVerdictKey {
+        counters::pair_verdict::<P>(&PairVerdictKey {
             generation: config.generation,
             src_segment: segments.src,
             dst_segment: segments.dst,

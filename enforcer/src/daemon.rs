@@ -68,7 +68,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use aya::maps::{MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf};
+use aya::maps::{MapData, MapError, PerCpuArray, RingBuf};
 use enforcer_common::{
     Event, PairVerdictKey, counter, direction, event_counter, map_names, protocol_class,
 };
@@ -600,22 +600,13 @@ impl Daemon {
         if let Err(error) = enforcer.clear_inactive_slot() {
             warn!(%error, "emptying the previous policy's maps failed");
         }
-        let current = enforcer.generation();
-        if let Err(error) = self.fold_old_verdicts(&mut enforcer, current) {
+        if let Err(error) = self.fold_old_verdicts(&mut enforcer) {
             warn!(%error, "folding old segment-pair counters failed");
         }
     }
 
-    fn fold_old_verdicts(&self, enforcer: &mut Enforcer, current: u32) -> Result<(), DaemonError> {
-        let map = map_names::PAIR_VERDICTS;
-        let verdicts = read_pair_verdicts(enforcer)?;
-        let old: Vec<(PairVerdictKey, u64)> = verdicts
-            .into_iter()
-            .filter(|(key, _)| key.generation < current)
-            .collect();
-        if old.is_empty() {
-            return Ok(());
-        }
+    fn fold_old_verdicts(&self, enforcer: &mut Enforcer) -> Result<(), DaemonError> {
+        let old = enforcer.take_old_pair_verdicts()?;
         let namer = self.namer.lock().unwrap_or_else(|p| p.into_inner());
         let mut base = self.verdict_base.lock().unwrap_or_else(|p| p.into_inner());
         // Generations this daemon never loaded (counted before it adopted pinned maps) have no
@@ -625,17 +616,6 @@ impl Daemon {
             .filter(|(key, _)| namer.policy(key.generation).is_some())
         {
             *base.entry(verdict_labels(&namer, key)).or_default() += count;
-        }
-        drop((namer, base));
-        let mut table: PerCpuHashMap<_, PairVerdictKey, u64> = PerCpuHashMap::try_from(
-            enforcer
-                .ebpf_mut()
-                .map_mut(map)
-                .ok_or(DaemonError::EventsTaken)?,
-        )
-        .map_err(|source| DaemonError::Map { map, source })?;
-        for (key, _) in &old {
-            let _ = table.remove(key);
         }
         Ok(())
     }
@@ -772,7 +752,7 @@ impl Daemon {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        if let Ok(current) = read_pair_verdicts(&enforcer) {
+        if let Ok(current) = enforcer.pair_verdicts() {
             let namer = self.namer.lock().unwrap_or_else(|p| p.into_inner());
             for (key, count) in current {
                 if namer.policy(key.generation).is_some() {
@@ -937,18 +917,6 @@ fn verdict_labels(namer: &EventNamer, key: &PairVerdictKey) -> VerdictLabels {
         action: action.to_string(),
         match_: match_.to_string(),
     }
-}
-
-fn read_pair_verdicts(enforcer: &Enforcer) -> Result<Vec<(PairVerdictKey, u64)>, DaemonError> {
-    let map = map_names::PAIR_VERDICTS;
-    let table: PerCpuHashMap<_, PairVerdictKey, u64> =
-        PerCpuHashMap::try_from(enforcer.ebpf().map(map).ok_or(DaemonError::EventsTaken)?)
-            .map_err(|source| DaemonError::Map { map, source })?;
-    Ok(table
-        .iter()
-        .filter_map(Result::ok)
-        .map(|(key, values)| (key, values.iter().sum()))
-        .collect())
 }
 
 fn read_per_cpu_array(

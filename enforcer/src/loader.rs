@@ -11,8 +11,8 @@ use aya::{
     },
 };
 use enforcer_common::{
-    Config, HOST_PREFIX_V4, HOST_PREFIX_V6, PORT_EXACT_PREFIX, event_flags, exact_table, map_names,
-    program_names,
+    Config, HOST_PREFIX_V4, HOST_PREFIX_V6, PORT_EXACT_PREFIX, PairVerdictKey, event_flags,
+    exact_table, map_names, program_names,
 };
 use policy_compiler::{
     Artifact, Grant,
@@ -68,6 +68,8 @@ pub enum LoadError {
     BreakglassCapacity(#[from] CapacityError),
     #[error(transparent)]
     Quiesce(#[from] QuiesceError),
+    #[error(transparent)]
+    Counters(#[from] CounterError),
 }
 
 /// How the programs ended up attached to an interface.
@@ -565,6 +567,23 @@ impl Enforcer {
     /// One outcome counter of one direction, summed over CPUs.
     pub fn counter(&self, dir: u32, counter: u32) -> Result<u64, CounterError> {
         counters::read_one(&self.ebpf, dir, counter)
+    }
+
+    /// Segment-pair verdict counts of every policy generation still in the kernel, summed over
+    /// CPUs (see [`counters::pair_verdicts`]).
+    pub fn pair_verdicts(&self) -> Result<Vec<(PairVerdictKey, u64)>, CounterError> {
+        counters::pair_verdicts(&self.ebpf)
+    }
+
+    /// Takes the segment-pair counts of earlier policy generations out of the kernel, once no
+    /// program judges with them (see [`counters::take_old_pair_verdicts`]).
+    pub fn take_old_pair_verdicts(&mut self) -> Result<Vec<(PairVerdictKey, u64)>, LoadError> {
+        self.wait_until_inactive_slot_unread()?;
+        Ok(counters::take_old_pair_verdicts(
+            &mut self.ebpf,
+            1 - self.active_slot,
+            self.generation,
+        )?)
     }
 
     /// How many new flows rule `rule_index` of the active policy admitted, summed over CPUs.

@@ -4,9 +4,8 @@
 //! restores its segment. Every packet is also checked against the reference model. Needs root.
 use std::{collections::BTreeSet, net::IpAddr, path::PathBuf};
 
-use aya::maps::PerCpuHashMap;
 use enforcer_common::{
-    PairVerdictKey, counter,
+    counter,
     direction::{EGRESS, INGRESS},
     map_names,
 };
@@ -194,17 +193,17 @@ fn a_quarantined_host_is_isolated_both_ways_and_its_flows_are_cut() {
         .find(|s| s.name == "pacs")
         .unwrap()
         .id;
-    let verdicts: PerCpuHashMap<_, PairVerdictKey, u64> =
-        PerCpuHashMap::try_from(h.enforcer.ebpf().map(map_names::PAIR_VERDICTS).unwrap()).unwrap();
-    let denied_from_quarantine: u64 = verdicts
-        .iter()
-        .filter_map(Result::ok)
+    let denied_from_quarantine: u64 = h
+        .enforcer
+        .pair_verdicts()
+        .unwrap()
+        .into_iter()
         .filter(|(key, _)| {
             key.src_segment == quarantine_id
                 && key.dst_segment == pacs_id
                 && u32::from(key.counter) == counter::DROP_POLICY_DENIED
         })
-        .map(|(_, values)| values.iter().sum::<u64>())
+        .map(|(_, count)| count)
         .sum();
     assert_eq!(denied_from_quarantine, 3, "cut, cut v6, new dicom");
 

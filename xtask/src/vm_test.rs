@@ -49,6 +49,8 @@ const TESTS: &[&str] = &[
     "packet_verdicts",
     "connection_tracking",
     "quarantine_verdicts",
+    // Segment-pair counts in the per-CPU tables and the hash behind them, and taking them.
+    "pair_verdicts",
     "breakglass",
     "differential",
     "e2e",

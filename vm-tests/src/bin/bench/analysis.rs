@@ -63,7 +63,18 @@ fn explanation(name: &str) -> &'static str {
          its cost at every size and corpus. Runs of one build an hour apart differ far more \
          than that (the judged corpus at 100k: 7.3 to 9.2 times the empty program in four runs \
          of session 12, as other work on the machine came and went): compare builds side by \
-         side, not across runs."
+         side, not across runs. Session 13 took the hash out of the segment-pair counts: each \
+         slot has a per-CPU array (`PAIR_COUNTS_*`, 4,096 elements of key and count) in which a \
+         CPU claims the element its key hashes to, and only a key whose element another key \
+         holds is counted in PAIR_VERDICTS. Side by side with the build before it (`--only \
+         per-packet --runs 10 --baseline-object`): 0.86-0.90 of the judged corpus's cost at \
+         every size, 0.95-0.97 of the mixed one's. The same session profiled the JIT-compiled \
+         programs instruction by instruction (`perf` samples on the benchmark's CPU, mapped to \
+         source lines through the programs' jited line info): about half of a packet's time in \
+         the program is the decision (`decide_ip`: the array lookups, the tables' buckets, the \
+         event limiter, the counters), a sixth each parsing and the entry program (the clock, \
+         two calls), the rest the kernel's hash code; no single instruction site has more than \
+         4% of it."
     } else if name.starts_with("e2e") {
         "Why: in front of a veth every frame is a different flow, so unlike the repeated frame \
          of BPF_PROG_TEST_RUN the maps are not in cache, and each lookup of a judged packet \
@@ -95,9 +106,12 @@ fn explanation(name: &str) -> &'static str {
          enforcer at 100k rules went from 0.78, 0.84 and 0.84 to 1.09, 1.07 and 1.22 Mpps, and \
          its ratio to the floor at 10 rules from 0.33-0.37 to 0.47-0.56. What would close it: \
          fewer random memory accesses per judged packet, above all for denials, which this \
-         benchmark sends exclusively (the event limiter's slot, PAIR_VERDICTS, the filter's \
+         benchmark sends exclusively (the event limiter's slot, the filter's \
          byte and the tables' buckets are each a miss at 100k); the 0.8 of the floor asks for \
-         at most one or two per packet, and a denial has to look up both addresses at least."
+         at most one or two per packet, and a denial has to look up both addresses at least. \
+         Session 13's segment-pair tables (see the per-packet figures): 1.06, 1.09 and 1.07 \
+         times the build before it at 10, 1k and 100k rules (`--only e2e --runs 5 \
+         --baseline-object`)."
     } else if name.starts_with("reload") {
         "Why: time to live is validation + compilation in user space (split in the section 3 \
          table) plus writing the maps. The writes were first batched (BPF_MAP_UPDATE_BATCH for \
@@ -126,7 +140,7 @@ fn explanation(name: &str) -> &'static str {
     } else if name.starts_with("events") {
         "Why: two ends bound the live-frames figure, and on this shared 2-CPU VM either can be \
          the slower from one run to the next. The kernel side: the generator, the veth transmit \
-         and the enforcer's denial (connection-table miss, policy lookups, PAIR_VERDICTS, the \
+         and the enforcer's denial (connection-table miss, policy lookups, the segment-pair count, the \
          limiter slot, the ring-buffer copy) share one CPU; it ran at 0.85 to 1.2M denied \
          packets/s in session 6's runs of the same build. The reader, on the other CPU: each \
          event crosses between the CPUs' caches, is named (`EventNamer::name`) and written as \
