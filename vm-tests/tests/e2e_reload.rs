@@ -128,6 +128,18 @@ fn connects_within(lab: &Lab, from: &str, to: IpAddr, port: u16, timeout: Durati
     }
 }
 
+/// Judged lab -> pacs packets dropped, over every policy generation the daemon loaded.
+fn lab_to_pacs_dropped(metrics: &Metrics) -> f64 {
+    metrics.sum(
+        "enforcer_policy_verdicts_total",
+        &[
+            ("source_segment", "lab"),
+            ("destination_segment", "pacs"),
+            ("action", "dropped"),
+        ],
+    )
+}
+
 fn reloads(metrics: &Metrics, outcome: &str) -> u64 {
     metrics.sum("enforcer_policy_reload_total", &[("outcome", outcome)]) as u64
 }
@@ -177,6 +189,14 @@ fn policy_reloads_on_change_and_sighup_without_interrupting_flows() -> Result<()
         !lab.tcp_connect("lab-ws", pacs, 104, POLL_PROBE_TIMEOUT),
         "lab-ws reached pacs tcp/104 before any rule allowed it"
     );
+    // Counted under the first policy; the reloads below must not lose them.
+    let (counted, metrics) =
+        metrics_until(&enforcer, RELOAD_WITHIN, |m| lab_to_pacs_dropped(m) >= 1.0)?;
+    ensure!(
+        counted,
+        "the denied lab-ws -> pacs attempt was not counted:\n{metrics}"
+    );
+    let dropped_before = lab_to_pacs_dropped(&metrics);
 
     // The allowed flow, probed all along with new connections (each judged by the policy in
     // force at that moment).
@@ -221,6 +241,16 @@ fn policy_reloads_on_change_and_sighup_without_interrupting_flows() -> Result<()
         "only {flow_probes} probes of the allowed flow"
     );
     eprintln!("allowed flow probed {flow_probes} times during the reloads, never failed");
+    // The daemon takes the previous policy's segment-pair counts out of the kernel a second
+    // after each reload; a counter must not go backwards when it does.
+    thread::sleep(Duration::from_millis(1500));
+    let metrics = enforcer.metrics()?;
+    ensure!(
+        lab_to_pacs_dropped(&metrics) >= dropped_before,
+        "enforcer_policy_verdicts_total for lab -> pacs dropped went from {dropped_before} to {} \
+         across the reloads:\n{metrics}",
+        lab_to_pacs_dropped(&metrics)
+    );
     enforcer.stop().context("stopping the daemon")?;
     Ok(())
 }
