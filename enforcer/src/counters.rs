@@ -7,6 +7,7 @@ use aya::{
 };
 use enforcer_common::{PAIR_COUNT_SLOTS, PairCount, PairVerdictKey, counter, direction, map_names};
 use serde::Serialize;
+use tracing::warn;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CounterError {
@@ -122,58 +123,53 @@ fn hashed_pair_verdicts(ebpf: &Ebpf) -> Result<Vec<(PairVerdictKey, u64)>, Count
 /// judges with `slot` or with an earlier generation: a program counting meanwhile would lose
 /// its counts. The active slot's table is never written: an old generation's counts there (a
 /// daemon that stopped before taking them) stay until that slot is the previous one.
+///
+/// Returns exactly what left the kernel: an element that could not be emptied, or a key that
+/// could not be removed, is logged and stays where it is, still read by [`pair_verdicts`], so
+/// a count is neither lost nor counted twice.
 pub(crate) fn take_old_pair_verdicts(
     ebpf: &mut Ebpf,
     slot: usize,
     current: u32,
 ) -> Result<Vec<(PairVerdictKey, u64)>, CounterError> {
-    let mut counts: BTreeMap<PairVerdictKey, u64> =
-        take_pair_counts(ebpf, slot)?.into_iter().collect();
-    let map = map_names::PAIR_VERDICTS;
+    let mut counts: BTreeMap<PairVerdictKey, u64> = BTreeMap::new();
+    let table = map_names::PAIR_COUNTS[slot];
+    let mut elements: BTreeMap<u32, Vec<PairCount>> = BTreeMap::new();
+    let mut cpus = 0;
+    for_each_pair_count(ebpf, table, |index, count, copies| {
+        elements.entry(index).or_default().push(*count);
+        cpus = copies;
+    })?;
+    let hash = map_names::PAIR_VERDICTS;
     let old: Vec<(PairVerdictKey, u64)> = hashed_pair_verdicts(ebpf)?
         .into_iter()
         .filter(|(key, _)| key.generation < current)
         .collect();
-    let mut hash: PerCpuHashMap<_, PairVerdictKey, u64> =
-        PerCpuHashMap::try_from(ebpf.map_mut(map).ok_or(CounterError::MissingMap(map))?)
-            .map_err(|source| CounterError::Map { map, source })?;
-    for (key, count) in old {
-        hash.remove(&key)
-            .map_err(|source| CounterError::Map { map, source })?;
-        *counts.entry(key).or_default() += count;
-    }
-    Ok(counts.into_iter().collect())
-}
 
-/// Reads the pair-count table of `slot` and empties it.
-fn take_pair_counts(
-    ebpf: &mut Ebpf,
-    slot: usize,
-) -> Result<Vec<(PairVerdictKey, u64)>, CounterError> {
-    let map = map_names::PAIR_COUNTS[slot];
-    let mut counts: BTreeMap<PairVerdictKey, u64> = BTreeMap::new();
-    let mut used = Vec::new();
-    let mut cpus = 0;
-    for_each_pair_count(ebpf, map, |index, count, copies| {
-        *counts.entry(count.key).or_default() += count.count;
-        if used.last() != Some(&index) {
-            used.push(index);
-        }
-        cpus = copies;
-    })?;
-    let mut table: PerCpuArray<_, PairCount> =
-        PerCpuArray::try_from(ebpf.map_mut(map).ok_or(CounterError::MissingMap(map))?)
-            .map_err(|source| CounterError::Map { map, source })?;
-    for index in used {
-        let empty = PerCpuValues::try_from(vec![PairCount::default(); cpus]).map_err(|source| {
-            CounterError::Map {
-                map,
-                source: source.into(),
+    let mut array: PerCpuArray<_, PairCount> =
+        PerCpuArray::try_from(ebpf.map_mut(table).ok_or(CounterError::MissingMap(table))?)
+            .map_err(|source| CounterError::Map { map: table, source })?;
+    for (index, taken) in elements {
+        let emptied = PerCpuValues::try_from(vec![PairCount::default(); cpus])
+            .map_err(MapError::from)
+            .and_then(|empty| array.set(index, empty, 0));
+        match emptied {
+            Ok(()) => {
+                for count in taken {
+                    *counts.entry(count.key).or_default() += count.count;
+                }
             }
-        })?;
-        table
-            .set(index, empty, 0)
-            .map_err(|source| CounterError::Map { map, source })?;
+            Err(error) => warn!(map = table, index, %error, "emptying an element failed"),
+        }
+    }
+    let mut hashed: PerCpuHashMap<_, PairVerdictKey, u64> =
+        PerCpuHashMap::try_from(ebpf.map_mut(hash).ok_or(CounterError::MissingMap(hash))?)
+            .map_err(|source| CounterError::Map { map: hash, source })?;
+    for (key, count) in old {
+        match hashed.remove(&key) {
+            Ok(()) => *counts.entry(key).or_default() += count,
+            Err(error) => warn!(map = hash, ?key, %error, "removing an old key failed"),
+        }
     }
     Ok(counts.into_iter().collect())
 }
