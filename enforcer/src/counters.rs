@@ -1,9 +1,9 @@
 //! Reading the per-CPU outcome counters and rule hits.
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, os::fd::AsFd as _};
 
 use aya::{
     Ebpf,
-    maps::{MapError, PerCpuArray, PerCpuHashMap, PerCpuValues},
+    maps::{Map, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues},
 };
 use enforcer_common::{PAIR_COUNT_SLOTS, PairCount, PairVerdictKey, counter, direction, map_names};
 use serde::Serialize;
@@ -175,15 +175,47 @@ pub(crate) fn take_old_pair_verdicts(
 }
 
 /// Calls `f` with every element index and CPU copy of table `map` that holds a key, and the
-/// number of copies of an element.
+/// number of copies of an element. One batch lookup for the whole table where the kernel has
+/// it, else one lookup per element (a scrape reads both tables: 8,192 syscalls that way).
 fn for_each_pair_count(
     ebpf: &Ebpf,
     map: &'static str,
     mut f: impl FnMut(u32, &PairCount, usize),
 ) -> Result<(), CounterError> {
+    // Per-CPU values are laid out 8-byte aligned, one per possible CPU.
+    const _: () = assert!(std::mem::size_of::<PairCount>().is_multiple_of(8));
     let table: PerCpuArray<_, PairCount> =
         PerCpuArray::try_from(ebpf.map(map).ok_or(CounterError::MissingMap(map))?)
             .map_err(|source| CounterError::Map { map, source })?;
+    if let (Ok(cpus), Some(Map::PerCpuArray(data))) = (aya::util::nr_cpus(), ebpf.map(map)) {
+        let size = std::mem::size_of::<PairCount>();
+        let mut batch = Vec::new();
+        let listed = crate::policy_maps::for_each_entry(
+            data.fd().as_fd(),
+            std::mem::size_of::<u32>(),
+            size * cpus,
+            |key, value| {
+                let index = u32::from_ne_bytes(key.try_into().unwrap_or_default());
+                // SAFETY: `value` holds `cpus` values of `PairCount`'s size, written by the
+                // kernel; `Pod` takes any bytes.
+                let copies = (0..cpus).map(|cpu| unsafe {
+                    value[cpu * size..][..size]
+                        .as_ptr()
+                        .cast::<PairCount>()
+                        .read_unaligned()
+                });
+                batch.push((index, copies.collect::<Vec<_>>()));
+            },
+        );
+        if listed.is_ok() {
+            for (index, copies) in &batch {
+                for count in copies.iter().filter(|count| count.key.generation != 0) {
+                    f(*index, count, copies.len());
+                }
+            }
+            return Ok(());
+        }
+    }
     for index in 0..table.len().min(PAIR_COUNT_SLOTS) {
         let copies = table
             .get(&index, 0)

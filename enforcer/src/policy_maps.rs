@@ -162,7 +162,15 @@ unsafe fn batch_syscall(command: libc::c_long, attr: &mut BatchAttr) -> std::io:
 /// kernel refuses part way; what is left is still in the map. Only for plain (not per-CPU)
 /// hashes, whose values are `V` as is: `HashMap::try_from` in the caller refuses the others.
 fn drain<K: Pod, V: Pod>(fd: std::os::fd::BorrowedFd<'_>) -> Result<(), std::io::Error> {
-    walk_batches::<K, V>(fd, BPF_MAP_LOOKUP_AND_DELETE_BATCH, |_| {}).map(|_| ())
+    let (key_size, value_size) = (std::mem::size_of::<K>(), std::mem::size_of::<V>());
+    walk_batches(
+        fd,
+        BPF_MAP_LOOKUP_AND_DELETE_BATCH,
+        key_size,
+        value_size,
+        |_, _| {},
+    )
+    .map(|_| ())
 }
 
 /// Calls `each` with every key of the hash map `fd` (plain, not per-CPU, values `V`), listed
@@ -171,24 +179,46 @@ fn drain<K: Pod, V: Pod>(fd: std::os::fd::BorrowedFd<'_>) -> Result<(), std::io:
 /// or may not be. `Err` when the kernel refuses.
 pub(crate) fn for_each_key<K: Pod, V: Pod>(
     fd: std::os::fd::BorrowedFd<'_>,
-    each: impl FnMut(&K),
-) -> Result<usize, std::io::Error> {
-    walk_batches::<K, V>(fd, BPF_MAP_LOOKUP_BATCH, each)
-}
-
-/// Walks the hash map `fd` with the batch lookup `command` (`BPF_MAP_LOOKUP_BATCH`, or
-/// `BPF_MAP_LOOKUP_AND_DELETE_BATCH`, which also removes what it reads), [`BATCH_ENTRIES`] per
-/// syscall, calling `each` with every key read; returns how many.
-fn walk_batches<K: Pod, V: Pod>(
-    fd: std::os::fd::BorrowedFd<'_>,
-    command: libc::c_long,
     mut each: impl FnMut(&K),
 ) -> Result<usize, std::io::Error> {
+    let (key_size, value_size) = (std::mem::size_of::<K>(), std::mem::size_of::<V>());
+    walk_batches(fd, BPF_MAP_LOOKUP_BATCH, key_size, value_size, |key, _| {
+        // SAFETY: `key` holds `K`'s size of bytes the kernel wrote; `Pod` takes any bytes.
+        each(&unsafe { key.as_ptr().cast::<K>().read_unaligned() })
+    })
+}
+
+/// Calls `each` with the bytes of every key and value of map `fd`, listed with
+/// `BPF_MAP_LOOKUP_BATCH` (Linux 5.6), up to [`BATCH_ENTRIES`] per syscall; returns how many.
+/// A per-CPU map's value is every possible CPU's copy, each rounded up to 8 bytes.
+pub(crate) fn for_each_entry(
+    fd: std::os::fd::BorrowedFd<'_>,
+    key_size: usize,
+    value_size: usize,
+    each: impl FnMut(&[u8], &[u8]),
+) -> Result<usize, std::io::Error> {
+    walk_batches(fd, BPF_MAP_LOOKUP_BATCH, key_size, value_size, each)
+}
+
+/// Walks map `fd` with the batch lookup `command` (`BPF_MAP_LOOKUP_BATCH`, or
+/// `BPF_MAP_LOOKUP_AND_DELETE_BATCH`, which also removes what it reads), up to [`BATCH_ENTRIES`]
+/// per syscall, calling `each` with the bytes of every key and value read; returns how many.
+fn walk_batches(
+    fd: std::os::fd::BorrowedFd<'_>,
+    command: libc::c_long,
+    key_size: usize,
+    value_size: usize,
+    mut each: impl FnMut(&[u8], &[u8]),
+) -> Result<usize, std::io::Error> {
     use std::os::fd::AsRawFd as _;
-    let key_size = std::mem::size_of::<K>();
-    let mut keys = vec![0u8; key_size * BATCH_ENTRIES];
-    let mut values = vec![0u8; std::mem::size_of::<V>() * BATCH_ENTRIES];
-    // The kernel's position in the table (a bucket index for a hash), opaque here.
+    // A per-CPU map's entries are large on a large machine: at most about 1 MiB per batch.
+    let batch = BATCH_ENTRIES
+        .min((1 << 20) / (key_size + value_size).max(1))
+        .max(1);
+    let mut keys = vec![0u8; key_size * batch];
+    let mut values = vec![0u8; value_size * batch];
+    // The kernel's position in the map (a bucket index for a hash, the last key for an array),
+    // opaque here; room for either.
     let (mut position, mut next) = (0u64, 0u64);
     let mut first = true;
     let mut read = 0;
@@ -202,12 +232,12 @@ fn walk_batches<K: Pod, V: Pod>(
             out_batch: &mut next as *mut u64 as u64,
             keys: keys.as_mut_ptr() as u64,
             values: values.as_mut_ptr() as u64,
-            count: BATCH_ENTRIES as u32,
+            count: batch as u32,
             map_fd: fd.as_raw_fd() as u32,
             ..BatchAttr::default()
         };
-        // SAFETY: `attr` points at room for `count` keys and values of the map's sizes (the
-        // `Pod` types it was opened with) and at two 8-byte positions, alive for the call.
+        // SAFETY: `attr` points at room for `count` keys and values of the sizes the caller
+        // gives for the map, and at two 8-byte positions, alive for the call.
         let result = unsafe { batch_syscall(command, &mut attr) };
         // ENOENT: the end of the table; this call's entries were still read.
         let end = match result {
@@ -215,16 +245,12 @@ fn walk_batches<K: Pod, V: Pod>(
             Err(error) if error.raw_os_error() == Some(libc::ENOENT) => true,
             Err(error) => return Err(error),
         };
-        let count = (attr.count as usize).min(BATCH_ENTRIES);
+        let count = (attr.count as usize).min(batch);
         for index in 0..count {
-            // SAFETY: the kernel wrote `count` keys of `K`'s size; `Pod` takes any bytes.
-            let key = unsafe {
-                keys.as_ptr()
-                    .add(index * key_size)
-                    .cast::<K>()
-                    .read_unaligned()
-            };
-            each(&key);
+            each(
+                &keys[index * key_size..][..key_size],
+                &values[index * value_size..][..value_size],
+            );
         }
         read += count;
         if end {
