@@ -119,19 +119,36 @@ fn differences(
         .collect()
 }
 
+/// `got` must equal `want`, key by key.
+fn assert_same(
+    what: &str,
+    got: &BTreeMap<PairVerdictKey, u64>,
+    want: &BTreeMap<PairVerdictKey, u64>,
+) {
+    assert!(
+        got == want,
+        "{what}: {} keys counted, {} sent; first differences: {:#?}",
+        got.len(),
+        want.len(),
+        differences(got, want)
+    );
+}
+
+/// The daemon's take after a reload, by key.
+fn take(h: &mut KernelHarness) -> BTreeMap<PairVerdictKey, u64> {
+    h.enforcer
+        .take_old_pair_verdicts()
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
 #[test]
 fn every_judged_packet_is_counted_once_for_its_pair_in_the_table_or_the_hash() {
     let mut h = KernelHarness::load(policy(false)).unwrap();
     let generation = h.enforcer.generation();
     let expected = judge_every_pair(&mut h, generation);
-    let got = counts_of(&h, generation);
-    assert!(
-        got == expected,
-        "{} keys counted, {} sent; first differences: {:#?}",
-        got.len(),
-        expected.len(),
-        differences(&got, &expected)
-    );
+    assert_same("counted", &counts_of(&h, generation), &expected);
 }
 
 #[test]
@@ -144,43 +161,24 @@ fn a_reload_takes_the_previous_policys_counts_out_once_and_frees_its_table() {
     h.replace_policy(policy(true)).unwrap();
     let second = h.enforcer.generation();
     let second_counts = judge_every_pair(&mut h, second);
-    assert_eq!(counts_of(&h, first), first_counts, "before the take");
+    assert_same("before the take", &counts_of(&h, first), &first_counts);
 
-    let taken: BTreeMap<PairVerdictKey, u64> = h
-        .enforcer
-        .take_old_pair_verdicts()
-        .unwrap()
-        .into_iter()
-        .collect();
-    assert!(
-        taken == first_counts,
-        "taken: {:#?}",
-        differences(&taken, &first_counts)
-    );
+    assert_same("taken", &take(&mut h), &first_counts);
     assert!(
         counts_of(&h, first).is_empty(),
         "the first policy's counts are still in the kernel after the take"
     );
-    assert!(
-        h.enforcer.take_old_pair_verdicts().unwrap().is_empty(),
-        "a second take found counts again"
+    assert!(take(&mut h).is_empty(), "a second take found counts again");
+    assert_same(
+        "the policy in force",
+        &counts_of(&h, second),
+        &second_counts,
     );
-    assert_eq!(counts_of(&h, second), second_counts, "the policy in force");
 
     // The third policy goes into the emptied slot and is counted exactly as well.
     h.replace_policy(policy(false)).unwrap();
     let third = h.enforcer.generation();
     let third_counts = judge_every_pair(&mut h, third);
-    assert_eq!(counts_of(&h, third), third_counts, "the third policy");
-    let taken: BTreeMap<PairVerdictKey, u64> = h
-        .enforcer
-        .take_old_pair_verdicts()
-        .unwrap()
-        .into_iter()
-        .collect();
-    assert!(
-        taken == second_counts,
-        "second take: {:#?}",
-        differences(&taken, &second_counts)
-    );
+    assert_same("the third policy", &counts_of(&h, third), &third_counts);
+    assert_same("second take", &take(&mut h), &second_counts);
 }
