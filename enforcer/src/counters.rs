@@ -96,9 +96,11 @@ pub fn pair_verdicts(ebpf: &Ebpf) -> Result<Vec<(PairVerdictKey, u64)>, CounterE
     let mut counts: BTreeMap<PairVerdictKey, u64> =
         hashed_pair_verdicts(ebpf)?.into_iter().collect();
     for map in map_names::PAIR_COUNTS {
-        for_each_pair_count(ebpf, map, |_, count, _| {
-            *counts.entry(count.key).or_default() += count.count;
-        })?;
+        for (_, copies) in read_pair_table(ebpf, map)? {
+            for count in copies.iter().filter(|count| count.key.generation != 0) {
+                *counts.entry(count.key).or_default() += count.count;
+            }
+        }
     }
     Ok(counts.into_iter().collect())
 }
@@ -134,12 +136,7 @@ pub(crate) fn take_old_pair_verdicts(
 ) -> Result<Vec<(PairVerdictKey, u64)>, CounterError> {
     let mut counts: BTreeMap<PairVerdictKey, u64> = BTreeMap::new();
     let table = map_names::PAIR_COUNTS[slot];
-    let mut elements: BTreeMap<u32, Vec<PairCount>> = BTreeMap::new();
-    let mut cpus = 0;
-    for_each_pair_count(ebpf, table, |index, count, copies| {
-        elements.entry(index).or_default().push(*count);
-        cpus = copies;
-    })?;
+    let elements = read_pair_table(ebpf, table)?;
     let hash = map_names::PAIR_VERDICTS;
     let old: Vec<(PairVerdictKey, u64)> = hashed_pair_verdicts(ebpf)?
         .into_iter()
@@ -149,13 +146,13 @@ pub(crate) fn take_old_pair_verdicts(
     let mut array: PerCpuArray<_, PairCount> =
         PerCpuArray::try_from(ebpf.map_mut(table).ok_or(CounterError::MissingMap(table))?)
             .map_err(|source| CounterError::Map { map: table, source })?;
-    for (index, taken) in elements {
-        let emptied = PerCpuValues::try_from(vec![PairCount::default(); cpus])
+    for (index, copies) in elements {
+        let emptied = PerCpuValues::try_from(vec![PairCount::default(); copies.len()])
             .map_err(MapError::from)
             .and_then(|empty| array.set(index, empty, 0));
         match emptied {
             Ok(()) => {
-                for count in taken {
+                for count in copies.iter().filter(|count| count.key.generation != 0) {
                     *counts.entry(count.key).or_default() += count.count;
                 }
             }
@@ -174,57 +171,60 @@ pub(crate) fn take_old_pair_verdicts(
     Ok(counts.into_iter().collect())
 }
 
-/// Calls `f` with every element index and CPU copy of table `map` that holds a key, and the
-/// number of copies of an element. One batch lookup for the whole table where the kernel has
-/// it, else one lookup per element (a scrape reads both tables: 8,192 syscalls that way).
-fn for_each_pair_count(
+/// The elements of table `map` that hold a key on some CPU: index and every CPU's copy. One
+/// batch lookup for the whole table where the kernel has it, else one lookup per element (a
+/// scrape reads both tables: 8,192 syscalls that way).
+fn read_pair_table(
     ebpf: &Ebpf,
     map: &'static str,
-    mut f: impl FnMut(u32, &PairCount, usize),
-) -> Result<(), CounterError> {
+) -> Result<Vec<(u32, Vec<PairCount>)>, CounterError> {
     // Per-CPU values are laid out 8-byte aligned, one per possible CPU.
-    const _: () = assert!(std::mem::size_of::<PairCount>().is_multiple_of(8));
-    let table: PerCpuArray<_, PairCount> =
-        PerCpuArray::try_from(ebpf.map(map).ok_or(CounterError::MissingMap(map))?)
-            .map_err(|source| CounterError::Map { map, source })?;
+    const SIZE: usize = std::mem::size_of::<PairCount>();
+    const _: () = assert!(SIZE.is_multiple_of(8));
+    let used = |copies: &Vec<PairCount>| copies.iter().any(|count| count.key.generation != 0);
     if let (Ok(cpus), Some(Map::PerCpuArray(data))) = (aya::util::nr_cpus(), ebpf.map(map)) {
-        let size = std::mem::size_of::<PairCount>();
-        let mut batch = Vec::new();
+        let mut elements = Vec::new();
         let listed = crate::policy_maps::for_each_entry(
             data.fd().as_fd(),
             std::mem::size_of::<u32>(),
-            size * cpus,
+            SIZE * cpus,
             |key, value| {
                 let index = u32::from_ne_bytes(key.try_into().unwrap_or_default());
                 // SAFETY: `value` holds `cpus` values of `PairCount`'s size, written by the
                 // kernel; `Pod` takes any bytes.
-                let copies = (0..cpus).map(|cpu| unsafe {
-                    value[cpu * size..][..size]
-                        .as_ptr()
-                        .cast::<PairCount>()
-                        .read_unaligned()
-                });
-                batch.push((index, copies.collect::<Vec<_>>()));
+                let copies: Vec<PairCount> = (0..cpus)
+                    .map(|cpu| unsafe {
+                        value[cpu * SIZE..][..SIZE]
+                            .as_ptr()
+                            .cast::<PairCount>()
+                            .read_unaligned()
+                    })
+                    .collect();
+                if used(&copies) {
+                    elements.push((index, copies));
+                }
             },
         );
         if listed.is_ok() {
-            for (index, copies) in &batch {
-                for count in copies.iter().filter(|count| count.key.generation != 0) {
-                    f(*index, count, copies.len());
-                }
-            }
-            return Ok(());
+            return Ok(elements);
         }
     }
-    for index in 0..table.len().min(PAIR_COUNT_SLOTS) {
-        let copies = table
-            .get(&index, 0)
+    let table: PerCpuArray<_, PairCount> =
+        PerCpuArray::try_from(ebpf.map(map).ok_or(CounterError::MissingMap(map))?)
             .map_err(|source| CounterError::Map { map, source })?;
-        for count in copies.iter().filter(|count| count.key.generation != 0) {
-            f(index, count, copies.len());
+    let mut elements = Vec::new();
+    for index in 0..table.len().min(PAIR_COUNT_SLOTS) {
+        let copies: Vec<PairCount> = table
+            .get(&index, 0)
+            .map_err(|source| CounterError::Map { map, source })?
+            .iter()
+            .copied()
+            .collect();
+        if used(&copies) {
+            elements.push((index, copies));
         }
     }
-    Ok(())
+    Ok(elements)
 }
 
 #[cfg(test)]
