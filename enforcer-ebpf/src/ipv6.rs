@@ -2,7 +2,7 @@
 use enforcer_common::counter;
 
 use crate::{
-    packet::{Addr, Frame, Parsed, Scratch, opaque},
+    packet::{Frame, Parsed, Scratch, opaque},
     transport::{self, MAX_L4_OFFSET},
 };
 
@@ -24,8 +24,7 @@ pub fn parse(frame: &Frame, l3: usize, scratch: &mut Scratch) -> Parsed {
     let Some(hdr) = frame.bytes_at::<8>(l3) else {
         return Parsed::Drop(counter::DROP_MALFORMED);
     };
-    let (Some(src), Some(dst)) = (frame.bytes_at::<16>(l3 + 8), frame.bytes_at::<16>(l3 + 24))
-    else {
+    let (Some(src), Some(dst)) = (frame.addr_at(l3 + 8), frame.addr_at(l3 + 24)) else {
         return Parsed::Drop(counter::DROP_MALFORMED);
     };
     if hdr[0] >> 4 != 6 {
@@ -36,8 +35,8 @@ pub fn parse(frame: &Frame, l3: usize, scratch: &mut Scratch) -> Parsed {
     if end > frame.len() {
         return Parsed::Drop(counter::DROP_MALFORMED);
     }
-    scratch.flow.src = Addr(src);
-    scratch.flow.dst = Addr(dst);
+    scratch.flow.src = src;
+    scratch.flow.dst = dst;
     scratch.flow.family = 6;
     let mut next = hdr[6];
     let mut offset = l3 + HDR_LEN;

@@ -21,6 +21,12 @@ impl Frame {
         Self { start, end, len }
     }
 
+    /// `(start, end, len)`, to pass a frame to a function that takes only scalars.
+    #[inline(always)]
+    pub fn parts(&self) -> (usize, usize, usize) {
+        (self.start, self.end, self.len)
+    }
+
     /// Length of the whole packet in bytes.
     #[inline(always)]
     pub fn len(&self) -> usize {
@@ -34,6 +40,17 @@ impl Frame {
             return None;
         }
         Some((self.start + offset) as *const T)
+    }
+
+    /// The 16 bytes at `offset` as an address, read as two words: a 16-byte array stored into
+    /// the scratch memory becomes a `memmove` call, a byte-by-byte subprogram in BPF.
+    #[inline(always)]
+    pub fn addr_at(&self, offset: usize) -> Option<Addr> {
+        let words = self.ptr_at::<[u64; 2]>(offset)?.cast::<u64>();
+        // SAFETY: ptr_at checked the bounds; the reads are unaligned-safe.
+        let (first, second) = unsafe { (words.read_unaligned(), words.add(1).read_unaligned()) };
+        let value = u128::from(u64::from_le(first)) | (u128::from(u64::from_le(second)) << 64);
+        Some(Addr(value.to_le_bytes()))
     }
 
     #[inline(always)]

@@ -22,51 +22,59 @@ const ABORTED: u32 = u32::MAX;
 pub fn decide(frame: &Frame, dir: u32, ifindex: u32) -> Result<u32, ()> {
     // Read once: the whole decision uses one policy, whatever a reload does meanwhile.
     let slot = ACTIVE.get(0).copied().unwrap_or(0) & 1;
-    let scratch = SCRATCH.get_ptr_mut(0).ok_or(())?;
+    let (start, end, len) = frame.parts();
+    let outcome = if slot == 0 {
+        decide_in::<Slot0>(start, end, len, dir, ifindex)
+    } else {
+        decide_in::<Slot1>(start, end, len, dir, ifindex)
+    };
+    if outcome == ABORTED {
+        Err(())
+    } else {
+        Ok(outcome)
+    }
+}
+
+/// The counter for the frame `[start, end)` of `len` bytes, judged by the policy in slot `P`;
+/// [`ABORTED`] when a map cannot be read.
+///
+/// One copy per slot, each a separate function that takes only scalars: the maps of slot `P`
+/// are then constants in it, and the compiler cannot fold the two copies back into one that
+/// picks its maps at run time. Parsing is inlined here rather than called: on this kernel's
+/// CPUs every call returns through a mitigation thunk, some 10 ns a call.
+#[inline(never)]
+fn decide_in<P: PolicySlot>(start: usize, end: usize, len: usize, dir: u32, ifindex: u32) -> u32 {
+    let (Some(config), Some(scratch)) = (CONFIG.get(P::INDEX), SCRATCH.get_ptr_mut(0)) else {
+        return ABORTED;
+    };
     // SAFETY: this CPU's scratch slot; a program runs to completion on one CPU.
     let scratch: &mut Scratch = unsafe { &mut *scratch };
     scratch.flow.clear();
     let now = conntrack::now_ns();
-    let outcome = match eth::parse(frame, scratch) {
+    let frame = Frame::new(start, end, len);
+    let outcome = match eth::parse(&frame, scratch) {
         Parsed::NonIp => counter::NON_IP,
         Parsed::Drop(reason) => reason,
-        Parsed::LaterFragment => {
-            let config = CONFIG.get(slot).ok_or(())?;
-            fragments::follow(&scratch.fragment, now, config)
-        }
-        Parsed::Flow => {
-            let outcome = if slot == 0 {
-                decide_ip::<Slot0>(dir, ifindex, now)
-            } else {
-                decide_ip::<Slot1>(dir, ifindex, now)
-            };
-            return if outcome == ABORTED {
-                Err(())
-            } else {
-                Ok(outcome)
-            };
-        }
+        Parsed::LaterFragment => fragments::follow(&scratch.fragment, now, config),
+        Parsed::Flow => return decide_ip::<P>(scratch, config, dir, ifindex, now),
     };
     if counter::is_drop(outcome) {
         let class = protocol_class::of(scratch.flow.proto, false);
         counters::drop_by_protocol(dir, outcome, class);
     }
-    Ok(outcome)
+    outcome
 }
 
-/// The counter for the IP packet parsed into `SCRATCH`, judged by the policy in slot `P`, and
-/// its accounting; [`ABORTED`] when a map cannot be read.
-///
-/// One copy per slot, each a separate function that takes only scalars: the maps of slot `P`
-/// are then constants in it, and the compiler cannot fold the two copies back into one that
-/// picks its maps at run time.
-#[inline(never)]
-fn decide_ip<P: PolicySlot>(dir: u32, ifindex: u32, now: u64) -> u32 {
-    let (Some(config), Some(scratch)) = (CONFIG.get(P::INDEX), SCRATCH.get_ptr_mut(0)) else {
-        return ABORTED;
-    };
-    // SAFETY: this CPU's scratch slot, as in `decide`.
-    let scratch: &mut Scratch = unsafe { &mut *scratch };
+/// The counter for the IP packet parsed into `scratch`, judged by the policy in slot `P`, and
+/// its accounting.
+#[inline(always)]
+fn decide_ip<P: PolicySlot>(
+    scratch: &mut Scratch,
+    config: &Config,
+    dir: u32,
+    ifindex: u32,
+    now: u64,
+) -> u32 {
     let mut segments = Segments {
         src: UNKNOWN,
         dst: UNKNOWN,
