@@ -92,10 +92,17 @@ pub fn rule_hits(ebpf: &Ebpf, slot: usize, rule_index: u32) -> Result<u64, Count
 
 /// Segment-pair verdict counts of every generation still in the kernel, summed over CPUs: the
 /// tables of both slots and the hash behind them (a key can be counted in several places).
-pub fn pair_verdicts(ebpf: &Ebpf) -> Result<Vec<(PairVerdictKey, u64)>, CounterError> {
+/// `empty_slot` names a slot whose table is known to hold nothing, which is then not read.
+pub fn pair_verdicts(
+    ebpf: &Ebpf,
+    empty_slot: Option<usize>,
+) -> Result<Vec<(PairVerdictKey, u64)>, CounterError> {
     let mut counts: BTreeMap<PairVerdictKey, u64> =
         hashed_pair_verdicts(ebpf)?.into_iter().collect();
-    for map in map_names::PAIR_COUNTS {
+    for (slot, map) in map_names::PAIR_COUNTS.into_iter().enumerate() {
+        if empty_slot == Some(slot) {
+            continue;
+        }
         for (_, copies) in read_pair_table(ebpf, map)? {
             for count in copies.iter().filter(|count| count.key.generation != 0) {
                 *counts.entry(count.key).or_default() += count.count;
@@ -128,12 +135,13 @@ fn hashed_pair_verdicts(ebpf: &Ebpf) -> Result<Vec<(PairVerdictKey, u64)>, Count
 ///
 /// Returns exactly what left the kernel: an element that could not be emptied, or a key that
 /// could not be removed, is logged and stays where it is, still read by [`pair_verdicts`], so
-/// a count is neither lost nor counted twice.
+/// a count is neither lost nor counted twice. The flag says whether the table of `slot` was
+/// left empty (every element that held a key was emptied).
 pub(crate) fn take_old_pair_verdicts(
     ebpf: &mut Ebpf,
     slot: usize,
     current: u32,
-) -> Result<Vec<(PairVerdictKey, u64)>, CounterError> {
+) -> Result<(Vec<(PairVerdictKey, u64)>, bool), CounterError> {
     let mut counts: BTreeMap<PairVerdictKey, u64> = BTreeMap::new();
     let table = map_names::PAIR_COUNTS[slot];
     let elements = read_pair_table(ebpf, table)?;
@@ -146,6 +154,7 @@ pub(crate) fn take_old_pair_verdicts(
     let mut array: PerCpuArray<_, PairCount> =
         PerCpuArray::try_from(ebpf.map_mut(table).ok_or(CounterError::MissingMap(table))?)
             .map_err(|source| CounterError::Map { map: table, source })?;
+    let mut table_emptied = true;
     for (index, copies) in elements {
         let emptied = PerCpuValues::try_from(vec![PairCount::default(); copies.len()])
             .map_err(MapError::from)
@@ -156,7 +165,10 @@ pub(crate) fn take_old_pair_verdicts(
                     *counts.entry(count.key).or_default() += count.count;
                 }
             }
-            Err(error) => warn!(map = table, index, %error, "emptying an element failed"),
+            Err(error) => {
+                table_emptied = false;
+                warn!(map = table, index, %error, "emptying an element failed");
+            }
         }
     }
     let mut hashed: PerCpuHashMap<_, PairVerdictKey, u64> =
@@ -168,7 +180,7 @@ pub(crate) fn take_old_pair_verdicts(
             Err(error) => warn!(map = hash, ?key, %error, "removing an old key failed"),
         }
     }
-    Ok(counts.into_iter().collect())
+    Ok((counts.into_iter().collect(), table_emptied))
 }
 
 /// The elements of table `map` that hold a key on some CPU: index and every CPU's copy. One

@@ -108,6 +108,9 @@ pub struct Enforcer {
     /// Whether a program may still be judging a packet with the inactive slot: it has been
     /// active since the last wait for running programs (see `crate::quiesce`).
     inactive_slot_may_be_read: bool,
+    /// Whether the inactive slot's segment-pair table holds nothing: the last take emptied it,
+    /// and it has not been active since. Reading the counts then skips it (half a scrape).
+    inactive_pair_table_empty: bool,
     config: Config,
     events: EventOptions,
     /// Capacity of each policy map, the same in both slots.
@@ -266,6 +269,8 @@ impl Enforcer {
             settings.conntrack_max_entries,
         );
         enforcer.replace_policy(artifact)?;
+        // This loader created the maps: the inactive slot's pair table has never counted.
+        enforcer.inactive_pair_table_empty = true;
         Ok(enforcer)
     }
 
@@ -285,6 +290,7 @@ impl Enforcer {
             active_slot: 1,
             // No program is attached yet.
             inactive_slot_may_be_read: false,
+            inactive_pair_table_empty: false,
             config: Config::default(),
             events,
             sizes,
@@ -317,6 +323,7 @@ impl Enforcer {
         self.active_slot = slot;
         // The other daemon may have switched slots a moment ago.
         self.inactive_slot_may_be_read = true;
+        self.inactive_pair_table_empty = false;
         self.generation = config.generation;
         self.config = config;
     }
@@ -352,6 +359,8 @@ impl Enforcer {
         // Renumbering never puts more ranges on a pair, so grants that fit before fit now.
         let grants = breakglass::kernel_entries(&segment_names, &self.grants)?;
         self.wait_until_inactive_slot_unread()?;
+        // From the switch on, programs count in that table, and the other one holds counts.
+        self.inactive_pair_table_empty = false;
         policy_maps::write(&mut self.ebpf, target, artifact, &config)?;
         policy_maps::write_breakglass(&mut self.ebpf, target, &grants.entries)?;
         policy_maps::activate(&mut self.ebpf, target)?;
@@ -572,18 +581,23 @@ impl Enforcer {
     /// Segment-pair verdict counts of every policy generation still in the kernel, summed over
     /// CPUs (see [`counters::pair_verdicts`]).
     pub fn pair_verdicts(&self) -> Result<Vec<(PairVerdictKey, u64)>, CounterError> {
-        counters::pair_verdicts(&self.ebpf)
+        let empty_slot = self
+            .inactive_pair_table_empty
+            .then_some(1 - self.active_slot);
+        counters::pair_verdicts(&self.ebpf, empty_slot)
     }
 
     /// Takes the segment-pair counts of earlier policy generations out of the kernel, once no
     /// program judges with them (see [`counters::take_old_pair_verdicts`]).
     pub fn take_old_pair_verdicts(&mut self) -> Result<Vec<(PairVerdictKey, u64)>, LoadError> {
         self.wait_until_inactive_slot_unread()?;
-        Ok(counters::take_old_pair_verdicts(
+        let (taken, table_emptied) = counters::take_old_pair_verdicts(
             &mut self.ebpf,
             1 - self.active_slot,
             self.generation,
-        )?)
+        )?;
+        self.inactive_pair_table_empty = table_emptied;
+        Ok(taken)
     }
 
     /// How many new flows rule `rule_index` of the active policy admitted, summed over CPUs.

@@ -180,5 +180,11 @@ fn a_reload_takes_the_previous_policys_counts_out_once_and_frees_its_table() {
     let third = h.enforcer.generation();
     let third_counts = judge_every_pair(&mut h, third);
     assert_same("the third policy", &counts_of(&h, third), &third_counts);
+    // Read from the table the take had emptied before, now holding the second policy's.
+    assert_same(
+        "the second policy until taken",
+        &counts_of(&h, second),
+        &second_counts,
+    );
     assert_same("second take", &take(&mut h), &second_counts);
 }
