@@ -6,10 +6,21 @@ use crate::report::{Figure, Section};
 /// Why a target family is missed and what would close it, from what the benchmarks show.
 fn explanation(name: &str) -> &'static str {
     if name.starts_with("per") {
-        "Why: the per-packet cost does not grow with the policy (1M against 1k, in the table \
-         above), because a host address, a segment pair and a single port are each found by one \
-         exact-match lookup whatever the policy size, and the tries are walked only for the \
-         subnets and port ranges a policy has. What is left is a fixed cost per packet. Session 5 cut it by about \
+        "Why: for a policy of host addresses the per-packet cost does not grow with the policy \
+         (1M against 1k, in the table above), because a host address, a segment pair and a \
+         single port are each found by one exact-match lookup whatever the policy size, and the \
+         tries are walked only for the subnets and port ranges a policy has. A policy written \
+         with subnets, as most hospital policies are (a VLAN per segment), is another matter: \
+         the judged_subnets rows, added in session 14, are the judged corpus on the same policy \
+         with every member and rule source a /31 (/127), so every address misses the host \
+         table and walks the prefix trie, a call into the kernel's trie code per address whose \
+         walk grows with the number of prefixes. That corpus costs several times the host \
+         policy's at 1k and above, and grows with the policy. What would close it: exact-match \
+         tables for subnets too, one probe per prefix length the policy uses (longest first; a \
+         hospital policy has a handful: hosts, /24 VLANs, a few site ranges), with the trie kept \
+         complete for the lengths beyond that and for keys a table has no room for; or a \
+         DIR-24-8-style direct table for IPv4 (one or two memory reads whatever the policy). For \
+         the host policy, what is left is a fixed cost per packet. Session 5 cut it by about \
          a third (side by side with the previous build, `cargo xtask bench --only per-packet`: \
          at 100k, 325 to 210-220 ns above the empty program for the mixed corpus, 773 to \
          465-510 ns for the judged one; the parse-only arm 78 to 30-40 ns): every map of a \
@@ -74,7 +85,18 @@ fn explanation(name: &str) -> &'static str {
          the program is the decision (`decide_ip`: the array lookups, the tables' buckets, the \
          event limiter, the counters), a sixth each parsing and the entry program (the clock, \
          two calls), the rest the kernel's hash code; no single instruction site has more than \
-         4% of it."
+         4% of it. Session 14 found that every call returns through the SRSO mitigation's thunk \
+         and costs about 10 ns here: the parse-only program with the parser inlined cost 10 ns \
+         above the empty one instead of 20. The parser is now inlined into the per-slot \
+         decision (both fit the 512-byte stack together), and an IPv6 address is read as two \
+         words instead of being copied by a `memmove` call: side by side with the build before \
+         (`--only per-packet --runs 10 --baseline-object`), 0.89-0.92 of its cost for the judged \
+         corpus and 0.91-0.92 for the mixed one at every size. The floors inline the parser \
+         too. What a judged packet still calls: the clock and the per-slot decision (inlining \
+         the decision as well measured no better, and took the verifier to 300k instructions). \
+         Taking parts out (session 14, same method): the flow event and its rate limiter are \
+         about 7% of a judged packet, the rest of the accounting (segment-pair count, building \
+         the event) another 7%."
     } else if name.starts_with("e2e") {
         "Why: in front of a veth every frame is a different flow, so unlike the repeated frame \
          of BPF_PROG_TEST_RUN the maps are not in cache, and each lookup of a judged packet \
@@ -111,7 +133,9 @@ fn explanation(name: &str) -> &'static str {
          at most one or two per packet, and a denial has to look up both addresses at least. \
          Session 13's segment-pair tables (see the per-packet figures): 1.06, 1.09 and 1.07 \
          times the build before it at 10, 1k and 100k rules (`--only e2e --runs 5 \
-         --baseline-object`)."
+         --baseline-object`). Session 14's inlined parser (see the per-packet figures): 1.04, \
+         1.09 and 1.03 times the build before it (same method); the ratio to the floor did not \
+         move, because the floor inlines the parser as well and gained as much."
     } else if name.starts_with("reload") {
         "Why: time to live is validation + compilation in user space (split in the section 3 \
          table) plus writing the maps. The writes were first batched (BPF_MAP_UPDATE_BATCH for \
@@ -136,7 +160,12 @@ fn explanation(name: &str) -> &'static str {
          mapping, one copy of the whole table instead of a kernel insert per entry: write+switch \
          went from 324-345 ms to 61-81 ms at 100k in alternated `--only reload --quick` runs of \
          the two builds, so what is left of time to live is nearly all validation and \
-         compilation."
+         compilation. Session 14 measured what a cache of the files that did not change would \
+         need (the benchmark's B is A plus one file, so it would skip nearly all parsing): the \
+         validated 100k policy holds 46 MiB in 514k allocations (a counting allocator around \
+         `Policy::from_sources`), so a cache in that form would take the daemon far past its 40 \
+         MB; it needs a compact form of a read file (a few MiB), and compilation, about 150 ms of \
+         the rest, still has to become incremental."
     } else if name.starts_with("events") {
         "Why: two ends bound the live-frames figure, and on this shared 2-CPU VM either can be \
          the slower from one run to the next. The kernel side: the generator, the veth transmit \

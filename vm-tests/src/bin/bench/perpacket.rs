@@ -109,42 +109,33 @@ pub fn judged_corpus(p: &BenchPolicy, frames: usize) -> Vec<(Vec<u8>, u32)> {
         .collect()
 }
 
+/// Corpora measured, by their index in the samples: the first two on the host policy, the third
+/// on the same policy written with subnets.
+const CORPORA: [&str; 3] = ["mixed", "judged", "judged_subnets"];
+
+/// One policy's enforcer, the same policy under the kernel programs of `--baseline-object`,
+/// and the corpora measured on it: frames with the XDP action each must get.
 struct Loaded {
     enforcer: Enforcer,
-    /// The same policy under the kernel programs of `--baseline-object`.
     baseline: Option<Enforcer>,
-    mixed: Vec<Vec<u8>>,
-    judged: Vec<Vec<u8>>,
+    corpora: Vec<Vec<(Vec<u8>, u32)>>,
 }
 
-pub fn run(opts: &Options, report: &mut Report) -> Result<()> {
-    let sizes: Vec<usize> = if opts.quick {
-        vec![10, 1_000, 100_000]
-    } else {
-        vec![10, 1_000, 100_000, 1_000_000]
-    };
-    let frames = if opts.quick { 256 } else { 1_000 };
-    let repeat = if opts.quick { 50 } else { 100 };
-    let baseline_object = opts.read_baseline_object()?;
-    let mut parking = Parking::new("pp")?;
-    let mut loaded = Vec::new();
-    for &size in &sizes {
-        let p = policy::generate(size, true, 0, false);
+impl Loaded {
+    fn new(
+        p: &BenchPolicy,
+        corpora: Vec<Vec<(Vec<u8>, u32)>>,
+        baseline_object: Option<&[u8]>,
+        parking: &mut Parking,
+    ) -> Result<Self> {
         let artifact = p.compile()?;
         let mut enforcer = Enforcer::load(&artifact)?;
         enable_flow_filter(&mut enforcer)?;
-        if loaded.is_empty() {
-            // The floors live in the first enforcer's object: they use no policy map.
-            load_xdp(enforcer.ebpf_mut(), bench::EMPTY)?;
-            load_xdp(enforcer.ebpf_mut(), bench::PARSE_ONLY)?;
-            parking.park(enforcer.ebpf_mut(), bench::EMPTY)?;
-            parking.park(enforcer.ebpf_mut(), bench::PARSE_ONLY)?;
-        }
         parking.park(
             enforcer.ebpf_mut(),
             enforcer_common::program_names::XDP_INGRESS,
         )?;
-        let mut baseline = match &baseline_object {
+        let mut baseline = match baseline_object {
             Some(object) => Some(
                 Enforcer::load_object(&artifact, EventOptions::default(), object)
                     .context("loading the baseline object")?,
@@ -158,8 +149,6 @@ pub fn run(opts: &Options, report: &mut Report) -> Result<()> {
                 enforcer_common::program_names::XDP_INGRESS,
             )?;
         }
-        let mixed = mixed_corpus(&p, frames);
-        let judged = judged_corpus(&p, frames);
         // Sanity: the enforcer (and the baseline) give every frame the verdict the corpus was
         // built for.
         for (which, e) in [
@@ -168,46 +157,100 @@ pub fn run(opts: &Options, report: &mut Report) -> Result<()> {
         ] {
             let Some(e) = e else { continue };
             let program = e.xdp_program()?;
-            for (frame, want) in mixed.iter().chain(&judged) {
+            for (frame, want) in corpora.iter().flatten() {
                 let got = run_once(program, frame)?;
                 if got != *want {
                     bail!(
-                        "policy of {size}, {which}: frame {} got action {got}, want {want}",
+                        "policy of {}, {which}: frame {} got action {got}, want {want}",
+                        p.size,
                         vm_tests::harness::hex(frame)
                     );
                 }
             }
         }
-        eprintln!("per-packet: loaded policy of {size} prefixes/rules");
-        loaded.push(Loaded {
+        Ok(Self {
             enforcer,
             baseline,
-            mixed: mixed.into_iter().map(|f| f.0).collect(),
-            judged: judged.into_iter().map(|f| f.0).collect(),
-        });
+            corpora,
+        })
+    }
+}
+
+pub fn run(opts: &Options, report: &mut Report) -> Result<()> {
+    let sizes: Vec<usize> = if opts.quick {
+        vec![10, 1_000, 100_000]
+    } else {
+        vec![10, 1_000, 100_000, 1_000_000]
+    };
+    let frames = if opts.quick { 256 } else { 1_000 };
+    let repeat = if opts.quick { 50 } else { 100 };
+    let baseline_object = opts.read_baseline_object()?;
+    let mut parking = Parking::new("pp")?;
+    // Per size: the host policy with the mixed and judged corpora, then the subnet policy with
+    // its judged corpus (`CORPORA`).
+    let mut loaded: Vec<[Loaded; 2]> = Vec::new();
+    for &size in &sizes {
+        let hosts = policy::generate(size, true, 0, false);
+        let mut on_hosts = Loaded::new(
+            &hosts,
+            vec![mixed_corpus(&hosts, frames), judged_corpus(&hosts, frames)],
+            baseline_object.as_deref(),
+            &mut parking,
+        )?;
+        if loaded.is_empty() {
+            // The floors live in the first enforcer's object: they use no policy map.
+            let ebpf = on_hosts.enforcer.ebpf_mut();
+            load_xdp(ebpf, bench::EMPTY)?;
+            load_xdp(ebpf, bench::PARSE_ONLY)?;
+            parking.park(ebpf, bench::EMPTY)?;
+            parking.park(ebpf, bench::PARSE_ONLY)?;
+        }
+        let subnets = policy::generate_subnets(size);
+        let on_subnets = Loaded::new(
+            &subnets,
+            vec![judged_corpus(&subnets, frames)],
+            baseline_object.as_deref(),
+            &mut parking,
+        )?;
+        eprintln!("per-packet: loaded the policies of {size} prefixes/rules");
+        loaded.push([on_hosts, on_subnets]);
     }
 
     // samples[corpus][arm][size index][run]; arms: 0 empty, 1 parse-only, 2 enforcer,
     // 3 baseline (with --baseline-object).
     let arms = if baseline_object.is_some() { 4 } else { 3 };
-    let mut samples = vec![vec![vec![Vec::new(); sizes.len()]; arms]; 2];
+    let mut samples = vec![vec![vec![Vec::new(); sizes.len()]; arms]; CORPORA.len()];
+    let corpora: Vec<Vec<Vec<Vec<u8>>>> = loaded
+        .iter()
+        .map(|policies| {
+            policies
+                .iter()
+                .flat_map(|l| &l.corpora)
+                .map(|corpus| corpus.iter().map(|(frame, _)| frame.clone()).collect())
+                .collect()
+        })
+        .collect();
     for run in 0..opts.runs {
-        for (si, l) in loaded.iter().enumerate() {
-            let floors = loaded[0].enforcer.ebpf();
-            let mut programs = vec![
-                xdp(floors, bench::EMPTY)?,
-                xdp(floors, bench::PARSE_ONLY)?,
-                l.enforcer.xdp_program()?,
-            ];
-            if let Some(baseline) = &l.baseline {
-                programs.push(baseline.xdp_program()?);
-            }
-            for (ci, corpus) in [&l.mixed, &l.judged].into_iter().enumerate() {
-                // Rotate the order every run so no arm always goes first.
-                for k in 0..arms {
-                    let arm = (k + run) % arms;
-                    let ns = ns_per_packet(programs[arm], corpus, repeat)?;
-                    samples[ci][arm][si].push(ns);
+        for (si, policies) in loaded.iter().enumerate() {
+            let floors = loaded[0][0].enforcer.ebpf();
+            let mut ci = 0;
+            for l in policies {
+                let mut programs = vec![
+                    xdp(floors, bench::EMPTY)?,
+                    xdp(floors, bench::PARSE_ONLY)?,
+                    l.enforcer.xdp_program()?,
+                ];
+                if let Some(baseline) = &l.baseline {
+                    programs.push(baseline.xdp_program()?);
+                }
+                for _ in &l.corpora {
+                    // Rotate the order every run so no arm always goes first.
+                    for k in 0..arms {
+                        let arm = (k + run) % arms;
+                        let ns = ns_per_packet(programs[arm], &corpora[si][ci], repeat)?;
+                        samples[ci][arm][si].push(ns);
+                    }
+                    ci += 1;
                 }
             }
         }
@@ -226,7 +269,10 @@ pub fn run(opts: &Options, report: &mut Report) -> Result<()> {
          TCP/UDP/ICMP between random hosts, traffic to `world`; IPv4 and IPv6, a third with an \
          802.1Q tag) and **judged** (only new flows that the policy denies, so every packet \
          takes the full lookup: both addresses, the segment pair, and for half of them the port \
-         trie). Each frame is run with `BPF_PROG_TEST_RUN` `repeat={repeat}`; the kernel reports \
+         trie). A third corpus, **judged_subnets**, is the judged one on the same policy written \
+         with subnets: every member and rule source the /31 (/127) around its host \
+         (`policy::generate_subnets`), so no address has a host entry and every lookup walks \
+         the prefix trie, as with a policy of VLAN subnets. Each frame is run with `BPF_PROG_TEST_RUN` `repeat={repeat}`; the kernel reports \
          the mean ns per repetition (whole ns), and a sample is the mean over the corpus. Repeats \
          of one frame see the state its first run created: an allowed flow is `established` from \
          its second repetition on, a denied flow is judged every time (its flow event is \
@@ -240,8 +286,8 @@ pub fn run(opts: &Options, report: &mut Report) -> Result<()> {
         text,
         "| corpus | size | empty ns | parse-only ns | enforcer ns | enforcer − empty ns | enforcer / empty |\n|---|---|---|---|---|---|---|"
     );
-    let names = ["mixed", "judged"];
-    for ci in 0..2 {
+    let names = CORPORA;
+    for ci in 0..CORPORA.len() {
         for (si, &size) in sizes.iter().enumerate() {
             let [e, p, f] = [0, 1, 2].map(|a| &samples[ci][a][si]);
             let _ = writeln!(
@@ -256,7 +302,7 @@ pub fn run(opts: &Options, report: &mut Report) -> Result<()> {
             );
         }
     }
-    for ci in 0..2 {
+    for ci in 0..CORPORA.len() {
         let name = names[ci];
         report.plot.push((
             format!("enforcer ({name})"),
@@ -278,7 +324,7 @@ pub fn run(opts: &Options, report: &mut Report) -> Result<()> {
         ));
     }
 
-    for ci in 0..2 {
+    for ci in 0..CORPORA.len() {
         let name = names[ci];
         for (si, &size) in sizes.iter().enumerate() {
             let (e, f) = (&samples[ci][0][si], &samples[ci][2][si]);
@@ -328,7 +374,7 @@ pub fn run(opts: &Options, report: &mut Report) -> Result<()> {
              | corpus | size | enforcer ns | baseline ns | enforcer / baseline |\n|---|---|---|---|---|",
             file.display()
         );
-        for ci in 0..2 {
+        for ci in 0..CORPORA.len() {
             for (si, &size) in sizes.iter().enumerate() {
                 let (f, b) = (&samples[ci][2][si], &samples[ci][3][si]);
                 let ratio = paired_ratio(f, b);

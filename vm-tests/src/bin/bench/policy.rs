@@ -49,10 +49,16 @@ fn host(i: usize, segments: usize, v6: bool) -> IpAddr {
     }
 }
 
-fn cidr(addr: IpAddr) -> String {
-    match addr {
-        IpAddr::V4(a) => format!("{a}/32"),
-        IpAddr::V6(a) => format!("{a}/128"),
+/// The prefix written for host `addr`: the host itself, or with `subnets` the /31 (/127) that
+/// holds it. No two hosts of a policy below 7.6 million share one: two IPv4 hosts differ only
+/// in the last bit when their indexes differ by ±(the multiplier's inverse mod 2^24), 7,655,599
+/// at least (IPv6: mod 2^64).
+fn cidr(addr: IpAddr, subnets: bool) -> String {
+    match (addr, subnets) {
+        (IpAddr::V4(a), false) => format!("{a}/32"),
+        (IpAddr::V6(a), false) => format!("{a}/128"),
+        (IpAddr::V4(a), true) => format!("{}/31", Ipv4Addr::from(u32::from(a) & !1)),
+        (IpAddr::V6(a), true) => format!("{}/127", Ipv6Addr::from(u128::from(a) & !1)),
     }
 }
 
@@ -63,6 +69,23 @@ pub fn segment_name(s: usize) -> String {
 /// `variant` shifts every port (a different policy of the same shape); `extra_segment` adds a
 /// segment that sorts first, so every segment and class id moves (for reloads).
 pub fn generate(size: usize, v6: bool, variant: u16, extra_segment: bool) -> BenchPolicy {
+    generate_with(size, v6, variant, extra_segment, false)
+}
+
+/// The policy of [`generate`] with every member and rule source a /31 (/127) subnet around its
+/// host instead of the host, as in a policy written with subnets: no address has a host entry,
+/// so every lookup walks the prefix trie.
+pub fn generate_subnets(size: usize) -> BenchPolicy {
+    generate_with(size, true, 0, false, true)
+}
+
+fn generate_with(
+    size: usize,
+    v6: bool,
+    variant: u16,
+    extra_segment: bool,
+    subnets: bool,
+) -> BenchPolicy {
     let segments = segment_count(size);
     // Addresses are unique below 2^24 (v4) / 2^64 (v6): the multipliers are odd.
     assert!(size <= 1 << 23, "too many hosts for 10.0.0.0/8");
@@ -93,7 +116,7 @@ pub fn generate(size: usize, v6: bool, variant: u16, extra_segment: bool) -> Ben
         let mut yaml = format!("segment: {}\nmembers: [", segment_name(seg));
         let members: Vec<String> = (seg..size)
             .step_by(segments)
-            .map(|i| format!("\"{}\"", cidr(hosts[i])))
+            .map(|i| format!("\"{}\"", cidr(hosts[i], subnets)))
             .collect();
         yaml.push_str(&members.join(", "));
         yaml.push_str("]\nallow:\n");
@@ -102,7 +125,7 @@ pub fn generate(size: usize, v6: bool, variant: u16, extra_segment: bool) -> Ben
             let _ = writeln!(
                 yaml,
                 "  - from: [\"{}\"]\n    ports: [{proto}/{}]",
-                cidr(hosts[rule.from]),
+                cidr(hosts[rule.from], subnets),
                 rule.port
             );
         }
