@@ -220,8 +220,8 @@ impl AddressPlan {
             .collect();
         entries.sort_unstable();
         entries.dedup();
+        // Each class is kept once, as the key of its id; the list by id is made at the end.
         let mut class_ids: HashMap<Class, u32> = HashMap::new();
-        let mut classes: Vec<Class> = vec![(SEGMENT_WORLD, Vec::new())];
         class_ids.insert((SEGMENT_WORLD, Vec::new()), CLASS_WORLD);
         let mut plan = AddressPlan {
             v4: Vec::new(),
@@ -244,16 +244,7 @@ impl AddressPlan {
                 .filter(|len| **len <= entry.prefix_len())
                 .filter_map(|len| plan.cidr_ids.get(&entry.truncate(*len)).copied())
                 .collect();
-            let class_key = (segment, cidr_set);
-            let class = match class_ids.get(&class_key) {
-                Some(class) => *class,
-                None => {
-                    let class = to_u32(classes.len(), "source classes")?;
-                    classes.push(class_key.clone());
-                    class_ids.insert(class_key, class);
-                    class
-                }
-            };
+            let class = intern(&mut class_ids, (segment, cidr_set), "source classes")?;
             let prefix_len = u32::from(entry.prefix_len());
             match entry.addr() {
                 std::net::IpAddr::V4(addr) => plan.v4.push(AddrV4Entry {
@@ -277,15 +268,8 @@ impl AddressPlan {
                 .unwrap_or(SEGMENT_WORLD),
             Vec::new(),
         );
-        plan.quarantine_class = match class_ids.get(&quarantine_key) {
-            Some(class) => *class,
-            None => {
-                let class = to_u32(classes.len(), "source classes")?;
-                classes.push(quarantine_key);
-                class
-            }
-        };
-        plan.classes = classes;
+        plan.quarantine_class = intern(&mut class_ids, quarantine_key, "source classes")?;
+        plan.classes = by_id(class_ids);
         plan.v4.sort();
         plan.v6.sort();
         Ok(plan)
@@ -323,7 +307,6 @@ fn plan_pairs(
 
     let mut pairs = Vec::new();
     let mut table_ids: HashMap<Vec<u32>, u32> = HashMap::new();
-    let mut tables: Vec<Vec<u32>> = Vec::new();
     for (destination, rule_indexes, intra_rule) in destinations {
         // Index the destination's rules by the kind of source they name, so only classes that
         // some rule can match are visited (except with `any`, which matches every class).
@@ -413,15 +396,7 @@ fn plan_pairs(
             entries.push((class_id, table));
         }
         for (class_id, table) in entries {
-            let port_table = match table_ids.get(&table) {
-                Some(id) => *id,
-                None => {
-                    let id = to_u32(tables.len(), "port tables")?;
-                    tables.push(table.clone());
-                    table_ids.insert(table, id);
-                    id
-                }
-            };
+            let port_table = intern(&mut table_ids, table, "port tables")?;
             pairs.push(PairEntry {
                 dst_segment: destination,
                 src_class: class_id,
@@ -430,7 +405,24 @@ fn plan_pairs(
         }
     }
     pairs.sort();
-    Ok((pairs, tables))
+    Ok((pairs, by_id(table_ids)))
+}
+
+/// The id of `key` in `ids`, which numbers keys in the order they were first seen.
+fn intern<K: Eq + std::hash::Hash>(
+    ids: &mut HashMap<K, u32>,
+    key: K,
+    what: &'static str,
+) -> Result<u32, CompileError> {
+    let next = to_u32(ids.len(), what)?;
+    Ok(*ids.entry(key).or_insert(next))
+}
+
+/// The keys of `ids` listed by id (ids are `0..len`, as [`intern`] gives them).
+fn by_id<K>(ids: HashMap<K, u32>) -> Vec<K> {
+    let mut keys: Vec<(u32, K)> = ids.into_iter().map(|(key, id)| (id, key)).collect();
+    keys.sort_unstable_by_key(|(id, _)| *id);
+    keys.into_iter().map(|(_, key)| key).collect()
 }
 
 /// The port matches of a rule; the intra pseudo-rule allows everything.
@@ -453,11 +445,26 @@ fn plan_ports(policy: &Policy, tables: &[Vec<u32>]) -> Result<Vec<PortEntry>, Co
     // Per protocol key, (first, last, position in the table): the lowest position wins where
     // they overlap. Reused across tables; each rule is read once per table.
     let mut intervals: [Vec<(u32, u32, usize)>; KEYS.len()] = Default::default();
+    // Every rule's ports copied once, in order, into one array: read table by table from the
+    // rules themselves, each read would be a cache miss or two in a large policy.
+    let mut all_ports: Vec<PortMatch> = Vec::new();
+    let mut ports_end: Vec<usize> = Vec::with_capacity(policy.rules().len());
+    for index in 0..policy.rules().len() {
+        all_ports.extend_from_slice(rule_ports(policy, index as u32));
+        ports_end.push(all_ports.len());
+    }
+    let ports_of = |rule: u32| -> &[PortMatch] {
+        let rule = rule as usize;
+        let start = rule.checked_sub(1).map_or(0, |before| ports_end[before]);
+        ports_end
+            .get(rule)
+            .map_or(&[], |&end| &all_ports[start..end])
+    };
     for (table, rules) in (0u32..).zip(tables) {
         intervals.iter_mut().for_each(Vec::clear);
         let mut any_rule = None;
         for (position, &rule) in rules.iter().enumerate() {
-            for port in rule_ports(policy, rule) {
+            for port in ports_of(rule) {
                 match *port {
                     PortMatch::Any => {
                         any_rule.get_or_insert(rule);
