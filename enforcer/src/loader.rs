@@ -12,7 +12,7 @@ use aya::{
 };
 use enforcer_common::{
     Config, HOST_PREFIX_V4, HOST_PREFIX_V6, PORT_EXACT_PREFIX, PairVerdictKey, event_flags,
-    exact_table, map_names, program_names,
+    exact_table, lookup_flags, map_names, program_names,
 };
 use policy_compiler::{
     Artifact, Grant,
@@ -185,6 +185,38 @@ pub(crate) fn policy_needs(artifact: &Artifact) -> [(&'static [&'static str; 2],
     ]
 }
 
+/// Addresses of `artifact`'s subnets that can go into the host tables, per family (IPv4,
+/// IPv6); `None` where they cannot (see `Artifact::subnet_addresses_v4`).
+pub(crate) fn subnet_address_counts(artifact: &Artifact) -> [Option<usize>; 2] {
+    let v4 = if artifact.addr_v4_entries().any(|e| e.0 < HOST_PREFIX_V4) {
+        artifact.subnet_addresses_v4().map(|a| a.len())
+    } else {
+        Some(0)
+    };
+    let v6 = if artifact.addr_v6_entries().any(|e| e.0 < HOST_PREFIX_V6) {
+        artifact.subnet_addresses_v6().map(|a| a.len())
+    } else {
+        Some(0)
+    };
+    [v4, v6]
+}
+
+/// What to size the policy maps for when they are created: [`policy_needs`], with room in the
+/// host tables for the subnets' addresses. A later policy that the tables have no such room
+/// for still loads; its subnets are then found in the trie ([`Enforcer::config_for`]).
+pub(crate) fn sizing_needs(artifact: &Artifact) -> [(&'static [&'static str; 2], usize); 10] {
+    let mut needs = policy_needs(artifact);
+    let [v4, v6] = subnet_address_counts(artifact);
+    for (names, needed) in &mut needs {
+        if *names == &map_names::HOSTS_V4 {
+            *needed += v4.unwrap_or(0);
+        } else if *names == &map_names::HOSTS_V6 {
+            *needed += v6.unwrap_or(0);
+        }
+    }
+    needs
+}
+
 /// The `max_entries` of policy map `name` for `capacity` entries: an exact-match table is an
 /// array of buckets, at most half full, behind a header (see `enforcer_common::exact_table`).
 pub(crate) fn map_size(name: &str, capacity: u32) -> u32 {
@@ -245,7 +277,7 @@ impl Enforcer {
     ) -> Result<Self, LoadError> {
         raise_memlock_limit();
         let settings = &artifact.settings;
-        let sizes: Vec<_> = policy_needs(artifact)
+        let sizes: Vec<_> = sizing_needs(artifact)
             .into_iter()
             .map(|(names, entries)| (names, with_headroom(entries)))
             .collect();
@@ -308,6 +340,36 @@ impl Enforcer {
     /// event options.
     pub(crate) fn config_for(&self, artifact: &Artifact, generation: u32) -> Config {
         let mut config = artifact.kernel_config(generation);
+        // A family's subnets go into its host table, address by address, when they fit there
+        // beside the hosts: the kernel then never walks that family's trie for an address the
+        // table does not have (`policy_maps::address_entries`).
+        let [v4, v6] = subnet_address_counts(artifact);
+        let hosts_v4 = artifact
+            .addr_v4_entries()
+            .filter(|e| e.0 == HOST_PREFIX_V4)
+            .count();
+        let hosts_v6 = artifact
+            .addr_v6_entries()
+            .filter(|e| e.0 == HOST_PREFIX_V6)
+            .count();
+        for (bit, table, hosts, subnet_addresses) in [
+            (
+                lookup_flags::V4_PREFIXES,
+                map_names::HOSTS_V4[0],
+                hosts_v4,
+                v4,
+            ),
+            (
+                lookup_flags::V6_PREFIXES,
+                map_names::HOSTS_V6[0],
+                hosts_v6,
+                v6,
+            ),
+        ] {
+            if subnet_addresses.is_some_and(|n| hosts + n <= self.capacity(table) as usize) {
+                config.lookup_flags &= !bit;
+            }
+        }
         config.event_interval_ns = self.events.interval.as_nanos() as u64;
         config.event_flags = if self.events.report_allowed {
             event_flags::REPORT_ALLOWED
@@ -332,7 +394,7 @@ impl Enforcer {
     pub(crate) fn keep_policy(&mut self, artifact: &Artifact) {
         self.segment_names = artifact.segments.iter().map(|s| s.name.clone()).collect();
         self.revision = artifact.revision.clone();
-        self.usage = usage_of(artifact);
+        self.usage = usage_of(artifact, &self.config);
     }
 
     /// Loads `artifact` as the next generation: writes it into the inactive slot while the
@@ -371,7 +433,7 @@ impl Enforcer {
         self.generation = generation;
         self.config = config;
         self.revision = artifact.revision.clone();
-        self.usage = usage_of(artifact);
+        self.usage = usage_of(artifact, &self.config);
         Ok(started.elapsed())
     }
 
@@ -640,16 +702,24 @@ impl Enforcer {
 }
 
 /// Entries each policy map holds: unlike [`policy_needs`], split between a host table and its
-/// trie as `policy_maps::write` splits them.
-fn usage_of(artifact: &Artifact) -> Vec<(&'static str, usize)> {
+/// trie as `policy_maps::write` splits them under `config` (the subnets' addresses in the host
+/// table too, where it says so).
+fn usage_of(artifact: &Artifact, config: &Config) -> Vec<(&'static str, usize)> {
     let full = |prefix_len: u32, full: u32| prefix_len == full;
-    let hosts_v4 = artifact
+    let (hosts_v4, hosts_v6) = match policy_maps::address_entries(artifact, config) {
+        Ok((v4, v6)) => (
+            v4.iter().filter(|e| full(e.0, HOST_PREFIX_V4)).count(),
+            v6.iter().filter(|e| full(e.0, HOST_PREFIX_V6)).count(),
+        ),
+        Err(_) => (0, 0),
+    };
+    let trie_v4 = artifact
         .addr_v4_entries()
-        .filter(|e| full(e.0, HOST_PREFIX_V4))
+        .filter(|e| !full(e.0, HOST_PREFIX_V4))
         .count();
-    let hosts_v6 = artifact
+    let trie_v6 = artifact
         .addr_v6_entries()
-        .filter(|e| full(e.0, HOST_PREFIX_V6))
+        .filter(|e| !full(e.0, HOST_PREFIX_V6))
         .count();
     let ports_exact = artifact
         .port_entries()
@@ -664,8 +734,8 @@ fn usage_of(artifact: &Artifact) -> Vec<(&'static str, usize)> {
             let used = match names[0] {
                 name if name == map_names::HOSTS_V4[0] => hosts_v4,
                 name if name == map_names::HOSTS_V6[0] => hosts_v6,
-                name if name == map_names::ADDR_V4[0] => counts.addr_v4 - hosts_v4,
-                name if name == map_names::ADDR_V6[0] => counts.addr_v6 - hosts_v6,
+                name if name == map_names::ADDR_V4[0] => trie_v4,
+                name if name == map_names::ADDR_V6[0] => trie_v6,
                 name if name == map_names::PORTS_EXACT[0] => ports_exact,
                 name if name == map_names::PORTS[0] => counts.ports - ports_exact,
                 _ => needed,

@@ -600,8 +600,11 @@ pub fn start(
     let settings = &artifact.settings;
     let mut sizes = Vec::new();
     let mut resized: BTreeSet<&'static str> = BTreeSet::new();
-    for (names, needed) in loader::policy_needs(artifact) {
-        let mut size = loader::with_headroom(needed);
+    for ((names, needed), (_, sized_for)) in loader::policy_needs(artifact)
+        .into_iter()
+        .zip(loader::sizing_needs(artifact))
+    {
+        let mut size = loader::with_headroom(sized_for);
         if adopting {
             let pinned: Vec<u32> = names
                 .iter()

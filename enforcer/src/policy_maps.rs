@@ -15,7 +15,7 @@ use aya::{
 use enforcer_common::{
     AddrInfo, BreakglassKey, BreakglassValue, Config, HOST_PREFIX_V4, HOST_PREFIX_V6, HostBucketV4,
     HostBucketV6, PORT_EXACT_PREFIX, PairBucket, PairKey, PairValue, PortBucket, PortKey,
-    PortValue, SegmentInfo, exact_table::Bucket, map_names,
+    PortValue, SegmentInfo, exact_table::Bucket, lookup_flags, map_names,
 };
 use policy_compiler::Artifact;
 
@@ -27,6 +27,10 @@ pub enum PolicyMapError {
     MissingMap(&'static str),
     #[error("`{0}` is not a policy map")]
     NotAPolicyMap(&'static str),
+    #[error(
+        "the settings say the IPv{0} host table holds the policy's subnets, which cannot be put there"
+    )]
+    SubnetsNotExpandable(u8),
     #[error("map `{map}`: {source}")]
     Map {
         map: &'static str,
@@ -86,6 +90,54 @@ fn shorter<K, V>(
     full: u32,
 ) -> impl Iterator<Item = (u32, K, V)> {
     entries.filter(move |(prefix_len, _, _)| *prefix_len < full)
+}
+
+/// The address entries of `artifact` (prefix length, key, value) as the host tables and tries
+/// of a slot with `config` hold them: the artifact's, and, for a family whose prefix bit
+/// `config` clears while the policy has subnets, every address of its subnets as a host (the
+/// kernel then finds them in the table and never walks that trie for an address the table does
+/// not have; see `Artifact::subnet_addresses_v4`).
+#[allow(clippy::type_complexity)]
+pub(crate) fn address_entries(
+    artifact: &Artifact,
+    config: &Config,
+) -> Result<
+    (
+        Vec<(u32, [u8; 4], AddrInfo)>,
+        Vec<(u32, [u8; 16], AddrInfo)>,
+    ),
+    PolicyMapError,
+> {
+    let v4 = with_subnet_addresses(
+        artifact.addr_v4_entries().collect(),
+        HOST_PREFIX_V4,
+        config.lookup_flags & lookup_flags::V4_PREFIXES == 0,
+        || artifact.subnet_addresses_v4(),
+    )
+    .ok_or(PolicyMapError::SubnetsNotExpandable(4))?;
+    let v6 = with_subnet_addresses(
+        artifact.addr_v6_entries().collect(),
+        HOST_PREFIX_V6,
+        config.lookup_flags & lookup_flags::V6_PREFIXES == 0,
+        || artifact.subnet_addresses_v6(),
+    )
+    .ok_or(PolicyMapError::SubnetsNotExpandable(6))?;
+    Ok((v4, v6))
+}
+
+/// `entries` with the subnets' addresses added as hosts when `expanded` and there are subnets;
+/// `None` when they cannot be.
+fn with_subnet_addresses<K>(
+    mut entries: Vec<(u32, K, AddrInfo)>,
+    full: u32,
+    expanded: bool,
+    addresses: impl FnOnce() -> Option<Vec<(K, AddrInfo)>>,
+) -> Option<Vec<(u32, K, AddrInfo)>> {
+    if expanded && entries.iter().any(|(len, _, _)| *len < full) {
+        let addresses = addresses()?;
+        entries.extend(addresses.into_iter().map(|(key, info)| (full, key, info)));
+    }
+    Some(entries)
 }
 
 /// Entries per `BPF_MAP_UPDATE_BATCH` call: large enough that the syscall cost vanishes, small
@@ -480,17 +532,18 @@ pub fn write(
             )
         }),
         Box::new(move || {
+            let (v4_entries, v6_entries) = address_entries(artifact, config)?;
             fill_table_and_trie::<HostBucketV4, _>(
                 (hosts_v4_map, hosts_v4),
                 (v4_map, v4),
                 HOST_PREFIX_V4,
-                || artifact.addr_v4_entries(),
+                || v4_entries.iter().copied(),
             )?;
             fill_table_and_trie::<HostBucketV6, _>(
                 (hosts_v6_map, hosts_v6),
                 (v6_map, v6),
                 HOST_PREFIX_V6,
-                || artifact.addr_v6_entries(),
+                || v6_entries.iter().copied(),
             )
         }),
     ])?;
@@ -645,8 +698,10 @@ fn hash_entries<K: Pod + Ord, V: Pod>(
 /// Whether the policy maps of `slot` hold exactly `artifact` (a restarted daemon whose policy
 /// did not change keeps the slot, its generation and the flows judged under it).
 pub fn slot_holds(ebpf: &Ebpf, slot: usize, artifact: &Artifact) -> Result<bool, PolicyMapError> {
-    let v4: Vec<_> = artifact.addr_v4_entries().collect();
-    let v6: Vec<_> = artifact.addr_v6_entries().collect();
+    // As written with the slot's own settings (which say whether subnets are in the tables).
+    let Ok((v4, v6)) = address_entries(artifact, &read_config(ebpf, slot)?) else {
+        return Ok(false);
+    };
     let ports: Vec<_> = artifact.port_entries().collect();
     let (held_pairs, want_pairs) =
         table_of::<PairBucket>(ebpf, map_names::PAIRS[slot], artifact.pair_entries())?;

@@ -16,6 +16,14 @@ use crate::settings::{OnPolicyChange, Settings, Timeouts};
 /// Bumped whenever the artifact's meaning or layout changes (2: the quarantine ids).
 pub const FORMAT_VERSION: u32 = 2;
 
+/// Subnets at most this many bits shorter than a host can also go into the host table, one
+/// entry per address ([`Artifact::subnet_addresses_v4`]): an address in them is then found by
+/// one exact-match lookup instead of a walk of the prefix trie. A /24 is 256 entries.
+pub const SUBNET_EXPANSION_BITS: u32 = 8;
+
+/// Addresses of such subnets per family past which none are expanded.
+pub const SUBNET_EXPANSION_LIMIT: usize = 1 << 18;
+
 #[derive(thiserror::Error, Debug)]
 pub enum ArtifactError {
     #[error("artifact is not valid JSON: {0}")]
@@ -238,6 +246,39 @@ impl Artifact {
         })
     }
 
+    /// Every address of the IPv4 subnets, each with what the longest entry holding it says
+    /// about it (the answer of a longest-prefix lookup), except the hosts that are entries of
+    /// their own; in address order. `None` when a subnet is more than
+    /// [`SUBNET_EXPANSION_BITS`] shorter than a host or there are more than
+    /// [`SUBNET_EXPANSION_LIMIT`] addresses: the trie alone finds them then.
+    pub fn subnet_addresses_v4(&self) -> Option<Vec<([u8; 4], AddrInfo)>> {
+        let entries = self
+            .addr_v4_entries()
+            .map(|(len, addr, info)| (len, u128::from(u32::from_be_bytes(addr)), info));
+        let addresses = subnet_addresses(entries, HOST_PREFIX_V4)?;
+        // The addresses came from 32-bit ones.
+        Some(
+            addresses
+                .into_iter()
+                .map(|(addr, info)| ((addr as u32).to_be_bytes(), info))
+                .collect(),
+        )
+    }
+
+    /// [`Artifact::subnet_addresses_v4`] for IPv6.
+    pub fn subnet_addresses_v6(&self) -> Option<Vec<([u8; 16], AddrInfo)>> {
+        let entries = self
+            .addr_v6_entries()
+            .map(|(len, addr, info)| (len, u128::from_be_bytes(addr), info));
+        let addresses = subnet_addresses(entries, HOST_PREFIX_V6)?;
+        Some(
+            addresses
+                .into_iter()
+                .map(|(addr, info)| (addr.to_be_bytes(), info))
+                .collect(),
+        )
+    }
+
     pub fn pair_entries(&self) -> impl Iterator<Item = (PairKey, PairValue)> + '_ {
         let with_ranges: std::collections::HashSet<u32> = self
             .maps
@@ -362,5 +403,96 @@ impl Artifact {
             ports: self.maps.ports.len(),
             rules: self.rules.len(),
         }
+    }
+}
+
+/// The addresses of the subnets among `entries` (prefix length, address as an integer of
+/// `full` bits with no host bits set, value) with the value of the longest entry holding each;
+/// see [`Artifact::subnet_addresses_v4`].
+fn subnet_addresses(
+    entries: impl Iterator<Item = (u32, u128, AddrInfo)>,
+    full: u32,
+) -> Option<Vec<(u128, AddrInfo)>> {
+    let mut taken = std::collections::HashSet::new();
+    let mut subnets = Vec::new();
+    for (len, addr, info) in entries {
+        if len >= full {
+            taken.insert(addr);
+        } else if full - len > SUBNET_EXPANSION_BITS {
+            return None;
+        } else {
+            subnets.push((len, addr, info));
+        }
+    }
+    let count: usize = subnets
+        .iter()
+        .map(|(len, _, _)| 1usize << (full - len))
+        .sum();
+    if count > SUBNET_EXPANSION_LIMIT {
+        return None;
+    }
+    // Longest first: an address takes the value of the longest subnet holding it.
+    subnets.sort_unstable_by_key(|&(len, addr, _)| (std::cmp::Reverse(len), addr));
+    let mut addresses = Vec::with_capacity(count);
+    for (len, network, info) in subnets {
+        for offset in 0..1u128 << (full - len) {
+            let addr = network | offset;
+            if taken.insert(addr) {
+                addresses.push((addr, info));
+            }
+        }
+    }
+    addresses.sort_unstable_by_key(|&(addr, _)| addr);
+    Some(addresses)
+}
+
+#[cfg(test)]
+mod tests {
+    use enforcer_common::AddrInfo;
+
+    use super::{SUBNET_EXPANSION_BITS, SUBNET_EXPANSION_LIMIT, subnet_addresses};
+
+    fn info(segment: u32) -> AddrInfo {
+        AddrInfo {
+            segment,
+            class: segment,
+        }
+    }
+
+    /// Each address gets what a longest-prefix lookup over every entry gives it.
+    #[test]
+    fn subnet_addresses_answer_as_the_longest_prefix_does() {
+        let entries = [
+            (24, 0x0a00_0100, info(1)),
+            (28, 0x0a00_0110, info(2)),
+            (30, 0x0a00_0114, info(3)),
+            (32, 0x0a00_0115, info(4)),
+            (32, 0x0a00_0900, info(5)),
+        ];
+        let longest = |addr: u128| {
+            entries
+                .iter()
+                .filter(|(len, network, _)| addr >> (32 - len) == network >> (32 - len))
+                .max_by_key(|(len, _, _)| *len)
+                .map(|(_, _, info)| *info)
+        };
+        let addresses = subnet_addresses(entries.into_iter(), 32).unwrap();
+        // 256 addresses of the /24, less the host that is an entry of its own.
+        assert_eq!(addresses.len(), 255);
+        for (addr, got) in &addresses {
+            assert_eq!(Some(*got), longest(*addr), "{addr:#x}");
+        }
+        assert!(addresses.windows(2).all(|w| w[0].0 < w[1].0));
+        assert!(!addresses.iter().any(|(addr, _)| *addr == 0x0a00_0115));
+    }
+
+    #[test]
+    fn subnets_too_short_or_too_many_are_left_to_the_trie() {
+        let short = 32 - SUBNET_EXPANSION_BITS - 1;
+        assert!(subnet_addresses([(short, 0x0a00_0000, info(1))].into_iter(), 32).is_none());
+        let many = (0..=SUBNET_EXPANSION_LIMIT >> SUBNET_EXPANSION_BITS)
+            .map(|i| (32 - SUBNET_EXPANSION_BITS, (i as u128) << 8, info(1)));
+        assert!(subnet_addresses(many, 32).is_none());
+        assert_eq!(subnet_addresses(std::iter::empty(), 128), Some(Vec::new()));
     }
 }

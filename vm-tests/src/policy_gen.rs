@@ -93,9 +93,20 @@ fn universe_v6(rng: &mut impl Rng) -> Ipv6Addr {
     Ipv6Addr::from(high | u128::from(rng.random::<u16>()))
 }
 
-fn random_prefix(rng: &mut impl Rng) -> Prefix {
+/// A random prefix; with `long`, only lengths whose addresses the host tables can hold
+/// (`policy_compiler::artifact::SUBNET_EXPANSION_BITS`), so that a whole policy of them is
+/// judged through the tables rather than the tries.
+fn random_prefix(rng: &mut impl Rng, long: bool) -> Prefix {
+    let (v4_lengths, v6_lengths): (&[u8], &[u8]) = if long {
+        (&[24, 26, 28, 30, 32], &[120, 124, 128])
+    } else {
+        (
+            &[8, 12, 16, 20, 24, 26, 28, 30, 32],
+            &[16, 32, 48, 64, 80, 96, 112, 120, 128],
+        )
+    };
     if rng.random_bool(0.7) {
-        let len = *[8u8, 12, 16, 20, 24, 26, 28, 30, 32].choose(rng).unwrap();
+        let len = *v4_lengths.choose(rng).unwrap();
         let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
         let addr = u32::from(universe_v4(rng)) & mask;
         Prefix {
@@ -103,9 +114,7 @@ fn random_prefix(rng: &mut impl Rng) -> Prefix {
             len,
         }
     } else {
-        let len = *[16u8, 32, 48, 64, 80, 96, 112, 120, 128]
-            .choose(rng)
-            .unwrap();
+        let len = *v6_lengths.choose(rng).unwrap();
         let mask = u128::MAX << (128 - u32::from(len));
         let addr = u128::from(universe_v6(rng)) & mask;
         Prefix {
@@ -158,6 +167,8 @@ fn random_port_entry<R: Rng>(rng: &mut R) -> String {
 /// Generates a random valid policy.
 pub fn generate(rng: &mut impl Rng) -> GeneratedPolicy {
     let segment_count = rng.random_range(1..=8);
+    // A third of the policies use only prefixes the host tables can hold address by address.
+    let long = rng.random_bool(0.3);
     let names: Vec<String> = (0..segment_count).map(|i| format!("s{i}")).collect();
     let names_for_grants = names.clone();
     // Rules may also name the built-in quarantine segment (hosts quarantined at run time).
@@ -174,7 +185,7 @@ pub fn generate(rng: &mut impl Rng) -> GeneratedPolicy {
         let member_count = rng.random_range(1..=3);
         let mut members = Vec::new();
         while members.len() < member_count {
-            let prefix = random_prefix(rng);
+            let prefix = random_prefix(rng, long);
             if used.insert((prefix.addr, prefix.len)) {
                 members.push(prefix.to_yaml());
                 note(prefix, rng, &mut interesting);
@@ -192,7 +203,7 @@ pub fn generate(rng: &mut impl Rng) -> GeneratedPolicy {
             1 => yaml.push_str("intra: allow\n"),
             _ => {}
         }
-        let rules = random_rules(rng, name, &source_names, &mut interesting);
+        let rules = random_rules(rng, name, &source_names, long, &mut interesting);
         yaml.push_str(&rules);
         sources.push((format!("segments/{name}.yaml"), yaml));
     }
@@ -203,6 +214,7 @@ pub fn generate(rng: &mut impl Rng) -> GeneratedPolicy {
             rng,
             "quarantine",
             &source_names,
+            long,
             &mut interesting,
         ));
         sources.push(("segments/quarantine.yaml".to_string(), yaml));
@@ -212,7 +224,7 @@ pub fn generate(rng: &mut impl Rng) -> GeneratedPolicy {
         yaml.push_str("world:\n");
         let mode = *["unenforced", "enforce", "monitor"].choose(rng).unwrap();
         let _ = writeln!(yaml, "  mode: {mode}");
-        let rules = random_rules(rng, "world", &source_names, &mut interesting);
+        let rules = random_rules(rng, "world", &source_names, long, &mut interesting);
         for line in rules.lines() {
             let _ = writeln!(yaml, "  {line}");
         }
@@ -315,6 +327,7 @@ fn random_rules(
     rng: &mut impl Rng,
     owner: &str,
     names: &[String],
+    long: bool,
     interesting: &mut Vec<IpAddr>,
 ) -> String {
     let rule_count = rng.random_range(0..=5);
@@ -331,7 +344,7 @@ fn random_rules(
                 5 => from.push("world".to_string()),
                 6 => from.push("any".to_string()),
                 _ => {
-                    let prefix = random_prefix(rng);
+                    let prefix = random_prefix(rng, long);
                     note(prefix, rng, interesting);
                     from.push(prefix.to_yaml());
                 }

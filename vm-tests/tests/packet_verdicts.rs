@@ -592,3 +592,113 @@ fn hosts_their_table_has_no_room_for_are_judged_through_the_trie() {
         );
     }
 }
+
+/// Nested subnets, each at most `SUBNET_EXPANSION_BITS` short of a host, so that their
+/// addresses go into the host tables one by one: hosts, a rule CIDR and segments inside segments.
+fn nested_subnets(extra: bool) -> Policy {
+    let mut sources = vec![
+        (
+            "segments/wards.yaml",
+            "segment: wards\nmembers: [10.9.0.0/24, \"fd00:9::/120\"]\nallow:\n  - from: [lab]\n    ports: [tcp/22]\n  - from: [\"10.9.0.0/26\", \"fd00:9::/122\"]\n    ports: [tcp/80]\n",
+        ),
+        (
+            "segments/lab.yaml",
+            "segment: lab\nmembers: [10.9.0.16/28, \"fd00:9::10/124\"]\nallow:\n  - from: [wards]\n    ports: [tcp/443]\n",
+        ),
+        (
+            "segments/pumps.yaml",
+            "segment: pumps\nmembers: [10.9.0.20/30, 10.9.0.200/32, \"fd00:9::14/126\", \"fd00:9::c8/128\"]\nallow:\n  - from: [any]\n    ports: [udp/53]\n",
+        ),
+    ];
+    if extra {
+        sources.push((
+            "segments/imaging.yaml",
+            "segment: imaging\nmembers: [10.9.2.0/24, 10.9.3.0/24]\nallow:\n  - from: [wards]\n    ports: [tcp/104]\n",
+        ));
+    }
+    let sources: Vec<(String, String)> = sources
+        .into_iter()
+        .map(|(file, text)| (file.to_string(), text.to_string()))
+        .collect();
+    Policy::from_sources(&sources).unwrap_or_else(|e| panic!("nested subnets: {e}"))
+}
+
+/// Packets from and to `addr`, each checked against the reference.
+fn check_address(h: &mut KernelHarness, addr: IpAddr, sport: u16) {
+    let (wards, lab, pumps) = if addr.is_ipv4() {
+        (ip("10.9.0.5"), ip("10.9.0.17"), ip("10.9.0.21"))
+    } else {
+        (ip("fd00:9::5"), ip("fd00:9::11"), ip("fd00:9::15"))
+    };
+    for spec in [
+        PacketSpec::new(addr, wards, Transport::tcp(sport, 80, TCP_SYN)),
+        PacketSpec::new(addr, lab, Transport::tcp(sport, 443, TCP_SYN)),
+        PacketSpec::new(addr, pumps, Transport::udp(sport, 53)),
+        PacketSpec::new(lab, addr, Transport::tcp(sport, 22, TCP_SYN)),
+        PacketSpec::new(wards, addr, Transport::tcp(sport, 104, TCP_SYN)),
+    ] {
+        let (frame, _) = packet_builder::build(&spec);
+        h.check(&frame, INGRESS)
+            .unwrap_or_else(|e| panic!("{addr}: {e:#}"));
+    }
+}
+
+/// Every address of nested subnets is judged as the longest prefix holding it says, with the
+/// subnets in the host tables (the tries never walked for an address the tables lack), and,
+/// after a reload whose subnets no longer fit there, with them in the tries.
+#[test]
+fn subnets_in_the_host_tables_answer_as_the_longest_prefix_does() {
+    use enforcer_common::lookup_flags::{V4_PREFIXES, V6_PREFIXES};
+
+    // What a restarted daemon checks before keeping a pinned slot.
+    let holds = |h: &KernelHarness, policy: &Policy| {
+        let artifact = policy_compiler::compile(policy).unwrap();
+        enforcer::policy_maps::slot_holds(h.enforcer.ebpf(), h.enforcer.active_slot(), &artifact)
+            .unwrap()
+    };
+    let mut h = KernelHarness::load(nested_subnets(false)).expect("load the enforcer");
+    assert_eq!(
+        h.enforcer.config().lookup_flags & (V4_PREFIXES | V6_PREFIXES),
+        0,
+        "the subnets should be in the host tables"
+    );
+    assert!(
+        holds(&h, &nested_subnets(false)),
+        "the slot holds the policy"
+    );
+    assert!(
+        !holds(&h, &nested_subnets(true)),
+        "the slot holds another policy"
+    );
+    let addresses = |last: u8| {
+        [
+            IpAddr::from([10, 9, 0, last]),
+            IpAddr::from([0xfd00, 9, 0, 0, 0, 0, 0, u16::from(last)]),
+        ]
+    };
+    for last in 0..=255u8 {
+        for addr in addresses(last) {
+            check_address(&mut h, addr, 1000 + u16::from(last));
+        }
+    }
+    for outside in ["10.9.1.1", "10.8.255.255", "fd00:9::100", "fd00:8::1"] {
+        check_address(&mut h, ip(outside), 3000);
+    }
+
+    h.replace_policy(nested_subnets(true)).expect("reload");
+    assert_eq!(
+        h.enforcer.config().lookup_flags & V4_PREFIXES,
+        V4_PREFIXES,
+        "the larger policy's IPv4 subnets should not fit the host table sized for the first"
+    );
+    assert!(
+        holds(&h, &nested_subnets(true)),
+        "the slot holds the reloaded policy"
+    );
+    for last in (0..=255u8).step_by(7) {
+        for addr in addresses(last) {
+            check_address(&mut h, addr, 5000 + u16::from(last));
+        }
+        check_address(&mut h, IpAddr::from([10, 9, 2, last]), 5000);
+    }
+}
