@@ -202,15 +202,17 @@ pub(crate) fn subnet_address_counts(artifact: &Artifact) -> [Option<usize>; 2] {
 }
 
 /// What to size the policy maps for when they are created: [`policy_needs`], with room in the
-/// host tables for the subnets' addresses. A later policy that the tables have no such room
-/// for still loads; its subnets are then found in the trie ([`Enforcer::config_for`]).
+/// host tables for the subnets' addresses, and in the tries behind them for any of those the
+/// tables have no room for (a trie allocates its entries as they come, so the limit costs
+/// nothing unused). A later policy that the tables have no such room for still loads; its
+/// subnets are then found in the trie ([`Enforcer::config_for`]).
 pub(crate) fn sizing_needs(artifact: &Artifact) -> [(&'static [&'static str; 2], usize); 10] {
     let mut needs = policy_needs(artifact);
     let [v4, v6] = subnet_address_counts(artifact);
     for (names, needed) in &mut needs {
-        if *names == &map_names::HOSTS_V4 {
+        if *names == &map_names::HOSTS_V4 || *names == &map_names::ADDR_V4 {
             *needed += v4.unwrap_or(0);
-        } else if *names == &map_names::HOSTS_V6 {
+        } else if *names == &map_names::HOSTS_V6 || *names == &map_names::ADDR_V6 {
             *needed += v6.unwrap_or(0);
         }
     }
