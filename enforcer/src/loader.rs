@@ -393,10 +393,12 @@ impl Enforcer {
     }
 
     /// Records `artifact` as the policy in force, when the active slot already holds it.
-    pub(crate) fn keep_policy(&mut self, artifact: &Artifact) {
+    pub(crate) fn keep_policy(&mut self, artifact: &Artifact) -> Result<(), PolicyMapError> {
+        let addresses = policy_maps::address_entries(artifact, &self.config)?;
         self.segment_names = artifact.segments.iter().map(|s| s.name.clone()).collect();
         self.revision = artifact.revision.clone();
-        self.usage = usage_of(artifact, &self.config);
+        self.usage = usage_of(artifact, &addresses);
+        Ok(())
     }
 
     /// Loads `artifact` as the next generation: writes it into the inactive slot while the
@@ -425,7 +427,8 @@ impl Enforcer {
         self.wait_until_inactive_slot_unread()?;
         // From the switch on, programs count in that table, and the other one holds counts.
         self.inactive_pair_table_empty = false;
-        policy_maps::write(&mut self.ebpf, target, artifact, &config)?;
+        let addresses = policy_maps::address_entries(artifact, &config)?;
+        policy_maps::write(&mut self.ebpf, target, artifact, &config, &addresses)?;
         policy_maps::write_breakglass(&mut self.ebpf, target, &grants.entries)?;
         policy_maps::activate(&mut self.ebpf, target)?;
         self.inactive_slot_may_be_read = true;
@@ -435,7 +438,7 @@ impl Enforcer {
         self.generation = generation;
         self.config = config;
         self.revision = artifact.revision.clone();
-        self.usage = usage_of(artifact, &self.config);
+        self.usage = usage_of(artifact, &addresses);
         Ok(started.elapsed())
     }
 
@@ -704,17 +707,14 @@ impl Enforcer {
 }
 
 /// Entries each policy map holds: unlike [`policy_needs`], split between a host table and its
-/// trie as `policy_maps::write` splits them under `config` (the subnets' addresses in the host
-/// table too, where it says so).
-fn usage_of(artifact: &Artifact, config: &Config) -> Vec<(&'static str, usize)> {
+/// trie as `policy_maps::write` splits `addresses` (the subnets' addresses in the host table
+/// too, where the slot's settings say so).
+fn usage_of(
+    artifact: &Artifact,
+    addresses: &policy_maps::AddressEntries,
+) -> Vec<(&'static str, usize)> {
     let full = |prefix_len: u32, full: u32| prefix_len == full;
-    let (hosts_v4, hosts_v6) = match policy_maps::address_entries(artifact, config) {
-        Ok((v4, v6)) => (
-            v4.iter().filter(|e| full(e.0, HOST_PREFIX_V4)).count(),
-            v6.iter().filter(|e| full(e.0, HOST_PREFIX_V6)).count(),
-        ),
-        Err(_) => (0, 0),
-    };
+    let (hosts_v4, hosts_v6) = addresses.in_host_tables();
     let trie_v4 = artifact
         .addr_v4_entries()
         .filter(|e| !full(e.0, HOST_PREFIX_V4))

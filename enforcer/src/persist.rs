@@ -752,7 +752,7 @@ pub fn start(
         if wanted == current
             && policy_maps::slot_holds(enforcer.ebpf(), slot, artifact).map_err(LoadError::from)?
         {
-            enforcer.keep_policy(artifact);
+            enforcer.keep_policy(artifact).map_err(LoadError::from)?;
             report.policy_kept = true;
         } else {
             enforcer.replace_policy(artifact)?;

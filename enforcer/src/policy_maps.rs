@@ -92,22 +92,32 @@ fn shorter<K, V>(
     entries.filter(move |(prefix_len, _, _)| *prefix_len < full)
 }
 
-/// The address entries of `artifact` (prefix length, key, value) as the host tables and tries
-/// of a slot with `config` hold them: the artifact's, and, for a family whose prefix bit
-/// `config` clears while the policy has subnets, every address of its subnets as a host (the
-/// kernel then finds them in the table and never walks that trie for an address the table does
-/// not have; see `Artifact::subnet_addresses_v4`).
-#[allow(clippy::type_complexity)]
-pub(crate) fn address_entries(
+/// A policy's address entries (prefix length, key, value) as a slot's host tables and tries
+/// hold them ([`address_entries`]): the full-length ones in the table, the rest in the trie.
+pub struct AddressEntries {
+    pub v4: Vec<(u32, [u8; 4], AddrInfo)>,
+    pub v6: Vec<(u32, [u8; 16], AddrInfo)>,
+}
+
+impl AddressEntries {
+    /// Entries of the IPv4 and the IPv6 host table.
+    pub fn in_host_tables(&self) -> (usize, usize) {
+        (
+            self.v4.iter().filter(|e| e.0 == HOST_PREFIX_V4).count(),
+            self.v6.iter().filter(|e| e.0 == HOST_PREFIX_V6).count(),
+        )
+    }
+}
+
+/// The address entries of `artifact` as the host tables and tries of a slot with `config` hold
+/// them: the artifact's, and, for a family whose prefix bit `config` clears while the policy
+/// has subnets, every address of its subnets as a host (the kernel then finds them in the
+/// table and never walks that trie for an address the table does not have; see
+/// `Artifact::subnet_addresses_v4`).
+pub fn address_entries(
     artifact: &Artifact,
     config: &Config,
-) -> Result<
-    (
-        Vec<(u32, [u8; 4], AddrInfo)>,
-        Vec<(u32, [u8; 16], AddrInfo)>,
-    ),
-    PolicyMapError,
-> {
+) -> Result<AddressEntries, PolicyMapError> {
     let v4 = with_subnet_addresses(
         artifact.addr_v4_entries().collect(),
         HOST_PREFIX_V4,
@@ -122,7 +132,7 @@ pub(crate) fn address_entries(
         || artifact.subnet_addresses_v6(),
     )
     .ok_or(PolicyMapError::SubnetsNotExpandable(6))?;
-    Ok((v4, v6))
+    Ok(AddressEntries { v4, v6 })
 }
 
 /// `entries` with the subnets' addresses added as hosts when `expanded` and there are subnets;
@@ -495,12 +505,14 @@ pub fn sync_breakglass_in_use(ebpf: &mut Ebpf) -> Result<(), PolicyMapError> {
 }
 
 /// Writes `artifact` into the policy maps of `slot` (which must not be the active one) and its
-/// settings into `CONFIG[slot]`.
+/// settings into `CONFIG[slot]`; `addresses` are its address entries under `config`
+/// ([`address_entries`]).
 pub fn write(
     ebpf: &mut Ebpf,
     slot: usize,
     artifact: &Artifact,
     config: &Config,
+    addresses: &AddressEntries,
 ) -> Result<(), PolicyMapError> {
     clear(ebpf, slot)?;
     // Host addresses, pairs and single ports hold nearly all entries of a large policy: one
@@ -532,18 +544,17 @@ pub fn write(
             )
         }),
         Box::new(move || {
-            let (v4_entries, v6_entries) = address_entries(artifact, config)?;
             fill_table_and_trie::<HostBucketV4, _>(
                 (hosts_v4_map, hosts_v4),
                 (v4_map, v4),
                 HOST_PREFIX_V4,
-                || v4_entries.iter().copied(),
+                || addresses.v4.iter().copied(),
             )?;
             fill_table_and_trie::<HostBucketV6, _>(
                 (hosts_v6_map, hosts_v6),
                 (v6_map, v6),
                 HOST_PREFIX_V6,
-                || v6_entries.iter().copied(),
+                || addresses.v6.iter().copied(),
             )
         }),
     ])?;
@@ -699,7 +710,7 @@ fn hash_entries<K: Pod + Ord, V: Pod>(
 /// did not change keeps the slot, its generation and the flows judged under it).
 pub fn slot_holds(ebpf: &Ebpf, slot: usize, artifact: &Artifact) -> Result<bool, PolicyMapError> {
     // As written with the slot's own settings (which say whether subnets are in the tables).
-    let Ok((v4, v6)) = address_entries(artifact, &read_config(ebpf, slot)?) else {
+    let Ok(AddressEntries { v4, v6 }) = address_entries(artifact, &read_config(ebpf, slot)?) else {
         return Ok(false);
     };
     let ports: Vec<_> = artifact.port_entries().collect();

@@ -670,6 +670,15 @@ fn subnets_in_the_host_tables_answer_as_the_longest_prefix_does() {
         !holds(&h, &nested_subnets(true)),
         "the slot holds another policy"
     );
+    // What `enforcer_bpf_map_pressure` reports: the /24's 255 other addresses and the host
+    // 10.9.0.200; the /120's 255 and fd00:9::c8.
+    let used = |h: &KernelHarness, map: &str| {
+        let usage = h.enforcer.policy_map_usage();
+        usage.iter().find(|(name, _)| *name == map).map(|(_, n)| *n)
+    };
+    use enforcer_common::map_names::{HOSTS_V4, HOSTS_V6};
+    assert_eq!(used(&h, HOSTS_V4[0]), Some(256));
+    assert_eq!(used(&h, HOSTS_V6[0]), Some(256));
     let addresses = |last: u8| {
         [
             IpAddr::from([10, 9, 0, last]),
@@ -694,6 +703,11 @@ fn subnets_in_the_host_tables_answer_as_the_longest_prefix_does() {
     assert!(
         holds(&h, &nested_subnets(true)),
         "the slot holds the reloaded policy"
+    );
+    assert_eq!(
+        used(&h, HOSTS_V4[0]),
+        Some(1),
+        "only the IPv4 host is in the table"
     );
     for last in (0..=255u8).step_by(7) {
         for addr in addresses(last) {
