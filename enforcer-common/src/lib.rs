@@ -88,6 +88,8 @@ pub mod map_names {
     pub const EVENT_COUNTERS: &str = "EVENT_COUNTERS";
     /// Quarantined addresses ([`crate::QuarantineKey`] -> `u32`, unused), global.
     pub const QUARANTINE: &str = "QUARANTINE";
+    /// One [`crate::Clock`]: how the programs tell the time from jiffies (global).
+    pub const CLOCK: &str = "CLOCK";
     /// One `u32`: non-zero while [`QUARANTINE`] may hold an address. The kernel probes the
     /// quarantine only then; the daemon sets it before the first insert and clears it only
     /// after seeing the map empty, so a quarantined address is never skipped.
@@ -110,6 +112,8 @@ pub const MAP_LAYOUT_VERSION: u32 = 3;
 pub mod program_names {
     pub const XDP_INGRESS: &str = "enforcer_xdp";
     pub const TC_EGRESS: &str = "enforcer_tc_egress";
+    /// Never attached: the daemon runs it (`BPF_PROG_TEST_RUN`) to calibrate [`crate::Clock`].
+    pub const CLOCK_PROBE: &str = "enforcer_clock_probe";
 }
 
 /// Benchmark-only programs and maps (`enforcer-ebpf/src/bench.rs`, driven by `cargo xtask
@@ -561,7 +565,7 @@ pub struct RecentEvent {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Event {
-    /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC_COARSE).
+    /// The programs' clock ([`Clock`]: CLOCK_MONOTONIC_COARSE).
     pub time_ns: u64,
     pub src: [u8; 16],
     pub dst: [u8; 16],
@@ -641,8 +645,8 @@ pub struct FlowState {
     pub policy_proto: u8,
     /// The [`direction`] in which the flow was admitted (and is rechecked).
     pub direction: u8,
-    /// For a flow admitted by a break-glass grant: the grant's expiry (`bpf_ktime_get_coarse_ns`
-    /// clock). From then on the flow is judged again at each packet, and dropped
+    /// For a flow admitted by a break-glass grant: the grant's expiry (the programs'
+    /// [`Clock`]). From then on the flow is judged again at each packet, and dropped
     /// ([`counter::DROP_BREAKGLASS_EXPIRED`]) unless something else allows it. The daemon sets
     /// it to 0 when it revokes the grant.
     pub breakglass_expires_ns: u64,
@@ -673,7 +677,7 @@ pub const BREAKGLASS_ANY_PROTO: u8 = 255;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BreakglassRange {
-    /// `bpf_ktime_get_coarse_ns` time at which the grant ends: it applies while `now < expires_ns`.
+    /// Time ([`Clock`]) at which the grant ends: it applies while `now < expires_ns`.
     pub expires_ns: u64,
     /// The grant's id (never 0).
     pub grant: u32,
@@ -1154,6 +1158,33 @@ pub struct FlowFilterState {
     pub lines: u32,
 }
 
+/// Value of [`map_names::CLOCK`]: the programs' clock, CLOCK_MONOTONIC_COARSE (the daemon's), as
+/// a function of the jiffies counter. Reading jiffies is one load, which the verifier inlines;
+/// the coarse clock's helper call costs some 20 ns a packet on CPUs whose mitigations make every
+/// call and return dear. Both advance at the timer tick, and the kernel derives jiffies from the
+/// monotonic clock in steps of exactly one tick, so `jiffies × tick_ns + offset_ns` is the
+/// coarse clock to within the tick's interrupt latency, except that after an idle period it can
+/// lag it by up to one tick (the daemon allows for that when it sweeps). All zero (as loaded):
+/// not calibrated, and the programs read the coarse clock with the helper.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Clock {
+    /// The kernel's tick (`TICK_NSEC`: 1e9 / CONFIG_HZ, rounded); 0 when not calibrated.
+    pub tick_ns: u64,
+    /// Added to `jiffies × tick_ns`, wrapping (it is usually "negative").
+    pub offset_ns: u64,
+}
+
+impl Clock {
+    /// The time at `jiffies`, in ns of CLOCK_MONOTONIC_COARSE.
+    #[inline(always)]
+    pub fn at(&self, jiffies: u64) -> u64 {
+        jiffies
+            .wrapping_mul(self.tick_ns)
+            .wrapping_add(self.offset_ns)
+    }
+}
+
 /// Key of the fragment-tracking hash: one IP datagram.
 #[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -1185,6 +1216,7 @@ mod pod {
     unsafe impl aya::Pod for PortKey {}
     unsafe impl aya::Pod for PortValue {}
     unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for Clock {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowState {}
     unsafe impl aya::Pod for FlowFilterState {}

@@ -12,7 +12,6 @@
 //!
 //! Probes go through the filter in front of the table (`enforcer_common::flow_filter`) when
 //! the daemon has enabled it: a 0 byte proves a flow untracked without the table's lookup.
-use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use enforcer_common::{
     Config, FlowFilterState, FlowKey, FlowState, NO_RULE, address_half, counter, flow_filter,
     policy_change, proto_key, tcp_state, timeout,
@@ -30,16 +29,6 @@ const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 const BPF_NOEXIST: u64 = 1;
 const EEXIST: i32 = 17;
-
-/// CLOCK_MONOTONIC_COARSE: it advances once per scheduler tick (1-4 ms), which is plenty for
-/// timeouts and grants measured in seconds, and reading it costs a few ns where the fine clock
-/// costs about 30 (a TSC read, slower still in a VM) on every packet. The daemon reads the
-/// same clock (`enforcer::conntrack::monotonic_now_ns`).
-#[inline(always)]
-pub fn now_ns() -> u64 {
-    // SAFETY: no preconditions.
-    unsafe { bpf_ktime_get_coarse_ns() }
-}
 
 /// The filter's state, read once per packet.
 #[inline(always)]

@@ -5,6 +5,7 @@
 
 // Benchmark-only programs (`cargo xtask bench`); the loader never loads or attaches them.
 mod bench;
+mod clock;
 mod conntrack;
 mod counters;
 mod eth;
@@ -80,6 +81,15 @@ fn try_enforcer_tc_egress(ctx: &TcContext) -> Result<i32, ()> {
     } else {
         TC_ACT_UNSPEC
     })
+}
+
+/// Never attached: the daemon runs it to calibrate the programs' clock (see `clock`).
+#[xdp]
+pub fn enforcer_clock_probe(ctx: XdpContext) -> u32 {
+    match clock::probe(&ctx) {
+        Ok(action) => action,
+        Err(()) => xdp_action::XDP_ABORTED,
+    }
 }
 
 #[cfg(not(test))]

@@ -9,11 +9,12 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use enforcer_common::{
-    AddrInfo, BREAKGLASS_MAX_PAIRS, BreakglassKey, BreakglassValue, Config, DEFAULT_MAX_ENTRIES,
-    FlowFilterLine, FlowFilterState, FlowKey, FlowState, FragmentKey, FragmentState, HostBucketV4,
-    HostBucketV6, PAIR_COUNT_SLOTS, PairBucket, PairCount, PairKey, PairValue, PairVerdictKey,
-    PortBucket, PortKey, PortValue, QUARANTINE_MAX_ENTRIES, QuarantineKey, RECENT_EVENT_SLOTS,
-    RecentEvent, SegmentInfo, counter, direction, event_counter, protocol_class,
+    AddrInfo, BREAKGLASS_MAX_PAIRS, BreakglassKey, BreakglassValue, Clock, Config,
+    DEFAULT_MAX_ENTRIES, FlowFilterLine, FlowFilterState, FlowKey, FlowState, FragmentKey,
+    FragmentState, HostBucketV4, HostBucketV6, PAIR_COUNT_SLOTS, PairBucket, PairCount, PairKey,
+    PairValue, PairVerdictKey, PortBucket, PortKey, PortValue, QUARANTINE_MAX_ENTRIES,
+    QuarantineKey, RECENT_EVENT_SLOTS, RecentEvent, SegmentInfo, counter, direction, event_counter,
+    protocol_class,
 };
 
 use crate::packet::Scratch;
@@ -199,6 +200,10 @@ policy_slot!(
 /// The slot that judges packets.
 #[map]
 pub static ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
+
+/// The programs' clock (see `clock`); written by the daemon.
+#[map]
+pub static CLOCK: Array<Clock> = Array::with_max_entries(1, 0);
 
 /// The settings of the policy in each slot.
 #[map]

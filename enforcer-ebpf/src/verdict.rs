@@ -1,9 +1,12 @@
 //! The decision for one packet, the same for both directions: parse, follow fragments and
 //! tracked flows, judge new flows by the policy of the active slot; then count it, and report
 //! it as an event when it is a denial, an audit or (if asked for) an allowed new flow.
-use enforcer_common::{Config, NO_RULE, PairVerdictKey, counter, event_flags, protocol_class};
+use enforcer_common::{
+    Config, EventLimiterKey, NO_RULE, PairVerdictKey, counter, event_flags, protocol_class,
+};
 
 use crate::{
+    clock,
     conntrack::{self, Tracked},
     counters, eth, events, fragments,
     maps::{ACTIVE, CONFIG, PolicySlot, SCRATCH, Slot0, Slot1},
@@ -50,7 +53,7 @@ fn decide_in<P: PolicySlot>(start: usize, end: usize, len: usize, dir: u32, ifin
     // SAFETY: this CPU's scratch slot; a program runs to completion on one CPU.
     let scratch: &mut Scratch = unsafe { &mut *scratch };
     scratch.flow.clear();
-    let now = conntrack::now_ns();
+    let now = clock::now_ns();
     let frame = Frame::new(start, end, len);
     let outcome = match eth::parse(&frame, scratch) {
         Parsed::NonIp => counter::NON_IP,
@@ -149,6 +152,16 @@ fn account<P: PolicySlot>(
         return;
     }
     let flow = &scratch.flow;
+    let limiter_key = EventLimiterKey {
+        src: flow.src.0,
+        dst: flow.dst.0,
+        dport: flow.dport,
+        proto: flow.proto,
+        counter: outcome as u8,
+    };
+    if !events::admit(&limiter_key, now, config.event_interval_ns) {
+        return;
+    }
     if !judged {
         let quarantine = policy::quarantine_in_use();
         segments.src = policy::lookup::<P>(config, &flow.src, flow.family, quarantine).segment;
@@ -174,7 +187,7 @@ fn account<P: PolicySlot>(
     } else {
         0
     };
-    events::emit(event, config.event_interval_ns);
+    events::send(event);
 }
 
 /// The counter for an IP packet, and the rule (or break-glass grant) of a new flow it allows.

@@ -25,7 +25,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     LoadError,
-    conntrack::monotonic_now_ns,
+    clock::monotonic_now_ns,
     control::{ControlError, Peer},
     daemon::Daemon,
     events::FlowEvent,

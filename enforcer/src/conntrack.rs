@@ -10,6 +10,8 @@ use enforcer_common::{
     tcp_state, timeout,
 };
 
+use crate::clock;
+
 #[derive(Debug, thiserror::Error)]
 pub enum SweepError {
     #[error("the eBPF object has no map `{0}`")]
@@ -22,19 +24,6 @@ pub enum SweepError {
     },
     #[error(transparent)]
     Quiesce(#[from] crate::quiesce::QuiesceError),
-}
-
-/// The kernel programs' clock (`bpf_ktime_get_coarse_ns`): CLOCK_MONOTONIC_COARSE, which
-/// advances once per tick. Reading the fine CLOCK_MONOTONIC here instead would put the daemon up
-/// to a tick ahead of the kernel, and a sweep could remove a flow the kernel still counts live.
-pub fn monotonic_now_ns() -> u64 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid pointer; CLOCK_MONOTONIC_COARSE always exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut now) };
-    (now.tv_sec as u64) * 1_000_000_000 + now.tv_nsec as u64
 }
 
 /// The idle timeout of a tracked flow, as the kernel computes it.
@@ -59,7 +48,9 @@ pub fn idle_timeout_ns(key: &FlowKey, state: &FlowState, config: &Config) -> u64
 /// is therefore read again just before its removal and removed only if still expired, so that
 /// a new flow's state is not swept with the old one's (its replies would be judged as new).
 pub fn sweep(ebpf: &mut Ebpf, config: &Config) -> Result<(usize, usize), SweepError> {
-    let now = monotonic_now_ns();
+    // What the programs' clock reads at the latest: an entry they would still count live is
+    // never removed.
+    let now = clock::monotonic_now_ns().saturating_sub(clock::KERNEL_LAG_NS);
     let flows = {
         let map = map_names::CONNTRACK;
         let mut table: HashMap<_, FlowKey, FlowState> =

@@ -620,11 +620,15 @@ impl Daemon {
         Ok(())
     }
 
-    /// Removes idle connection state; remembers how many flows remain; then rebuilds the
-    /// filter in front of the connection table without the removed flows.
+    /// Checks the kernel programs' clock; removes idle connection state; remembers how many
+    /// flows remain; then rebuilds the filter in front of the connection table without the
+    /// removed flows.
     pub fn sweep(&self) {
         {
             let mut enforcer = self.enforcer();
+            if let Err(error) = crate::clock::check(enforcer.ebpf_mut()) {
+                warn!(%error, "checking the kernel programs' clock failed");
+            }
             if let Err(error) = enforcer.sweep_expired() {
                 warn!(%error, "sweeping expired state failed");
             }

@@ -164,7 +164,7 @@ impl EventNamer {
         EventNamer {
             policies: VecDeque::new(),
             wall_offset: wall
-                .saturating_sub(Duration::from_nanos(crate::conntrack::monotonic_now_ns())),
+                .saturating_sub(Duration::from_nanos(crate::clock::monotonic_now_ns())),
         }
     }
 

@@ -11,6 +11,7 @@
 pub mod audit;
 mod bpf_syscall;
 pub mod breakglass;
+pub mod clock;
 pub mod conntrack;
 pub mod control;
 pub mod counters;

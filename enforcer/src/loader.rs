@@ -21,6 +21,7 @@ use policy_compiler::{
 use tracing::{debug, info, warn};
 
 use crate::{
+    clock,
     conntrack::{self, SweepError},
     counters::{self, CounterError, Counters},
     policy_maps::{self, PolicyMapError},
@@ -241,7 +242,8 @@ pub(crate) fn flow_filter_lines(settings: &policy_compiler::KernelSettings) -> u
     2 * enforcer_common::flow_filter::lines_per_half(settings.conntrack_max_entries)
 }
 
-/// Loads the two programs of a loaded object into the kernel (verification happens here).
+/// Loads the two programs of a loaded object into the kernel (verification happens here), and
+/// calibrates their clock.
 pub(crate) fn load_programs(ebpf: &mut Ebpf) -> Result<(), LoadError> {
     program_mut::<Xdp>(ebpf, program_names::XDP_INGRESS)?
         .load()
@@ -249,6 +251,17 @@ pub(crate) fn load_programs(ebpf: &mut Ebpf) -> Result<(), LoadError> {
     program_mut::<SchedClassifier>(ebpf, program_names::TC_EGRESS)?
         .load()
         .map_err(program_error(program_names::TC_EGRESS))?;
+    match clock::calibrate(ebpf) {
+        Ok(clock) => debug!(
+            tick_ns = clock.tick_ns,
+            "calibrated the kernel programs' clock"
+        ),
+        Err(error) => warn!(
+            %error,
+            "could not calibrate the kernel programs' clock: they read it with a helper call, \
+             which is slower"
+        ),
+    }
     Ok(())
 }
 

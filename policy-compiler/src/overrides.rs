@@ -28,7 +28,7 @@ pub struct Grant {
     pub from: String,
     pub to: String,
     pub ports: Vec<PortMatch>,
-    /// CLOCK_MONOTONIC_COARSE time (what the kernel's `bpf_ktime_get_coarse_ns` reads) at which it ends.
+    /// CLOCK_MONOTONIC_COARSE time (the kernel programs' clock) at which it ends.
     pub expires_ns: u64,
 }
 

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use aya::programs::{TestRun as _, TestRunOptions};
-use enforcer::{Enforcer, conntrack::monotonic_now_ns, flow_filter::FlowFilter};
+use enforcer::{Enforcer, clock::monotonic_now_ns, flow_filter::FlowFilter};
 use enforcer_common::{counter, direction};
 use policy_compiler::{
     Grant, Overrides, Policy,

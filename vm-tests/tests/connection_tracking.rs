@@ -408,7 +408,7 @@ fn a_flow_recreated_after_the_sweeper_listed_its_predecessor_is_not_swept() {
     expect(&mut h, INGRESS, &syslog, counter::ALLOWED);
     thread::sleep(Duration::from_millis(1500));
     // The sweeper lists the flow as expired at this time ...
-    let listed_at = enforcer::conntrack::monotonic_now_ns();
+    let listed_at = enforcer::clock::monotonic_now_ns();
     let config = *h.enforcer.config();
     let key = {
         let map = h
@@ -457,4 +457,48 @@ fn idle_flows_expire_and_the_sweeper_removes_them() {
         &syslog.reversed(),
         counter::DROP_POLICY_DENIED,
     );
+}
+
+/// The programs tell the time from jiffies with the loader's calibration, or, uncalibrated, with
+/// the coarse clock's helper: either way a flow's stamp reads the daemon's clock.
+#[test]
+fn flow_stamps_read_the_daemons_clock_calibrated_or_not() {
+    use enforcer::clock::{KERNEL_LAG_NS, monotonic_now_ns, read_map};
+    use enforcer_common::{Clock, FlowKey, FlowState, map_names};
+
+    let mut h = KernelHarness::load(policy("")).unwrap();
+    let calibrated = read_map(h.enforcer.ebpf()).unwrap();
+    assert!(
+        [10_000_000, 4_000_000, 3_333_333, 1_000_000].contains(&calibrated.tick_ns),
+        "not calibrated to a CONFIG_HZ: {calibrated:?}"
+    );
+    for (round, clock) in [calibrated, Clock::default()].into_iter().enumerate() {
+        let map = h.enforcer.ebpf_mut().map_mut(map_names::CLOCK).unwrap();
+        let mut clock_map: aya::maps::Array<_, Clock> = aya::maps::Array::try_from(map).unwrap();
+        clock_map.set(0, clock, 0).unwrap();
+        let sport = 6000 + round as u16;
+        let before = monotonic_now_ns();
+        expect(
+            &mut h,
+            INGRESS,
+            &PacketSpec::new(ip(RADIOLOGY), ip(PACS), Transport::udp(sport, 514)),
+            counter::ALLOWED,
+        );
+        let after = monotonic_now_ns();
+        let map = h.enforcer.ebpf().map(map_names::CONNTRACK).unwrap();
+        let table: aya::maps::HashMap<_, FlowKey, FlowState> =
+            aya::maps::HashMap::try_from(map).unwrap();
+        let stamps: Vec<u64> = table
+            .iter()
+            .map(Result::unwrap)
+            .filter(|(key, _)| key.port_a == sport || key.port_b == sport)
+            .map(|(_, state)| state.last_seen_ns)
+            .collect();
+        assert_eq!(stamps.len(), 1, "{clock:?}");
+        assert!(
+            stamps[0] + KERNEL_LAG_NS >= before && stamps[0] <= after + 1_000_000,
+            "{clock:?}: stamped {} between {before} and {after}",
+            stamps[0]
+        );
+    }
 }
