@@ -45,6 +45,7 @@ pub use artifact::{Artifact, ArtifactError, EntryCounts, KernelSettings, Quarant
 pub use compile::{CompileError, compile, compile_with_capacities};
 pub use error::{PolicyError, PolicyErrorKind, PolicyErrors};
 pub use evaluate::{Decision, Flow, Verdict};
+pub use load::{ReadCache, ReadCacheUse};
 pub use model::{Capacities, Intra, Mode, Policy, PortMatch, Rule, RuleKind, Segment, Source};
 pub use overrides::{Grant, Overrides};
 pub use prefix::Prefix;
@@ -54,13 +55,28 @@ impl Policy {
     /// Reads and validates every top-level `*.yaml` / `*.yml` file of `dir` (hidden files and
     /// subdirectories such as `tests/` are ignored).
     pub fn load_dir(dir: &Path) -> Result<Policy, PolicyErrors> {
-        load::load_dir(dir, &Capacities::KERNEL)
+        load::load_dir(dir, &Capacities::KERNEL, None)
+    }
+
+    /// [`Policy::load_dir`], parsing only the files that `cache` does not hold as they are
+    /// now; it then holds the files of `dir` that were read without an error (see
+    /// [`ReadCache`]). The result is the same with or without the cache.
+    pub fn load_dir_cached(dir: &Path, cache: &mut ReadCache) -> Result<Policy, PolicyErrors> {
+        load::load_dir(dir, &Capacities::KERNEL, Some(cache))
     }
 
     /// Validates policy files given as (file name as it should appear in errors, e.g.
     /// `segments/pacs.yaml`, content).
     pub fn from_sources(sources: &[(String, String)]) -> Result<Policy, PolicyErrors> {
-        load::load_sources(sources, &Capacities::KERNEL)
+        load::load_sources(sources, &Capacities::KERNEL, None)
+    }
+
+    /// [`Policy::from_sources`] with a [`ReadCache`], as [`Policy::load_dir_cached`].
+    pub fn from_sources_cached(
+        sources: &[(String, String)],
+        cache: &mut ReadCache,
+    ) -> Result<Policy, PolicyErrors> {
+        load::load_sources(sources, &Capacities::KERNEL, Some(cache))
     }
 
     /// Like [`Policy::from_sources`], with other map capacities (used to test the check).
@@ -68,6 +84,6 @@ impl Policy {
         sources: &[(String, String)],
         capacities: &Capacities,
     ) -> Result<Policy, PolicyErrors> {
-        load::load_sources(sources, capacities)
+        load::load_sources(sources, capacities, None)
     }
 }

@@ -20,6 +20,9 @@ use crate::prefix::{Family, Prefix, PrefixParseError};
 use crate::settings::{OnPolicyChange, Settings, parse_duration};
 use crate::yaml::{self, Node, Pos, Value};
 
+mod read_cache;
+pub use read_cache::{ReadCache, ReadCacheUse};
+
 /// The `file` of the built-in quarantine segment when the policy has no `quarantine.yaml`.
 pub(crate) const BUILT_IN_FILE: &str = "(built-in)";
 
@@ -57,7 +60,11 @@ const DEFAULTS_STEM: &str = "defaults";
 
 /// Reads every top-level `*.yaml` / `*.yml` file of `dir` (hidden files and subdirectories
 /// are ignored) and validates them.
-pub(crate) fn load_dir(dir: &Path, capacities: &Capacities) -> Result<Policy, PolicyErrors> {
+pub(crate) fn load_dir(
+    dir: &Path,
+    capacities: &Capacities,
+    cache: Option<&mut ReadCache>,
+) -> Result<Policy, PolicyErrors> {
     let dir_shown = dir.display().to_string();
     let io_error = |file: String, message: String| PolicyError {
         file,
@@ -98,7 +105,7 @@ pub(crate) fn load_dir(dir: &Path, capacities: &Capacities) -> Result<Policy, Po
     }
     sources.sort();
     tracing::debug!(dir = %dir_shown, files = sources.len(), "read policy files");
-    match load_sources(&sources, capacities) {
+    match load_sources(&sources, capacities, cache) {
         Ok(policy) if errors.is_empty() => Ok(policy),
         Ok(_) => Err(PolicyErrors(errors)),
         Err(PolicyErrors(more)) => {
@@ -150,6 +157,7 @@ fn revision(sources: &[(String, String)]) -> String {
 pub(crate) fn load_sources(
     sources: &[(String, String)],
     capacities: &Capacities,
+    cache: Option<&mut ReadCache>,
 ) -> Result<Policy, PolicyErrors> {
     let mut loader = Loader::default();
     let mut world: Option<RawWorld> = None;
@@ -164,7 +172,10 @@ pub(crate) fn load_sources(
             world = loader.defaults_file(file, text);
         }
     }
-    let segments = loader.segment_files(&segment_files);
+    let segments = match cache {
+        Some(cache) => loader.segment_files_cached(&segment_files, cache),
+        None => loader.segment_files(&segment_files),
+    };
     let world = world.unwrap_or(RawWorld {
         file: String::new(),
         mode: Mode::Unenforced,
@@ -202,12 +213,14 @@ fn policy_label(sources: &[(String, String)]) -> String {
         .to_string()
 }
 
+#[derive(Debug, PartialEq)]
 enum RawSource {
     Any,
     Name(String),
     Cidr(Prefix),
 }
 
+#[derive(Debug, PartialEq)]
 struct RawRule {
     /// 1-based position in the allow-list, for the default id.
     number: usize,
@@ -218,6 +231,7 @@ struct RawRule {
     pos: Pos,
 }
 
+#[derive(Debug, PartialEq)]
 struct RawSegment {
     file: String,
     name: String,
@@ -381,6 +395,65 @@ impl Loader {
             .map_or(1, usize::from)
             .min(files.len().div_ceil(FILES_PER_THREAD));
         self.segment_files_on(files, threads)
+    }
+
+    /// [`Loader::segment_files`], reading only the files `cache` does not hold as they are now,
+    /// and keeping those read without an error. The cache then holds only files of `files`.
+    fn segment_files_cached(
+        &mut self,
+        files: &[(&str, &str)],
+        cache: &mut ReadCache,
+    ) -> Vec<RawSegment> {
+        let names: HashSet<&str> = files.iter().map(|(file, _)| *file).collect();
+        if names.len() != files.len() {
+            // Two sources under one name: not a directory's files; read them all.
+            cache.set_last_use(ReadCacheUse {
+                hits: 0,
+                misses: files.len(),
+            });
+            return self.segment_files(files);
+        }
+        let digests: Vec<[u8; 32]> = files
+            .iter()
+            .map(|(_, text)| read_cache::digest(text))
+            .collect();
+        let mut found: Vec<Option<RawSegment>> = files
+            .iter()
+            .zip(&digests)
+            .map(|((file, _), digest)| cache.get(file, digest))
+            .collect();
+        let missing: Vec<(&str, &str)> = files
+            .iter()
+            .zip(&found)
+            .filter(|(_, hit)| hit.is_none())
+            .map(|(file, _)| *file)
+            .collect();
+        cache.set_last_use(ReadCacheUse {
+            hits: files.len() - missing.len(),
+            misses: missing.len(),
+        });
+        let errors_before = self.errors.len();
+        let mut read: HashMap<String, RawSegment> = self
+            .segment_files(&missing)
+            .into_iter()
+            .map(|segment| (segment.file.clone(), segment))
+            .collect();
+        let with_errors: HashSet<&str> = self.errors[errors_before..]
+            .iter()
+            .map(|error| error.file.as_str())
+            .collect();
+        for (i, (file, _)) in files.iter().enumerate() {
+            if found[i].is_none()
+                && let Some(segment) = read.remove(*file)
+            {
+                if !with_errors.contains(file) {
+                    cache.put(digests[i], &segment);
+                }
+                found[i] = Some(segment);
+            }
+        }
+        cache.retain(names.into_iter());
+        found.into_iter().flatten().collect()
     }
 
     fn segment_files_on(&mut self, files: &[(&str, &str)], threads: usize) -> Vec<RawSegment> {
@@ -1427,6 +1500,139 @@ mod tests {
         for threads in [2, 3, 7] {
             assert_eq!(summary(threads), (in_turn.clone(), in_turn_errors.clone()));
         }
+    }
+
+    /// The example policy's files.
+    fn example_sources() -> Vec<(String, String)> {
+        let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../segments");
+        let mut sources = Vec::new();
+        for entry in std::fs::read_dir(example).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_str().unwrap().to_string();
+            if is_policy_file_name(&name) && !name.starts_with('.') {
+                sources.push((
+                    format!("segments/{name}"),
+                    std::fs::read_to_string(&path).unwrap(),
+                ));
+            }
+        }
+        sources.sort();
+        sources
+    }
+
+    /// Files using every part of the language a segment file can hold, and the example
+    /// policy's.
+    fn cache_sources() -> Vec<(String, String)> {
+        let mut sources = vec![
+            (
+                "other/lab.yaml".to_string(),
+                "segment: lab\ndescription: Laboratory\nmode: monitor\nintra: deny\nmembers: [10.40.0.0/24, \"fd00:40::/64\", 10.41.0.7]\nallow:\n  - name: analysers\n    from: [pacs, 10.9.0.0/16, \"fd00:9::1\"]\n    ports: [tcp/8000-8100, udp/514, icmp/echo-request]\n    reason: results upload\n  - from: [any]\n    ports: [any]\n".to_string(),
+            ),
+            (
+                "other/quarantine.yaml".to_string(),
+                "segment: quarantine\nallow:\n  - from: [pacs]\n    ports: [udp/53]\n".to_string(),
+            ),
+        ];
+        sources.extend(example_sources());
+        sources
+    }
+
+    #[test]
+    fn a_cached_file_reads_back_as_reading_it_gives() {
+        let mut cache = ReadCache::new();
+        for (file, text) in cache_sources() {
+            if file_stem(&file) == DEFAULTS_STEM {
+                continue;
+            }
+            let mut loader = Loader::default();
+            let read = loader.segment_file(&file, text.as_str()).unwrap();
+            assert!(loader.errors.is_empty(), "{file}: {:?}", loader.errors);
+            let digest = read_cache::digest(&text);
+            cache.put(digest, &read);
+            assert_eq!(cache.get(&file, &digest).as_ref(), Some(&read), "{file}");
+            // Another text, or another name, is not the cached file.
+            assert!(
+                cache
+                    .get(&file, &read_cache::digest(&format!("{text} ")))
+                    .is_none()
+            );
+            assert!(cache.get("segments/other.yaml", &digest).is_none());
+        }
+    }
+
+    #[test]
+    fn a_policy_read_through_the_cache_is_the_policy_read_without_it() {
+        let sources = example_sources();
+        let uncached = load_sources(&sources, &Capacities::KERNEL, None).unwrap();
+        let mut cache = ReadCache::new();
+        let first = load_sources(&sources, &Capacities::KERNEL, Some(&mut cache)).unwrap();
+        let segment_files = sources.len() - 1;
+        assert_eq!(first, uncached);
+        assert_eq!(
+            cache.last_use(),
+            ReadCacheUse {
+                hits: 0,
+                misses: segment_files
+            }
+        );
+        assert_eq!(cache.len(), segment_files);
+        let second = load_sources(&sources, &Capacities::KERNEL, Some(&mut cache)).unwrap();
+        assert_eq!(second, uncached);
+        assert_eq!(
+            cache.last_use(),
+            ReadCacheUse {
+                hits: segment_files,
+                misses: 0
+            }
+        );
+
+        // One file changed, two removed: only the changed one is read, the removed ones
+        // forgotten.
+        let mut changed = sources.clone();
+        changed.retain(|(file, _)| {
+            file != "segments/remediation.yaml" && file != "segments/quarantine.yaml"
+        });
+        let pacs = changed
+            .iter_mut()
+            .find(|(file, _)| file == "segments/pacs.yaml")
+            .unwrap();
+        pacs.1 = pacs.1.replace("tcp/443", "tcp/8443");
+        let third = load_sources(&changed, &Capacities::KERNEL, Some(&mut cache)).unwrap();
+        assert_eq!(
+            third,
+            load_sources(&changed, &Capacities::KERNEL, None).unwrap()
+        );
+        assert_ne!(third, uncached);
+        assert_eq!(
+            cache.last_use(),
+            ReadCacheUse {
+                hits: segment_files - 3,
+                misses: 1
+            }
+        );
+        assert_eq!(cache.len(), segment_files - 2);
+    }
+
+    #[test]
+    fn a_file_with_errors_is_read_and_reported_every_time() {
+        let mut sources = example_sources();
+        let pacs = sources
+            .iter_mut()
+            .find(|(file, _)| file == "segments/pacs.yaml")
+            .unwrap();
+        pacs.1 = pacs.1.replace("10.30.0.0/24", "10.30.0.1/24");
+        let uncached = load_sources(&sources, &Capacities::KERNEL, None).unwrap_err();
+        let mut cache = ReadCache::new();
+        for _ in 0..2 {
+            let errors = load_sources(&sources, &Capacities::KERNEL, Some(&mut cache)).unwrap_err();
+            assert_eq!(errors.to_string(), uncached.to_string());
+            assert!(
+                errors.to_string().contains("segments/pacs.yaml"),
+                "{errors}"
+            );
+        }
+        assert_eq!(cache.last_use().misses, 1);
+        assert_eq!(cache.len(), sources.len() - 2);
     }
 
     #[test]

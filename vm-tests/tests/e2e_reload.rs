@@ -304,6 +304,15 @@ fn reload_steps(
             .any(|l| l.contains("policy reloaded") && l.contains(&new_revision)),
         "no `policy reloaded` log line with revision {new_revision}"
     );
+    // Only the edited file was parsed again; the others came from the daemon's read cache.
+    ensure!(
+        enforcer
+            .stderr()
+            .lines()
+            .any(|l| l.contains(&new_revision) && l.contains("files_read=1 ")),
+        "the reload did not read exactly the one edited file:\n{}",
+        enforcer.stderr()
+    );
     eprintln!("edit in force after {in_force:?}");
 
     // 2. A YAML syntax error of the same size (`{` opens a flow mapping that `]` never closes):

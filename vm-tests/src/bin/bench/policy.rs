@@ -12,7 +12,7 @@ use std::{
 };
 
 use anyhow::Result;
-use policy_compiler::{Artifact, Policy};
+use policy_compiler::{Artifact, Policy, ReadCache};
 
 #[derive(Clone, Copy)]
 pub struct Rule {
@@ -159,6 +159,13 @@ impl BenchPolicy {
 
     pub fn compile(&self) -> Result<Artifact> {
         Ok(policy_compiler::compile(&self.validate()?)?)
+    }
+
+    /// As the daemon validates and compiles: through its read cache (see [`ReadCache`]).
+    pub fn compile_cached(&self, cache: &mut ReadCache) -> Result<Artifact> {
+        let policy = Policy::from_sources_cached(&self.sources, cache)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(policy_compiler::compile(&policy)?)
     }
 
     pub fn segment_of(&self, host: usize) -> usize {
