@@ -13,8 +13,8 @@
 //! Probes go through the filter in front of the table (`enforcer_common::flow_filter`) when
 //! the daemon has enabled it: a 0 byte proves a flow untracked without the table's lookup.
 use enforcer_common::{
-    Config, FlowFilterState, FlowKey, FlowState, NO_RULE, address_half, counter, flow_filter,
-    policy_change, proto_key, tcp_state, timeout,
+    Config, FlowFilterState, FlowKey, FlowState, NO_RULE, counter, flow_filter, policy_change,
+    proto_key, tcp_state, timeout,
 };
 
 use crate::{
@@ -80,8 +80,7 @@ fn note_in_filter(key: &FlowKey, filter: &FlowFilterState) {
 /// Orders two endpoints: address (as big-endian numbers), then port.
 #[inline(always)]
 fn endpoint_le(a: &Addr, a_port: u16, b: &Addr, b_port: u16) -> bool {
-    let half = |addr: &Addr, i: usize| u64::from_be_bytes(address_half(&addr.0, i));
-    (half(a, 0), half(a, 8), a_port) <= (half(b, 0), half(b, 8), b_port)
+    (a.half_be(0), a.half_be(1), a_port) <= (b.half_be(0), b.half_be(1), b_port)
 }
 
 /// Writes into `key` the canonical key of a packet from (`src`, `sport`) to (`dst`, `dport`),

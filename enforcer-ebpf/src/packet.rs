@@ -88,6 +88,15 @@ impl Addr {
         // the assertion above); the borrows last as long as `key`'s.
         unsafe { (&*a, &*b) }
     }
+
+    /// Half `i` (0 or 1) of the address as a big-endian number, read as one word.
+    #[inline(always)]
+    pub fn half_be(&self, i: usize) -> u64 {
+        let words = (self as *const Addr).cast::<u64>();
+        // SAFETY: `i` < 2 keeps the word inside the address, which is 8-aligned; any bytes are
+        // a valid `u64`.
+        u64::from_be(unsafe { words.add(i & 1).read() })
+    }
 }
 
 /// What the programs need to know about an IP packet. Every field is written for every packet.

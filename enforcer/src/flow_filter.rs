@@ -188,3 +188,54 @@ impl FlowFilter {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use enforcer_common::{FlowKey, flow_filter};
+
+    /// The hash as first written, from each address's bytes: a filter built by a daemon of
+    /// either build must be read by programs of the other.
+    fn bytewise_hash(key: &FlowKey) -> u32 {
+        const K: u64 = 0x9E37_79B9_7F4A_7C15;
+        let word = |addr: &[u8; 16], i: usize| {
+            u64::from_le_bytes(addr[i..i + 8].try_into().expect("8 bytes"))
+        };
+        let mut h = u64::from(key.port_a)
+            | u64::from(key.port_b) << 16
+            | u64::from(key.proto) << 32
+            | u64::from(key.family) << 40;
+        for w in [
+            word(&key.addr_a, 0),
+            word(&key.addr_a, 8),
+            word(&key.addr_b, 0),
+            word(&key.addr_b, 8),
+        ] {
+            h = (h ^ w).wrapping_mul(K);
+            h ^= h >> 29;
+        }
+        h = h.wrapping_mul(K);
+        (h >> 32) as u32
+    }
+
+    #[test]
+    fn the_hash_of_a_key_is_the_bytewise_hash() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..10_000 {
+            let mut key = FlowKey::default();
+            key.addr_a[..8].copy_from_slice(&next().to_ne_bytes());
+            key.addr_a[8..].copy_from_slice(&next().to_ne_bytes());
+            key.addr_b[..8].copy_from_slice(&next().to_ne_bytes());
+            key.addr_b[8..].copy_from_slice(&next().to_ne_bytes());
+            let ports = next();
+            (key.port_a, key.port_b, key.proto) = (ports as u16, (ports >> 16) as u16, 17);
+            key.family = if ports & 1 == 0 { 4 } else { 6 };
+            assert_eq!(flow_filter::hash(&key), bytewise_hash(&key), "{key:?}");
+        }
+    }
+}
