@@ -89,6 +89,20 @@ impl Addr {
         unsafe { (&*a, &*b) }
     }
 
+    /// The address as two little-endian words, read whole (see
+    /// `enforcer_common::exact_table::find_v6`).
+    #[inline(always)]
+    pub fn words_le(&self) -> [u64; 2] {
+        let words = (self as *const Addr).cast::<u64>();
+        // SAFETY: two words inside the 8-aligned address; any bytes are a valid `u64`.
+        unsafe {
+            [
+                u64::from_le(words.read()),
+                u64::from_le(words.add(1).read()),
+            ]
+        }
+    }
+
     /// Half `i` (0 or 1) of the address as a big-endian number, read as one word.
     #[inline(always)]
     pub fn half_be(&self, i: usize) -> u64 {

@@ -56,6 +56,7 @@ pub fn lookup<P: PolicySlot>(
     family: u8,
     quarantine_in_use: bool,
 ) -> AddrInfo {
+    let words = addr.words_le();
     let addr = &addr.0;
     // The key is built only when probed: even its padding costs a call to `memset`.
     if quarantine_in_use && is_quarantined(addr, family) {
@@ -74,7 +75,7 @@ pub fn lookup<P: PolicySlot>(
             Lookup::Absent | Lookup::Crowded => P::addr_v4().get(Key::new(32, host)).copied(),
         }
     } else {
-        match exact_table::find(addr, |i| P::hosts_v6().get(i)) {
+        match exact_table::find_v6(words, |i| P::hosts_v6().get(i)) {
             Lookup::Found(info) => Some(info),
             Lookup::Absent if config.lookup_flags & lookup_flags::V6_PREFIXES == 0 => None,
             Lookup::Absent | Lookup::Crowded => P::addr_v6().get(Key::new(128, *addr)).copied(),

@@ -187,6 +187,52 @@ mod tests {
         assert!(check::<HostBucketV6>(10, &present[..100], &absent) > 0);
     }
 
+    /// The kernel's IPv6 lookup by words answers as the generic one, crowded tables included.
+    #[test]
+    fn ipv6_lookups_by_words_answer_as_lookups_by_bytes() {
+        let host = |i: u32| {
+            let mut addr = [0u8; 16];
+            addr[..2].copy_from_slice(&[0xfd, 0x00]);
+            addr[4..8].copy_from_slice(&i.wrapping_mul(2_654_435_761).to_le_bytes());
+            addr[12..].copy_from_slice(&i.to_be_bytes());
+            addr
+        };
+        let words = |addr: &[u8; 16]| {
+            [
+                u64::from_le_bytes(addr[..8].try_into().unwrap()),
+                u64::from_le_bytes(addr[8..].try_into().unwrap()),
+            ]
+        };
+        for (count, capacity) in [(5_000u32, 8_000u32), (300, 40)] {
+            let present: Vec<_> = (0..count).map(|i| (host(i), info(i))).collect();
+            let table = build::<HostBucketV6>(
+                map_entries(capacity, HostBucketV6::ENTRIES),
+                present.iter().copied(),
+            );
+            let element = |i: u32| table.elements.get(i as usize);
+            let (mut found, mut crowded) = (0, 0);
+            for i in 0..count + 2_000 {
+                let addr = host(i);
+                let by_bytes = enforcer_common::exact_table::find(&addr, element);
+                let by_words = enforcer_common::exact_table::find_v6(words(&addr), element);
+                use enforcer_common::exact_table::Lookup;
+                match (by_bytes, by_words) {
+                    (Lookup::Found(a), Lookup::Found(b)) => {
+                        assert_eq!(a, b);
+                        found += 1;
+                    }
+                    (Lookup::Absent, Lookup::Absent) => {}
+                    (Lookup::Crowded, Lookup::Crowded) => crowded += 1,
+                    _ => panic!("{addr:?}: the two lookups differ"),
+                }
+            }
+            assert!(found > 0);
+            if capacity < count {
+                assert!(crowded > 0, "an overfull table was never crowded");
+            }
+        }
+    }
+
     #[test]
     fn pairs_and_ports_are_found_and_others_miss() {
         let pair = |i: u32| PairKey {
