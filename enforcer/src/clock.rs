@@ -30,8 +30,8 @@ const MAX_SPAN: Duration = Duration::from_millis(300);
 /// The `CONFIG_HZ` choices of the kernel's `Kconfig.hz`. Any other tick leaves the clock
 /// uncalibrated.
 const KNOWN_HZ: [u64; 4] = [100, 250, 300, 1000];
-/// How far the measured tick may be from a known `CONFIG_HZ`'s, and a tick's reading from where
-/// that tick puts it.
+/// How far the measured tick may be from a known `CONFIG_HZ`'s (the nearest two, 250 and 300,
+/// are 17% apart); ten times that, how far a tick's reading may be from where the tick puts it.
 const TICK_TOLERANCE: f64 = 0.02;
 /// Samples taken to check the offset of a calibrated clock.
 const CHECK_SAMPLES: usize = 3;
@@ -163,7 +163,7 @@ pub fn read_map(ebpf: &Ebpf) -> Result<Clock, ClockError> {
 /// The latest reading of a tick is therefore its time, except perhaps for the first and the last
 /// tick seen, whose only readings may be such. The tick is measured between the other ticks
 /// seen, matched to a known `CONFIG_HZ` and checked against each of them; the offset is the
-/// latest any reading puts it.
+/// latest those ticks put it.
 pub fn fit(samples: &[Sample]) -> Result<Clock, ClockError> {
     let mut ticks: Vec<(u64, u64)> = Vec::new();
     for sample in samples {
@@ -207,9 +207,13 @@ pub fn fit(samples: &[Sample]) -> Result<Clock, ClockError> {
             });
         }
     }
+    let inner_latest: Vec<Sample> = inner
+        .iter()
+        .map(|&(jiffies, coarse_ns)| Sample { coarse_ns, jiffies })
+        .collect();
     Ok(Clock {
         tick_ns,
-        offset_ns: offset(samples, tick_ns),
+        offset_ns: offset(&inner_latest, tick_ns),
     })
 }
 
