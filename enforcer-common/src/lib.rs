@@ -608,28 +608,31 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 
+/// The first `N` 8-byte words of `value`, little-endian as [`address_half`] reads them, but
+/// each read whole. For addresses at the start of an 8-aligned key: built byte by byte, as from
+/// an address of unknown alignment, each word costs a BPF program 22 instructions.
+#[inline(always)]
+pub fn leading_words<T, const N: usize>(value: &T) -> [u64; N] {
+    const {
+        assert!(core::mem::align_of::<T>() >= 8 && core::mem::size_of::<T>() >= 8 * N);
+    }
+    let words = (value as *const T).cast::<u64>();
+    // SAFETY: the `N` words are inside `value` and aligned (checked above); any bytes are a
+    // valid `u64`.
+    core::array::from_fn(|i| u64::from_le(unsafe { words.add(i).read() }))
+}
+
 impl FlowKey {
-    /// The two addresses as four words, little-endian as [`address_half`] reads them, but read
-    /// whole: the key is 8-aligned and its addresses fill its first 32 bytes. Built byte by byte,
-    /// as from an address of unknown alignment, each word costs a BPF program 22 instructions.
+    /// The two addresses as four words ([`leading_words`]).
     #[inline(always)]
     pub fn address_words(&self) -> [u64; 4] {
-        const _: () = assert!(
-            core::mem::align_of::<FlowKey>() == 8
-                && core::mem::offset_of!(FlowKey, addr_a) == 0
-                && core::mem::offset_of!(FlowKey, addr_b) == 16
-        );
-        let words = (self as *const FlowKey).cast::<u64>();
-        // SAFETY: the four words are inside the key and aligned (checked above); any bytes are
-        // a valid `u64`.
-        unsafe {
-            [
-                u64::from_le(words.read()),
-                u64::from_le(words.add(1).read()),
-                u64::from_le(words.add(2).read()),
-                u64::from_le(words.add(3).read()),
-            ]
+        const {
+            assert!(
+                core::mem::offset_of!(FlowKey, addr_a) == 0
+                    && core::mem::offset_of!(FlowKey, addr_b) == 16
+            );
         }
+        leading_words(self)
     }
 }
 
@@ -1169,23 +1172,17 @@ pub struct HostEntryV6 {
 }
 
 impl HostEntryV6 {
-    /// The key as two little-endian words, read whole.
+    /// The key as two words ([`leading_words`]).
     #[inline(always)]
     pub fn key_words(&self) -> [u64; 2] {
-        const _: () = assert!(
-            core::mem::size_of::<HostEntryV6>() == 32
-                && core::mem::offset_of!(HostEntryV6, key) == 0
-                && core::mem::offset_of!(HostEntryV6, value) == 24
-        );
-        let words = (self as *const HostEntryV6).cast::<u64>();
-        // SAFETY: the entry is 8-aligned and its key fills its first two words; any bytes are
-        // a valid `u64`.
-        unsafe {
-            [
-                u64::from_le(words.read()),
-                u64::from_le(words.add(1).read()),
-            ]
+        const {
+            assert!(
+                core::mem::size_of::<HostEntryV6>() == 32
+                    && core::mem::offset_of!(HostEntryV6, key) == 0
+                    && core::mem::offset_of!(HostEntryV6, value) == 24
+            );
         }
+        leading_words(self)
     }
 }
 

@@ -5,7 +5,7 @@
 //! stack together.
 use core::mem::{align_of, offset_of, size_of};
 
-use enforcer_common::{Event, FlowKey, FragmentKey};
+use enforcer_common::{Event, FlowKey, FragmentKey, leading_words};
 
 /// The packet as a program sees it: readable bytes `[start, end)`, and `len`, the length of the
 /// whole packet (for TC, the part past `end` is in the skb's paged data).
@@ -93,23 +93,13 @@ impl Addr {
     /// `enforcer_common::exact_table::find_v6`).
     #[inline(always)]
     pub fn words_le(&self) -> [u64; 2] {
-        let words = (self as *const Addr).cast::<u64>();
-        // SAFETY: two words inside the 8-aligned address; any bytes are a valid `u64`.
-        unsafe {
-            [
-                u64::from_le(words.read()),
-                u64::from_le(words.add(1).read()),
-            ]
-        }
+        leading_words(self)
     }
 
     /// Half `i` (0 or 1) of the address as a big-endian number, read as one word.
     #[inline(always)]
     pub fn half_be(&self, i: usize) -> u64 {
-        let words = (self as *const Addr).cast::<u64>();
-        // SAFETY: `i` < 2 keeps the word inside the address, which is 8-aligned; any bytes are
-        // a valid `u64`.
-        u64::from_be(unsafe { words.add(i & 1).read() })
+        self.words_le()[i & 1].swap_bytes()
     }
 }
 
