@@ -10,7 +10,12 @@
 //!    ([`map_names::ADDR_V4`], [`map_names::ADDR_V6`]): longest prefix wins. A host entry is the
 //!    longest prefix any address can match, so the two steps give exactly the longest match over
 //!    all of the policy's prefixes, and a host costs one table probe (nearly always one cache
-//!    line, see [`exact_table`]) however large the policy.
+//!    line, see [`exact_table`]) however large the policy. A policy whose subnets are too many
+//!    or too short to list address by address in the host table may list them block by block
+//!    instead: in the block table ([`map_names::BLOCKS_V4`], [`map_names::BLOCKS_V6`]), whose
+//!    keys are the address with all but its first [`Config::block_len_v4`] bits cleared, each
+//!    block holding what the longest prefix over it says. A miss in the host table then costs
+//!    a second probe, and the trie is walked only for what the blocks do not cover.
 //!    The value ([`AddrInfo`]) gives the address's segment and its *source class*. A miss means
 //!    segment [`SEGMENT_WORLD`] and class [`CLASS_WORLD`].
 //! 2. The destination segment's [`SegmentInfo`] says whether it is enforced, monitored or not
@@ -42,6 +47,12 @@ pub mod map_names {
     /// The /128 entries of the policy (see [`crate::HOST_PREFIX_V6`]), out of the trie: an
     /// array of [`crate::HostBucketV6`].
     pub const HOSTS_V6: [&str; 2] = ["HOSTS_V6_0", "HOSTS_V6_1"];
+    /// The IPv4 subnets block by block (see [`crate::Config::block_len_v4`]): an array of
+    /// [`crate::HostBucketV4`] keyed by the block's first address. The trie holds every subnet
+    /// too, so a block this table had no room for is found there.
+    pub const BLOCKS_V4: [&str; 2] = ["BLOCKS_V4_0", "BLOCKS_V4_1"];
+    /// [`BLOCKS_V4`] for IPv6 (see [`crate::Config::block_len_v6`]).
+    pub const BLOCKS_V6: [&str; 2] = ["BLOCKS_V6_0", "BLOCKS_V6_1"];
     pub const SEGMENTS: [&str; 2] = ["SEGMENTS_0", "SEGMENTS_1"];
     /// An array of [`crate::PairBucket`] (see [`crate::exact_table`]).
     pub const PAIRS: [&str; 2] = ["PAIRS_0", "PAIRS_1"];
@@ -412,7 +423,15 @@ pub struct Config {
     /// The source class of a quarantined address in this slot's policy: (quarantine, no rule
     /// CIDRs), so only rules naming `quarantine` or `any` match it.
     pub quarantine_class: u32,
-    pub _pad2: u32,
+    /// Non-zero when the slot's [`map_names::BLOCKS_V4`] table is in use: the prefix length of
+    /// its blocks (1-31). An IPv4 address that misses the host table is then probed there,
+    /// and looked up in the trie only on a miss and [`lookup_flags::V4_PREFIXES_OUTSIDE_BLOCKS`].
+    /// Programs of builds before the table ignore this and walk the trie, which holds every
+    /// subnet either way.
+    pub block_len_v4: u8,
+    /// [`Config::block_len_v4`] for IPv6 (1-127).
+    pub block_len_v6: u8,
+    pub _pad2: [u8; 2],
 }
 
 /// Bits of [`Config::lookup_flags`]: an address that misses the host table is looked up in
@@ -420,6 +439,43 @@ pub struct Config {
 pub mod lookup_flags {
     pub const V4_PREFIXES: u8 = 1;
     pub const V6_PREFIXES: u8 = 2;
+    /// With a block table in use: some IPv4 prefix is not in it, so a miss there walks the
+    /// trie.
+    pub const V4_PREFIXES_OUTSIDE_BLOCKS: u8 = 4;
+    /// [`V4_PREFIXES_OUTSIDE_BLOCKS`] for IPv6.
+    pub const V6_PREFIXES_OUTSIDE_BLOCKS: u8 = 8;
+    /// For the daemon only (the programs do not read it): the IPv4 host table holds the
+    /// addresses of the subnets at most 8 bits shorter than a host, while shorter subnets
+    /// remain. Without [`V4_PREFIXES`], it holds every subnet's.
+    pub const V4_SUBNETS_IN_HOSTS: u8 = 16;
+    /// [`V4_SUBNETS_IN_HOSTS`] for IPv6.
+    pub const V6_SUBNETS_IN_HOSTS: u8 = 32;
+}
+
+// The block lengths took the place of the last four bytes of padding: programs and daemons of
+// builds before them read the same layout.
+const _: () = assert!(core::mem::offset_of!(Config, block_len_v4) + 4 == size_of::<Config>());
+
+/// The little-endian word that keeps the first `len` bits (1-32) of an IPv4 address read as a
+/// little-endian word: the key of its block in [`map_names::BLOCKS_V4`].
+#[inline(always)]
+pub fn block_mask_v4(len: u8) -> u32 {
+    match u32::from(len) {
+        0 => 0,
+        len => (u32::MAX << (32 - len.min(32))).swap_bytes(),
+    }
+}
+
+/// The two little-endian words that keep the first `len` bits (1-128) of an IPv6 address read
+/// as two little-endian words (see [`block_mask_v4`]).
+#[inline(always)]
+pub fn block_mask_v6(len: u8) -> [u64; 2] {
+    let keep = |bits: u32| match bits {
+        0 => 0,
+        bits => (u64::MAX << (64 - bits.min(64))).swap_bytes(),
+    };
+    let len = u32::from(len);
+    [keep(len.min(64)), keep(len.saturating_sub(64))]
 }
 
 /// Key of [`map_names::QUARANTINE`]: a quarantined address (IPv4 in the first 4 bytes, the rest

@@ -24,7 +24,8 @@ use crate::packet::Scratch;
 // tries and the pair table's overflow are allocated per entry: they follow the policy, and an
 // inactive slot, emptied after a switch, costs nothing there.
 macro_rules! policy_slot {
-    ($slot:ident, $index:literal, $hosts_v4:ident, $hosts_v6:ident, $addr_v4:ident,
+    ($slot:ident, $index:literal, $hosts_v4:ident, $hosts_v6:ident, $blocks_v4:ident,
+     $blocks_v6:ident, $addr_v4:ident,
      $addr_v6:ident, $segments:ident, $pairs:ident, $pairs_overflow:ident, $ports_exact:ident,
      $ports:ident, $rule_hits:ident, $breakglass:ident, $pair_counts:ident) => {
         #[map]
@@ -32,6 +33,12 @@ macro_rules! policy_slot {
             Array::with_max_entries(DEFAULT_MAX_ENTRIES, BPF_F_MMAPABLE);
         #[map]
         pub static $hosts_v6: Array<HostBucketV6> =
+            Array::with_max_entries(DEFAULT_MAX_ENTRIES, BPF_F_MMAPABLE);
+        #[map]
+        pub static $blocks_v4: Array<HostBucketV4> =
+            Array::with_max_entries(DEFAULT_MAX_ENTRIES, BPF_F_MMAPABLE);
+        #[map]
+        pub static $blocks_v6: Array<HostBucketV6> =
             Array::with_max_entries(DEFAULT_MAX_ENTRIES, BPF_F_MMAPABLE);
         #[map]
         pub static $addr_v4: LpmTrie<[u8; 4], AddrInfo> =
@@ -68,6 +75,8 @@ macro_rules! policy_slot {
             $index,
             $hosts_v4,
             $hosts_v6,
+            $blocks_v4,
+            $blocks_v6,
             $addr_v4,
             $addr_v6,
             $segments,
@@ -90,6 +99,8 @@ pub trait PolicySlot {
     const INDEX: u32;
     fn hosts_v4() -> &'static Array<HostBucketV4>;
     fn hosts_v6() -> &'static Array<HostBucketV6>;
+    fn blocks_v4() -> &'static Array<HostBucketV4>;
+    fn blocks_v6() -> &'static Array<HostBucketV6>;
     fn addr_v4() -> &'static LpmTrie<[u8; 4], AddrInfo>;
     fn addr_v6() -> &'static LpmTrie<[u8; 16], AddrInfo>;
     fn segments() -> &'static Array<SegmentInfo>;
@@ -103,7 +114,8 @@ pub trait PolicySlot {
 }
 
 macro_rules! impl_policy_slot {
-    ($slot:ident, $index:literal, $hosts_v4:ident, $hosts_v6:ident, $addr_v4:ident,
+    ($slot:ident, $index:literal, $hosts_v4:ident, $hosts_v6:ident, $blocks_v4:ident,
+     $blocks_v6:ident, $addr_v4:ident,
      $addr_v6:ident, $segments:ident, $pairs:ident, $pairs_overflow:ident, $ports_exact:ident,
      $ports:ident, $rule_hits:ident, $breakglass:ident, $pair_counts:ident) => {
         pub struct $slot;
@@ -117,6 +129,14 @@ macro_rules! impl_policy_slot {
             #[inline(always)]
             fn hosts_v6() -> &'static Array<HostBucketV6> {
                 &$hosts_v6
+            }
+            #[inline(always)]
+            fn blocks_v4() -> &'static Array<HostBucketV4> {
+                &$blocks_v4
+            }
+            #[inline(always)]
+            fn blocks_v6() -> &'static Array<HostBucketV6> {
+                &$blocks_v6
             }
             #[inline(always)]
             fn addr_v4() -> &'static LpmTrie<[u8; 4], AddrInfo> {
@@ -168,6 +188,8 @@ policy_slot!(
     0,
     HOSTS_V4_0,
     HOSTS_V6_0,
+    BLOCKS_V4_0,
+    BLOCKS_V6_0,
     ADDR_V4_0,
     ADDR_V6_0,
     SEGMENTS_0,
@@ -185,6 +207,8 @@ policy_slot!(
     1,
     HOSTS_V4_1,
     HOSTS_V6_1,
+    BLOCKS_V4_1,
+    BLOCKS_V6_1,
     ADDR_V4_1,
     ADDR_V6_1,
     SEGMENTS_1,

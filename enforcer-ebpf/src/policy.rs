@@ -1,6 +1,7 @@
 //! The policy verdict for a flow's first packet: two address lookups, one pair lookup, one port
 //! lookup. An address is probed in the quarantine (only while a host is quarantined), then in
-//! the host table, and only on a miss in the prefix trie; a port in the single-port table, and
+//! the host table, on a miss in the block table where the slot uses one, and only then in the
+//! prefix trie; a port in the single-port table, and
 //! only on a miss in the range trie. The tables are `enforcer_common::exact_table`s; a key
 //! they had no room for is in their fallback map. See `enforcer_common` for why this needs no
 //! loop over rules. Only a packet the policy would deny or audit costs one more lookup, and
@@ -9,7 +10,7 @@ use aya_ebpf::maps::lpm_trie::Key;
 use enforcer_common::{
     AddrInfo, BREAKGLASS_ANY_PROTO, BREAKGLASS_MAX_RANGES, BreakglassKey, CLASS_WILDCARD,
     CLASS_WORLD, Config, PORT_EXACT_PREFIX, PairKey, PortKey, QuarantineKey, SEGMENT_WORLD,
-    direction,
+    block_mask_v4, block_mask_v6, direction,
     exact_table::{self, Lookup},
     lookup_flags, segment_mode, wildcard_bit,
 };
@@ -68,21 +69,52 @@ pub fn lookup<P: PolicySlot>(
         };
     }
     // A host entry is the longest match there can be; the tries hold only shorter prefixes
-    // (and the rare host its table had no room for).
+    // (and the rare host its table had no room for). The block table, where in use, holds
+    // what the longest of those says over each block; the trie holds them all too, so a block
+    // the table had no room for is found there.
     let found = if family == 4 {
         // The first four bytes: the low half of the first little-endian word.
-        let host = (words[0] as u32).to_le_bytes();
-        match exact_table::find(&host, |i| P::hosts_v4().get(i)) {
-            Lookup::Found(info) => Some(info),
-            Lookup::Absent if config.lookup_flags & lookup_flags::V4_PREFIXES == 0 => None,
-            Lookup::Absent | Lookup::Crowded => P::addr_v4().get(Key::new(32, host)).copied(),
+        let word = words[0] as u32;
+        let in_trie = match exact_table::find(&word.to_le_bytes(), |i| P::hosts_v4().get(i)) {
+            Lookup::Found(info) => return info,
+            Lookup::Absent if config.lookup_flags & lookup_flags::V4_PREFIXES == 0 => false,
+            Lookup::Absent if config.block_len_v4 != 0 => {
+                let block = (word & block_mask_v4(config.block_len_v4)).to_le_bytes();
+                match exact_table::find(&block, |i| P::blocks_v4().get(i)) {
+                    Lookup::Found(info) => return info,
+                    Lookup::Absent => {
+                        config.lookup_flags & lookup_flags::V4_PREFIXES_OUTSIDE_BLOCKS != 0
+                    }
+                    Lookup::Crowded => true,
+                }
+            }
+            Lookup::Absent | Lookup::Crowded => true,
+        };
+        if !in_trie {
+            return WORLD;
         }
+        P::addr_v4().get(Key::new(32, word.to_le_bytes())).copied()
     } else {
-        match exact_table::find_v6(words, |i| P::hosts_v6().get(i)) {
-            Lookup::Found(info) => Some(info),
-            Lookup::Absent if config.lookup_flags & lookup_flags::V6_PREFIXES == 0 => None,
-            Lookup::Absent | Lookup::Crowded => P::addr_v6().get(Key::new(128, *addr)).copied(),
+        let in_trie = match exact_table::find_v6(words, |i| P::hosts_v6().get(i)) {
+            Lookup::Found(info) => return info,
+            Lookup::Absent if config.lookup_flags & lookup_flags::V6_PREFIXES == 0 => false,
+            Lookup::Absent if config.block_len_v6 != 0 => {
+                let mask = block_mask_v6(config.block_len_v6);
+                let block = [words[0] & mask[0], words[1] & mask[1]];
+                match exact_table::find_v6(block, |i| P::blocks_v6().get(i)) {
+                    Lookup::Found(info) => return info,
+                    Lookup::Absent => {
+                        config.lookup_flags & lookup_flags::V6_PREFIXES_OUTSIDE_BLOCKS != 0
+                    }
+                    Lookup::Crowded => true,
+                }
+            }
+            Lookup::Absent | Lookup::Crowded => true,
+        };
+        if !in_trie {
+            return WORLD;
         }
+        P::addr_v6().get(Key::new(128, *addr)).copied()
     };
     found.unwrap_or(WORLD)
 }

@@ -16,6 +16,7 @@ use enforcer_common::{
 };
 use policy_compiler::{
     Artifact, Grant,
+    artifact::SUBNET_EXPANSION_BITS,
     breakglass::{self, CapacityError},
 };
 use tracing::{debug, info, warn};
@@ -169,12 +170,16 @@ where
 /// Each policy map (both slots' names) with the entries `artifact` may put into it. A host
 /// table and its family's trie (the single-port table and the port trie) share the family's
 /// entries in a proportion the policy decides: both get room for all of them, which costs the
-/// tries nothing up front, as they allocate per entry; so does the pair table's overflow.
-pub(crate) fn policy_needs(artifact: &Artifact) -> [(&'static [&'static str; 2], usize); 10] {
+/// tries nothing up front, as they allocate per entry; so does the pair table's overflow. The
+/// block tables need nothing: a policy whose blocks they have no room for is judged by the trie
+/// ([`Enforcer::config_for`]).
+pub(crate) fn policy_needs(artifact: &Artifact) -> [(&'static [&'static str; 2], usize); 12] {
     let counts = artifact.entry_counts();
     [
         (&map_names::HOSTS_V4, counts.addr_v4),
         (&map_names::HOSTS_V6, counts.addr_v6),
+        (&map_names::BLOCKS_V4, 0),
+        (&map_names::BLOCKS_V6, 0),
         (&map_names::ADDR_V4, counts.addr_v4),
         (&map_names::ADDR_V6, counts.addr_v6),
         (&map_names::SEGMENTS, counts.segments),
@@ -205,16 +210,31 @@ pub(crate) fn subnet_address_counts(artifact: &Artifact) -> [Option<usize>; 2] {
 /// What to size the policy maps for when they are created: [`policy_needs`], with room in the
 /// host tables for the subnets' addresses, and in the tries behind them for any of those the
 /// tables have no room for (a trie allocates its entries as they come, so the limit costs
-/// nothing unused). A later policy that the tables have no such room for still loads; its
-/// subnets are then found in the trie ([`Enforcer::config_for`]).
-pub(crate) fn sizing_needs(artifact: &Artifact) -> [(&'static [&'static str; 2], usize); 10] {
+/// nothing unused); or, for subnets that cannot go there address by address, room in the
+/// block tables for their blocks. A later policy that the tables have no such room for still
+/// loads; its subnets are then found in the trie ([`Enforcer::config_for`]).
+pub(crate) fn sizing_needs(artifact: &Artifact) -> [(&'static [&'static str; 2], usize); 12] {
     let mut needs = policy_needs(artifact);
     let [v4, v6] = subnet_address_counts(artifact);
+    let blocks_v4 = || {
+        artifact
+            .prefix_blocks_v4(v4.is_some())
+            .map_or(0, |b| b.blocks.len())
+    };
+    let blocks_v6 = || {
+        artifact
+            .prefix_blocks_v6(v6.is_some())
+            .map_or(0, |b| b.blocks.len())
+    };
     for (names, needed) in &mut needs {
         if *names == &map_names::HOSTS_V4 || *names == &map_names::ADDR_V4 {
             *needed += v4.unwrap_or(0);
         } else if *names == &map_names::HOSTS_V6 || *names == &map_names::ADDR_V6 {
             *needed += v6.unwrap_or(0);
+        } else if *names == &map_names::BLOCKS_V4 {
+            *needed = blocks_v4();
+        } else if *names == &map_names::BLOCKS_V6 {
+            *needed = blocks_v6();
         }
     }
     needs
@@ -355,36 +375,33 @@ impl Enforcer {
     /// event options.
     pub(crate) fn config_for(&self, artifact: &Artifact, generation: u32) -> Config {
         let mut config = artifact.kernel_config(generation);
-        // A family's subnets go into its host table, address by address, when they fit there
-        // beside the hosts: the kernel then never walks that family's trie for an address the
-        // table does not have (`policy_maps::address_entries`).
+        // A family's subnets at most 8 bits shorter than a host go into its host table, address
+        // by address, when they fit there beside the hosts; the rest into its block table,
+        // block by block, when they fit there. The kernel walks the trie, which holds every
+        // subnet still, only for what neither holds (`policy_maps::address_entries`).
         let [v4, v6] = subnet_address_counts(artifact);
-        let hosts_v4 = artifact
-            .addr_v4_entries()
-            .filter(|e| e.0 == HOST_PREFIX_V4)
-            .count();
-        let hosts_v6 = artifact
-            .addr_v6_entries()
-            .filter(|e| e.0 == HOST_PREFIX_V6)
-            .count();
-        for (bit, table, hosts, subnet_addresses) in [
+        let v4_entries = || artifact.addr_v4_entries().map(|e| e.0);
+        let v6_entries = || artifact.addr_v6_entries().map(|e| e.0);
+        place_subnets(
+            &mut config,
+            &FamilyTables::V4,
+            SubnetCounts::of(v4_entries(), HOST_PREFIX_V4, v4),
             (
-                lookup_flags::V4_PREFIXES,
-                map_names::HOSTS_V4[0],
-                hosts_v4,
-                v4,
+                self.capacity(map_names::HOSTS_V4[0]),
+                self.capacity(map_names::BLOCKS_V4[0]),
             ),
+            |in_hosts| artifact.prefix_blocks_v4(in_hosts).map(|b| b.summary()),
+        );
+        place_subnets(
+            &mut config,
+            &FamilyTables::V6,
+            SubnetCounts::of(v6_entries(), HOST_PREFIX_V6, v6),
             (
-                lookup_flags::V6_PREFIXES,
-                map_names::HOSTS_V6[0],
-                hosts_v6,
-                v6,
+                self.capacity(map_names::HOSTS_V6[0]),
+                self.capacity(map_names::BLOCKS_V6[0]),
             ),
-        ] {
-            if subnet_addresses.is_some_and(|n| hosts + n <= self.capacity(table) as usize) {
-                config.lookup_flags &= !bit;
-            }
-        }
+            |in_hosts| artifact.prefix_blocks_v6(in_hosts).map(|b| b.summary()),
+        );
         config.event_interval_ns = self.events.interval.as_nanos() as u64;
         config.event_flags = if self.events.report_allowed {
             event_flags::REPORT_ALLOWED
@@ -719,6 +736,90 @@ impl Enforcer {
     }
 }
 
+/// A family's bits of [`Config::lookup_flags`] and its block length's place in [`Config`].
+struct FamilyTables {
+    prefixes: u8,
+    subnets_in_hosts: u8,
+    outside_blocks: u8,
+    block_len: fn(&mut Config) -> &mut u8,
+}
+
+impl FamilyTables {
+    const V4: Self = Self {
+        prefixes: lookup_flags::V4_PREFIXES,
+        subnets_in_hosts: lookup_flags::V4_SUBNETS_IN_HOSTS,
+        outside_blocks: lookup_flags::V4_PREFIXES_OUTSIDE_BLOCKS,
+        block_len: |config| &mut config.block_len_v4,
+    };
+    const V6: Self = Self {
+        prefixes: lookup_flags::V6_PREFIXES,
+        subnets_in_hosts: lookup_flags::V6_SUBNETS_IN_HOSTS,
+        outside_blocks: lookup_flags::V6_PREFIXES_OUTSIDE_BLOCKS,
+        block_len: |config| &mut config.block_len_v6,
+    };
+}
+
+/// A family's address entries as [`place_subnets`] needs them counted.
+struct SubnetCounts {
+    hosts: usize,
+    /// Subnets more than `SUBNET_EXPANSION_BITS` shorter than a host.
+    short_subnets: usize,
+    /// The addresses of the others, if the host table can take them (`subnet_address_counts`).
+    long_subnet_addresses: Option<usize>,
+}
+
+impl SubnetCounts {
+    fn of(prefix_lens: impl Iterator<Item = u32>, full: u32, long: Option<usize>) -> Self {
+        let (mut hosts, mut short_subnets) = (0, 0);
+        for len in prefix_lens {
+            if len == full {
+                hosts += 1;
+            } else if full - len > SUBNET_EXPANSION_BITS {
+                short_subnets += 1;
+            }
+        }
+        Self {
+            hosts,
+            short_subnets,
+            long_subnet_addresses: long,
+        }
+    }
+}
+
+/// Sets in `config` where a family's subnets are for the kernel: the long ones' addresses in
+/// the host table when they fit its capacity (`capacities.0`), the others' blocks in the block
+/// table when they fit its (`capacities.1`). `blocks(long_subnets_in_hosts)` gives the blocks'
+/// (length, count, complete).
+fn place_subnets(
+    config: &mut Config,
+    family: &FamilyTables,
+    counts: SubnetCounts,
+    (host_capacity, block_capacity): (u32, u32),
+    blocks: impl FnOnce(bool) -> Option<(u32, usize, bool)>,
+) {
+    if config.lookup_flags & family.prefixes == 0 {
+        return;
+    }
+    let in_hosts = counts
+        .long_subnet_addresses
+        .is_some_and(|n| n > 0 && counts.hosts + n <= host_capacity as usize);
+    if in_hosts {
+        config.lookup_flags |= family.subnets_in_hosts;
+        if counts.short_subnets == 0 {
+            config.lookup_flags &= !family.prefixes;
+            return;
+        }
+    }
+    if let Some((len, count, complete)) = blocks(in_hosts)
+        && count <= block_capacity as usize
+    {
+        *(family.block_len)(config) = len as u8;
+        if !complete {
+            config.lookup_flags |= family.outside_blocks;
+        }
+    }
+}
+
 /// Entries each policy map holds: unlike [`policy_needs`], split between a host table and its
 /// trie as `policy_maps::write` splits `addresses` (the subnets' addresses in the host table
 /// too, where the slot's settings say so).
@@ -749,6 +850,8 @@ fn usage_of(
             let used = match names[0] {
                 name if name == map_names::HOSTS_V4[0] => hosts_v4,
                 name if name == map_names::HOSTS_V6[0] => hosts_v6,
+                name if name == map_names::BLOCKS_V4[0] => addresses.blocks_v4.len(),
+                name if name == map_names::BLOCKS_V6[0] => addresses.blocks_v6.len(),
                 name if name == map_names::ADDR_V4[0] => trie_v4,
                 name if name == map_names::ADDR_V6[0] => trie_v6,
                 name if name == map_names::PORTS_EXACT[0] => ports_exact,

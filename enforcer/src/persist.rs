@@ -79,6 +79,8 @@ fn sized_by_loader(name: &str) -> bool {
     [
         &map_names::HOSTS_V4,
         &map_names::HOSTS_V6,
+        &map_names::BLOCKS_V4,
+        &map_names::BLOCKS_V6,
         &map_names::ADDR_V4,
         &map_names::ADDR_V6,
         &map_names::SEGMENTS,

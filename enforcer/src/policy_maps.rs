@@ -17,7 +17,7 @@ use enforcer_common::{
     HostBucketV6, PORT_EXACT_PREFIX, PairBucket, PairKey, PairValue, PortBucket, PortKey,
     PortValue, SegmentInfo, exact_table::Bucket, lookup_flags, map_names,
 };
-use policy_compiler::Artifact;
+use policy_compiler::{Artifact, artifact::PrefixBlocks};
 
 use crate::{exact_table, mapped::Mapped};
 
@@ -31,6 +31,15 @@ pub enum PolicyMapError {
         "the settings say the IPv{0} host table holds the policy's subnets, which cannot be put there"
     )]
     SubnetsNotExpandable(u8),
+    #[error(
+        "the settings say the IPv{family} block table holds blocks of /{in_settings}, but the \
+         policy's subnets make blocks of {policy}"
+    )]
+    BlocksDiffer {
+        family: u8,
+        in_settings: u8,
+        policy: String,
+    },
     #[error("map `{map}`: {source}")]
     Map {
         map: &'static str,
@@ -97,6 +106,9 @@ fn shorter<K, V>(
 pub struct AddressEntries {
     pub v4: Vec<(u32, [u8; 4], AddrInfo)>,
     pub v6: Vec<(u32, [u8; 16], AddrInfo)>,
+    /// The block tables' entries (first address, value); empty where the settings use none.
+    pub blocks_v4: Vec<([u8; 4], AddrInfo)>,
+    pub blocks_v6: Vec<([u8; 16], AddrInfo)>,
 }
 
 impl AddressEntries {
@@ -109,30 +121,64 @@ impl AddressEntries {
     }
 }
 
-/// The address entries of `artifact` as the host tables and tries of a slot with `config` hold
-/// them: the artifact's, and, for a family whose prefix bit `config` clears while the policy
-/// has subnets, every address of its subnets as a host (the kernel then finds them in the
-/// table and never walks that trie for an address the table does not have; see
-/// `Artifact::subnet_addresses_v4`).
+/// The address entries of `artifact` as the host tables, block tables and tries of a slot with
+/// `config` hold them: the artifact's; for a family whose prefix bit `config` clears or whose
+/// subnets-in-hosts bit it sets, every address of its subnets at most 8 bits shorter than a
+/// host as a host (see `Artifact::subnet_addresses_v4`); and the blocks of its block table
+/// where `config` uses one (see `Artifact::prefix_blocks_v4`).
 pub fn address_entries(
     artifact: &Artifact,
     config: &Config,
 ) -> Result<AddressEntries, PolicyMapError> {
+    let in_hosts = |prefixes: u8, subnets_in_hosts: u8| {
+        config.lookup_flags & prefixes == 0 || config.lookup_flags & subnets_in_hosts != 0
+    };
+    let v4_in_hosts = in_hosts(lookup_flags::V4_PREFIXES, lookup_flags::V4_SUBNETS_IN_HOSTS);
+    let v6_in_hosts = in_hosts(lookup_flags::V6_PREFIXES, lookup_flags::V6_SUBNETS_IN_HOSTS);
     let v4 = with_subnet_addresses(
         artifact.addr_v4_entries().collect(),
         HOST_PREFIX_V4,
-        config.lookup_flags & lookup_flags::V4_PREFIXES == 0,
+        v4_in_hosts,
         || artifact.subnet_addresses_v4(),
     )
     .ok_or(PolicyMapError::SubnetsNotExpandable(4))?;
     let v6 = with_subnet_addresses(
         artifact.addr_v6_entries().collect(),
         HOST_PREFIX_V6,
-        config.lookup_flags & lookup_flags::V6_PREFIXES == 0,
+        v6_in_hosts,
         || artifact.subnet_addresses_v6(),
     )
     .ok_or(PolicyMapError::SubnetsNotExpandable(6))?;
-    Ok(AddressEntries { v4, v6 })
+    Ok(AddressEntries {
+        v4,
+        v6,
+        blocks_v4: blocks_in_use(4, config.block_len_v4, || {
+            artifact.prefix_blocks_v4(v4_in_hosts)
+        })?,
+        blocks_v6: blocks_in_use(6, config.block_len_v6, || {
+            artifact.prefix_blocks_v6(v6_in_hosts)
+        })?,
+    })
+}
+
+/// The blocks of a family whose block table the settings use with blocks of `len` (none when
+/// `len` is 0); an error when the policy's blocks are not of that length.
+fn blocks_in_use<K>(
+    family: u8,
+    len: u8,
+    blocks: impl FnOnce() -> Option<PrefixBlocks<K>>,
+) -> Result<Vec<(K, AddrInfo)>, PolicyMapError> {
+    if len == 0 {
+        return Ok(Vec::new());
+    }
+    match blocks() {
+        Some(blocks) if blocks.len == u32::from(len) => Ok(blocks.blocks),
+        other => Err(PolicyMapError::BlocksDiffer {
+            family,
+            in_settings: len,
+            policy: other.map_or("none".to_string(), |b| format!("/{}", b.len)),
+        }),
+    }
 }
 
 /// `entries` with the subnets' addresses added as hosts when `expanded` and there are subnets;
@@ -527,6 +573,9 @@ pub fn write(
     let (ports_exact, ports) = (map_names::PORTS_EXACT[slot], map_names::PORTS[slot]);
     let (pairs, pairs_overflow) = (map_names::PAIRS[slot], map_names::PAIRS_OVERFLOW[slot]);
     let (hosts_v4_map, hosts_v6_map) = (own_handle(ebpf, hosts_v4)?, own_handle(ebpf, hosts_v6)?);
+    let (blocks_v4, blocks_v6) = (map_names::BLOCKS_V4[slot], map_names::BLOCKS_V6[slot]);
+    let (blocks_v4_map, blocks_v6_map) =
+        (own_handle(ebpf, blocks_v4)?, own_handle(ebpf, blocks_v6)?);
     let (v4_map, v6_map) = (own_handle(ebpf, v4)?, own_handle(ebpf, v6)?);
     let (ports_exact_map, ports_map) = (own_handle(ebpf, ports_exact)?, own_handle(ebpf, ports)?);
     let (pairs_map, overflow_map) = (own_handle(ebpf, pairs)?, own_handle(ebpf, pairs_overflow)?);
@@ -542,6 +591,24 @@ pub fn write(
                 PORT_EXACT_PREFIX,
                 || artifact.port_entries(),
             )
+        }),
+        Box::new(move || {
+            // A block the table has no room for is found in the trie, which holds every subnet.
+            if !addresses.blocks_v4.is_empty() {
+                fill_table::<HostBucketV4>(
+                    blocks_v4_map,
+                    blocks_v4,
+                    addresses.blocks_v4.iter().copied(),
+                )?;
+            }
+            if !addresses.blocks_v6.is_empty() {
+                fill_table::<HostBucketV6>(
+                    blocks_v6_map,
+                    blocks_v6,
+                    addresses.blocks_v6.iter().copied(),
+                )?;
+            }
+            Ok(())
         }),
         Box::new(move || {
             fill_table_and_trie::<HostBucketV4, _>(
@@ -710,9 +777,20 @@ fn hash_entries<K: Pod + Ord, V: Pod>(
 /// did not change keeps the slot, its generation and the flows judged under it).
 pub fn slot_holds(ebpf: &Ebpf, slot: usize, artifact: &Artifact) -> Result<bool, PolicyMapError> {
     // As written with the slot's own settings (which say whether subnets are in the tables).
-    let Ok(AddressEntries { v4, v6 }) = address_entries(artifact, &read_config(ebpf, slot)?) else {
+    let Ok(AddressEntries {
+        v4,
+        v6,
+        blocks_v4,
+        blocks_v6,
+    }) = address_entries(artifact, &read_config(ebpf, slot)?)
+    else {
         return Ok(false);
     };
+    if !blocks_hold::<HostBucketV4>(ebpf, map_names::BLOCKS_V4[slot], blocks_v4)?
+        || !blocks_hold::<HostBucketV6>(ebpf, map_names::BLOCKS_V6[slot], blocks_v6)?
+    {
+        return Ok(false);
+    }
     let ports: Vec<_> = artifact.port_entries().collect();
     let (held_pairs, want_pairs) =
         table_of::<PairBucket>(ebpf, map_names::PAIRS[slot], artifact.pair_entries())?;
@@ -785,6 +863,23 @@ where
             ))
 }
 
+/// Whether block table `name` holds `blocks`, as far as it had room for them (the trie has the
+/// rest); a table not in use (no blocks) is never read.
+fn blocks_hold<B>(
+    ebpf: &Ebpf,
+    name: &'static str,
+    blocks: Vec<(B::Key, B::Value)>,
+) -> Result<bool, PolicyMapError>
+where
+    B: Bucket + Pod + PartialEq,
+{
+    if blocks.is_empty() {
+        return Ok(true);
+    }
+    let (held, want) = table_of::<B>(ebpf, name, blocks.into_iter())?;
+    Ok(held.starts_with(&want.elements))
+}
+
 /// The table `name` holds, and the one `entries` make at its size.
 fn table_of<B: Bucket + Pod>(
     ebpf: &Ebpf,
@@ -800,9 +895,9 @@ fn table_of<B: Bucket + Pod>(
 /// Entries per bucket when `name` is one of a slot's exact-match tables (see
 /// `enforcer_common::exact_table`).
 pub fn entries_per_bucket(name: &str) -> Option<u32> {
-    if map_names::HOSTS_V4.contains(&name) {
+    if map_names::HOSTS_V4.contains(&name) || map_names::BLOCKS_V4.contains(&name) {
         Some(HostBucketV4::ENTRIES)
-    } else if map_names::HOSTS_V6.contains(&name) {
+    } else if map_names::HOSTS_V6.contains(&name) || map_names::BLOCKS_V6.contains(&name) {
         Some(HostBucketV6::ENTRIES)
     } else if map_names::PAIRS.contains(&name) {
         Some(PairBucket::ENTRIES)

@@ -24,6 +24,37 @@ pub const SUBNET_EXPANSION_BITS: u32 = 8;
 /// Addresses of such subnets per family past which none are expanded.
 pub const SUBNET_EXPANSION_LIMIT: usize = 1 << 18;
 
+/// Blocks per family past which the shortest subnets are left out of the block table
+/// ([`Artifact::prefix_blocks_v4`]) and found in the trie: [`BLOCKS_PER_SUBNET`] for each
+/// subnet, at least [`PREFIX_BLOCK_FLOOR`] and at most [`PREFIX_BLOCK_LIMIT`]. A block costs an
+/// IPv4 table 24 bytes, an IPv6 one 48 (half full), per slot: the table grows with the policy,
+/// not with how short its subnets are.
+pub const BLOCKS_PER_SUBNET: usize = 4;
+/// See [`BLOCKS_PER_SUBNET`]: 16,384 blocks, a /8 in /22s.
+pub const PREFIX_BLOCK_FLOOR: usize = 1 << 14;
+/// See [`BLOCKS_PER_SUBNET`]: a million blocks, 24 MiB of IPv4 table per slot.
+pub const PREFIX_BLOCK_LIMIT: usize = 1 << 20;
+
+/// A family's subnets block by block, for the kernel's block table (see
+/// `enforcer_common::map_names::BLOCKS_V4`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PrefixBlocks<K> {
+    /// The prefix length of every block: the longest subnet's.
+    pub len: u32,
+    /// Each block's first address with what a longest-prefix lookup over every entry gives its
+    /// addresses, less those whose answer is a host entry's only; in address order.
+    pub blocks: Vec<(K, AddrInfo)>,
+    /// Whether every subnet is in the blocks: if not, a block-table miss must walk the trie.
+    pub complete: bool,
+}
+
+impl<K> PrefixBlocks<K> {
+    /// (block length, blocks, complete).
+    pub fn summary(&self) -> (u32, usize, bool) {
+        (self.len, self.blocks.len(), self.complete)
+    }
+}
+
 #[derive(thiserror::Error, Debug)]
 pub enum ArtifactError {
     #[error("artifact is not valid JSON: {0}")]
@@ -246,11 +277,11 @@ impl Artifact {
         })
     }
 
-    /// Every address of the IPv4 subnets, each with what the longest entry holding it says
-    /// about it (the answer of a longest-prefix lookup), except the hosts that are entries of
-    /// their own; in address order. `None` when a subnet is more than
-    /// [`SUBNET_EXPANSION_BITS`] shorter than a host or there are more than
-    /// [`SUBNET_EXPANSION_LIMIT`] addresses: the trie alone finds them then.
+    /// Every address of the IPv4 subnets at most [`SUBNET_EXPANSION_BITS`] shorter than a host,
+    /// each with what the longest entry holding it says about it (the answer of a
+    /// longest-prefix lookup, as no shorter subnet can say otherwise), except the hosts that are
+    /// entries of their own; in address order. `None` when there are more than
+    /// [`SUBNET_EXPANSION_LIMIT`]: the block table or the trie finds them then.
     pub fn subnet_addresses_v4(&self) -> Option<Vec<([u8; 4], AddrInfo)>> {
         let entries = self
             .addr_v4_entries()
@@ -277,6 +308,45 @@ impl Artifact {
                 .map(|(addr, info)| (addr.to_be_bytes(), info))
                 .collect(),
         )
+    }
+
+    /// The IPv4 subnets block by block ([`PrefixBlocks`]), less those at most
+    /// [`SUBNET_EXPANSION_BITS`] shorter than a host when `long_subnets_in_hosts` (the host
+    /// table has their addresses): the longest subnets first, as many as the budget of
+    /// blocks allows ([`BLOCKS_PER_SUBNET`]). `None` when there are no such subnets, or not one
+    /// fits.
+    pub fn prefix_blocks_v4(&self, long_subnets_in_hosts: bool) -> Option<PrefixBlocks<[u8; 4]>> {
+        let entries = self
+            .addr_v4_entries()
+            .map(|(len, addr, info)| (len, u128::from(u32::from_be_bytes(addr)), info));
+        let blocks = prefix_blocks(entries, HOST_PREFIX_V4, long_subnets_in_hosts)?;
+        Some(PrefixBlocks {
+            len: blocks.len,
+            // The blocks came from 32-bit addresses.
+            blocks: blocks
+                .blocks
+                .into_iter()
+                .map(|(addr, info)| ((addr as u32).to_be_bytes(), info))
+                .collect(),
+            complete: blocks.complete,
+        })
+    }
+
+    /// [`Artifact::prefix_blocks_v4`] for IPv6.
+    pub fn prefix_blocks_v6(&self, long_subnets_in_hosts: bool) -> Option<PrefixBlocks<[u8; 16]>> {
+        let entries = self
+            .addr_v6_entries()
+            .map(|(len, addr, info)| (len, u128::from_be_bytes(addr), info));
+        let blocks = prefix_blocks(entries, HOST_PREFIX_V6, long_subnets_in_hosts)?;
+        Some(PrefixBlocks {
+            len: blocks.len,
+            blocks: blocks
+                .blocks
+                .into_iter()
+                .map(|(addr, info)| (addr.to_be_bytes(), info))
+                .collect(),
+            complete: blocks.complete,
+        })
     }
 
     pub fn pair_entries(&self) -> impl Iterator<Item = (PairKey, PairValue)> + '_ {
@@ -390,7 +460,10 @@ impl Artifact {
             event_flags: 0,
             quarantine_segment: self.quarantine.segment,
             quarantine_class: self.quarantine.class,
-            _pad2: 0,
+            // The daemon's choice: it knows the room its block tables have.
+            block_len_v4: 0,
+            block_len_v6: 0,
+            _pad2: [0; 2],
         }
     }
 
@@ -418,9 +491,7 @@ fn subnet_addresses(
     for (len, addr, info) in entries {
         if len >= full {
             taken.insert(addr);
-        } else if full - len > SUBNET_EXPANSION_BITS {
-            return None;
-        } else {
+        } else if full - len <= SUBNET_EXPANSION_BITS {
             subnets.push((len, addr, info));
         }
     }
@@ -446,11 +517,68 @@ fn subnet_addresses(
     Some(addresses)
 }
 
+/// The subnets among `entries` (prefix length, address as an integer of `full` bits with no
+/// host bits set, value) as blocks of the longest subnet's length, less the long ones when
+/// `long_subnets_in_hosts`; see [`Artifact::prefix_blocks_v4`]. Every subnet left out is no
+/// longer than every one taken, so the longest prefix over a block is always among those
+/// taken. (The long subnets are longer than all others: where one holds an address, the host
+/// table answers first.)
+fn prefix_blocks(
+    entries: impl Iterator<Item = (u32, u128, AddrInfo)>,
+    full: u32,
+    long_subnets_in_hosts: bool,
+) -> Option<PrefixBlocks<u128>> {
+    let mut subnets: Vec<(u32, u128, AddrInfo)> = entries
+        .filter(|&(len, _, _)| {
+            len < full && !(long_subnets_in_hosts && full - len <= SUBNET_EXPANSION_BITS)
+        })
+        .collect();
+    // Longest first: a block takes the value of the longest subnet holding it.
+    subnets.sort_unstable_by_key(|&(len, addr, _)| (std::cmp::Reverse(len), addr));
+    let len = subnets.first()?.0;
+    let budget = subnets
+        .len()
+        .saturating_mul(BLOCKS_PER_SUBNET)
+        .clamp(PREFIX_BLOCK_FLOOR, PREFIX_BLOCK_LIMIT);
+    let mut count = 0usize;
+    let taken = subnets
+        .iter()
+        .take_while(|&&(subnet_len, _, _)| {
+            let blocks = 1usize.checked_shl(len - subnet_len).unwrap_or(usize::MAX);
+            count = count.saturating_add(blocks);
+            count <= budget
+        })
+        .count();
+    if taken == 0 {
+        return None;
+    }
+    let block_bits = full - len;
+    let mut seen = std::collections::HashSet::new();
+    let mut blocks = Vec::new();
+    for &(subnet_len, network, info) in &subnets[..taken] {
+        for offset in 0..1u128 << (len - subnet_len) {
+            let addr = network | offset << block_bits;
+            if seen.insert(addr) {
+                blocks.push((addr, info));
+            }
+        }
+    }
+    blocks.sort_unstable_by_key(|&(addr, _)| addr);
+    Some(PrefixBlocks {
+        len,
+        blocks,
+        complete: taken == subnets.len(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use enforcer_common::AddrInfo;
 
-    use super::{SUBNET_EXPANSION_BITS, SUBNET_EXPANSION_LIMIT, subnet_addresses};
+    use super::{
+        PREFIX_BLOCK_FLOOR, SUBNET_EXPANSION_BITS, SUBNET_EXPANSION_LIMIT, prefix_blocks,
+        subnet_addresses,
+    };
 
     fn info(segment: u32) -> AddrInfo {
         AddrInfo {
@@ -489,10 +617,120 @@ mod tests {
     #[test]
     fn subnets_too_short_or_too_many_are_left_to_the_trie() {
         let short = 32 - SUBNET_EXPANSION_BITS - 1;
-        assert!(subnet_addresses([(short, 0x0a00_0000, info(1))].into_iter(), 32).is_none());
+        let long = 32 - SUBNET_EXPANSION_BITS;
+        let both = [(short, 0x0a00_0000, info(1)), (long, 0x0a00_0100, info(2))];
+        let addresses = subnet_addresses(both.into_iter(), 32).unwrap();
+        assert_eq!(addresses.len(), 256, "only the long subnet's");
+        assert!(addresses.iter().all(|(_, got)| *got == info(2)));
         let many = (0..=SUBNET_EXPANSION_LIMIT >> SUBNET_EXPANSION_BITS)
             .map(|i| (32 - SUBNET_EXPANSION_BITS, (i as u128) << 8, info(1)));
         assert!(subnet_addresses(many, 32).is_none());
         assert_eq!(subnet_addresses(std::iter::empty(), 128), Some(Vec::new()));
+    }
+
+    /// Every address of a block gets what a longest-prefix lookup over every subnet gives it;
+    /// hosts are not blocks.
+    #[test]
+    fn prefix_blocks_answer_as_the_longest_prefix_does() {
+        let entries = [
+            (12, 0x0a00_0000, info(1)),
+            (16, 0x0a01_0000, info(2)),
+            (22, 0x0a01_0400, info(3)),
+            (24, 0x0a01_0500, info(4)),
+            (32, 0x0a01_0501, info(5)),
+        ];
+        let blocks = prefix_blocks(entries.into_iter(), 32, false).unwrap();
+        assert_eq!(blocks.len, 24);
+        assert!(blocks.complete);
+        // The /12 is 4,096 blocks of /24, the others lie inside it.
+        assert_eq!(blocks.blocks.len(), 1 << 12);
+        let longest = |addr: u128| {
+            entries
+                .iter()
+                .filter(|(len, network, _)| {
+                    *len < 32 && addr >> (32 - len) == network >> (32 - len)
+                })
+                .max_by_key(|(len, _, _)| *len)
+                .map(|(_, _, info)| *info)
+        };
+        for (block, got) in &blocks.blocks {
+            assert_eq!(block & 0xff, 0, "{block:#x}");
+            for addr in [*block, block | 0x7f, block | 0xff] {
+                assert_eq!(Some(*got), longest(addr), "{addr:#x}");
+            }
+        }
+        assert!(blocks.blocks.windows(2).all(|w| w[0].0 < w[1].0));
+    }
+
+    /// Past the limit the shortest subnets are left out, and the blocks say so; every one left
+    /// out is shorter than every one taken.
+    #[test]
+    fn prefix_blocks_leave_the_shortest_subnets_to_the_trie() {
+        let entries = [
+            (31, 0x0a00_0002, info(1)),
+            (24, 0x0b00_0000, info(2)),
+            (8, 0x0c00_0000, info(3)),
+        ];
+        let blocks = prefix_blocks(entries.into_iter(), 32, false).unwrap();
+        assert_eq!(blocks.len, 31);
+        assert!(!blocks.complete);
+        // The /31 and the /24's 128 blocks; the /8's 2^23 are past the limit.
+        assert_eq!(blocks.blocks.len(), 129);
+        const { assert!((1usize << 23) > PREFIX_BLOCK_FLOOR) };
+        // A /16 in /31s is 32,768 blocks: past the budget beside two /31s, not beside 16,384.
+        let many: Vec<_> = (0..16_384u128)
+            .map(|i| (31, 0x0a00_0000 + 2 * i, info(1)))
+            .collect();
+        let with_16 = |subnets: &[(u32, u128, AddrInfo)]| {
+            let entries = subnets.iter().copied().chain([(16, 0x0b00_0000, info(2))]);
+            prefix_blocks(entries, 32, false).unwrap().complete
+        };
+        assert!(!with_16(&many[..2]));
+        assert!(with_16(&many));
+        assert!(prefix_blocks([(32, 1, info(1))].into_iter(), 32, false).is_none());
+        // With the long subnets in the host table, the blocks are the /8's, of /8.
+        let short_only = prefix_blocks(entries.into_iter(), 32, true).unwrap();
+        assert_eq!(
+            (short_only.len, short_only.blocks.len(), short_only.complete),
+            (8, 1, true)
+        );
+        // IPv6: a /16 under /127 blocks would be 2^111 of them.
+        let v6 = prefix_blocks(
+            [(127, 2, info(1)), (16, 0xfd00 << 112, info(2))].into_iter(),
+            128,
+            false,
+        )
+        .unwrap();
+        assert_eq!((v6.len, v6.blocks.len(), v6.complete), (127, 1, false));
+        assert!(
+            prefix_blocks([(16, 0, info(1)), (8, 0, info(2))].into_iter(), 128, true).is_some()
+        );
+    }
+
+    /// The kernel keys a block by the address's words masked with these: the same bytes as the
+    /// block's first address.
+    #[test]
+    fn block_masks_keep_the_first_bits() {
+        for len in 1..=32u8 {
+            let addr: u32 = 0xdead_beef;
+            let want = (addr & (u32::MAX << (32 - u32::from(len)))).to_be_bytes();
+            let word = u32::from_le_bytes(addr.to_be_bytes());
+            let got = (word & enforcer_common::block_mask_v4(len)).to_le_bytes();
+            assert_eq!(got, want, "/{len}");
+        }
+        for len in 1..=128u8 {
+            let addr: u128 = 0x0123_4567_89ab_cdef_fedc_ba98_7654_3210;
+            let want = (addr & (u128::MAX << (128 - u32::from(len)))).to_be_bytes();
+            let bytes = addr.to_be_bytes();
+            let words = [
+                u64::from_le_bytes(bytes[..8].try_into().unwrap()),
+                u64::from_le_bytes(bytes[8..].try_into().unwrap()),
+            ];
+            let mask = enforcer_common::block_mask_v6(len);
+            let mut got = [0u8; 16];
+            got[..8].copy_from_slice(&(words[0] & mask[0]).to_le_bytes());
+            got[8..].copy_from_slice(&(words[1] & mask[1]).to_le_bytes());
+            assert_eq!(got, want, "/{len}");
+        }
     }
 }

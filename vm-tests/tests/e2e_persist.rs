@@ -593,7 +593,7 @@ fn an_upgrade_with_a_changed_and_larger_policy_takes_over_without_a_gap() -> Res
         enter_phase(traffic, 1);
         first.stop_all()?;
         // The new version's policy: lab may use DICOM TLS on pacs, and 200 new segments, far
-        // more addresses than the pinned maps were sized for.
+        // more prefixes than the pinned maps were sized for.
         let pacs_yaml = policy.0.join("pacs.yaml");
         let text = fs::read_to_string(&pacs_yaml)?;
         let opened = text.replacen(
@@ -603,13 +603,17 @@ fn an_upgrade_with_a_changed_and_larger_policy_takes_over_without_a_gap() -> Res
         );
         ensure!(opened != text, "pacs.yaml has no `allow:` to extend");
         fs::write(&pacs_yaml, opened)?;
+        // Twenty /24s each: more prefixes than the address maps have room for, sized for the
+        // first policy's subnets address by address.
         for n in 0..200u32 {
+            let members: Vec<String> = (n * 20..n * 20 + 20)
+                .map(|i| format!("172.{}.{}.0/24", 16 + i / 256, i % 256))
+                .collect();
             fs::write(
                 policy.0.join(format!("ward-{n}.yaml")),
                 format!(
-                    "segment: ward-{n}\nmembers: [172.{}.{}.0/24]\nmode: enforce\n",
-                    16 + n / 256,
-                    n % 256
+                    "segment: ward-{n}\nmembers: [{}]\nmode: enforce\n",
+                    members.join(", ")
                 ),
             )?;
         }

@@ -716,3 +716,169 @@ fn subnets_in_the_host_tables_answer_as_the_longest_prefix_does() {
         check_address(&mut h, IpAddr::from([10, 9, 2, last]), 5000);
     }
 }
+
+/// Subnets too short for the host tables, nested in each other and around long ones: the long
+/// ones' addresses in the host tables, the others' blocks in the block tables (/20 for IPv4;
+/// /48 for IPv6, where the /16 is too many blocks and stays in the trie alone).
+fn blocked_subnets(reloaded: bool) -> Policy {
+    let campus = if reloaded {
+        // No /8, and more /24s than the first policy's host tables have room for: every IPv4
+        // subnet in blocks.
+        "segment: campus\nmembers: [10.30.1.0/24, 10.30.2.0/24, 10.30.3.0/24, 10.30.4.0/24, \"fd00::/16\"]\nallow:\n  - from: [icu]\n    ports: [udp/53]\n"
+    } else {
+        "segment: campus\nmembers: [10.0.0.0/8, \"fd00::/16\"]\nallow:\n  - from: [icu]\n    ports: [udp/53]\n"
+    };
+    let sources = [
+        ("segments/campus.yaml", campus),
+        (
+            "segments/radiology.yaml",
+            "segment: radiology\nmembers: [10.20.0.0/16, \"fd00:20::/40\"]\nallow:\n  - from: [campus]\n    ports: [tcp/22]\n",
+        ),
+        (
+            "segments/icu.yaml",
+            "segment: icu\nmembers: [10.20.16.0/20, \"fd00:20:16::/48\"]\nallow:\n  - from: [wards]\n    ports: [tcp/443]\n",
+        ),
+        (
+            "segments/wards.yaml",
+            "segment: wards\nmembers: [10.20.16.0/24, 10.20.16.7/32, \"fd00:20:16::/120\", \"fd00:20:16::7/128\"]\nallow:\n  - from: [radiology, \"10.20.16.0/28\"]\n    ports: [tcp/104]\n",
+        ),
+    ];
+    let sources: Vec<(String, String)> = sources
+        .into_iter()
+        .map(|(file, text)| (file.to_string(), text.to_string()))
+        .collect();
+    Policy::from_sources(&sources).unwrap_or_else(|e| panic!("blocked subnets: {e}"))
+}
+
+/// Every edge of the nested subnets of [`blocked_subnets`], judged through the block tables as
+/// the longest prefix holding it says, before and after a reload that moves the IPv4 subnets
+/// from the host table into the block table.
+#[test]
+fn subnets_in_the_block_tables_answer_as_the_longest_prefix_does() {
+    use enforcer_common::lookup_flags::{
+        V4_PREFIXES_OUTSIDE_BLOCKS, V4_SUBNETS_IN_HOSTS, V6_PREFIXES_OUTSIDE_BLOCKS,
+        V6_SUBNETS_IN_HOSTS,
+    };
+
+    let holds = |h: &KernelHarness, policy: &Policy| {
+        let artifact = policy_compiler::compile(policy).unwrap();
+        enforcer::policy_maps::slot_holds(h.enforcer.ebpf(), h.enforcer.active_slot(), &artifact)
+            .unwrap()
+    };
+    let v4 = [
+        "10.20.16.0",
+        "10.20.16.7",
+        "10.20.16.8",
+        "10.20.16.15",
+        "10.20.16.16",
+        "10.20.16.255",
+        "10.20.17.0",
+        "10.20.31.255",
+        "10.20.32.0",
+        "10.20.15.255",
+        "10.20.0.0",
+        "10.20.255.255",
+        "10.19.255.255",
+        "10.21.0.0",
+        "10.0.0.0",
+        "10.255.255.255",
+        "9.255.255.255",
+        "11.0.0.0",
+        "10.30.1.0",
+        "10.30.4.255",
+        "10.30.5.0",
+    ];
+    let v6 = [
+        "fd00:20:16::",
+        "fd00:20:16::7",
+        "fd00:20:16::ff",
+        "fd00:20:16::100",
+        "fd00:20:16:ffff:ffff:ffff:ffff:ffff",
+        "fd00:20:17::",
+        "fd00:20:15:ffff::1",
+        "fd00:20::",
+        "fd00:20:ff:ffff::1",
+        "fd00:20:100::",
+        "fd00:20:ffff::1",
+        "fd00:21::",
+        "fd00::",
+        "fd00:ffff::1",
+        "fcff::1",
+        "fd01::",
+    ];
+    let peers = [
+        "10.20.16.3",
+        "10.20.16.7",
+        "10.20.17.1",
+        "10.20.99.1",
+        "10.1.2.3",
+    ];
+    let peers_v6 = [
+        "fd00:20:16::3",
+        "fd00:20:16::7",
+        "fd00:20:16:1::1",
+        "fd00:20:99::1",
+        "fd00:1::1",
+    ];
+    let check_all = |h: &mut KernelHarness| {
+        for (addrs, peers) in [(&v4[..], &peers[..]), (&v6[..], &peers_v6[..])] {
+            for addr in addrs.iter().map(|a| ip(a)) {
+                for peer in peers.iter().map(|p| ip(p)) {
+                    for port in [22, 443, 104] {
+                        for (src, dst) in [(addr, peer), (peer, addr)] {
+                            let spec =
+                                PacketSpec::new(src, dst, Transport::tcp(40000, port, TCP_SYN));
+                            let (frame, _) = packet_builder::build(&spec);
+                            h.check(&frame, INGRESS)
+                                .unwrap_or_else(|e| panic!("{src} -> {dst}: {e:#}"));
+                        }
+                    }
+                    let spec = PacketSpec::new(peer, addr, Transport::udp(40000, 53));
+                    let (frame, _) = packet_builder::build(&spec);
+                    h.check(&frame, INGRESS)
+                        .unwrap_or_else(|e| panic!("{peer} -> {addr}: {e:#}"));
+                }
+            }
+        }
+    };
+
+    let mut h = KernelHarness::load(blocked_subnets(false)).expect("load the enforcer");
+    let config = *h.enforcer.config();
+    assert_eq!((config.block_len_v4, config.block_len_v6), (20, 48));
+    let flags = config.lookup_flags;
+    assert_eq!(
+        flags & (V4_SUBNETS_IN_HOSTS | V6_SUBNETS_IN_HOSTS),
+        V4_SUBNETS_IN_HOSTS | V6_SUBNETS_IN_HOSTS
+    );
+    assert_eq!(
+        flags & V4_PREFIXES_OUTSIDE_BLOCKS,
+        0,
+        "every IPv4 subnet is in blocks"
+    );
+    assert_ne!(flags & V6_PREFIXES_OUTSIDE_BLOCKS, 0, "the IPv6 /16 is not");
+    assert!(holds(&h, &blocked_subnets(false)));
+    assert!(!holds(&h, &blocked_subnets(true)));
+    let used = |h: &KernelHarness, map: &str| {
+        let usage = h.enforcer.policy_map_usage();
+        usage.iter().find(|(name, _)| *name == map).map(|(_, n)| *n)
+    };
+    use enforcer_common::map_names::{BLOCKS_V4, BLOCKS_V6};
+    // The /8's 4,096 /20s (the /16's 16 and the /20 among them); the /40's 256 /48s.
+    assert_eq!(used(&h, BLOCKS_V4[0]), Some(4096));
+    assert_eq!(used(&h, BLOCKS_V6[0]), Some(256));
+    check_all(&mut h);
+
+    h.replace_policy(blocked_subnets(true)).expect("reload");
+    let config = *h.enforcer.config();
+    assert_eq!(
+        (
+            config.block_len_v4,
+            config.lookup_flags & V4_SUBNETS_IN_HOSTS
+        ),
+        (28, 0),
+        "the /24s do not fit the host table sized for the first policy: every IPv4 subnet in \
+         blocks of the longest, the rule's /28"
+    );
+    assert!(holds(&h, &blocked_subnets(true)));
+    check_all(&mut h);
+}

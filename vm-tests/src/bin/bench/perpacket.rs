@@ -271,8 +271,9 @@ pub fn run(opts: &Options, report: &mut Report) -> Result<()> {
          takes the full lookup: both addresses, the segment pair, and for half of them the port \
          trie). A third corpus, **judged_subnets**, is the judged one on the same policy written \
          with subnets: every member and rule source the /31 (/127) around its host \
-         (`policy::generate_subnets`), so no address has a host entry and every lookup walks \
-         the prefix trie, as with a policy of VLAN subnets. Each frame is run with `BPF_PROG_TEST_RUN` `repeat={repeat}`; the kernel reports \
+         (`policy::generate_subnets`), so no address has a host entry of its own, as with a \
+         policy of VLAN subnets: the loader puts the subnets' addresses into the host table \
+         up to 262,144 of them, and beyond that (at 1M) their blocks into the block table. Each frame is run with `BPF_PROG_TEST_RUN` `repeat={repeat}`; the kernel reports \
          the mean ns per repetition (whole ns), and a sample is the mean over the corpus. Repeats \
          of one frame see the state its first run created: an allowed flow is `established` from \
          its second repetition on, a denied flow is judged every time (its flow event is \
