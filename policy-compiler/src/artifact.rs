@@ -53,6 +53,33 @@ impl<K> PrefixBlocks<K> {
     pub fn summary(&self) -> (u32, usize, bool) {
         (self.len, self.blocks.len(), self.complete)
     }
+
+    fn with_keys<L>(
+        self,
+        keys: impl FnOnce(Vec<(K, AddrInfo)>) -> Vec<(L, AddrInfo)>,
+    ) -> PrefixBlocks<L> {
+        PrefixBlocks {
+            len: self.len,
+            blocks: keys(self.blocks),
+            complete: self.complete,
+        }
+    }
+}
+
+/// Addresses (as integers of the IPv4 expansions, so below 2^32) as IPv4 keys.
+fn v4_keys(addresses: Vec<(u128, AddrInfo)>) -> Vec<([u8; 4], AddrInfo)> {
+    addresses
+        .into_iter()
+        .map(|(addr, info)| ((addr as u32).to_be_bytes(), info))
+        .collect()
+}
+
+/// Addresses as IPv6 keys.
+fn v6_keys(addresses: Vec<(u128, AddrInfo)>) -> Vec<([u8; 16], AddrInfo)> {
+    addresses
+        .into_iter()
+        .map(|(addr, info)| (addr.to_be_bytes(), info))
+        .collect()
 }
 
 #[derive(thiserror::Error, Debug)]
@@ -283,31 +310,12 @@ impl Artifact {
     /// entries of their own; in address order. `None` when there are more than
     /// [`SUBNET_EXPANSION_LIMIT`]: the block table or the trie finds them then.
     pub fn subnet_addresses_v4(&self) -> Option<Vec<([u8; 4], AddrInfo)>> {
-        let entries = self
-            .addr_v4_entries()
-            .map(|(len, addr, info)| (len, u128::from(u32::from_be_bytes(addr)), info));
-        let addresses = subnet_addresses(entries, HOST_PREFIX_V4)?;
-        // The addresses came from 32-bit ones.
-        Some(
-            addresses
-                .into_iter()
-                .map(|(addr, info)| ((addr as u32).to_be_bytes(), info))
-                .collect(),
-        )
+        subnet_addresses(self.addr_v4_numbers(), HOST_PREFIX_V4).map(v4_keys)
     }
 
     /// [`Artifact::subnet_addresses_v4`] for IPv6.
     pub fn subnet_addresses_v6(&self) -> Option<Vec<([u8; 16], AddrInfo)>> {
-        let entries = self
-            .addr_v6_entries()
-            .map(|(len, addr, info)| (len, u128::from_be_bytes(addr), info));
-        let addresses = subnet_addresses(entries, HOST_PREFIX_V6)?;
-        Some(
-            addresses
-                .into_iter()
-                .map(|(addr, info)| (addr.to_be_bytes(), info))
-                .collect(),
-        )
+        subnet_addresses(self.addr_v6_numbers(), HOST_PREFIX_V6).map(v6_keys)
     }
 
     /// The IPv4 subnets block by block ([`PrefixBlocks`]), less those at most
@@ -316,37 +324,34 @@ impl Artifact {
     /// blocks allows ([`BLOCKS_PER_SUBNET`]). `None` when there are no such subnets, or not one
     /// fits.
     pub fn prefix_blocks_v4(&self, long_subnets_in_hosts: bool) -> Option<PrefixBlocks<[u8; 4]>> {
-        let entries = self
-            .addr_v4_entries()
-            .map(|(len, addr, info)| (len, u128::from(u32::from_be_bytes(addr)), info));
-        let blocks = prefix_blocks(entries, HOST_PREFIX_V4, long_subnets_in_hosts)?;
-        Some(PrefixBlocks {
-            len: blocks.len,
-            // The blocks came from 32-bit addresses.
-            blocks: blocks
-                .blocks
-                .into_iter()
-                .map(|(addr, info)| ((addr as u32).to_be_bytes(), info))
-                .collect(),
-            complete: blocks.complete,
-        })
+        prefix_blocks(
+            self.addr_v4_numbers(),
+            HOST_PREFIX_V4,
+            long_subnets_in_hosts,
+        )
+        .map(|blocks| blocks.with_keys(v4_keys))
     }
 
     /// [`Artifact::prefix_blocks_v4`] for IPv6.
     pub fn prefix_blocks_v6(&self, long_subnets_in_hosts: bool) -> Option<PrefixBlocks<[u8; 16]>> {
-        let entries = self
-            .addr_v6_entries()
-            .map(|(len, addr, info)| (len, u128::from_be_bytes(addr), info));
-        let blocks = prefix_blocks(entries, HOST_PREFIX_V6, long_subnets_in_hosts)?;
-        Some(PrefixBlocks {
-            len: blocks.len,
-            blocks: blocks
-                .blocks
-                .into_iter()
-                .map(|(addr, info)| (addr.to_be_bytes(), info))
-                .collect(),
-            complete: blocks.complete,
-        })
+        prefix_blocks(
+            self.addr_v6_numbers(),
+            HOST_PREFIX_V6,
+            long_subnets_in_hosts,
+        )
+        .map(|blocks| blocks.with_keys(v6_keys))
+    }
+
+    /// [`Artifact::addr_v4_entries`] with each address as an integer, for the expansions.
+    fn addr_v4_numbers(&self) -> impl Iterator<Item = (u32, u128, AddrInfo)> + '_ {
+        self.addr_v4_entries()
+            .map(|(len, addr, info)| (len, u128::from(u32::from_be_bytes(addr)), info))
+    }
+
+    /// [`Artifact::addr_v6_entries`] with each address as an integer.
+    fn addr_v6_numbers(&self) -> impl Iterator<Item = (u32, u128, AddrInfo)> + '_ {
+        self.addr_v6_entries()
+            .map(|(len, addr, info)| (len, u128::from_be_bytes(addr), info))
     }
 
     pub fn pair_entries(&self) -> impl Iterator<Item = (PairKey, PairValue)> + '_ {

@@ -616,11 +616,16 @@ fn nested_subnets(extra: bool) -> Policy {
             "segment: imaging\nmembers: [10.9.2.0/24, 10.9.3.0/24]\nallow:\n  - from: [wards]\n    ports: [tcp/104]\n",
         ));
     }
+    policy_of(&sources)
+}
+
+/// The policy of segment files (path, YAML).
+fn policy_of(sources: &[(&str, &str)]) -> Policy {
     let sources: Vec<(String, String)> = sources
-        .into_iter()
+        .iter()
         .map(|(file, text)| (file.to_string(), text.to_string()))
         .collect();
-    Policy::from_sources(&sources).unwrap_or_else(|e| panic!("nested subnets: {e}"))
+    Policy::from_sources(&sources).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Packets from and to `addr`, each checked against the reference.
@@ -743,11 +748,7 @@ fn blocked_subnets(reloaded: bool) -> Policy {
             "segment: wards\nmembers: [10.20.16.0/24, 10.20.16.7/32, \"fd00:20:16::/120\", \"fd00:20:16::7/128\"]\nallow:\n  - from: [radiology, \"10.20.16.0/28\"]\n    ports: [tcp/104]\n",
         ),
     ];
-    let sources: Vec<(String, String)> = sources
-        .into_iter()
-        .map(|(file, text)| (file.to_string(), text.to_string()))
-        .collect();
-    Policy::from_sources(&sources).unwrap_or_else(|e| panic!("blocked subnets: {e}"))
+    policy_of(&sources)
 }
 
 /// Every edge of the nested subnets of [`blocked_subnets`], judged through the block tables as
