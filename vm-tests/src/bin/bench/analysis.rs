@@ -173,7 +173,13 @@ fn explanation(name: &str) -> &'static str {
          build before it at 10, 1k and 100k rules (`--only e2e --quick --runs 3 \
          --baseline-object`, noisy); the full runs before and after the session's changes give \
          0.60, 0.54 and 0.39 of the floor, then 0.66, 0.57 and 0.40. At 100k the cache misses \
-         of the lookups dominate, and the clock's call was not among them."
+         of the lookups dominate, and the clock's call was not among them. Session 16's full \
+         run gave 0.65, 0.58 and 0.23 of the floor: at 100k the build before its change \
+         measured the same that day (`--only e2e --quick`, two alternated runs of each build: \
+         2.01 and 1.92 Mpps before, 2.05 and 1.98 after), and nftables' arms, which run none of \
+         the enforcer's code, fell as far against session 15's run (verdict maps 1.48 to 0.89 \
+         Mpps, interval sets 0.63 to 0.45): the machine's memory path was slower that day, not \
+         the enforcer."
     } else if name.starts_with("reload") {
         "Why: time to live is validation + compilation in user space (split in the section 3 \
          table) plus writing the maps. The writes were first batched (BPF_MAP_UPDATE_BATCH for \
