@@ -593,22 +593,8 @@ pub fn write(
             )
         }),
         Box::new(move || {
-            // A block the table has no room for is found in the trie, which holds every subnet.
-            if !addresses.blocks_v4.is_empty() {
-                fill_table::<HostBucketV4>(
-                    blocks_v4_map,
-                    blocks_v4,
-                    addresses.blocks_v4.iter().copied(),
-                )?;
-            }
-            if !addresses.blocks_v6.is_empty() {
-                fill_table::<HostBucketV6>(
-                    blocks_v6_map,
-                    blocks_v6,
-                    addresses.blocks_v6.iter().copied(),
-                )?;
-            }
-            Ok(())
+            fill_blocks::<HostBucketV4>(blocks_v4_map, blocks_v4, &addresses.blocks_v4)?;
+            fill_blocks::<HostBucketV6>(blocks_v6_map, blocks_v6, &addresses.blocks_v6)
         }),
         Box::new(move || {
             fill_table_and_trie::<HostBucketV4, _>(
@@ -635,6 +621,23 @@ pub fn write(
         }
     }
     write_config(ebpf, slot, config)
+}
+
+/// Writes a block table that is in use (`blocks` not empty; an unused one is never read). A
+/// block the table has no room for is found in the trie, which holds every subnet.
+fn fill_blocks<B: Bucket + Pod>(
+    map: Map,
+    name: &'static str,
+    blocks: &[(B::Key, B::Value)],
+) -> Result<(), PolicyMapError>
+where
+    B::Key: Copy,
+    B::Value: Copy,
+{
+    if !blocks.is_empty() {
+        fill_table::<B>(map, name, blocks.iter().copied())?;
+    }
+    Ok(())
 }
 
 /// Writes the full-length keys of `entries` (a trie's worth, every prefix length) into a
