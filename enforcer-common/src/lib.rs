@@ -544,7 +544,7 @@ pub struct PairVerdictKey {
 /// Elements of each [`map_names::PAIR_COUNTS`] table (a power of two): 96 KiB per CPU and slot.
 ///
 /// A policy of a few dozen segments judges a few hundred distinct (pair, direction, outcome)
-/// keys; a key whose element another key holds is counted in [`map_names::PAIR_VERDICTS`].
+/// keys; a key whose two elements other keys hold is counted in [`map_names::PAIR_VERDICTS`].
 pub const PAIR_COUNT_SLOTS: u32 = 4096;
 
 /// An element of a [`map_names::PAIR_COUNTS`] table: the key this CPU counts there (generation
@@ -557,18 +557,25 @@ pub struct PairCount {
 }
 
 impl PairVerdictKey {
-    /// The element of a [`map_names::PAIR_COUNTS`] table that counts this key (the generation
-    /// is left out: one slot's table only ever counts one generation).
+    /// The two elements of a [`map_names::PAIR_COUNTS`] table that may count this key (the
+    /// generation is left out: one slot's table only ever counts one generation). A key is
+    /// counted at the first that holds it or is unused; with two independent choices, far
+    /// fewer keys end in the hash than with one (about 2% instead of 11% of 1,000 keys).
     #[inline(always)]
-    pub fn count_slot(&self) -> u32 {
+    pub fn count_slots(&self) -> [u32; 2] {
         // Segment ids are small: direction and outcome go into the unused upper half of the
-        // source's word. A multiply's top bits depend on every bit below them.
+        // source's word. A multiply's top bits depend on every bit below them; the two choices
+        // are its top two runs of bits.
         let word = u64::from(self.src_segment)
             ^ u64::from(self.direction) << 24
             ^ u64::from(self.counter) << 16
             ^ u64::from(self.dst_segment) << 32;
         let h = word.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        (h >> (64 - PAIR_COUNT_SLOTS.trailing_zeros())) as u32
+        let bits = PAIR_COUNT_SLOTS.trailing_zeros();
+        [
+            (h >> (64 - bits)) as u32,
+            (h >> (64 - 2 * bits)) as u32 & (PAIR_COUNT_SLOTS - 1),
+        ]
     }
 }
 

@@ -36,23 +36,26 @@ pub fn event(index: u32) {
     bump(EVENT_COUNTERS.get_ptr_mut(index));
 }
 
-/// Counts a judged packet for its segment pair: in the slot's table, at the key's element when
-/// this CPU counts that key there or has not used the element yet; otherwise in the shared
+/// Counts a judged packet for its segment pair: in the slot's table, at the first of the key's
+/// two elements that this CPU counts that key in or has not used yet; otherwise in the shared
 /// hash. Per CPU, so no other program writes the element meanwhile; the daemon writes a slot's
-/// table only while no program judges with that slot.
+/// table only while no program judges with that slot, so an element once claimed stays its
+/// key's and a key is never counted in two elements of one CPU.
 #[inline(always)]
 pub fn pair_verdict<P: PolicySlot>(key: &PairVerdictKey) {
-    if let Some(entry) = P::pair_counts().get_ptr_mut(key.count_slot()) {
-        // SAFETY: this CPU's copy of an element of a per-CPU array.
-        let entry = unsafe { &mut *entry };
-        if entry.key == *key {
-            entry.count += 1;
-            return;
-        }
-        if entry.key.generation == 0 {
-            entry.key = *key;
-            entry.count = 1;
-            return;
+    for slot in key.count_slots() {
+        if let Some(entry) = P::pair_counts().get_ptr_mut(slot) {
+            // SAFETY: this CPU's copy of an element of a per-CPU array.
+            let entry = unsafe { &mut *entry };
+            if entry.key == *key {
+                entry.count += 1;
+                return;
+            }
+            if entry.key.generation == 0 {
+                entry.key = *key;
+                entry.count = 1;
+                return;
+            }
         }
     }
     match PAIR_VERDICTS.get_ptr_mut(key) {
