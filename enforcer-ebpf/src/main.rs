@@ -21,17 +21,41 @@ mod transport;
 mod verdict;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
+    bindings::{__sk_buff, TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action, xdp_md},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use enforcer_common::{counter, direction};
 
-use crate::packet::Frame;
+use crate::{packet::Frame, verdict::Hook};
 
 /// Bytes of an skb that egress makes readable before parsing: enough for Ethernet, VLAN, IPv6
 /// with extension headers and the transport header of ordinary packets.
 const TC_PULL_LEN: u32 = 512;
+
+#[derive(Clone, Copy)]
+struct Ingress(*mut xdp_md);
+
+impl Hook for Ingress {
+    const DIR: u32 = direction::INGRESS;
+    #[inline(always)]
+    fn ifindex(self) -> u32 {
+        // SAFETY: reading a field of the context the kernel passed in.
+        unsafe { (*self.0).ingress_ifindex }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Egress(*mut __sk_buff);
+
+impl Hook for Egress {
+    const DIR: u32 = direction::EGRESS;
+    #[inline(always)]
+    fn ifindex(self) -> u32 {
+        // SAFETY: reading a field of the context the kernel passed in.
+        unsafe { (*self.0).ifindex }
+    }
+}
 
 /// Ingress: judges every frame that arrives on the interface.
 #[xdp]
@@ -44,7 +68,7 @@ pub fn enforcer_xdp(ctx: XdpContext) -> u32 {
 
 fn try_enforcer_xdp(ctx: &XdpContext) -> Result<u32, ()> {
     let frame = Frame::new(ctx.data(), ctx.data_end(), ctx.data_end() - ctx.data());
-    let outcome = verdict::decide(&frame, direction::INGRESS, ctx.ingress_ifindex() as u32)?;
+    let outcome = verdict::decide(&frame, Ingress(ctx.ctx))?;
     counters::count(direction::INGRESS, outcome)?;
     Ok(if counter::is_drop(outcome) {
         xdp_action::XDP_DROP
@@ -72,9 +96,7 @@ fn try_enforcer_tc_egress(ctx: &TcContext) -> Result<i32, ()> {
         let _ = ctx.pull_data(readable as u32);
     }
     let frame = Frame::new(ctx.data(), ctx.data_end(), len as usize);
-    // SAFETY: reading a field of the context the kernel passed in.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let outcome = verdict::decide(&frame, direction::EGRESS, ifindex)?;
+    let outcome = verdict::decide(&frame, Egress(ctx.skb.skb))?;
     counters::count(direction::EGRESS, outcome)?;
     Ok(if counter::is_drop(outcome) {
         TC_ACT_SHOT

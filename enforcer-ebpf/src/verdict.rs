@@ -20,16 +20,23 @@ const UNKNOWN: u32 = u32::MAX;
 /// Returned by [`decide_ip`] when the program cannot read its own maps.
 const ABORTED: u32 = u32::MAX;
 
-/// The counter (and so the verdict) for `frame`, seen in direction `dir` on `ifindex`.
+/// Where a program sees packets: their direction, and the interface, which is read only for an
+/// event (in XDP it is three dependent loads through the receive queue).
+pub trait Hook: Copy {
+    const DIR: u32;
+    fn ifindex(self) -> u32;
+}
+
+/// The counter (and so the verdict) for `frame`, seen at `hook`.
 #[inline(always)]
-pub fn decide(frame: &Frame, dir: u32, ifindex: u32) -> Result<u32, ()> {
+pub fn decide<H: Hook>(frame: &Frame, hook: H) -> Result<u32, ()> {
     // Read once: the whole decision uses one policy, whatever a reload does meanwhile.
     let slot = ACTIVE.get(0).copied().unwrap_or(0) & 1;
     let (start, end, len) = frame.parts();
     let outcome = if slot == 0 {
-        decide_in::<Slot0>(start, end, len, dir, ifindex)
+        decide_in::<Slot0, H>(start, end, len, hook)
     } else {
-        decide_in::<Slot1>(start, end, len, dir, ifindex)
+        decide_in::<Slot1, H>(start, end, len, hook)
     };
     if outcome == ABORTED {
         Err(())
@@ -41,12 +48,14 @@ pub fn decide(frame: &Frame, dir: u32, ifindex: u32) -> Result<u32, ()> {
 /// The counter for the frame `[start, end)` of `len` bytes, judged by the policy in slot `P`;
 /// [`ABORTED`] when a map cannot be read.
 ///
-/// One copy per slot, each a separate function that takes only scalars: the maps of slot `P`
+/// One copy per slot, each a separate function that takes only scalars (`hook` is the context
+/// pointer): the maps of slot `P`
 /// are then constants in it, and the compiler cannot fold the two copies back into one that
 /// picks its maps at run time. Parsing is inlined here rather than called: on this kernel's
 /// CPUs every call returns through a mitigation thunk, some 10 ns a call.
 #[inline(never)]
-fn decide_in<P: PolicySlot>(start: usize, end: usize, len: usize, dir: u32, ifindex: u32) -> u32 {
+fn decide_in<P: PolicySlot, H: Hook>(start: usize, end: usize, len: usize, hook: H) -> u32 {
+    let dir = H::DIR;
     let (Some(config), Some(scratch)) = (CONFIG.get(P::INDEX), SCRATCH.get_ptr_mut(0)) else {
         return ABORTED;
     };
@@ -59,7 +68,7 @@ fn decide_in<P: PolicySlot>(start: usize, end: usize, len: usize, dir: u32, ifin
         Parsed::NonIp => counter::NON_IP,
         Parsed::Drop(reason) => reason,
         Parsed::LaterFragment => fragments::follow(&scratch.fragment, now, config),
-        Parsed::Flow => return decide_ip::<P>(scratch, config, dir, ifindex, now),
+        Parsed::Flow => return decide_ip::<P, H>(scratch, config, hook, now),
     };
     if counter::is_drop(outcome) {
         let class = protocol_class::of(scratch.flow.proto, false);
@@ -71,13 +80,13 @@ fn decide_in<P: PolicySlot>(start: usize, end: usize, len: usize, dir: u32, ifin
 /// The counter for the IP packet parsed into `scratch`, judged by the policy in slot `P`, and
 /// its accounting.
 #[inline(always)]
-fn decide_ip<P: PolicySlot>(
+fn decide_ip<P: PolicySlot, H: Hook>(
     scratch: &mut Scratch,
     config: &Config,
-    dir: u32,
-    ifindex: u32,
+    hook: H,
     now: u64,
 ) -> u32 {
+    let dir = H::DIR;
     let mut segments = Segments {
         src: UNKNOWN,
         dst: UNKNOWN,
@@ -96,32 +105,22 @@ fn decide_ip<P: PolicySlot>(
         let class = protocol_class::of(scratch.flow.proto, true);
         counters::drop_by_protocol(dir, outcome, class);
     }
-    account::<P>(
-        scratch,
-        config,
-        dir,
-        ifindex,
-        now,
-        outcome,
-        rule,
-        &mut segments,
-    );
+    account::<P, H>(scratch, config, hook, now, outcome, rule, &mut segments);
     outcome
 }
 
 /// Rule hits, segment-pair verdicts and the event of an IP packet whose outcome is final.
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn account<P: PolicySlot>(
+fn account<P: PolicySlot, H: Hook>(
     scratch: &mut Scratch,
     config: &Config,
-    dir: u32,
-    ifindex: u32,
+    hook: H,
     now: u64,
     outcome: u32,
     rule: u32,
     segments: &mut Segments,
 ) {
+    let dir = H::DIR;
     // Credited only once the packet is sure to pass.
     if outcome == counter::ALLOWED {
         counters::rule_hit::<P>(rule);
@@ -174,7 +173,7 @@ fn account<P: PolicySlot>(
     event.rule = rule;
     event.src_segment = segments.src;
     event.dst_segment = segments.dst;
-    event.ifindex = ifindex;
+    event.ifindex = hook.ifindex();
     event.generation = config.generation;
     event.sport = flow.sport;
     event.dport = flow.dport;

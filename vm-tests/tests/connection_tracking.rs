@@ -4,7 +4,7 @@
 use std::{net::IpAddr, thread, time::Duration};
 
 use enforcer_common::{
-    counter,
+    Event, counter,
     direction::{EGRESS, INGRESS},
 };
 use policy_compiler::Policy;
@@ -220,6 +220,42 @@ fn egress_enforcement_checks_the_destinations_rules() {
     expect(&mut h, EGRESS, &dicom(TCP_SYN), counter::ALLOWED);
     let mut h = KernelHarness::load(policy("egress: monitor\n")).unwrap();
     expect(&mut h, EGRESS, &denied, counter::AUDIT);
+}
+
+/// An event names the direction and the interface its packet was seen on: BPF_PROG_TEST_RUN
+/// runs both programs on the loopback device.
+#[test]
+fn events_name_the_direction_and_interface_of_their_packet() {
+    let mut h = KernelHarness::load(policy("egress: enforce\n")).unwrap();
+    let mut ring = h.enforcer.take_events().expect("the event ring buffer");
+    let denied = |dport| {
+        PacketSpec::new(
+            ip(RADIOLOGY),
+            ip(PACS),
+            Transport::tcp(40000, dport, TCP_SYN),
+        )
+    };
+    expect(&mut h, INGRESS, &denied(22), counter::DROP_POLICY_DENIED);
+    expect(&mut h, EGRESS, &denied(23), counter::DROP_POLICY_DENIED);
+    let mut events = Vec::new();
+    while let Some(item) = ring.next() {
+        assert_eq!(item.len(), size_of::<Event>());
+        // SAFETY: the programs write whole `Event`s; `Pod` takes any bytes.
+        events.push(unsafe { item.as_ptr().cast::<Event>().read_unaligned() });
+    }
+    let lo = std::ffi::CString::new("lo").unwrap();
+    // SAFETY: a valid NUL-terminated name.
+    let loopback = unsafe { libc::if_nametoindex(lo.as_ptr()) };
+    assert_ne!(loopback, 0, "no loopback device");
+    let seen: Vec<(u8, u16, u32)> = events
+        .iter()
+        .map(|event| (event.direction, event.dport, event.ifindex))
+        .collect();
+    assert_eq!(
+        seen,
+        [(INGRESS as u8, 22, loopback), (EGRESS as u8, 23, loopback)],
+        "(direction, port, interface) of the events"
+    );
 }
 
 #[test]
