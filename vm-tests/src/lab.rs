@@ -32,9 +32,15 @@ use std::{
     time::Duration,
 };
 
-pub use enforcer::{Counters, DaemonFiles, Enforcer, NetnsEntry, ShutdownCounters, enforcer_bin};
+pub use enforcer::{
+    Counters, DaemonFiles, Enforcer, NetnsEntry, ShutdownCounters, dies_with_this_process,
+    enforcer_bin,
+};
 pub use metrics::{Metrics, Sample};
-pub use netns::{cleanup_all, cleanup_on_signals, in_netns};
+pub use netns::{
+    cleanup_all, cleanup_on_signals, delete_tracked as delete_tracked_netns, in_netns,
+    of_dead_process, remove_stale as remove_stale_netns, track as track_netns,
+};
 pub use observer::{ObservedLine, Observer};
 pub use probe::{Probe, Proto, Services};
 

@@ -314,22 +314,7 @@ impl Enforcer<'_> {
             // Own process group: Ctrl-C in a terminal reaches us, and we stop the daemon in
             // order, rather than it racing our cleanup.
             .process_group(0);
-        // SAFETY: prctl, sigemptyset and pthread_sigmask are async-signal-safe.
-        unsafe {
-            cmd.pre_exec(|| {
-                // If this process dies without unwinding, the daemon gets SIGTERM and detaches
-                // instead of holding XDP on an orphaned namespace.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // The mask is inherited across exec: a caller that blocked SIGTERM (see
-                // `cleanup_on_signals`) would leave the daemon deaf to it.
-                let mut none = std::mem::zeroed::<libc::sigset_t>();
-                libc::sigemptyset(&mut none);
-                libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
-                Ok(())
-            });
-        }
+        dies_with_this_process(&mut cmd);
         let mut child = cmd
             .spawn()
             .map_err(io_error(format!("starting {} in {name}", bin.display(),)))?;
@@ -588,6 +573,25 @@ impl Drop for Enforcer<'_> {
             netns::terminate_pids(&[pid], Duration::from_secs(5));
             netns::unregister_daemon(&self.lab_id, pid);
         }
+    }
+}
+
+/// Makes a child daemon get SIGTERM if this process dies without unwinding (so it detaches
+/// instead of holding XDP on an orphaned namespace), and hear the signals that
+/// [`cleanup_on_signals`](super::cleanup_on_signals) blocks: the signal mask is inherited across
+/// exec, and would leave the daemon deaf to SIGTERM.
+pub fn dies_with_this_process(cmd: &mut Command) {
+    // SAFETY: prctl, sigemptyset and pthread_sigmask are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let mut none = std::mem::zeroed::<libc::sigset_t>();
+            libc::sigemptyset(&mut none);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+            Ok(())
+        });
     }
 }
 

@@ -35,6 +35,17 @@ pub(super) fn register(netns: &str) {
     registry().netns.insert(netns.to_owned());
 }
 
+/// Makes [`cleanup_all`] (and so [`cleanup_on_signals`]) delete `netns`, a namespace created
+/// outside a [`Lab`](super::Lab); [`delete_tracked`] deletes it and forgets it.
+pub fn track(netns: &str) {
+    register(netns);
+}
+
+/// Deletes a namespace given to [`track`], best effort.
+pub fn delete_tracked(netns: &str) {
+    delete(&[netns.to_owned()]);
+}
+
 pub(super) fn register_daemon(lab: &str, pid: i32) {
     registry().daemons.insert((lab.to_owned(), pid));
 }
@@ -161,7 +172,7 @@ pub(super) fn delete(names: &[String]) {
 
 /// Removes namespaces named `<prefix><pid>x…` whose creating process is gone (a test run that
 /// was SIGKILLed, or a crashed demo).
-pub(super) fn remove_stale(prefix: &str) {
+pub fn remove_stale(prefix: &str) {
     let Ok(entries) = std::fs::read_dir("/run/netns") else {
         return;
     };
@@ -176,7 +187,7 @@ pub(super) fn remove_stale(prefix: &str) {
 }
 
 /// Whether `name` is `<prefix><pid>x…` of a process that is gone.
-fn of_dead_process(name: &str, prefix: &str) -> bool {
+pub fn of_dead_process(name: &str, prefix: &str) -> bool {
     let Some(rest) = name.strip_prefix(prefix) else {
         return false;
     };

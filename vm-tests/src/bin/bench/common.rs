@@ -172,15 +172,58 @@ pub fn per_cpu_sum(ebpf: &aya::Ebpf, map: &str, index: u32) -> Result<u64> {
     Ok(array.get(&index, 0)?.iter().sum())
 }
 
-/// A network namespace this process created; deleted (with everything in it) on drop.
+/// What the benchmark names its namespaces, temporary directories and mounts with: the prefix,
+/// then the process id (see [`vm_tests::lab::of_dead_process`]).
+pub const PREFIX: &str = "enfbench-";
+
+/// A name for something this process creates: `enfbench-<pid>x<tag>`.
+pub fn own_name(tag: &str) -> String {
+    format!("{PREFIX}{}x{tag}", std::process::id())
+}
+
+/// Removes what an interrupted or killed benchmark left behind: its namespaces (with the veths
+/// and attached programs in them), and its temporary directories and private bpffs mounts.
+pub fn remove_leftovers() {
+    vm_tests::lab::remove_stale_netns(PREFIX);
+    let temp = std::env::temp_dir();
+    let Ok(entries) = std::fs::read_dir(&temp) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !vm_tests::lab::of_dead_process(&name, PREFIX) {
+            continue;
+        }
+        let path = entry.path();
+        if let Ok(target) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) {
+            // SAFETY: a valid NUL-terminated path; failing (not a mount point) is harmless.
+            unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        }
+        let removed = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        if removed.is_ok() {
+            eprintln!(
+                "removed {} (left by a benchmark that was killed)",
+                path.display()
+            );
+        }
+    }
+}
+
+/// A network namespace this process created; deleted (with everything in it) on drop, and by
+/// the signal handler (`vm_tests::lab::cleanup_on_signals`) when the benchmark is interrupted.
 pub struct Netns {
     pub name: String,
 }
 
 impl Netns {
     pub fn create(tag: &str) -> Result<Self> {
-        let name = format!("enfbench-{tag}-{}", std::process::id());
+        let name = own_name(tag);
         run(Command::new("ip").args(["netns", "add", &name]))?;
+        vm_tests::lab::track_netns(&name);
         Ok(Netns { name })
     }
 
@@ -212,9 +255,7 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
+        vm_tests::lab::delete_tracked_netns(&self.name);
     }
 }
 

@@ -230,7 +230,7 @@ pub fn run(opts: &Options, report: &mut Report) -> Result<()> {
     // About 0.1 s (quick) or 1 s of generator time per sample.
     let packets: u32 = if opts.quick { 500_000 } else { 10_000_000 };
     let netns = Netns::create("e2e")?;
-    let dir = std::env::temp_dir().join(format!("enfbench-nft-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(crate::common::own_name("nft"));
     std::fs::create_dir_all(&dir)?;
     let result = measure(opts, report, &netns, &dir, &sizes, packets);
     let _ = std::fs::remove_dir_all(&dir);

@@ -104,6 +104,10 @@ fn main() -> Result<()> {
         println!("wrote this build's eBPF object to {}", file.display());
         return Ok(());
     }
+    // Before any thread: an interrupted run removes its namespaces (and the programs attached
+    // in them) on the way out; a killed one is cleaned up by the next run.
+    vm_tests::lab::cleanup_on_signals()?;
+    common::remove_leftovers();
     // Every measurement runs on one CPU; concurrent helpers pin themselves elsewhere.
     common::pin_to(common::bench_cpu())?;
     let mut report = report::Report {

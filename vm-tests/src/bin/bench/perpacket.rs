@@ -83,7 +83,7 @@ pub fn mixed_corpus(p: &BenchPolicy, frames: usize) -> Vec<(Vec<u8>, u32)> {
 }
 
 /// The judged corpus: every packet is a new flow the policy denies, so every run of it does
-/// the full lookup (both addresses, the pair, the port trie for half of them).
+/// the full lookup (both addresses, the pair, the pair's single-port table for half of them).
 pub fn judged_corpus(p: &BenchPolicy, frames: usize) -> Vec<(Vec<u8>, u32)> {
     (0..frames)
         .map(|i| {
@@ -91,7 +91,7 @@ pub fn judged_corpus(p: &BenchPolicy, frames: usize) -> Vec<(Vec<u8>, u32)> {
             let sport = 20_000 + (i % 40_000) as u16;
             let s = if i % 2 == 0 {
                 // The rule's own pair, a port no rule allows (rule ports are below 42,000): the
-                // port trie is searched and misses.
+                // pair's single-port table is searched and misses.
                 spec(
                     p,
                     rule.from,
@@ -268,8 +268,8 @@ pub fn run(opts: &Options, report: &mut Report) -> Result<()> {
          different frames each: **mixed** (allowed TCP/UDP new flows, their replies, denied \
          TCP/UDP/ICMP between random hosts, traffic to `world`; IPv4 and IPv6, a third with an \
          802.1Q tag) and **judged** (only new flows that the policy denies, so every packet \
-         takes the full lookup: both addresses, the segment pair, and for half of them the port \
-         trie). A third corpus, **judged_subnets**, is the judged one on the same policy written \
+         takes the full lookup: both addresses, the segment pair, and for half of them the \
+         pair's single-port table). A third corpus, **judged_subnets**, is the judged one on the same policy written \
          with subnets: every member and rule source the /31 (/127) around its host \
          (`policy::generate_subnets`), so no address has a host entry of its own, as with a \
          policy of VLAN subnets: the loader puts the subnets' addresses into the host table \

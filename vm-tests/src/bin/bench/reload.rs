@@ -34,7 +34,7 @@ struct PrivateBpffs(PathBuf);
 
 impl PrivateBpffs {
     fn mount() -> Result<Self> {
-        let dir = std::env::temp_dir().join(format!("enfbench-bpffs-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(crate::common::own_name("bpffs"));
         std::fs::create_dir_all(&dir)?;
         let target = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())?;
         // SAFETY: valid NUL-terminated strings; no data argument.

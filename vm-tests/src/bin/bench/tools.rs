@@ -109,7 +109,9 @@ fn daemon_memory(enforcer: &Path, policy_dir: &Path) -> Result<(u64, u64)> {
         "link set eth0 up".to_string(),
         "link set peer0 up".to_string(),
     ])?;
-    let mut child = Command::new("ip")
+    let mut command = Command::new("ip");
+    vm_tests::lab::dies_with_this_process(&mut command);
+    let mut child = command
         .args(["netns", "exec", &netns.name])
         .arg(enforcer)
         .args(["run", "--policy"])
@@ -192,7 +194,7 @@ pub fn run(opts: &Options, report: &mut Report) -> Result<()> {
     } else {
         &[1_000, 100_000, 1_000_000]
     };
-    let dir = std::env::temp_dir().join(format!("enfbench-policies-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(crate::common::own_name("policies"));
     let result = measure(opts, report, &compiler, &enforcer, sizes, &dir);
     let _ = std::fs::remove_dir_all(&dir);
     result
