@@ -129,7 +129,27 @@ fn explanation(name: &str) -> &'static str {
          segment, the grant flag, and five per-CPU counters and limiter slots), each passing its \
          key through the stack. Reaching 50 ns needs fewer of them, which means merging maps \
          (the counters into one per-CPU value, the tables' masks into the slot's settings): a \
-         change of map layout, which an upgrade with `--persist` cannot adopt without a gap."
+         change of map layout, which an upgrade with `--persist` cannot adopt without a gap. \
+         Session 17, side by side with the build before (`--only per-packet --runs 10 \
+         --baseline-object`): a segment-pair key now has two elements of its slot's table to \
+         choose from before it falls back to the PAIR_VERDICTS hash (about 2% of 1,000 keys end \
+         there, against 11% with one; the policies of 100k and 1M rules have 1,000 segments, \
+         so their corpora count about 1,000 keys), 0.95-0.97 of the judged corpus's cost at \
+         100k and 1M; and the programs read the interface, three dependent loads in XDP, only \
+         for an event instead of for every packet. Together: 0.97 of the judged corpus's cost \
+         at 10 and 1k, 0.92 at 100k, 0.91 at 1M; 0.97-1.00 of the mixed one's. Tried and not \
+         kept (same method): the per-slot decision inlined into the entry program (1.00), and a \
+         multilinear hash for the connection table's filter (1.00, although `perf` attributed some \
+         13% of the decision's samples to the filter's chain of multiplies). The verifier now processes 288k \
+         instructions per program (265k before; the verifier_budget test allows 350k). What \
+         is left is the fixed cost described above: for the mixed corpus, 14 ns more than the \
+         judged one at every size, mostly the kernel's connection hash that every tracked \
+         flow's packet looks up (a call, and a jhash of the 40-byte key), which no exact-match \
+         table can replace while packets on every CPU insert flows. The merges that would take \
+         about six lookups out of a judged packet (the flags and the clock into one element, \
+         the counters into one per-CPU value) change the maps' layout: `run --persist` of the \
+         new build would refuse the pinned maps of the old one, and upgrading would take a \
+         restart without them, a gap in enforcement. Not done for a few ns a packet."
     } else if name.starts_with("e2e") {
         "Why: in front of a veth every frame is a different flow, so unlike the repeated frame \
          of BPF_PROG_TEST_RUN the maps are not in cache, and each lookup of a judged packet \
@@ -179,7 +199,13 @@ fn explanation(name: &str) -> &'static str {
          2.01 and 1.92 Mpps before, 2.05 and 1.98 after), and nftables' arms, which run none of \
          the enforcer's code, fell as far against session 15's run (verdict maps 1.48 to 0.89 \
          Mpps, interval sets 0.63 to 0.45): the machine's memory path was slower that day, not \
-         the enforcer."
+         the enforcer. Session 17's changes (see the per-packet figures): 1.00, 1.01 and 1.08 \
+         times the build before at 10, 1k and 100k rules (`--only e2e --quick --runs 5 \
+         --baseline-object`); its full run gives 0.67, 0.58 and 0.31 of the floor. At 10 rules \
+         the floor takes about 102 ns a frame here: 0.8 of its rate leaves 25 ns for all a \
+         denial does beyond parsing, where the program alone takes 43 ns more than the \
+         parse-only program with every map in cache (section 1, judged corpus at 10 rules). \
+         The target needs the per-packet work cut by more than half, not a faster lookup."
     } else if name.starts_with("reload") {
         "Why: time to live is validation + compilation in user space (split in the section 3 \
          table) plus writing the maps. The writes were first batched (BPF_MAP_UPDATE_BATCH for \
