@@ -49,10 +49,10 @@ pub fn decide<H: Hook>(frame: &Frame, hook: H) -> Result<u32, ()> {
 /// [`ABORTED`] when a map cannot be read.
 ///
 /// One copy per slot, each a separate function that takes only scalars (`hook` is the context
-/// pointer): the maps of slot `P`
-/// are then constants in it, and the compiler cannot fold the two copies back into one that
-/// picks its maps at run time. Parsing is inlined here rather than called: on this kernel's
-/// CPUs every call returns through a mitigation thunk, some 10 ns a call.
+/// pointer): the maps of slot `P` are then constants in it, and the compiler cannot fold the
+/// two copies back into one that picks its maps at run time. Parsing is inlined here rather
+/// than called: on this kernel's CPUs every call returns through a mitigation thunk, some 10 ns
+/// a call.
 #[inline(never)]
 fn decide_in<P: PolicySlot, H: Hook>(start: usize, end: usize, len: usize, hook: H) -> u32 {
     let dir = H::DIR;
