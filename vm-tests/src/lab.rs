@@ -303,7 +303,7 @@ impl Lab {
             .chain(self.hosts.iter().map(|h| h.netns.as_str()))
             .collect();
         for ns in &all_netns {
-            netns::register(ns);
+            netns::track(ns);
         }
         netns::ip_batch(None, all_netns.iter().map(|ns| format!("netns add {ns}")))?;
 

@@ -31,14 +31,10 @@ fn registry() -> std::sync::MutexGuard<'static, Registry> {
     REGISTRY.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-pub(super) fn register(netns: &str) {
-    registry().netns.insert(netns.to_owned());
-}
-
-/// Makes [`cleanup_all`] (and so [`cleanup_on_signals`]) delete `netns`, a namespace created
-/// outside a [`Lab`](super::Lab); [`delete_tracked`] deletes it and forgets it.
+/// Makes [`cleanup_all`] (and so [`cleanup_on_signals`]) delete `netns`: a lab's namespaces,
+/// and those created outside a [`Lab`](super::Lab), which [`delete_tracked`] deletes and forgets.
 pub fn track(netns: &str) {
-    register(netns);
+    registry().netns.insert(netns.to_owned());
 }
 
 /// Deletes a namespace given to [`track`], best effort.

@@ -149,14 +149,22 @@ fn explanation(name: &str) -> &'static str {
          about six lookups out of a judged packet (the flags and the clock into one element, \
          the counters into one per-CPU value) change the maps' layout: `run --persist` of the \
          new build would refuse the pinned maps of the old one, and upgrading would take a \
-         restart without them, a gap in enforcement. Not done for a few ns a packet."
+         restart without them, a gap in enforcement. Not done for a few ns a packet. \
+         Session 18 measured what the merges would be worth without making them: a build that \
+         reads no slot index, no quarantine or grant flag and counts no drop by protocol (four \
+         lookups fewer; a measurement, not a correct program) costs 0.94-0.97 of the judged \
+         corpus's cost and 0.98-0.99 of the mixed one's (`--only per-packet --runs 10 \
+         --baseline-object`), about 3 ns at 100k: the merges would not bring the mixed corpus \
+         near 50 ns, and are still not worth a gap in enforcement. Reading the host table's \
+         mask once for both addresses of a packet instead of once for each measured 1.01-1.05 \
+         (not kept): one lookup fewer is within what a change of the code's layout moves."
     } else if name.starts_with("e2e") {
         "Why: in front of a veth every frame is a different flow, so unlike the repeated frame \
          of BPF_PROG_TEST_RUN the maps are not in cache, and each lookup of a judged packet \
          costs a cache and TLB miss or two: the host tables of a 100k policy, the connection \
          table's filter, PAIRS, PAIR_VERDICTS, and the event limiter's slot. The parse-and-drop floor \
-         touches no map. `perf` on the receiving CPU during the 100k enforcer arm (session 6): \
-         43% of its busy time in the hash bucket walk (`lookup_nulls_elem_raw`), spread about \
+         touches no map. `perf` on the receiving CPU during the 100k enforcer arm (session 6, before \
+         session 11's exact-match tables): 43% of its busy time in the hash bucket walk (`lookup_nulls_elem_raw`), spread about \
          evenly over five lookup sites, 9% in the program body, 8% in a trie walk. At 10 and 1k \
          rules, where the maps stay in cache, the gap is the fixed cost of the per-packet section. \
          Session 5 moved the enforcer from 0.24 to 0.3-0.4 of the floor at 10 and 1k rules; \
@@ -205,7 +213,20 @@ fn explanation(name: &str) -> &'static str {
          the floor takes about 102 ns a frame here: 0.8 of its rate leaves 25 ns for all a \
          denial does beyond parsing, where the program alone takes 43 ns more than the \
          parse-only program with every map in cache (section 1, judged corpus at 10 rules). \
-         The target needs the per-packet work cut by more than half, not a faster lookup."
+         The target needs the per-packet work cut by more than half, not a faster lookup. \
+         Session 18 profiled the 100k enforcer arm on the receiving CPU again (`perf record -C \
+         0`, samples mapped to source lines through the program's jited line info): over \
+         alternated runs of the floor and the enforcer, the enforcer's program took 30% of the \
+         samples and the floor's 10%, and most of the rest went to veth, the page pool and its \
+         lock, which every arm shares. Within the program most of the time goes to the first \
+         read of a line of memory: about 24% at the pair and single-port buckets, 15% at the \
+         two host buckets, 16% at the filter's line, and 19% at the parser's first reads of the \
+         frame, which the floor makes too. Loading the host buckets and the filter's line \
+         first, right after parsing, so that their misses overlap (volatile loads whose values \
+         are not used): 0.94-1.01 of the build before at 10, 1k and 100k rules (`--only e2e \
+         --quick --runs 5 --baseline-object`, two variants), not kept. The CPU already overlaps \
+         what is independent; the pair's bucket waits for both hosts, and the port's for the \
+         pair."
     } else if name.starts_with("reload") {
         "Why: time to live is validation + compilation in user space (split in the section 3 \
          table) plus writing the maps. The writes were first batched (BPF_MAP_UPDATE_BATCH for \
