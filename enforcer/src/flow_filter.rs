@@ -193,8 +193,9 @@ impl FlowFilter {
 mod tests {
     use enforcer_common::{FlowKey, flow_filter};
 
-    /// The hash as first written, from each address's bytes: a filter built by a daemon of
-    /// either build must be read by programs of the other.
+    /// The hash as first written, from each address's bytes: reading the addresses as words
+    /// must not change it. The filter is not pinned, so only the programs and the daemon of one
+    /// build share it; another hash would need no migration, only this test changed with it.
     fn bytewise_hash(key: &FlowKey) -> u32 {
         const K: u64 = 0x9E37_79B9_7F4A_7C15;
         let word = |addr: &[u8; 16], i: usize| {
