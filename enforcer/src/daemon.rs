@@ -300,12 +300,7 @@ fn policy_names(generation: u32, loaded: &LoadedPolicy) -> Arc<PolicyNames> {
             .iter()
             .map(|s| s.name.clone())
             .collect(),
-        rules: loaded
-            .artifact
-            .rule_ids()
-            .into_iter()
-            .map(Arc::from)
-            .collect(),
+        rules: Arc::new(loaded.artifact.rules.iter().map(|rule| &rule.id).collect()),
     })
 }
 

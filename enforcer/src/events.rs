@@ -139,9 +139,59 @@ pub struct PolicyNames {
     pub revision: String,
     /// Indexed by segment id (`world` is 0).
     pub segments: Vec<String>,
-    /// Indexed by global rule index. Shared with the previous generation where ids are equal:
-    /// a daemon keeps several generations, and a 100k-rule policy's ids take several MiB each.
-    pub rules: Vec<Arc<str>>,
+    /// Indexed by global rule index. Shared with the previous generation when the ids are the
+    /// same: a daemon keeps several generations.
+    pub rules: Arc<RuleIds>,
+}
+
+/// The ids of a policy's rules by global rule index, in one string: a 100k-rule policy's ids
+/// take about 1 MiB so, against 5 MiB as 100k strings of their own (each an allocation).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RuleIds {
+    text: String,
+    /// Where each id ends in `text`; it starts where the one before it ends.
+    ends: Vec<u32>,
+}
+
+impl RuleIds {
+    /// The id of rule `index`.
+    pub fn get(&self, index: usize) -> Option<&str> {
+        let end = *self.ends.get(index)? as usize;
+        let start = index
+            .checked_sub(1)
+            .map_or(0, |before| self.ends[before] as usize);
+        self.text.get(start..end)
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        (0..self.len()).filter_map(|index| self.get(index))
+    }
+}
+
+impl<S: AsRef<str>> FromIterator<S> for RuleIds {
+    /// Ids past 4 GiB of text in all are left out (no policy comes near).
+    fn from_iter<I: IntoIterator<Item = S>>(ids: I) -> Self {
+        let mut rules = RuleIds::default();
+        for id in ids {
+            let id = id.as_ref();
+            let Ok(end) = u32::try_from(rules.text.len() + id.len()) else {
+                break;
+            };
+            rules.text.push_str(id);
+            rules.ends.push(end);
+        }
+        rules.text.shrink_to_fit();
+        rules.ends.shrink_to_fit();
+        rules
+    }
 }
 
 /// Turns kernel events into [`FlowEvent`]s, with the names of the policy generation that
@@ -170,18 +220,14 @@ impl EventNamer {
 
     pub fn add_policy(&mut self, names: Arc<PolicyNames>) {
         let names = match self.policies.back() {
-            Some(previous) => {
-                let known: std::collections::HashMap<&str, &Arc<str>> =
-                    previous.rules.iter().map(|id| (&**id, id)).collect();
+            Some(previous)
+                if previous.rules == names.rules && !Arc::ptr_eq(&previous.rules, &names.rules) =>
+            {
                 let mut names = Arc::unwrap_or_clone(names);
-                for id in &mut names.rules {
-                    if let Some(shared) = known.get(&**id) {
-                        *id = Arc::clone(shared);
-                    }
-                }
+                names.rules = Arc::clone(&previous.rules);
                 Arc::new(names)
             }
-            None => names,
+            _ => names,
         };
         self.policies.push_back(names);
         while self.policies.len() > KEPT_GENERATIONS {
@@ -212,7 +258,7 @@ impl EventNamer {
             }
             _ => (event.rule != NO_RULE).then(|| {
                 policy
-                    .and_then(|p| p.rules.get(event.rule as usize).map(|id| id.to_string()))
+                    .and_then(|p| p.rules.get(event.rule as usize).map(str::to_string))
                     .unwrap_or_else(|| format!("rule#{}", event.rule))
             }),
         };
@@ -328,28 +374,44 @@ impl EventHub {
 mod tests {
     use std::sync::Arc;
 
-    use super::{EventNamer, FlowEvent, PolicyNames};
+    use super::{EventNamer, FlowEvent, PolicyNames, RuleIds};
 
     fn names(generation: u32, rules: &[&str]) -> Arc<PolicyNames> {
         Arc::new(PolicyNames {
             generation,
             revision: format!("r{generation}"),
             segments: vec!["world".into()],
-            rules: rules.iter().map(|&id| Arc::from(id)).collect(),
+            rules: Arc::new(rules.iter().collect()),
         })
     }
 
     #[test]
-    fn generations_share_the_rule_ids_they_have_in_common() {
+    fn rule_ids_are_found_by_index() {
+        let ids: RuleIds = ["pacs/1", "", "lab/ü-9"].iter().collect();
+        assert_eq!(ids.len(), 3);
+        assert_eq!(
+            (0..4).map(|index| ids.get(index)).collect::<Vec<_>>(),
+            [Some("pacs/1"), Some(""), Some("lab/ü-9"), None]
+        );
+        assert_eq!(ids.iter().collect::<Vec<_>>(), ["pacs/1", "", "lab/ü-9"]);
+        assert!(RuleIds::default().is_empty());
+    }
+
+    #[test]
+    fn generations_with_the_same_rule_ids_share_them() {
         let mut namer = EventNamer::new();
         namer.add_policy(names(1, &["pacs/1", "pacs/2", "lab/1"]));
-        namer.add_policy(names(2, &["pacs/2", "pacs/1", "lab/9"]));
-        let (old, new) = (namer.policy(1).unwrap(), namer.policy(2).unwrap());
-        assert!(Arc::ptr_eq(&old.rules[0], &new.rules[1]));
-        assert!(Arc::ptr_eq(&old.rules[1], &new.rules[0]));
-        assert_eq!(&*new.rules[2], "lab/9");
+        namer.add_policy(names(2, &["pacs/1", "pacs/2", "lab/1"]));
+        namer.add_policy(names(3, &["pacs/2", "pacs/1", "lab/9"]));
+        let [one, two, three] = [1, 2, 3].map(|generation| namer.policy(generation).unwrap());
+        assert!(Arc::ptr_eq(&one.rules, &two.rules));
+        assert!(!Arc::ptr_eq(&two.rules, &three.rules));
         assert_eq!(
-            new.rules.iter().map(|id| &**id).collect::<Vec<_>>(),
+            two.rules.iter().collect::<Vec<_>>(),
+            ["pacs/1", "pacs/2", "lab/1"]
+        );
+        assert_eq!(
+            three.rules.iter().collect::<Vec<_>>(),
             ["pacs/2", "pacs/1", "lab/9"]
         );
     }

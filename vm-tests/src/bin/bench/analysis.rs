@@ -293,8 +293,13 @@ fn explanation(name: &str) -> &'static str {
          0.93-0.95M/s."
     } else if name.starts_with("daemon") {
         "Why: the daemon keeps only the outline of the policy in force and returns the compiler's \
-         heap to the system after every load (`malloc_trim`, two malloc arenas); VmHWM, the peak \
-         while compiling, stays well above the resident figure."
+         heap to the system after every load (`malloc_trim`, one malloc arena); VmHWM, the peak \
+         while compiling, stays well above the resident figure. Session 18 found the figure \
+         uneven from start to start with two arenas (37 to 57 MB in six starts): which arena \
+         the parser's threads allocated the kept read cache in decided how much of the second \
+         one stayed fragmented. One arena keeps every start near the same figure, for a \
+         start about 0.1-0.2 s slower; and the rule ids the event namer keeps, 100k strings \
+         of their own, are one string with offsets (about 1 MiB instead of 5)."
     } else {
         ""
     }

@@ -246,7 +246,7 @@ fn namer_for(enforcer: &Enforcer, artifact: &policy_compiler::Artifact) -> Event
         generation: enforcer.generation(),
         revision: artifact.revision.clone(),
         segments: artifact.segments.iter().map(|s| s.name.clone()).collect(),
-        rules: artifact.rule_ids().into_iter().map(Arc::from).collect(),
+        rules: Arc::new(artifact.rules.iter().map(|rule| &rule.id).collect()),
     }));
     namer
 }

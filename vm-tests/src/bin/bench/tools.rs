@@ -244,7 +244,8 @@ fn measure(
          spawns it: a child's maxrss includes the memory of whoever forked it). The daemon (`enforcer run`, \
          release build) is started with the 100k policy on a veth in a private namespace; \
          VmRSS is read from /proc 2 s after `enforcer ready` (VmHWM, the peak, includes \
-         compiling the policy). `/metrics`: `MetricsSnapshot::render` of a snapshot with every \
+         compiling the policy), in each of several starts: the figure is the median, and the \
+         largest is judged as well, since how a start leaves the heap varies. `/metrics`: `MetricsSnapshot::render` of a snapshot with every \
          (source, destination) pair of S segments populated, forwarded and dropped (2·S² \
          series), {} runs.\n",
         opts.runs
@@ -261,7 +262,8 @@ fn measure(
             .push(Figure::new(format!("compile_{size}_peak_rss"), m, "MiB"));
     }
 
-    let daemon_runs = if opts.quick { 1 } else { 3 };
+    // Enough runs to see a start that leaves the heap fragmented: the largest is judged too.
+    let daemon_runs = if opts.quick { 2 } else { 10 };
     let mut rss = Vec::new();
     let mut hwm = Vec::new();
     let p100k = dirs[sizes.iter().position(|&s| s == 100_000).context("100k")?].clone();
@@ -270,18 +272,29 @@ fn measure(
         rss.push(r as f64 / 1024.0);
         hwm.push(h as f64 / 1024.0);
     }
+    let largest = rss.iter().copied().fold(0.0, f64::max);
     let (rss, hwm) = (median(&rss), median(&hwm));
     let _ = writeln!(
         text,
-        "\nDaemon with the 100k policy ({daemon_runs} runs): VmRSS {rss:.1} MiB, VmHWM {hwm:.1} MiB.\n"
+        "\nDaemon with the 100k policy ({daemon_runs} runs): VmRSS {rss:.1} MiB (largest \
+         {largest:.1}), VmHWM {hwm:.1} MiB.\n"
     );
+    let under_target = |mib: f64| mib * 1_048_576.0 < 40e6;
     report.figures.push(
         Figure::new("daemon_100k_rss", rss, "MiB")
             .vs(
                 "target 40 MB (ratio: RSS / 40 MB)",
                 rss * 1_048_576.0 / 40e6,
             )
-            .target("< 40 MB", rss * 1_048_576.0 < 40e6),
+            .target("< 40 MB", under_target(rss)),
+    );
+    report.figures.push(
+        Figure::new("daemon_100k_rss_largest", largest, "MiB")
+            .vs(
+                format!("target 40 MB, largest of {daemon_runs} starts (ratio: RSS / 40 MB)"),
+                largest * 1_048_576.0 / 40e6,
+            )
+            .target("< 40 MB in every start", under_target(largest)),
     );
     report
         .figures
