@@ -290,20 +290,6 @@ fn release_freed_memory() {
     }
 }
 
-fn policy_names(generation: u32, loaded: &LoadedPolicy) -> Arc<PolicyNames> {
-    Arc::new(PolicyNames {
-        generation,
-        revision: loaded.artifact.revision.clone(),
-        segments: loaded
-            .artifact
-            .segments
-            .iter()
-            .map(|s| s.name.clone())
-            .collect(),
-        rules: Arc::new(loaded.artifact.rules.iter().map(|rule| &rule.id).collect()),
-    })
-}
-
 impl Daemon {
     /// Loads the policy and the programs and attaches to every interface.
     pub fn start(options: &RunOptions, hub: Arc<EventHub>) -> Result<Arc<Daemon>, DaemonError> {
@@ -343,7 +329,10 @@ impl Daemon {
             Enforcer::load_with(&loaded.artifact, events)?
         };
         let mut namer = EventNamer::new();
-        namer.add_policy(policy_names(enforcer.generation(), &loaded));
+        namer.add_policy(Arc::new(PolicyNames::of(
+            enforcer.generation(),
+            &loaded.artifact,
+        )));
         let status = Status {
             revision: loaded.artifact.revision.clone(),
             commit: loaded.commit.clone(),
@@ -533,7 +522,10 @@ impl Daemon {
             self.namer
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .add_policy(policy_names(enforcer.generation() + 1, &loaded));
+                .add_policy(Arc::new(PolicyNames::of(
+                    enforcer.generation() + 1,
+                    &loaded.artifact,
+                )));
             let took = enforcer.replace_policy(&loaded.artifact)?;
             let live_after = started.elapsed();
             drop(enforcer);

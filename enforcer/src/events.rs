@@ -144,6 +144,18 @@ pub struct PolicyNames {
     pub rules: Arc<RuleIds>,
 }
 
+impl PolicyNames {
+    /// The names of `artifact`, loaded as policy generation `generation`.
+    pub fn of(generation: u32, artifact: &policy_compiler::Artifact) -> Self {
+        PolicyNames {
+            generation,
+            revision: artifact.revision.clone(),
+            segments: artifact.segments.iter().map(|s| s.name.clone()).collect(),
+            rules: Arc::new(artifact.rules.iter().map(|rule| &rule.id).collect()),
+        }
+    }
+}
+
 /// The ids of a policy's rules by global rule index, in one string: a 100k-rule policy's ids
 /// take about 1 MiB so, against 5 MiB as 100k strings of their own (each an allocation).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -395,6 +407,26 @@ mod tests {
         );
         assert_eq!(ids.iter().collect::<Vec<_>>(), ["pacs/1", "", "lab/ü-9"]);
         assert!(RuleIds::default().is_empty());
+    }
+
+    #[test]
+    fn the_names_of_an_artifact_follow_its_segment_and_rule_ids() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../segments");
+        let policy = policy_compiler::Policy::load_dir(&dir).expect("the example policy");
+        let artifact = policy_compiler::compile(&policy).expect("it compiles");
+        let names = PolicyNames::of(7, &artifact);
+        assert_eq!((names.generation, &names.revision), (7, &artifact.revision));
+        let segments: Vec<&str> = artifact.segments.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names.segments, segments);
+        assert!(artifact.rules.len() > 10);
+        assert_eq!(
+            names.rules.iter().collect::<Vec<_>>(),
+            artifact
+                .rules
+                .iter()
+                .map(|rule| rule.id.as_str())
+                .collect::<Vec<_>>()
+        );
     }
 
     #[test]

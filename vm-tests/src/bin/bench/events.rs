@@ -242,12 +242,7 @@ impl Reader {
 
 fn namer_for(enforcer: &Enforcer, artifact: &policy_compiler::Artifact) -> EventNamer {
     let mut namer = EventNamer::new();
-    namer.add_policy(Arc::new(PolicyNames {
-        generation: enforcer.generation(),
-        revision: artifact.revision.clone(),
-        segments: artifact.segments.iter().map(|s| s.name.clone()).collect(),
-        rules: Arc::new(artifact.rules.iter().map(|rule| &rule.id).collect()),
-    }));
+    namer.add_policy(Arc::new(PolicyNames::of(enforcer.generation(), artifact)));
     namer
 }
 

@@ -162,10 +162,13 @@ impl BenchPolicy {
     }
 
     /// As the daemon validates and compiles: through its read cache (see [`ReadCache`]).
-    pub fn compile_cached(&self, cache: &mut ReadCache) -> Result<Artifact> {
+    /// The validated policy and its artifact, as the daemon's load has them: it keeps the
+    /// policy until the new one is live.
+    pub fn compile_cached(&self, cache: &mut ReadCache) -> Result<(Policy, Artifact)> {
         let policy = Policy::from_sources_cached(&self.sources, cache)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        Ok(policy_compiler::compile(&policy)?)
+        let artifact = policy_compiler::compile(&policy)?;
+        Ok((policy, artifact))
     }
 
     pub fn segment_of(&self, host: usize) -> usize {

@@ -14,7 +14,10 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use aya::programs::Xdp;
-use enforcer::Enforcer;
+use enforcer::{
+    Enforcer,
+    events::{EventNamer, PolicyNames},
+};
 use enforcer_common::program_names;
 use policy_compiler::ReadCache;
 use vm_tests::{
@@ -105,9 +108,11 @@ pub fn run(opts: &Options, report: &mut Report) -> Result<()> {
          {reloads} times, alternating B and A: time to live = `Policy::from_sources_cached` \
          (validate, through a read cache as the daemon's: A's files were read at the first load, \
          so a reload parses only the files not cached as they are, B's extra segment file or \
-         none; every other file is taken from the cache) + `policy_compiler::compile` + \
-         `Enforcer::replace_policy` (write the inactive slot, switch), then `clear_inactive_slot` \
-         as the daemon does, outside the timing. The read cache's size is what the daemon keeps \
+         none; every other file is taken from the cache) + `policy_compiler::compile` + the \
+         names of the new generation for the event namer (`PolicyNames::of`) + \
+         `Enforcer::replace_policy` (write the inactive slot, switch), as the daemon does; then, \
+         outside the timing, the validated policy is dropped and `clear_inactive_slot` called, \
+         as the daemon does after the switch. The read cache's size is what the daemon keeps \
          for it.\n",
         other_cpu()
     );
@@ -119,8 +124,10 @@ pub fn run(opts: &Options, report: &mut Report) -> Result<()> {
         let a = policy::generate(size, true, 0, false);
         let b = policy::generate(size, true, 0, true);
         let mut cache = ReadCache::new();
-        let first = a.compile_cached(&mut cache)?;
+        let (_, first) = a.compile_cached(&mut cache)?;
         let mut enforcer = Enforcer::load(&first)?;
+        let mut namer = EventNamer::new();
+        namer.add_policy(Arc::new(PolicyNames::of(enforcer.generation(), &first)));
         let mut parking = Parking::new("reload")?;
         parking.park(enforcer.ebpf_mut(), program_names::XDP_INGRESS)?;
         let bpffs = PrivateBpffs::mount()?;
@@ -153,10 +160,14 @@ pub fn run(opts: &Options, report: &mut Report) -> Result<()> {
             for k in 0..reloads {
                 let next = if k % 2 == 0 { &b } else { &a };
                 let started = Instant::now();
-                let artifact = next.compile_cached(&mut cache)?;
+                let (policy, artifact) = next.compile_cached(&mut cache)?;
                 let compiled = started.elapsed();
+                // As the daemon: events of the new generation must find its names.
+                let names = PolicyNames::of(enforcer.generation() + 1, &artifact);
+                namer.add_policy(Arc::new(names));
                 let swap = enforcer.replace_policy(&artifact)?;
                 let live = started.elapsed();
+                drop(policy);
                 compile_ms.push(compiled.as_secs_f64() * 1e3);
                 swap_ms.push(swap.as_secs_f64() * 1e3);
                 live_ms.push(live.as_secs_f64() * 1e3);
