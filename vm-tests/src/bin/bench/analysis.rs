@@ -226,7 +226,14 @@ fn explanation(name: &str) -> &'static str {
          are not used): 0.94-1.01 of the build before at 10, 1k and 100k rules (`--only e2e \
          --quick --runs 5 --baseline-object`, two variants), not kept. The CPU already overlaps \
          what is independent; the pair's bucket waits for both hosts, and the port's for the \
-         pair."
+         pair. The session's full run measured 0.44, 0.36 and 0.29 of the floor, with the floor \
+         itself at 6.1 Mpps (9.6 in a full run earlier the same day, with the same programs): \
+         full-length `--only e2e` runs an hour later gave the floor 6.3, 6.6 and 7.9 Mpps and \
+         the enforcer 0.40, 0.38 and 0.56 of it, the same programs loaded from session 17's \
+         last commit's object measured within 2-6% of this build's side by side, and `--quick` \
+         runs gave 0.66, 0.58 and 0.38. On this shared machine the long samples vary with what \
+         else runs on the host, the enforcer, whose misses go to memory, more than the floor; \
+         compare builds side by side."
     } else if name.starts_with("reload") {
         "Why: time to live is validation + compilation in user space (split in the section 3 \
          table) plus writing the maps. The writes were first batched (BPF_MAP_UPDATE_BATCH for \
