@@ -156,8 +156,8 @@ impl PolicyNames {
     }
 }
 
-/// The ids of a policy's rules by global rule index, in one string: a 100k-rule policy's ids
-/// take about 1 MiB so, against 5 MiB as 100k strings of their own (each an allocation).
+/// The ids of a policy's rules by global rule index, in one string: about 1 MiB for the ids of
+/// a 100k-rule policy, against 5 MiB as 100k strings of their own (each an allocation).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RuleIds {
     text: String,
