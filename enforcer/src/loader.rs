@@ -374,6 +374,16 @@ impl Enforcer {
     /// The `CONFIG` entry of `artifact` as policy generation `generation`, with this daemon's
     /// event options.
     pub(crate) fn config_for(&self, artifact: &Artifact, generation: u32) -> Config {
+        self.config_with(artifact, generation, |name| self.capacity(name))
+    }
+
+    /// [`Enforcer::config_for`] with the tables' capacities given by `capacity`.
+    fn config_with(
+        &self,
+        artifact: &Artifact,
+        generation: u32,
+        capacity: impl Fn(&'static str) -> u32,
+    ) -> Config {
         let mut config = artifact.kernel_config(generation);
         // A family's subnets at most 8 bits shorter than a host go into its host table, address
         // by address, when they fit there beside the hosts; the rest into its block table,
@@ -387,8 +397,8 @@ impl Enforcer {
             &FamilyTables::V4,
             SubnetCounts::of(v4_entries(), HOST_PREFIX_V4, v4),
             (
-                self.capacity(map_names::HOSTS_V4[0]),
-                self.capacity(map_names::BLOCKS_V4[0]),
+                capacity(map_names::HOSTS_V4[0]),
+                capacity(map_names::BLOCKS_V4[0]),
             ),
             |in_hosts| artifact.prefix_blocks_v4(in_hosts).map(|b| b.summary()),
         );
@@ -397,8 +407,8 @@ impl Enforcer {
             &FamilyTables::V6,
             SubnetCounts::of(v6_entries(), HOST_PREFIX_V6, v6),
             (
-                self.capacity(map_names::HOSTS_V6[0]),
-                self.capacity(map_names::BLOCKS_V6[0]),
+                capacity(map_names::HOSTS_V6[0]),
+                capacity(map_names::BLOCKS_V6[0]),
             ),
             |in_hosts| artifact.prefix_blocks_v6(in_hosts).map(|b| b.summary()),
         );
@@ -451,6 +461,10 @@ impl Enforcer {
         let target = 1 - self.active_slot;
         let generation = self.generation + 1;
         let config = self.config_for(artifact, generation);
+        warn_of_trie_walks(
+            &config,
+            &self.config_with(artifact, generation, |_| u32::MAX),
+        );
         let segment_names: Vec<String> = artifact.segments.iter().map(|s| s.name.clone()).collect();
         // Renumbering never puts more ranges on a pair, so grants that fit before fit now.
         let grants = breakglass::kernel_entries(&segment_names, &self.grants)?;
@@ -759,6 +773,55 @@ impl FamilyTables {
     };
 }
 
+/// How much of a family's subnets a slot's settings leave to the trie walk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum TrieWalk {
+    /// The host and block tables answer for every address.
+    None,
+    /// Addresses in no block walk the trie (the blocks left some subnets out).
+    OutsideBlocks,
+    /// Every address not in the host table walks the trie.
+    AllSubnets,
+}
+
+fn trie_walk(config: &Config, tables: &FamilyTables) -> TrieWalk {
+    let block_len = *(tables.block_len)(&mut { *config });
+    if config.lookup_flags & tables.prefixes == 0 {
+        TrieWalk::None
+    } else if block_len == 0 {
+        TrieWalk::AllSubnets
+    } else if config.lookup_flags & tables.outside_blocks != 0 {
+        TrieWalk::OutsideBlocks
+    } else {
+        TrieWalk::None
+    }
+}
+
+/// The families (4, 6) for which `config` leaves more subnets to the trie walk than tables with
+/// room for them (`roomy`) would.
+fn trie_walks(config: &Config, roomy: &Config) -> Vec<u8> {
+    [(4, &FamilyTables::V4), (6, &FamilyTables::V6)]
+        .into_iter()
+        .filter(|(_, tables)| trie_walk(config, tables) > trie_walk(roomy, tables))
+        .map(|(family, _)| family)
+        .collect()
+}
+
+/// Warns when `config` leaves subnets to the trie walk that tables with room for them
+/// (`roomy`) would have taken: the tables were sized for the policy the enforcer started with.
+/// Never wrong, only slower, and a restart (with `--persist` too) sizes them anew.
+fn warn_of_trie_walks(config: &Config, roomy: &Config) {
+    for family in trie_walks(config, roomy) {
+        warn!(
+            family,
+            "the IPv{family} host and block tables sized when the enforcer started have no \
+             room for this policy's subnets: some are judged by a walk of the prefix trie \
+             (the same verdicts, more time per packet) until the enforcer is restarted, which \
+             sizes the tables for the policy (with --persist too, without a gap)"
+        );
+    }
+}
+
 /// A family's address entries as [`place_subnets`] needs them counted.
 struct SubnetCounts {
     hosts: usize,
@@ -878,5 +941,43 @@ pub(crate) fn raise_memlock_limit() {
     // SAFETY: plain syscall with a valid pointer.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
         warn!("could not raise RLIMIT_MEMLOCK; loading large policies may fail on this kernel");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `Config` of 10 IPv4 hosts and four /24s (1,024 addresses, or 4 blocks of /24) placed
+    /// in tables of `hosts` and `blocks` entries.
+    fn placed(hosts: u32, blocks: u32) -> Config {
+        let mut config = Config {
+            lookup_flags: lookup_flags::V4_PREFIXES,
+            ..Config::default()
+        };
+        let entries = (0..10).map(|_| HOST_PREFIX_V4).chain((0..4).map(|_| 24));
+        place_subnets(
+            &mut config,
+            &FamilyTables::V4,
+            SubnetCounts::of(entries, HOST_PREFIX_V4, Some(1024)),
+            (hosts, blocks),
+            |_| Some((24, 4, true)),
+        );
+        config
+    }
+
+    #[test]
+    fn subnets_left_to_the_trie_for_lack_of_room_are_reported() {
+        let roomy = placed(u32::MAX, u32::MAX);
+        assert_eq!(trie_walk(&roomy, &FamilyTables::V4), TrieWalk::None);
+        // Addresses do not fit, blocks do: no walk either way.
+        assert_eq!(trie_walks(&placed(100, 100), &roomy), Vec::<u8>::new());
+        // Neither fits: every subnet walks the trie.
+        assert_eq!(trie_walks(&placed(100, 3), &roomy), vec![4]);
+        // A policy that walks the trie with room too is not reported.
+        assert_eq!(
+            trie_walks(&placed(100, 3), &placed(100, 3)),
+            Vec::<u8>::new()
+        );
     }
 }

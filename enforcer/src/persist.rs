@@ -617,7 +617,10 @@ pub fn start(
                 })
                 .collect::<Result<_, _>>()?;
             if let Some(&capacity) = pinned.iter().min() {
-                if needed > capacity as usize {
+                // What a fresh load would make room for: the subnets' addresses in the host
+                // tables and their blocks in the block tables too, so that an upgrade keeps a
+                // grown subnet policy off the trie walk.
+                if needed.max(sized_for) > capacity as usize {
                     size = size.max(pinned.iter().copied().max().unwrap_or(0));
                     resized.extend(names.iter().copied().filter(|name| pins.map(name).exists()));
                 } else {
@@ -653,18 +656,25 @@ pub fn start(
 
     // A policy that outgrew the pinned maps: larger maps holding the same entries, so the new
     // programs judge exactly as the old ones until the policy switch below. The exact-match
-    // tables last: they take in what their fallback maps hold.
+    // tables last: they take in what their fallback maps hold. A block table is not copied:
+    // the blocks it had no room for are nowhere else as blocks, so a larger copy would miss
+    // them. The adopted slot stops using it instead (`stop_using_blocks`), and the switch
+    // below fills the other slot's larger one.
     let (tables, others): (Vec<&str>, Vec<&str>) = resized
         .iter()
         .copied()
         .partition(|name| policy_maps::is_exact_table(name));
+    let blocks_resized = stop_using_blocks(&mut ebpf, &resized)?;
     for name in others.into_iter().chain(tables) {
         let path = pins.map(name);
         let old = MapData::from_pin(&path).map_err(|error| PersistError::Io {
             context: format!("opening the pinned map {}", path.display()),
             source: io::Error::other(error.to_string()),
         })?;
-        if policy_maps::is_exact_table(name) {
+        if policy_maps::is_block_table(name) {
+            // Left empty; see above.
+            drop(old);
+        } else if policy_maps::is_exact_table(name) {
             policy_maps::copy_exact_table(&mut ebpf, name, old).map_err(LoadError::from)?;
         } else {
             let new = ebpf.map_mut(name).ok_or(LoadError::PolicyMaps(
@@ -684,6 +694,12 @@ pub fn start(
         info!(
             maps = ?report.resized,
             "the policy outgrew the pinned maps: replaced them with larger copies"
+        );
+    }
+    if blocks_resized {
+        info!(
+            "the adopted policy's subnets are judged by the prefix trie until the switch to the \
+             new policy, which uses the larger block tables"
         );
     }
 
@@ -782,6 +798,36 @@ pub fn start(
     }
     enforcer.pins = Some(pins);
     Ok((enforcer, report))
+}
+
+/// Before a block table in `resized` is replaced by a larger, empty one: the active slot's
+/// settings stop sending lookups of that family to its block table, so the programs (the old
+/// ones still attached, and the new ones once attached) walk the trie, which holds every
+/// subnet, until the switch to a slot written for the larger table. Returns whether any block
+/// table is resized.
+fn stop_using_blocks(
+    ebpf: &mut aya::Ebpf,
+    resized: &BTreeSet<&'static str>,
+) -> Result<bool, PersistError> {
+    let v4 = map_names::BLOCKS_V4
+        .iter()
+        .any(|name| resized.contains(name));
+    let v6 = map_names::BLOCKS_V6
+        .iter()
+        .any(|name| resized.contains(name));
+    if !v4 && !v6 {
+        return Ok(false);
+    }
+    let slot = policy_maps::read_active(ebpf).map_err(LoadError::from)?;
+    let mut config = policy_maps::read_config(ebpf, slot).map_err(LoadError::from)?;
+    if v4 {
+        config.block_len_v4 = 0;
+    }
+    if v6 {
+        config.block_len_v6 = 0;
+    }
+    policy_maps::write_config(ebpf, slot, &config).map_err(LoadError::from)?;
+    Ok(true)
 }
 
 /// Pinned attachments of `iface`: (XDP link pin and its mode, TCX link pin, clsact filter

@@ -916,6 +916,11 @@ pub fn is_exact_table(name: &str) -> bool {
     entries_per_bucket(name).is_some()
 }
 
+/// Whether `name` is one of a slot's block tables.
+pub fn is_block_table(name: &str) -> bool {
+    map_names::BLOCKS_V4.contains(&name) || map_names::BLOCKS_V6.contains(&name)
+}
+
 /// Fills the exact-match table `name` of `ebpf`, larger than the pinned one it replaces
 /// (`from`), with the keys `from` held and the keys its fallback map holds, rebuilt at the new
 /// size; keys it has no room for go into the fallback map. Run once the fallback maps are in

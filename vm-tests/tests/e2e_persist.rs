@@ -632,6 +632,17 @@ fn an_upgrade_with_a_changed_and_larger_policy_takes_over_without_a_gap() -> Res
             lab.tcp_connect(LAB_WS, pacs, 11112, ALLOWED_TIMEOUT),
             "the adopting daemon's policy (lab -> pacs tcp/11112) is not in force"
         );
+        // The wards' 4,000 /24s are a million addresses, too many for the host table: they go
+        // in as blocks, and the block table pinned for the first policy had no room for them.
+        // It is replaced by a larger one that the new policy uses, as a fresh start would,
+        // rather than leaving every ward address to the trie walk.
+        let metrics = adopting.metrics()?;
+        let blocks = metrics.sum("enforcer_bpf_map_pressure", &[("map_name", "BLOCKS_V4_0")]);
+        ensure!(
+            adopting.wait_for_log("BLOCKS_V4_0", Duration::from_secs(1)) && blocks > 0.0,
+            "the adopting daemon did not resize the block table and use it (pressure {blocks}):\n{}\n{metrics}",
+            adopting.stderr()
+        );
         thread::sleep(PHASE);
         // The first reload after adoption: back to the original rules for pacs.
         fs::copy(example_policy_dir().join("pacs.yaml"), &pacs_yaml)?;
