@@ -591,8 +591,9 @@ pub mod event_counter {
 }
 
 /// A flow as far as event rate limiting is concerned (source, destination, protocol,
-/// destination port, outcome).
-#[repr(C, align(4))]
+/// destination port, outcome). Five aligned 8-byte words, which the programs hash and compare
+/// whole; `_pad` is always 0.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct EventLimiterKey {
     pub src: [u8; 16],
@@ -600,6 +601,47 @@ pub struct EventLimiterKey {
     pub dport: u16,
     pub proto: u8,
     pub counter: u8,
+    pub _pad: u32,
+}
+
+impl EventLimiterKey {
+    /// Words of the key.
+    pub const WORDS: usize = size_of::<EventLimiterKey>() / 8;
+
+    /// The key as 8-byte words, which the programs hash and compare without byte loops or a
+    /// `bcmp` subprogram.
+    #[inline(always)]
+    pub fn words(&self) -> &[u64; Self::WORDS] {
+        const {
+            assert!(
+                size_of::<EventLimiterKey>().is_multiple_of(8)
+                    && core::mem::align_of::<EventLimiterKey>() >= 8
+            );
+        }
+        // SAFETY: same size; the key is 8-byte aligned and holds only integers.
+        unsafe { &*(self as *const EventLimiterKey).cast::<[u64; Self::WORDS]>() }
+    }
+
+    /// The first of the key's two slots in [`map_names::RECENT_EVENTS`] (the second follows
+    /// it). Multilinear: the products are independent of one another, so the CPU overlaps
+    /// them, where a chain of multiplies waits for each in turn. The slots come from the sum's
+    /// top bits, the only ones that every bit of a 64-bit word reaches.
+    #[inline(always)]
+    pub fn first_slot(&self) -> u32 {
+        const K: [u64; EventLimiterKey::WORDS] = [
+            0x9e37_79b9_7f4a_7c15,
+            0xc2b2_ae3d_27d4_eb4f,
+            0x1656_67b1_9e37_79f9,
+            0x85eb_ca77_c2b2_ae63,
+            0x27d4_eb2f_1656_67c5,
+        ];
+        let words = self.words();
+        let mut hash: u64 = 0;
+        for i in 0..Self::WORDS {
+            hash = hash.wrapping_add(words[i].wrapping_mul(K[i]));
+        }
+        ((hash >> (64 - RECENT_EVENT_SLOTS.trailing_zeros())) as u32) & (RECENT_EVENT_SLOTS - 2)
+    }
 }
 
 /// Slots of [`map_names::RECENT_EVENTS`] on each CPU (a power of two).
@@ -617,11 +659,17 @@ pub const RECENT_EVENT_SLOTS: u32 = 16_384;
 #[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RecentEvent {
+    /// Byte for byte where the key and the padding after it were when the key was 36 bytes,
+    /// so that a pinned limiter needs no migration.
     pub key: EventLimiterKey,
-    pub _pad: u32,
     /// When the flow was last reported (the programs' clock); 0 for an empty slot.
     pub reported_ns: u64,
 }
+
+// The limiter's pinned layout (see `RecentEvent::key`).
+const _: () = assert!(
+    size_of::<RecentEvent>() == 48 && core::mem::offset_of!(RecentEvent, reported_ns) == 40
+);
 
 /// One event in the [`map_names::EVENTS`] ring buffer: a denied, audited or (optionally)
 /// allowed-new-flow packet.

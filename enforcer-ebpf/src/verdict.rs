@@ -157,6 +157,7 @@ fn account<P: PolicySlot, H: Hook>(
         dport: flow.dport,
         proto: flow.proto,
         counter: outcome as u8,
+        _pad: 0,
     };
     if !events::admit(&limiter_key, now, config.event_interval_ns) {
         return;
