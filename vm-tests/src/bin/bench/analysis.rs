@@ -157,7 +157,22 @@ fn explanation(name: &str) -> &'static str {
          --baseline-object`), about 3 ns at 100k: the merges would not bring the mixed corpus \
          near 50 ns, and are still not worth a gap in enforcement. Reading the host table's \
          mask once for both addresses of a packet instead of once for each measured 1.01-1.05 \
-         (not kept): one lookup fewer is within what a change of the code's layout moves."
+         (not kept): one lookup fewer is within what a change of the code's layout moves. \
+         Session 19 measured single frames with the 100k policy loaded by the daemon \
+         (`bpftool prog run` of its XDP program, 5 million repeats, pinned): a denied new UDP \
+         flow 70-71 ns, a tracked TCP flow's SYN, ACK or SYN-ACK 87-93 ns. A tracked packet \
+         skips the policy lookups and the event, yet costs some 20 ns more: `perf` on the \
+         tracked ACK puts 31% of the samples in the kernel's hash code (`htab_map_hash`, a \
+         jhash of the 40-byte key, 16.5%; the bucket walk 11%; `memcmp` and the lookup wrapper \
+         3%), about 27 ns. A 16-byte key for IPv4 flows would take two of jhash's three rounds \
+         out; it, or a table the programs probe inline, changes the pinned connection table, \
+         whose flows an upgrade must carry over. Parts of a judged denial, each taken out of the \
+         program (`--only per-packet --quick --runs 10 --baseline-object`, not correct \
+         programs): the event path (limiter and event) 0.88-0.92 of the cost, the segment-pair \
+         count 0.98-1.05, the drop-by-protocol and rate-limited counters 0.95-0.99, a \
+         direct-mapped limiter in place of the two-way one 0.96-0.97. Kept: the limiter's key \
+         hashed and compared as five 8-byte words instead of nine 4-byte ones, 0.96-0.99, with \
+         the same slot layout (a pinned limiter needs no migration)."
     } else if name.starts_with("e2e") {
         "Why: in front of a veth every frame is a different flow, so unlike the repeated frame \
          of BPF_PROG_TEST_RUN the maps are not in cache, and each lookup of a judged packet \
@@ -233,7 +248,20 @@ fn explanation(name: &str) -> &'static str {
          last commit's object measured within 2-6% of this build's side by side, and `--quick` \
          runs gave 0.66, 0.58 and 0.38. On this shared machine the long samples vary with what \
          else runs on the host, the enforcer, whose misses go to memory, more than the floor; \
-         compare builds side by side."
+         compare builds side by side. Session 19 counted the events of the enforcer arms: at \
+         100k rules about 39% of the frames produce one (sent, or lost once the ring buffer, \
+         which no reader drains here, is full), because the 16,384 flows cycle through the \
+         limiter's 16,384 slots in pairs, and a pair that three or more flows hash to reports \
+         each of them every time it comes back; at 10 and 1k rules (40 and 4,000 flows) nearly \
+         every frame is rate-limited. A build with no events at all measured 1.07, 1.05 and \
+         1.23 times this one at 10, 1k and 100k rules (`--only e2e --quick --runs 5 \
+         --baseline-object`), still 0.70, 0.61 and 0.47 of the floor: events are not what \
+         keeps the target out of reach. Replacement policies that resist a cycle of flows \
+         (simulated: keeping reported flows and recording a newcomer only now and then) at best \
+         halve those events at 16,384 flows and let a flood of one new flow through as an event \
+         per packet for a while, the case the limiter is for: not done. A build with no \
+         segment-pair count: 1.01-1.02. A full-length `--only e2e --runs 3` early in the \
+         session, with the machine fast: 0.71, 0.62 and 0.44 of the floor."
     } else if name.starts_with("reload") {
         "Why: time to live is validation + compilation in user space (split in the section 3 \
          table) plus writing the maps. The writes were first batched (BPF_MAP_UPDATE_BATCH for \
@@ -358,12 +386,14 @@ fn summary(family: &str, figures: &[Figure]) -> Option<String> {
              for the mixed corpus at every size, against 50. It is spread over about 23 inlined \
              map lookups per judged packet (settings, scratch memory, clock, the connection \
              table's filter, both addresses, the segment pair and its port, counters, the event \
-             limiter) and, for the tracked flows of the mixed corpus, the kernel's connection \
-             hash (a call, and a jhash of the 40-byte key); no single part is the excess (the \
+             limiter) and, for the tracked flows of the mixed corpus (three frames in four), \
+             the kernel's connection hash (a call, and a jhash of the 40-byte key), which makes a \
+             tracked packet dearer than a judged denial; no single part is the excess (the \
              profiles below). What would close it: fewer maps per packet (the flags, the clock \
              and the counters merged, a change of map layout that a `--persist` upgrade cannot \
              adopt without a gap today; four lookups fewer measured about 3 ns), and a path for \
-             tracked flows that does not go through the kernel's hash."
+             tracked flows that does not go through the kernel's hash (or hashes a shorter key), \
+             which changes the pinned connection table and so needs its migration on upgrade."
         ))
     } else if family == "e2e" {
         let ratios = [10, 1_000, 100_000]
