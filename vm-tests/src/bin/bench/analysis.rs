@@ -260,8 +260,15 @@ fn explanation(name: &str) -> &'static str {
          (simulated: keeping reported flows and recording a newcomer only now and then) at best \
          halve those events at 16,384 flows and let a flood of one new flow through as an event \
          per packet for a while, the case the limiter is for: not done. A build with no \
-         segment-pair count: 1.01-1.02. A full-length `--only e2e --runs 3` early in the \
-         session, with the machine fast: 0.71, 0.62 and 0.44 of the floor."
+         segment-pair count: 1.01-1.02. The same session saw the machine switch between two \
+         states every few minutes, whatever the sample length or options: eight `--only e2e \
+         --runs 3` runs between 06:47 and 07:34 measured the enforcer at 10 rules at 0.59-0.71 \
+         of the floor (6.1-6.8 Mpps) in some and 0.42-0.44 (2.6-2.8 Mpps) in others, with the \
+         same build and 10 million frames a sample in both; the floor fell only from about 9.5 \
+         to 6.3 Mpps. That the enforcer loses far more than the floor fits a neighbour on the \
+         host sharing the core's caches: the floor touches almost no memory, the enforcer a \
+         few dozen lines of maps a frame. A full run's median reflects how many of its runs \
+         fall in the slow state."
     } else if name.starts_with("reload") {
         "Why: time to live is validation + compilation in user space (split in the section 3 \
          table) plus writing the maps. The writes were first batched (BPF_MAP_UPDATE_BATCH for \
@@ -412,10 +419,13 @@ fn summary(family: &str, figures: &[Figure]) -> Option<String> {
              {above_parsing:.0} ns more than the parse-only program with every map in cache \
              (section 1, judged corpus at 10 rules). At 100k rules every frame is a new flow \
              whose table lines are not in cache, and the reads that miss depend on one another: \
-             the segment pair's bucket waits for both hosts', the port's for the pair's. What \
-             would close it: the per-packet work cut by more than half, and fewer dependent \
-             table reads for a new flow.",
+             the segment pair's bucket waits for both hosts', the port's for the pair's. The \
+             floor ran at {floor_mpps:.1} Mpps in this run; on this shared machine it reaches \
+             about 9.5 Mpps when nothing contends for the core, and the enforcer then about 0.6-0.7 \
+             of it at 10 rules (session 19, below). What would close it: the per-packet work cut \
+             by more than half, and fewer dependent table reads for a new flow.",
             budget = floor_ns / 0.8 - floor_ns,
+            floor_mpps = 1_000.0 / floor_ns,
         ))
     } else {
         None
@@ -499,6 +509,7 @@ mod tests {
         assert!(text.contains("delivers 0.50, 0.40 and 0.30"), "{text}");
         assert!(text.contains("about 100 ns a frame"), "{text}");
         assert!(text.contains("leaves 25 ns"), "{text}");
+        assert!(text.contains("ran at 10.0 Mpps"), "{text}");
         assert!(text.contains("alone costs 40 ns more"), "{text}");
     }
 
