@@ -461,10 +461,17 @@ impl Enforcer {
         let target = 1 - self.active_slot;
         let generation = self.generation + 1;
         let config = self.config_for(artifact, generation);
-        warn_of_trie_walks(
-            &config,
-            &self.config_with(artifact, generation, |_| u32::MAX),
-        );
+        // Worked out again only when the trie is walked: placing blocks is dear for large
+        // subnet policies, and nearly every reload walks no trie.
+        if [&FamilyTables::V4, &FamilyTables::V6]
+            .into_iter()
+            .any(|tables| trie_walk(&config, tables) != TrieWalk::None)
+        {
+            warn_of_trie_walks(
+                &config,
+                &self.config_with(artifact, generation, |_| u32::MAX),
+            );
+        }
         let segment_names: Vec<String> = artifact.segments.iter().map(|s| s.name.clone()).collect();
         // Renumbering never puts more ranges on a pair, so grants that fit before fit now.
         let grants = breakglass::kernel_entries(&segment_names, &self.grants)?;
