@@ -602,10 +602,7 @@ pub fn start(
     let settings = &artifact.settings;
     let mut sizes = Vec::new();
     let mut resized: BTreeSet<&'static str> = BTreeSet::new();
-    for ((names, needed), (_, sized_for)) in loader::policy_needs(artifact)
-        .into_iter()
-        .zip(loader::sizing_needs(artifact))
-    {
+    for (names, sized_for) in loader::sizing_needs(artifact) {
         let mut size = loader::with_headroom(sized_for);
         if adopting {
             let pinned: Vec<u32> = names
@@ -617,10 +614,10 @@ pub fn start(
                 })
                 .collect::<Result<_, _>>()?;
             if let Some(&capacity) = pinned.iter().min() {
-                // What a fresh load would make room for: the subnets' addresses in the host
-                // tables and their blocks in the block tables too, so that an upgrade keeps a
+                // What a fresh load makes room for, the subnets' addresses in the host tables
+                // and their blocks in the block tables included, so that an upgrade keeps a
                 // grown subnet policy off the trie walk.
-                if needed.max(sized_for) > capacity as usize {
+                if sized_for > capacity as usize {
                     size = size.max(pinned.iter().copied().max().unwrap_or(0));
                     resized.extend(names.iter().copied().filter(|name| pins.map(name).exists()));
                 } else {
