@@ -664,20 +664,20 @@ pub fn start(
     let blocks_resized = stop_using_blocks(&mut ebpf, &resized)?;
     for name in others.into_iter().chain(tables) {
         let path = pins.map(name);
-        let old = MapData::from_pin(&path).map_err(|error| PersistError::Io {
-            context: format!("opening the pinned map {}", path.display()),
-            source: io::Error::other(error.to_string()),
-        })?;
-        if policy_maps::is_block_table(name) {
-            // Left empty; see above.
-            drop(old);
-        } else if policy_maps::is_exact_table(name) {
-            policy_maps::copy_exact_table(&mut ebpf, name, old).map_err(LoadError::from)?;
-        } else {
-            let new = ebpf.map_mut(name).ok_or(LoadError::PolicyMaps(
-                policy_maps::PolicyMapError::MissingMap(name),
-            ))?;
-            policy_maps::copy_policy_map(name, old, new).map_err(LoadError::from)?;
+        // A block table is left empty; see above.
+        if !policy_maps::is_block_table(name) {
+            let old = MapData::from_pin(&path).map_err(|error| PersistError::Io {
+                context: format!("opening the pinned map {}", path.display()),
+                source: io::Error::other(error.to_string()),
+            })?;
+            if policy_maps::is_exact_table(name) {
+                policy_maps::copy_exact_table(&mut ebpf, name, old).map_err(LoadError::from)?;
+            } else {
+                let new = ebpf.map_mut(name).ok_or(LoadError::PolicyMaps(
+                    policy_maps::PolicyMapError::MissingMap(name),
+                ))?;
+                policy_maps::copy_policy_map(name, old, new).map_err(LoadError::from)?;
+            }
         }
         let new = ebpf.map_mut(name).ok_or(LoadError::PolicyMaps(
             policy_maps::PolicyMapError::MissingMap(name),
