@@ -101,6 +101,13 @@ pub mod map_names {
     pub const QUARANTINE: &str = "QUARANTINE";
     /// One [`crate::Clock`]: how the programs tell the time from jiffies (global).
     pub const CLOCK: &str = "CLOCK";
+    /// Per-CPU array of [`crate::FlowCacheEntry`] ([`crate::FLOW_CACHE_SLOTS`] elements): the
+    /// established flows each CPU passed lately, probed before [`CONNTRACK`].
+    pub const FLOW_CACHE: &str = "FLOW_CACHE";
+    /// One `u32`, global: entries of [`FLOW_CACHE`] are trusted only while it holds the value
+    /// they were filled with. The daemon increments it after removing flows from
+    /// [`CONNTRACK`], once no program that could have seen them still runs.
+    pub const FLOW_CACHE_EPOCH: &str = "FLOW_CACHE_EPOCH";
     /// One `u32`: non-zero while [`QUARANTINE`] may hold an address. The kernel probes the
     /// quarantine only then; the daemon sets it before the first insert and clears it only
     /// after seeing the map empty, so a quarantined address is never skipped.
@@ -789,6 +796,40 @@ pub struct FlowState {
     /// ([`counter::DROP_BREAKGLASS_EXPIRED`]) unless something else allows it. The daemon sets
     /// it to 0 when it revokes the grant.
     pub breakglass_expires_ns: u64,
+}
+
+/// Entries of [`map_names::FLOW_CACHE`] on each CPU (a power of two): 64 bytes each, 128 KiB
+/// per CPU.
+pub const FLOW_CACHE_SLOTS: u32 = 2048;
+
+/// How long a [`FlowCacheEntry`] may pass its flow's packets without the connection table, at
+/// most: the flow's `last_seen_ns` lags its packets by up to this much, so an idle flow expires
+/// up to this much early.
+pub const FLOW_CACHE_WINDOW_NS: u64 = 100_000_000;
+
+/// Value of [`map_names::FLOW_CACHE`]: an established flow that this CPU found in the connection
+/// table, so that its next packets within the window pass without the table's lookup (a call
+/// into the kernel and a hash of the 40-byte key, some 25 ns). See `enforcer_ebpf::conntrack`
+/// for when an entry may be trusted.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowCacheEntry {
+    pub key: FlowKey,
+    /// The entry passes packets before this time only (the programs' clock); 0 when empty.
+    pub valid_until_ns: u64,
+    /// The policy generation the flow was last judged under ([`Config::generation`]).
+    pub generation: u32,
+    /// The value of [`map_names::FLOW_CACHE_EPOCH`] read before the table's lookup.
+    pub epoch: u32,
+}
+
+impl FlowKey {
+    /// The key as five 8-byte words.
+    #[inline(always)]
+    pub fn words(&self) -> [u64; 5] {
+        const { assert!(size_of::<FlowKey>() == 40) };
+        leading_words(self)
+    }
 }
 
 /// [`FlowState::rule`] of a flow no rule admitted.

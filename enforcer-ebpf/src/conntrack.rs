@@ -27,6 +27,7 @@ const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
+const BPF_ANY: u64 = 0;
 const BPF_NOEXIST: u64 = 1;
 const EEXIST: i32 = 17;
 
@@ -39,12 +40,12 @@ pub fn filter_state() -> FlowFilterState {
 /// Whether `key` may be in the table: `false` only when the filter is enabled and proves it is
 /// not.
 #[inline(always)]
-fn may_be_tracked(key: &FlowKey, filter: &FlowFilterState) -> bool {
+fn may_be_tracked(hash: u32, filter: &FlowFilterState) -> bool {
     if filter.flags & flow_filter::ENABLED == 0 || filter.lines == 0 {
         return true;
     }
     let half = u32::from(filter.flags & flow_filter::SECOND_HALF_ACTIVE != 0);
-    let (line, byte) = flow_filter::position(flow_filter::hash(key), half, filter.lines);
+    let (line, byte) = flow_filter::position(hash, half, filter.lines);
     match FLOW_FILTER.get(line) {
         Some(line) => line[byte as usize] != 0,
         None => true,
@@ -142,7 +143,7 @@ fn grant_expired(state: &FlowState, now: u64) -> bool {
 /// Whether `key` is a live tracked flow (for ICMP errors that quote it).
 #[inline(always)]
 pub fn is_tracked(key: &FlowKey, now: u64, config: &Config, filter: &FlowFilterState) -> bool {
-    if !may_be_tracked(key, filter) {
+    if !may_be_tracked(flow_filter::hash(key), filter) {
         return false;
     }
     // SAFETY: the value is only read.
@@ -162,6 +163,126 @@ pub enum Tracked {
     GrantExpired { grant: u32 },
     /// No live state: judge the packet as a new flow.
     Untracked,
+    /// A bare SYN on the addresses and ports of a closing connection: judge it as a new flow,
+    /// whose state replaces the closing one if it is admitted (`create` with `replace`). A denied one leaves
+    /// the closing state as it was (see [`flow_cache`] for why it is not removed).
+    Reopened,
+}
+
+/// The per-CPU flow cache in front of the table, `FLOW_CACHE` (see
+/// `enforcer_common::FlowCacheEntry`).
+///
+/// An entry is filled only from the table, for an established flow admitted otherwise than by a
+/// break-glass grant, and passes later packets that the table would pass too, without updating
+/// it: TCP segments without FIN or RST that are not a bare SYN, and any packet of other
+/// protocols. It is trusted only
+/// - before `valid_until_ns`: at most [`FLOW_CACHE_WINDOW_NS`] and half the flow's shortest
+///   idle timeout after the packet that last updated the flow, so the flow cannot have
+///   expired meanwhile, for the programs or for the daemon's sweeper;
+/// - under the policy generation it was filled under: a new policy's recheck goes through the
+///   table;
+/// - while `FLOW_CACHE_EPOCH` holds the value read before the table's lookup that filled it: the
+///   daemon removes flows (a quarantine) and then, once no program that could have seen them
+///   still runs, increments it.
+///
+/// Programs never remove a flow an entry may stand for: they remove only expired flows, and
+/// flows a new policy revokes; a bare SYN that reopens a closing connection replaces its state
+/// when admitted and leaves it when denied, as the table would then still pass the segments
+/// of the old connection that an entry passes.
+mod flow_cache {
+    use enforcer_common::{
+        Config, FLOW_CACHE_SLOTS, FLOW_CACHE_WINDOW_NS, FlowKey, FlowState, counter, proto_key,
+        tcp_state, timeout,
+    };
+
+    use super::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, idle_timeout};
+    use crate::maps::{FLOW_CACHE, FLOW_CACHE_EPOCH};
+
+    /// The entry a key with filter hash `hash` uses.
+    #[inline(always)]
+    pub fn slot(hash: u32) -> u32 {
+        hash & (FLOW_CACHE_SLOTS - 1)
+    }
+
+    /// The TCP flags that decide whether a segment may be passed by an entry.
+    const DECIDING_FLAGS: u8 = TCP_FIN | TCP_SYN | TCP_RST | TCP_ACK;
+
+    /// Bit `f` is set when a segment whose deciding flags are `f` may be passed by an entry:
+    /// no FIN, no RST, not a bare SYN. Packets of other protocols have no flags (bit 0).
+    const ELIGIBLE: u32 = {
+        let mut mask = 0u32;
+        let mut flags = 0u8;
+        while flags <= DECIDING_FLAGS {
+            if flags & (TCP_FIN | TCP_RST) == 0 && flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+                mask |= 1 << flags;
+            }
+            flags += 1;
+        }
+        mask
+    };
+
+    /// The epoch, if the packet may be passed by an entry (and fill one): read before the
+    /// table's lookup, which an entry filled with it must follow. The flags are tested by a
+    /// shift, not by branches, after which the verifier would tell the flags' values apart
+    /// in the rest of the program.
+    #[inline(always)]
+    pub fn epoch_for(tcp_flags: u8) -> Option<u32> {
+        if (ELIGIBLE >> (tcp_flags & DECIDING_FLAGS)) & 1 != 0 {
+            FLOW_CACHE_EPOCH.get(0).copied()
+        } else {
+            None
+        }
+    }
+
+    /// Whether this CPU's entry `slot` passes the packet of `key`.
+    #[inline(always)]
+    pub fn passes(key: &FlowKey, slot: u32, now: u64, generation: u32, epoch: u32) -> bool {
+        let Some(entry) = FLOW_CACHE.get_ptr(slot) else {
+            return false;
+        };
+        // SAFETY: this CPU's element of a per-CPU array; a program runs to completion on it.
+        let entry = unsafe { &*entry };
+        let (a, b) = (entry.key.words(), key.words());
+        let mut diff = 0;
+        for i in 0..a.len() {
+            diff |= a[i] ^ b[i];
+        }
+        diff == 0
+            && now < entry.valid_until_ns
+            && entry.generation == generation
+            && entry.epoch == epoch
+    }
+
+    /// Fills this CPU's entry `slot` from `state`, which the packet has just updated, if the
+    /// flow may be cached.
+    #[inline(always)]
+    pub fn remember(
+        key: &FlowKey,
+        slot: u32,
+        epoch: u32,
+        state: &FlowState,
+        now: u64,
+        config: &Config,
+    ) {
+        if state.tcp != tcp_state::ESTABLISHED || state.admitted == counter::BREAKGLASS as u8 {
+            return;
+        }
+        let Some(entry) = FLOW_CACHE.get_ptr_mut(slot) else {
+            return;
+        };
+        let shortest = if key.proto == proto_key::TCP {
+            config.timeouts_ns[timeout::TCP_ESTABLISHED]
+                .min(config.timeouts_ns[timeout::TCP_CLOSING])
+        } else {
+            idle_timeout(state, key.proto, config)
+        };
+        // SAFETY: as in `passes`.
+        let entry = unsafe { &mut *entry };
+        entry.key = *key;
+        entry.valid_until_ns = now + FLOW_CACHE_WINDOW_NS.min(shortest / 2);
+        entry.generation = config.generation;
+        entry.epoch = epoch;
+    }
 }
 
 /// Looks up the flow of a packet whose source is side `src_side` of `key`, and updates its
@@ -178,8 +299,23 @@ pub fn track<P: PolicySlot>(
     segments: &mut Segments,
     opaque: &mut Opaque,
 ) -> Tracked {
-    if likely_untracked(key.proto, flow.tcp_flags) && !may_be_tracked(key, filter) {
+    let hash = flow_filter::hash(key);
+    if likely_untracked(key.proto, flow.tcp_flags) && !may_be_tracked(hash, filter) {
         return Tracked::Untracked;
+    }
+    let slot = flow_cache::slot(hash);
+    let epoch = flow_cache::epoch_for(flow.tcp_flags);
+    if let Some(epoch) = epoch
+        && flow_cache::passes(key, slot, now, config.generation, epoch)
+    {
+        return Tracked::Pass;
+    }
+    // Kept in memory, not in a register, to the end: the verifier would check the rest (a
+    // recheck's judgement included) once for each value of the flag.
+    // SAFETY: valid, aligned, exclusive references.
+    unsafe {
+        core::ptr::write_volatile(&mut opaque.cache_usable, u32::from(epoch.is_some()));
+        core::ptr::write_volatile(&mut opaque.cache_epoch, epoch.unwrap_or(0));
     }
     let Some(state) = CONNTRACK.get_ptr_mut(key) else {
         return Tracked::Untracked;
@@ -187,9 +323,12 @@ pub fn track<P: PolicySlot>(
     // SAFETY: a valid map value; concurrent updates from other CPUs only race on
     // bookkeeping fields, never on the decision to pass.
     let state = unsafe { &mut *state };
-    if expired(state, key.proto, now, config) || reopens(state, key.proto, flow.tcp_flags) {
+    if expired(state, key.proto, now, config) {
         let _ = CONNTRACK.remove(key);
         return Tracked::Untracked;
+    }
+    if reopens(state, key.proto, flow.tcp_flags) {
+        return Tracked::Reopened;
     }
     let grant_ended = grant_expired(state, now);
     let policy_changed = state.generation != config.generation;
@@ -242,6 +381,16 @@ pub fn track<P: PolicySlot>(
         }
     }
     state.last_seen_ns = now;
+    // SAFETY: as above.
+    let (usable, epoch) = unsafe {
+        (
+            core::ptr::read_volatile(&opaque.cache_usable),
+            core::ptr::read_volatile(&opaque.cache_epoch),
+        )
+    };
+    if usable != 0 {
+        flow_cache::remember(key, slot, epoch, state, now, config);
+    }
     Tracked::Pass
 }
 
@@ -314,6 +463,7 @@ pub fn create(
     now: u64,
     config: &Config,
     filter: &FlowFilterState,
+    replace: bool,
 ) -> bool {
     let syn_only = flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let state = FlowState {
@@ -334,8 +484,11 @@ pub fn create(
         breakglass_expires_ns,
     };
     note_in_filter(key, filter);
-    match CONNTRACK.insert(key, state, BPF_NOEXIST) {
+    // A reopened flow's state is replaced; otherwise a flow another CPU created meanwhile
+    // stays as it is.
+    let flags = if replace { BPF_ANY } else { BPF_NOEXIST };
+    match CONNTRACK.insert(key, state, flags) {
         Ok(()) => true,
-        Err(error) => error == -EEXIST,
+        Err(error) => !replace && error == -EEXIST,
     }
 }

@@ -10,11 +10,11 @@ use aya_ebpf::{
 };
 use enforcer_common::{
     AddrInfo, BREAKGLASS_MAX_PAIRS, BreakglassKey, BreakglassValue, Clock, Config,
-    DEFAULT_MAX_ENTRIES, FlowFilterLine, FlowFilterState, FlowKey, FlowState, FragmentKey,
-    FragmentState, HostBucketV4, HostBucketV6, PAIR_COUNT_SLOTS, PairBucket, PairCount, PairKey,
-    PairValue, PairVerdictKey, PortBucket, PortKey, PortValue, QUARANTINE_MAX_ENTRIES,
-    QuarantineKey, RECENT_EVENT_SLOTS, RecentEvent, SegmentInfo, counter, direction, event_counter,
-    protocol_class,
+    DEFAULT_MAX_ENTRIES, FLOW_CACHE_SLOTS, FlowCacheEntry, FlowFilterLine, FlowFilterState,
+    FlowKey, FlowState, FragmentKey, FragmentState, HostBucketV4, HostBucketV6, PAIR_COUNT_SLOTS,
+    PairBucket, PairCount, PairKey, PairValue, PairVerdictKey, PortBucket, PortKey, PortValue,
+    QUARANTINE_MAX_ENTRIES, QuarantineKey, RECENT_EVENT_SLOTS, RecentEvent, SegmentInfo, counter,
+    direction, event_counter, protocol_class,
 };
 
 use crate::packet::Scratch;
@@ -251,6 +251,14 @@ pub static BREAKGLASS_IN_USE: Array<u32> = Array::with_max_entries(2, 0);
 #[map]
 pub static CONNTRACK: HashMap<FlowKey, FlowState> =
     HashMap::with_max_entries(DEFAULT_MAX_ENTRIES, 0);
+
+/// See `enforcer_common::FlowCacheEntry` and `conntrack`.
+#[map]
+pub static FLOW_CACHE: PerCpuArray<FlowCacheEntry> =
+    PerCpuArray::with_max_entries(FLOW_CACHE_SLOTS, 0);
+
+#[map]
+pub static FLOW_CACHE_EPOCH: Array<u32> = Array::with_max_entries(1, 0);
 
 /// See `enforcer_common::flow_filter`. Memory-mapped by the daemon, which rebuilds halves of
 /// it; sized by the loader from the connection table's.

@@ -184,6 +184,12 @@ pub struct Opaque {
     pub rule: u32,
     /// Whether a tracked flow's break-glass grant has ended, across its judgement.
     pub grant_ended: u32,
+    /// Whether the flow cache may pass or fill for the packet, and the epoch read for it (see
+    /// `conntrack::FlowCache`), across the connection table's lookup and a recheck.
+    pub cache_usable: u32,
+    pub cache_epoch: u32,
+    /// Whether the packet reopens a closing connection, across its judgement.
+    pub reopened: u32,
 }
 
 /// `value`, written to `slot` (scratch memory) and read back. The verifier does not track what

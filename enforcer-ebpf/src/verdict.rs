@@ -229,8 +229,13 @@ fn decide_flow<P: PolicySlot>(
         Tracked::Revoked => return (counter::DROP_FLOW_REVOKED, NO_RULE),
         // The event names the grant that had admitted the flow.
         Tracked::GrantExpired { grant } => return (counter::DROP_BREAKGLASS_EXPIRED, grant),
-        Tracked::Untracked => {}
+        Tracked::Untracked | Tracked::Reopened => {}
     }
+    // Kept in memory across the judgement: the verifier would check it once for each value.
+    let reopened = opaque(
+        &mut scratch.opaque.reopened,
+        u32::from(matches!(tracked, Tracked::Reopened)),
+    ) != 0;
     let judgement = policy::judge::<P>(
         &flow.src,
         &flow.dst,
@@ -251,7 +256,7 @@ fn decide_flow<P: PolicySlot>(
     };
     if conntrack::starts_flow(flow)
         && !conntrack::create(
-            key, src_side, flow, admitted, rule, expires_ns, dir, now, config, &filter,
+            key, src_side, flow, admitted, rule, expires_ns, dir, now, config, &filter, reopened,
         )
     {
         return (counter::DROP_CONNTRACK_FULL, NO_RULE);

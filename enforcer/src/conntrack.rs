@@ -3,7 +3,7 @@
 //! here, so the (non-LRU) tables do not fill with the dead.
 use aya::{
     Ebpf,
-    maps::{HashMap, MapError},
+    maps::{Array, HashMap, MapError},
 };
 use enforcer_common::{
     Config, FlowKey, FlowState, FragmentKey, FragmentState, counter, map_names, proto_key,
@@ -167,6 +167,25 @@ pub fn tracked_flows(ebpf: &Ebpf) -> Result<usize, SweepError> {
     Ok(table.keys().filter(Result::is_ok).count())
 }
 
+/// Makes the programs stop passing packets by their flow caches' entries
+/// (`enforcer_common::FlowCacheEntry`), for flows just removed from the connection table: waits
+/// until no program that could have seen them there still runs (it may have filled an entry),
+/// then moves `FLOW_CACHE_EPOCH` on. The sweeper needs none of this: an entry never outlives the
+/// idle timeout of its flow.
+pub fn forget_cached_flows(ebpf: &mut Ebpf) -> Result<(), SweepError> {
+    crate::quiesce::wait_for_running_programs()?;
+    let map = map_names::FLOW_CACHE_EPOCH;
+    let mut epoch: Array<_, u32> =
+        Array::try_from(ebpf.map_mut(map).ok_or(SweepError::MissingMap(map))?)
+            .map_err(|source| SweepError::Map { map, source })?;
+    let current = epoch
+        .get(&0, 0)
+        .map_err(|source| SweepError::Map { map, source })?;
+    epoch
+        .set(0, current.wrapping_add(1), 0)
+        .map_err(|source| SweepError::Map { map, source })
+}
+
 /// Removes the tracked flows and fragment state that have one of `addrs` (widened, with their
 /// family) as an endpoint; returns how many flows and fragments. Used when a host is
 /// quarantined: its established connections are cut, and its next packets are judged afresh.
@@ -195,6 +214,7 @@ pub fn remove_state_of(
         }
         doomed.len()
     };
+    forget_cached_flows(ebpf)?;
     let fragments = {
         let map = map_names::FRAGMENTS;
         let mut table: HashMap<_, FragmentKey, FragmentState> =

@@ -67,10 +67,18 @@ const CLSACT_PREFIX: &str = "clsact-";
 /// The programs the daemon loads, pinned under `programs/`.
 const PROGRAMS_PINNED: [&str; 2] = [program_names::XDP_INGRESS, program_names::TC_EGRESS];
 
-/// Whether map `name` is pinned: all but the filter in front of the connection table, which
-/// belongs to one daemon's programs (see `crate::flow_filter`).
+/// Whether map `name` is pinned: all but the filter and the per-CPU caches in front of the
+/// connection table, which belong to one daemon's programs (see `crate::flow_filter` and
+/// `crate::conntrack::forget_cached_flows`): the programs that adopt the pinned table start
+/// with an empty cache.
 fn pinned(name: &str) -> bool {
-    name != map_names::FLOW_FILTER && name != map_names::FLOW_FILTER_STATE
+    ![
+        map_names::FLOW_FILTER,
+        map_names::FLOW_FILTER_STATE,
+        map_names::FLOW_CACHE,
+        map_names::FLOW_CACHE_EPOCH,
+    ]
+    .contains(&name)
 }
 
 /// Maps whose size the loader decides (from the policy and its settings): a pinned one may

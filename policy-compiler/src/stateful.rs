@@ -8,7 +8,8 @@
 //! - An ICMP error whose quoted packet belongs to a tracked flow passes (`related`).
 //! - A packet of a tracked flow passes in either direction (`established`). TCP: a RST, or FINs
 //!   from both sides, start the short closing timeout (so segments still in flight pass); a
-//!   bare SYN on a closing flow is judged as a new flow. With
+//!   bare SYN on a closing flow is judged as a new flow, whose state replaces the closing one
+//!   when it is admitted (a denied one leaves the closing state as it was). With
 //!   `on_policy_change: recheck`, a flow is judged again, as its first packet, on its first
 //!   packet after a policy load; if its rule is gone the state is removed and the packet dropped
 //!   (`flow_revoked`).
@@ -326,9 +327,11 @@ impl StatefulEvaluator {
             packet.flow.proto,
             family,
         );
-        if let Some(outcome) = self.track(&key, src_side, packet) {
-            return PacketOutcome::of(outcome);
-        }
+        let reopened = match self.track(&key, src_side, packet) {
+            Tracked::Outcome(outcome) => return PacketOutcome::of(outcome),
+            Tracked::Untracked => false,
+            Tracked::Reopened => true,
+        };
         let mut grant = None;
         let (admitted, rule) = match self.judge(&packet.flow, dir) {
             Judgement::Allowed(rule) => (counter::ALLOWED, Some(rule)),
@@ -345,7 +348,8 @@ impl StatefulEvaluator {
         };
         if starts_flow(packet) {
             let capacity = self.policy.settings().conntrack_max_entries as usize;
-            if self.conntrack.len() >= capacity {
+            // A reopened flow's state is replaced, which needs no room.
+            if !reopened && self.conntrack.len() >= capacity {
                 return PacketOutcome::of(counter::DROP_CONNTRACK_FULL);
             }
             let syn_only = packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
@@ -373,19 +377,33 @@ impl StatefulEvaluator {
         }
     }
 
-    /// The outcome for a packet of a live tracked flow, or `None` when it has none.
-    fn track(&mut self, key: &FlowKey, src_side: u8, packet: &Packet) -> Option<u32> {
-        let state = self.conntrack.get(key)?.clone();
-        let reopens = key.proto == 6
-            && state.tcp == tcp_state::CLOSING
-            && packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-        if reopens
-            || self.now_ns.saturating_sub(state.last_seen_ns)
-                > self.idle_timeout_ns(&state, key.proto)
+    /// The outcome for a packet of a live tracked flow.
+    fn track(&mut self, key: &FlowKey, src_side: u8, packet: &Packet) -> Tracked {
+        let Some(state) = self.conntrack.get(key).cloned() else {
+            return Tracked::Untracked;
+        };
+        if self.now_ns.saturating_sub(state.last_seen_ns) > self.idle_timeout_ns(&state, key.proto)
         {
             self.conntrack.remove(key);
-            return None;
+            return Tracked::Untracked;
         }
+        if key.proto == 6
+            && state.tcp == tcp_state::CLOSING
+            && packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+        {
+            return Tracked::Reopened;
+        }
+        Tracked::Outcome(self.track_live(key, src_side, packet, state))
+    }
+
+    /// [`Self::track`] for a flow whose state is live and not reopened.
+    fn track_live(
+        &mut self,
+        key: &FlowKey,
+        src_side: u8,
+        packet: &Packet,
+        state: ConnState,
+    ) -> u32 {
         let mut state = state;
         let grant_expired = state.grant_expired(self.now_ns);
         let policy_changed = state.generation != self.generation;
@@ -396,11 +414,11 @@ impl StatefulEvaluator {
             match self.judge(&state.admitted_flow, state.direction) {
                 // Kept as it is: see the module documentation.
                 Judgement::Denied if grant_expired => {
-                    return Some(counter::DROP_BREAKGLASS_EXPIRED);
+                    return counter::DROP_BREAKGLASS_EXPIRED;
                 }
                 Judgement::Denied => {
                     self.conntrack.remove(key);
-                    return Some(counter::DROP_FLOW_REVOKED);
+                    return counter::DROP_FLOW_REVOKED;
                 }
                 Judgement::Breakglass { grant, expires_ns } => {
                     state.grant = Some((grant, expires_ns));
@@ -417,7 +435,7 @@ impl StatefulEvaluator {
                 state.tcp = tcp_state::CLOSING;
                 state.last_seen_ns = self.now_ns;
                 self.conntrack.insert(*key, state);
-                return Some(counter::ESTABLISHED);
+                return counter::ESTABLISHED;
             }
             let from_initiator = src_side == state.initiator;
             if !from_initiator && state.tcp == tcp_state::SYN_SENT {
@@ -436,8 +454,19 @@ impl StatefulEvaluator {
         }
         state.last_seen_ns = self.now_ns;
         self.conntrack.insert(*key, state);
-        Some(counter::ESTABLISHED)
+        counter::ESTABLISHED
     }
+}
+
+/// What the connection table says about a packet.
+enum Tracked {
+    /// A packet of a live tracked flow, with its outcome.
+    Outcome(u32),
+    /// No live state: judged as a new flow.
+    Untracked,
+    /// A bare SYN on a closing TCP flow: judged as a new flow, whose state replaces the closing
+    /// one if it is admitted; a denied one leaves the closing state as it was.
+    Reopened,
 }
 
 fn starts_flow(packet: &Packet) -> bool {

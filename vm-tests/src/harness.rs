@@ -21,6 +21,26 @@ pub const TC_DROP: u32 = 2;
 /// TC programs.
 const RUNT_SKB_LEN: usize = 14 + 40;
 
+/// Restricts the calling thread to the CPU it is running on.
+fn stay_on_this_cpu() -> anyhow::Result<()> {
+    // SAFETY: plain libc calls on this thread, with a set initialised by CPU_ZERO.
+    unsafe {
+        let cpu = libc::sched_getcpu();
+        anyhow::ensure!(
+            cpu >= 0,
+            "sched_getcpu: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_ZERO(&mut set);
+        libc::CPU_SET(cpu as usize, &mut set);
+        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
+            anyhow::bail!("sched_setaffinity: {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// The return value a program gives for a packet that passes or is dropped.
 pub fn action(dir: u32, passed: bool) -> u32 {
     match (dir == direction::INGRESS, passed) {
@@ -50,7 +70,12 @@ pub struct KernelHarness {
 }
 
 impl KernelHarness {
+    /// Loads `policy` into the kernel and the reference, and keeps the calling thread on the
+    /// CPU it runs on: `BPF_PROG_TEST_RUN` runs the program on the caller's CPU, and every
+    /// packet of a test then meets the per-CPU state the previous ones left (the flow cache in
+    /// front of the connection table, the event limiter), as the packets of one flow do.
     pub fn load(policy: Policy) -> anyhow::Result<Self> {
+        stay_on_this_cpu()?;
         let artifact = policy_compiler::compile(&policy)?;
         let mut enforcer = Enforcer::load(&artifact)?;
         let mut flow_filter = enforcer.take_flow_filter()?;

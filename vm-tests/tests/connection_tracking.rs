@@ -78,17 +78,26 @@ fn tcp_replies_pass_and_a_closed_connection_is_forgotten() {
     expect(&mut h, INGRESS, &reply(TCP_ACK), counter::ESTABLISHED);
     expect(&mut h, INGRESS, &dicom(TCP_RST), counter::ESTABLISHED);
     assert_eq!(h.enforcer.tracked_flows().unwrap(), 1);
-    // A new connection on the same ports is judged afresh: pacs may not open one...
+    // A new connection on the same ports is judged afresh: pacs may not open one, and its
+    // denied SYN changes nothing: the closing connection's segments still pass...
     expect(
         &mut h,
         INGRESS,
         &reply(TCP_SYN),
         counter::DROP_POLICY_DENIED,
     );
-    assert_eq!(h.enforcer.tracked_flows().unwrap(), 0);
-    // ...radiology may, and the closed flow's leftovers no longer pass once it has expired.
+    assert_eq!(h.enforcer.tracked_flows().unwrap(), 1);
+    expect(&mut h, INGRESS, &reply(TCP_ACK), counter::ESTABLISHED);
+    // ...radiology may open one, whose fresh state replaces the closing one: pacs's answer
+    // passes.
     expect(&mut h, INGRESS, &dicom(TCP_SYN), counter::ALLOWED);
     assert_eq!(h.enforcer.tracked_flows().unwrap(), 1);
+    expect(
+        &mut h,
+        INGRESS,
+        &reply(TCP_SYN | TCP_ACK),
+        counter::ESTABLISHED,
+    );
 }
 
 #[test]
