@@ -164,8 +164,8 @@ pub enum Tracked {
     /// No live state: judge the packet as a new flow.
     Untracked,
     /// A bare SYN on the addresses and ports of a closing connection: judge it as a new flow,
-    /// whose state replaces the closing one if it is admitted (`create` with `replace`). A denied one leaves
-    /// the closing state as it was (see [`flow_cache`] for why it is not removed).
+    /// whose state replaces the closing one if it is admitted (`create` with `replace`). A
+    /// denied one leaves the closing state as it was (see [`flow_cache`] for why).
     Reopened,
 }
 
