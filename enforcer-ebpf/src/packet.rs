@@ -185,7 +185,7 @@ pub struct Opaque {
     /// Whether a tracked flow's break-glass grant has ended, across its judgement.
     pub grant_ended: u32,
     /// Whether the flow cache may pass or fill for the packet, and the epoch read for it (see
-    /// `conntrack::FlowCache`), across the connection table's lookup and a recheck.
+    /// `conntrack::flow_cache`), across the connection table's lookup and a recheck.
     pub cache_usable: u32,
     pub cache_epoch: u32,
     /// Whether the packet reopens a closing connection, across its judgement.
