@@ -4,10 +4,10 @@
 use std::{net::IpAddr, thread, time::Duration};
 
 use enforcer_common::{
-    Event, counter,
+    Event, FLOW_CACHE_WINDOW_NS, counter,
     direction::{EGRESS, INGRESS},
 };
-use policy_compiler::Policy;
+use policy_compiler::{Overrides, Policy};
 use vm_tests::{
     harness::{KernelHarness, expect, expect_frame},
     packet_builder::{
@@ -545,5 +545,77 @@ fn flow_stamps_read_the_daemons_clock_calibrated_or_not() {
             "{clock:?}: stamped {} between {before} and {after}",
             stamps[0]
         );
+    }
+}
+
+// The per-CPU flow cache in front of the connection table (`enforcer_common::FlowCacheEntry`)
+// passes only what the table would pass. `KernelHarness` keeps a test on one CPU, so the tests
+// above run through it too; these change what the table holds in the ways an entry must not
+// outlive, right after entries have passed packets.
+
+fn syslog() -> PacketSpec {
+    PacketSpec::new(ip(RADIOLOGY), ip(PACS), Transport::udp(40001, 514))
+}
+
+#[test]
+fn a_quarantine_cuts_a_flow_its_cache_entry_was_passing() {
+    let mut h = KernelHarness::load(policy("")).unwrap();
+    expect(&mut h, INGRESS, &dicom(TCP_SYN), counter::ALLOWED);
+    for flags in [TCP_SYN | TCP_ACK, TCP_ACK | TCP_PSH, TCP_ACK | TCP_PSH] {
+        expect(
+            &mut h,
+            INGRESS,
+            &dicom(flags).reversed(),
+            counter::ESTABLISHED,
+        );
+        expect(&mut h, INGRESS, &dicom(TCP_ACK), counter::ESTABLISHED);
+    }
+    let mut overrides = Overrides::default();
+    overrides.quarantined.insert(ip(RADIOLOGY));
+    h.set_overrides(overrides).unwrap();
+    assert_eq!(h.enforcer.tracked_flows().unwrap(), 0);
+    // Both sides' segments are judged now, and denied.
+    expect(
+        &mut h,
+        INGRESS,
+        &dicom(TCP_ACK | TCP_PSH),
+        counter::DROP_POLICY_DENIED,
+    );
+    expect(
+        &mut h,
+        INGRESS,
+        &dicom(TCP_ACK | TCP_PSH).reversed(),
+        counter::DROP_POLICY_DENIED,
+    );
+}
+
+#[test]
+fn an_idle_flow_expires_though_its_cache_entry_passed_its_last_packets() {
+    let mut h = KernelHarness::load(policy("conntrack:\n  udp_timeout: 1s\n")).unwrap();
+    expect(&mut h, INGRESS, &syslog(), counter::ALLOWED);
+    for _ in 0..3 {
+        expect(&mut h, INGRESS, &syslog().reversed(), counter::ESTABLISHED);
+    }
+    thread::sleep(Duration::from_millis(1500));
+    h.set_time_ns(1_500_000_000);
+    expect(
+        &mut h,
+        INGRESS,
+        &syslog().reversed(),
+        counter::DROP_POLICY_DENIED,
+    );
+}
+
+#[test]
+fn a_busy_flow_stays_while_its_cache_entries_pass_its_packets() {
+    // A packet every 50 ms for three timeouts: most pass from an entry, which does not refresh
+    // the table; the entry's window is what keeps the table's idle time short.
+    let mut h = KernelHarness::load(policy("conntrack:\n  udp_timeout: 1s\n")).unwrap();
+    expect(&mut h, INGRESS, &syslog(), counter::ALLOWED);
+    const { assert!(FLOW_CACHE_WINDOW_NS < 500_000_000) };
+    for step in 1..=60u64 {
+        thread::sleep(Duration::from_millis(50));
+        h.set_time_ns(step * 50_000_000);
+        expect(&mut h, INGRESS, &syslog().reversed(), counter::ESTABLISHED);
     }
 }
