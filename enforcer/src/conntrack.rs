@@ -214,7 +214,9 @@ pub fn remove_state_of(
         }
         doomed.len()
     };
-    forget_cached_flows(ebpf)?;
+    if flows > 0 {
+        forget_cached_flows(ebpf)?;
+    }
     let fragments = {
         let map = map_names::FRAGMENTS;
         let mut table: HashMap<_, FragmentKey, FragmentState> =

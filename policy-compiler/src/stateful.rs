@@ -402,9 +402,8 @@ impl StatefulEvaluator {
         key: &FlowKey,
         src_side: u8,
         packet: &Packet,
-        state: ConnState,
+        mut state: ConnState,
     ) -> u32 {
-        let mut state = state;
         let grant_expired = state.grant_expired(self.now_ns);
         let policy_changed = state.generation != self.generation;
         if grant_expired

@@ -23,18 +23,23 @@ const RUNT_SKB_LEN: usize = 14 + 40;
 
 /// Restricts the calling thread to the CPU it is running on.
 fn stay_on_this_cpu() -> anyhow::Result<()> {
-    // SAFETY: plain libc calls on this thread, with a set initialised by CPU_ZERO.
+    // SAFETY: no preconditions.
+    let cpu = unsafe { libc::sched_getcpu() };
+    anyhow::ensure!(
+        cpu >= 0,
+        "sched_getcpu: {}",
+        std::io::Error::last_os_error()
+    );
+    pin(0, cpu as usize)
+}
+
+/// Restricts thread or process `pid` (0: the calling thread) to `cpu`.
+pub fn pin(pid: i32, cpu: usize) -> anyhow::Result<()> {
+    // SAFETY: cpu_set_t is plain data; the calls only write into it or read it.
     unsafe {
-        let cpu = libc::sched_getcpu();
-        anyhow::ensure!(
-            cpu >= 0,
-            "sched_getcpu: {}",
-            std::io::Error::last_os_error()
-        );
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_ZERO(&mut set);
-        libc::CPU_SET(cpu as usize, &mut set);
-        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
+        let mut set = std::mem::zeroed::<libc::cpu_set_t>();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(pid, size_of::<libc::cpu_set_t>(), &set) != 0 {
             anyhow::bail!("sched_setaffinity: {}", std::io::Error::last_os_error());
         }
     }

@@ -22,27 +22,11 @@ pub fn enable_flow_filter(enforcer: &mut enforcer::Enforcer) -> Result<bool> {
 
 /// Pins the calling thread to `cpu`: `BPF_PROG_TEST_RUN` runs the program on the caller's CPU.
 pub fn pin_to(cpu: usize) -> Result<()> {
-    // SAFETY: cpu_set_t is plain data; the calls only write into it or read it.
-    unsafe {
-        let mut set = std::mem::zeroed::<libc::cpu_set_t>();
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
-            return Err(std::io::Error::last_os_error()).context("sched_setaffinity");
-        }
-    }
-    Ok(())
+    vm_tests::harness::pin(0, cpu)
 }
 
 pub fn pin_pid(pid: i32, cpu: usize) -> Result<()> {
-    // SAFETY: as in `pin_to`.
-    unsafe {
-        let mut set = std::mem::zeroed::<libc::cpu_set_t>();
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(pid, size_of::<libc::cpu_set_t>(), &set) != 0 {
-            return Err(std::io::Error::last_os_error()).context("sched_setaffinity");
-        }
-    }
-    Ok(())
+    vm_tests::harness::pin(pid, cpu)
 }
 
 /// CPUs online (not `available_parallelism`, which shrinks to 1 once this thread is pinned).
